@@ -1,0 +1,1 @@
+"""From raw text to tokenized WebDataset shards. Imports neither model/ nor pipeline/."""

@@ -1,0 +1,148 @@
+"""The model's own configuration: plain data, no torch, no pipeline.
+
+`ParcaeConfig` describes both the looped Parcae model (``arch="parcae"``) and the fixed-depth GPT
+baseline built from the same block (``arch="gpt"``, ``n_layers`` unique layers). The pipeline's
+`ModelSpec` validates user input and builds one of these; the model trusts it (``check()`` only guards
+internal invariants).
+
+Counting (`count_params`, `flops_per_token`) is analytic and exact for the architecture in
+``model/parcae.py``; a test compares it with the parameters of the real module built on the meta device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Arch = Literal["parcae", "gpt"]
+Injection = Literal["diagonal", "add", "concat"]
+H0Init = Literal["like_init", "zeros"]
+
+VE_GATE_CHANNELS = 32  # value-embedding gate reads the first 32 channels of the block input
+VOCAB_MULTIPLE = 64
+
+
+@dataclass(frozen=True)
+class ParcaeConfig:
+    arch: Arch = "parcae"
+    vocab_size: int = 32768
+    d_model: int = 768
+    n_head: int = 6
+    n_prelude: int = 2
+    n_core: int = 2
+    n_coda: int = 2
+    n_layers: int = 12  # GPT baseline only
+    max_seq_len: int = 2048
+    injection: Injection = "diagonal"
+    mean_recurrence: int = 8
+    mean_backprop_depth: int = 4
+    h0_init: H0Init = "like_init"
+    activation_checkpointing: bool = True
+    value_embeddings: bool = True
+    rope_base: float = 50000.0
+    norm_eps: float = 1e-5
+
+    def check(self) -> None:
+        assert self.d_model % self.n_head == 0, "n_head must divide d_model"
+        assert (self.d_model // self.n_head) % 2 == 0, "head_dim must be even for RoPE"
+        assert self.mean_backprop_depth <= self.mean_recurrence
+        if self.value_embeddings:
+            assert self.d_model >= VE_GATE_CHANNELS
+
+    @property
+    def looped(self) -> bool:
+        return self.arch == "parcae"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    @property
+    def num_unique_layers(self) -> int:
+        return self.n_prelude + self.n_core + self.n_coda if self.looped else self.n_layers
+
+    @property
+    def sigma(self) -> float:
+        """Entry std of every initialised matrix and of h_0: sqrt(2 / (5 d))."""
+        return math.sqrt(2.0 / (5.0 * self.d_model))
+
+    def has_value_embedding(self, layer: int) -> bool:
+        """Value embeddings on every other unique layer (1, 3, 5, ...), the last one always included."""
+        if not self.value_embeddings:
+            return False
+        return layer % 2 == 1 or layer == self.num_unique_layers - 1
+
+    def value_embedding_layers(self) -> list[int]:
+        return [i for i in range(self.num_unique_layers) if self.has_value_embedding(i)]
+
+
+def _block_params(cfg: ParcaeConfig, layer: int) -> int:
+    d = cfg.d_model
+    attn = 4 * d * d
+    mlp = 2 * d * 4 * d
+    norms = 2 * d
+    gate = VE_GATE_CHANNELS * cfg.n_head if cfg.has_value_embedding(layer) else 0
+    return attn + mlp + norms + gate
+
+
+def _injection_params(cfg: ParcaeConfig) -> int:
+    d = cfg.d_model
+    if cfg.injection == "diagonal":
+        return 2 * d + d * d  # A_log, dt_bias, B
+    if cfg.injection == "concat":
+        return 2 * d * d
+    return 0
+
+
+def count_params(cfg: ParcaeConfig) -> dict[str, int]:
+    """Parameter counts by part. ``total`` counts the tied embedding/head once."""
+    d, v = cfg.d_model, cfg.padded_vocab_size
+    layers = range(cfg.num_unique_layers)
+    embedding = v * d
+    value_embeddings = len(cfg.value_embedding_layers()) * v * d
+    if cfg.looped:
+        core_layers = range(cfg.n_prelude, cfg.n_prelude + cfg.n_core)
+        core = sum(_block_params(cfg, i) for i in core_layers) + _injection_params(cfg)
+        other_blocks = sum(_block_params(cfg, i) for i in layers if i not in core_layers)
+        other = other_blocks + d * d + 2 * d  # readout C, ln_prelude, ln_f
+    else:
+        core = 0
+        other = sum(_block_params(cfg, i) for i in layers) + d  # ln_f
+    return {
+        "embedding": embedding,
+        "value_embeddings": value_embeddings,
+        "core": core,
+        "other": other,
+        "total": embedding + value_embeddings + core + other,
+    }
+
+
+def flops_per_token(
+    cfg: ParcaeConfig,
+    seq_len: int,
+    mean_recurrence: float | None = None,
+    mean_backprop_depth: float | None = None,
+) -> float:
+    """Training FLOPs per token (forward + backward), the brief's formula.
+
+    6 N_other + (2 mean_rec + 4 mean_bwd) N_core + attention. N excludes the embedding and value
+    embedding tables (lookups, not matmuls) but includes the tied LM head, which is a matmul.
+    Attention per layer and token: 4 d seq_len forward (QK^T and AV, counted without causal
+    savings, as nanochat and PaLM do) and twice that backward.
+    """
+    mean_rec = cfg.mean_recurrence if mean_recurrence is None else mean_recurrence
+    mean_bwd = cfg.mean_backprop_depth if mean_backprop_depth is None else mean_backprop_depth
+    counts = count_params(cfg)
+    head = cfg.padded_vocab_size * cfg.d_model
+    attn_fwd = 4 * cfg.d_model * seq_len
+    n_other = counts["other"] + head
+    flops = 6 * n_other + 3 * attn_fwd * (cfg.num_unique_layers - (cfg.n_core if cfg.looped else 0))
+    if cfg.looped:
+        flops += (2 * mean_rec + 4 * mean_bwd) * counts["core"]
+        flops += (mean_rec + 2 * mean_bwd) * attn_fwd * cfg.n_core
+    return float(flops)

@@ -1,0 +1,126 @@
+"""The one entry point: ``parcae <command>`` (also ``python -m pipeline``).
+
+Commands import what they need when they run, so ``parcae --help`` stays fast and importing this
+module has no side effects. Logging is configured once, in `main`, and filtered to rank 0 unless
+asked otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pipeline.errors import ParcaeError
+
+log = logging.getLogger(__name__)
+
+
+class _RankFilter(logging.Filter):
+    """Tags records with the rank; drops them on ranks other than 0 unless every rank logs."""
+
+    def __init__(self, rank: int, all_ranks: bool):
+        super().__init__()
+        self.rank, self.all_ranks = rank, all_ranks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return self.all_ranks or self.rank == 0
+
+
+def configure_logging(verbose: bool = False, all_ranks: bool = False) -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RankFilter(rank, all_ranks))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _add_spec_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="job spec YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="A.B.C=VALUE",
+        help="override a spec value (YAML syntax), validated like the file; repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parcae",
+        description="Pretraining pipeline for Parcae stable looped language models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--all-ranks", action="store_true", help="log from every rank, not only rank 0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="check a job spec; print every problem, or a resolved summary")
+    _add_spec_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--show-spec", action="store_true", help="also print the resolved spec (secrets hidden)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of job specs (for editor completion)")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo on the embedded tiny spec (CPU, 2 ranks)")
+    p.add_argument("--workdir", default="runs/demo", help="where the demo writes data, logs and checkpoints")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.spec_io import load_spec
+    from pipeline.summary import spec_summary
+
+    loaded = load_spec(args.spec, args.overrides)
+    summary = spec_summary(loaded.spec)
+    if args.json:
+        print(loaded.redact(json.dumps(summary, indent=2)))
+    else:
+        print(f"{args.spec}: valid")
+        width = max(len(k) for k in summary)
+        for key, value in summary.items():
+            print(loaded.redact(f"  {key:<{width}}  {value}"))
+    if args.show_spec:
+        print(loaded.to_yaml(), end="")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.spec import JobSpec
+
+    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(args.workdir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(verbose=args.verbose, all_ranks=args.all_ranks)
+    try:
+        return int(args.func(args) or 0)
+    except ParcaeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

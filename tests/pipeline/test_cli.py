@@ -1,0 +1,81 @@
+"""The entry point as a user runs it: a fresh interpreter, real files, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import CONFIGS, REPO, parcae_cmd
+
+
+def run(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+
+def test_validate_prints_a_resolved_summary():
+    result = run("validate", str(CONFIGS / "parcae-140m.yaml"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "valid" in out
+    assert "144.3M" in out and "tokens_per_step  524288" in out
+    assert "world_size       8" in out and "flops_per_token" in out
+
+
+def test_validate_json_summary():
+    result = run("validate", str(CONFIGS / "demo-tiny.yaml"), "--json", "--set", "training.seed=3")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["tokens_per_step"] == 16 * 64 and summary["total_steps"] == 300
+
+
+def test_invalid_spec_exits_2_with_every_problem_and_no_traceback(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(
+        "name: t\nmodel: {injection: diag, mean_recurence: 3}\ndata: {train_url: x}\n"
+        "training: {micro_batch_size: 4, global_batch_size: 6, gradient_accumulation_steps: 1, total_steps: 5}\n"
+    )
+    result = run("validate", str(spec))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{spec}: invalid job spec (3 problems)" in result.stderr
+    assert "model.injection: Input should be 'diagonal', 'add' or 'concat' (got 'diag')" in result.stderr
+    assert "model.mean_recurence: unknown key (did you mean 'model.mean_recurrence'?)" in result.stderr
+    assert "training.global_batch_size: inconsistent: 4 x 1 x 1 = 4" in result.stderr
+
+
+def test_bad_override_exits_2():
+    result = run("validate", str(CONFIGS / "demo-tiny.yaml"), "--set", "training.micro_batch_sise=4")
+    assert result.returncode == 2
+    assert "training.micro_batch_sise: unknown key (did you mean 'training.micro_batch_size'?)" in result.stderr
+
+
+def test_missing_file_exits_2(tmp_path):
+    result = run("validate", str(tmp_path / "none.yaml"))
+    assert result.returncode == 2 and "cannot read the spec file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_schema_is_json_schema_of_the_spec():
+    result = run("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "JobSpec"
+    assert {"model", "data", "training", "zero", "cluster"} <= set(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("command", [[], ["validate"], ["schema"], ["demo"]])
+def test_help(command):
+    result = run(*command, "--help")
+    assert result.returncode == 0 and "usage: parcae" in result.stdout
+
+
+def test_installed_console_script_matches_module():
+    import shutil
+
+    exe = shutil.which("parcae")
+    assert exe, "the parcae console script is installed by `make setup`"
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "validate" in result.stdout
