@@ -1,5 +1,20 @@
 """The Parcae looped language model and its baselines. Imports torch and its own config only."""
 
 from model.config import ParcaeConfig, count_params, flops_per_token
+from model.parcae import ParcaeLM, build_model
+from model.sampling import loop_generator, sample_loop_counts
+from model.weights import WeightsError, load_pretrained, load_reference, save_reference
 
-__all__ = ["ParcaeConfig", "count_params", "flops_per_token"]
+__all__ = [
+    "ParcaeConfig",
+    "ParcaeLM",
+    "WeightsError",
+    "build_model",
+    "count_params",
+    "flops_per_token",
+    "load_pretrained",
+    "load_reference",
+    "loop_generator",
+    "sample_loop_counts",
+    "save_reference",
+]

@@ -38,6 +38,6 @@ def test_package_does_not_import_forbidden_roots(package):
 
 
 def test_importing_model_does_not_load_deepspeed():
-    code = "import sys, model; print('deepspeed' in sys.modules, 'pipeline' in sys.modules)"
+    code = "import sys, model, model.parcae; print('deepspeed' in sys.modules, 'pipeline' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,9 +75,7 @@ def test_help(command):
 
 
 def test_installed_console_script_matches_module():
-    import shutil
-
-    exe = shutil.which("parcae")
-    assert exe, "the parcae console script is installed by `make setup`"
+    exe = Path(sys.executable).parent / "parcae"
+    assert exe.is_file(), "the parcae console script is installed by `make setup`"
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "validate" in result.stdout

@@ -1,0 +1,424 @@
+"""Parcae: a stable looped language model, and the fixed-depth GPT baseline built from the same block.
+
+Read top to bottom; ../shared/PARCAE.md is the brief every choice here follows.
+
+    ids -> wte -> PRELUDE blocks -> ln_prelude -> e                       (the injected signal)
+    h_0 = truncated normal (std sigma, cut at 3 sigma, fresh each forward) or zeros
+    for each loop:  u = adapter(h, e)  (diagonal: A_bar * h + Delta * B e);  h = CORE blocks(u)
+    x = C h -> CODA blocks -> ln_f -> tied LM head (logits in fp32)
+
+Design choices:
+- Pre-norm blocks: RMSNorm (learnable weight, fp32, eps 1e-5); causal attention without biases, RoPE
+  (base 50,000, interleaved pairs) then a parameter-free RMS QK-norm, both in fp32, softmax scale
+  1/sqrt(head_dim); MLP d -> 4d -> d with 0.5 * relu(x)^2.
+- Value embeddings (nanochat): layers 1, 3, 5, ... (and the last) own a vocab x d table; there
+  v += 2 * sigmoid(ve_gate(x[..., :32])) * ve(ids), one gate per head. The core reuses its own on every loop.
+- Injection: ``diagonal`` (Parcae) keeps the spectral radius max(A_bar) < 1 by construction; ``add``
+  (h + e) and ``concat`` (Linear(2d -> d)) are the RDM baselines.
+- Loop control: every forward takes per-sequence counts of loops run without gradients (first) and
+  with gradients (last; truncated backprop). A row whose count is done is frozen and, by default,
+  costs nothing: each loop runs the core on the rows still looping only (gather, then index_copy back).
+- Activation checkpointing per loop iteration with torch's non-reentrant checkpoint; A_bar and the
+  value-embedding lookups are computed inside the checkpointed step.
+- Every parameter is used inside its own module's forward (the tied LM head is a mode of the embedding
+  module), so ZeRO-3's gather hooks see every use. No DeepSpeed import here.
+- Parameter names follow the reference implementation, so released weights load as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import VE_GATE_CHANNELS, ParcaeConfig
+
+LoopCounts = tuple[torch.Tensor, torch.Tensor]  # (no-grad loops, grad loops), each (batch,) int64 on CPU
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """cos and sin, (seq_len, head_dim / 2) in fp32, for interleaved channel pairs."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[2i], x[2i+1]) of x: (batch, seq, heads, head_dim), in fp32."""
+    x = x.float()
+    even, odd = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ParcaeConfig, has_value_embedding: bool):
+        super().__init__()
+        d = cfg.d_model
+        self.n_head, self.head_dim, self.eps = cfg.n_head, cfg.head_dim, cfg.norm_eps
+        self.c_q = nn.Linear(d, d, bias=False)
+        self.c_k = nn.Linear(d, d, bias=False)
+        self.c_v = nn.Linear(d, d, bias=False)
+        self.c_proj = nn.Linear(d, d, bias=False)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, cfg.n_head, bias=False) if has_value_embedding else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], ve: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        shape = (b, t, self.n_head, self.head_dim)
+        q, k, v = self.c_q(x).view(shape), self.c_k(x).view(shape), self.c_v(x).view(shape)
+        if ve is not None:
+            assert self.ve_gate is not None
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(shape)
+        q = F.rms_norm(apply_rotary(q, *rope), (self.head_dim,), eps=self.eps).to(x.dtype)
+        k = F.rms_norm(apply_rotary(k, *rope), (self.head_dim,), eps=self.eps).to(x.dtype)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.head_dim**-0.5
+        )
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc = nn.Linear(d, 4 * d, bias=False)
+        self.proj = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(0.5 * F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ParcaeConfig, layer: int):
+        super().__init__()
+        self.layer = layer  # global index over prelude + core + coda: selects the value embedding
+        self.norm_1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, cfg.has_value_embedding(layer))
+        self.norm_2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg.d_model)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], ve: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, ve)
+        return x + self.mlp(self.norm_2(x))
+
+
+class DiagonalInjection(nn.Module):
+    """Parcae: u = A_bar * h + Delta * (B e), A_bar = exp(-softplus(dt_bias) * exp(A_log)) in (0, 1)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.A_log = nn.Parameter(torch.zeros(d))
+        self.dt_bias = nn.Parameter(torch.zeros(d))
+        self.B = nn.Parameter(torch.empty(d, d))
+
+    # exp(-rate) rounds to 1.0 in fp32 once rate < ~3e-8: keep the rate above 1e-6 so that max(A_bar)
+    # <= exp(-1e-6) < 1 holds numerically for any parameter values, not only in exact arithmetic.
+    # A_log is capped so that exp(A_log) stays finite (0 * inf would be NaN when Delta underflows).
+    MIN_RATE = 1e-6
+    MAX_A_LOG = 80.0
+
+    def discretize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_bar, Delta) in fp32. max(A_bar) is the spectral radius of the loop's linear part."""
+        delta = F.softplus(self.dt_bias.float())
+        rate = delta * torch.exp(self.A_log.float().clamp(max=self.MAX_A_LOG))
+        return torch.exp(-rate.clamp(min=self.MIN_RATE)), delta
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        a_bar, delta = self.discretize()
+        return (a_bar * h + delta * F.linear(e, self.B)).to(h.dtype)
+
+
+class AddInjection(nn.Module):
+    """RDM baseline: u = h + e (A = I, spectral radius exactly 1)."""
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return h + e
+
+
+class ConcatInjection(nn.Module):
+    """RDM baseline: u = W [h; e] with W: 2d -> d unconstrained."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d, 2 * d))
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.cat((h, e), dim=-1), self.weight)
+
+
+INJECTIONS: dict[str, Callable[[int], nn.Module]] = {
+    "diagonal": DiagonalInjection,
+    "add": lambda d: AddInjection(),
+    "concat": ConcatInjection,
+}
+
+
+class Readout(nn.Linear):
+    """C: the bias-free d_rec -> d projection of the final recurrent state."""
+
+    def __init__(self, d: int):
+        super().__init__(d, d, bias=False)
+
+
+class TiedEmbedding(nn.Embedding):
+    """Token embedding that is also the LM head, so both uses run inside this module's forward."""
+
+    def forward(self, x: torch.Tensor, as_head: bool = False) -> torch.Tensor:
+        return F.linear(x, self.weight) if as_head else super().forward(x)
+
+
+class ParcaeLM(nn.Module):
+    def __init__(self, cfg: ParcaeConfig):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        d, v = cfg.d_model, cfg.padded_vocab_size
+        blocks = lambda first, n: nn.ModuleList(Block(cfg, first + i) for i in range(n))  # noqa: E731
+        if cfg.looped:
+            self.transformer = nn.ModuleDict(
+                {
+                    "wte": TiedEmbedding(v, d),
+                    "prelude": blocks(0, cfg.n_prelude),
+                    "ln_prelude": RMSNorm(d, cfg.norm_eps),
+                    "adapter": INJECTIONS[cfg.injection](d),
+                    "core_block": blocks(cfg.n_prelude, cfg.n_core),
+                    "C": Readout(d),
+                    "coda": blocks(cfg.n_prelude + cfg.n_core, cfg.n_coda),
+                    "ln_f": RMSNorm(d, cfg.norm_eps),
+                }
+            )
+        else:
+            self.transformer = nn.ModuleDict(
+                {"wte": TiedEmbedding(v, d), "h": blocks(0, cfg.n_layers), "ln_f": RMSNorm(d, cfg.norm_eps)}
+            )
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(v, d) for i in cfg.value_embedding_layers()})
+
+    # ----------------------------------------------------------------------------------------------
+    # Initialisation
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every parameter (the model may have been built on the meta device).
+
+        | parameter                               | init                                           |
+        |-----------------------------------------|------------------------------------------------|
+        | c_q, c_k, c_v, mlp.fc, C, wte (tied)    | orthogonal, entry std sigma = sqrt(2 / (5 d))   |
+        | c_proj, mlp.proj                        | zeros (every block starts as the identity)     |
+        | value embeddings                        | N(0, 1)                                        |
+        | ve_gate                                 | zeros (gate 2 * sigmoid(0) = 1)                |
+        | RMSNorm weights                         | ones                                           |
+        | diagonal injection                      | A_log 0, Delta = ln(5) / 2 so A_bar = 0.447; B = I |
+        | concat injection                        | orthogonal, entry std sigma                    |
+
+        Each module is initialised by `init_module`, so a sharded run can gather one module at a time.
+        """
+        for module in self.modules():
+            self.init_module(module, generator)
+
+    @torch.no_grad()
+    def init_module(self, module: nn.Module, generator: torch.Generator | None = None) -> None:
+        """Initialise the parameters that ``module`` owns directly (not those of its children)."""
+        sigma = self.cfg.sigma
+
+        def orthogonal(w: torch.Tensor) -> None:
+            nn.init.orthogonal_(w, gain=sigma * math.sqrt(max(w.shape)), generator=generator)
+
+        if isinstance(module, TiedEmbedding):
+            orthogonal(module.weight)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, 1.0, generator=generator)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Attention):
+            for w in (module.c_q.weight, module.c_k.weight, module.c_v.weight):
+                orthogonal(w)
+            nn.init.zeros_(module.c_proj.weight)
+            if module.ve_gate is not None:
+                nn.init.zeros_(module.ve_gate.weight)
+        elif isinstance(module, MLP):
+            orthogonal(module.fc.weight)
+            nn.init.zeros_(module.proj.weight)
+        elif isinstance(module, DiagonalInjection):
+            nn.init.zeros_(module.A_log)
+            delta = 0.5 * math.log(5.0)  # -ln(sqrt(1/5)): A_bar = exp(-delta) = sqrt(1/5) ~ 0.447
+            module.dt_bias.fill_(math.log(math.expm1(delta)))
+            nn.init.eye_(module.B)
+        elif isinstance(module, (ConcatInjection, Readout)):
+            orthogonal(module.weight)
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        loops: LoopCounts | int | None = None,
+        h0: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        skip_finished_rows: bool = True,
+        loop_stats: list[dict[str, float]] | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, padded vocab) in fp32, or the mean cross-entropy when ``targets`` is given
+        (positions with target -100 are ignored).
+
+        ``loops`` (looped model only): an int T runs T loops, all of them with gradients when grad is
+        enabled; a pair (n_nograd, n_grad) of per-row int64 tensors runs n_nograd[i] loops without
+        gradients, then n_grad[i] with them, for row i. ``h0`` overrides the initial state; otherwise
+        it follows ``cfg.h0_init`` (``generator`` seeds the like-init draw). ``loop_stats``, if a list,
+        receives one dict per loop: the mean norm of h over active rows and its relative change.
+        """
+        b, t = idx.shape
+        rope = rotary_tables(t, self.cfg.head_dim, self.cfg.rope_base, idx.device)
+        x = self.transformer.wte(idx)
+        if not self.cfg.looped:
+            if loops is not None or h0 is not None:
+                raise ValueError("loops / h0 were given, but this is not a looped model (arch=gpt)")
+            for block in self.transformer.h:
+                x = block(x, rope, self._value_embedding(block, idx))
+            return self._head(x, targets)
+
+        for block in self.transformer.prelude:
+            x = block(x, rope, self._value_embedding(block, idx))
+        e = self.transformer.ln_prelude(x)
+        h = self.initial_state(e, generator) if h0 is None else h0
+        n_nograd, n_grad = self._loop_counts(loops, b)
+        grad_enabled = torch.is_grad_enabled()
+        use_checkpoint = self.cfg.activation_checkpointing and grad_enabled
+        # The recurrence: no-grad loops first, then the loops that backpropagate (truncated BPTT).
+        for counts, with_grad in ((n_nograd, False), (n_grad, grad_enabled)):
+            with torch.set_grad_enabled(with_grad):
+                for step in range(int(counts.max()) if counts.numel() else 0):
+                    active = (counts > step).nonzero().squeeze(1)
+                    rows = None if (len(active) == b or not skip_finished_rows) else active.to(idx.device)
+                    h_prev = h
+                    if rows is None:
+                        new = self._loop_step(h, e, idx, rope, use_checkpoint and with_grad)
+                        h = (
+                            new
+                            if len(active) == b
+                            else torch.where((counts > step).to(h.device)[:, None, None], new, h)
+                        )
+                    else:
+                        new = self._loop_step(h[rows], e[rows], idx[rows], rope, use_checkpoint and with_grad)
+                        h = h.index_copy(0, rows, new)
+                    if loop_stats is not None:
+                        loop_stats.append(_change_stats(h_prev, h, active.to(h.device)))
+        x = self.transformer.C(h)
+        for block in self.transformer.coda:
+            x = block(x, rope, self._value_embedding(block, idx))
+        return self._head(x, targets)
+
+    def _loop_step(self, h, e, idx, rope, use_checkpoint: bool) -> torch.Tensor:
+        if use_checkpoint:
+            return checkpoint(self._core, h, e, idx, rope, use_reentrant=False)
+        return self._core(h, e, idx, rope)
+
+    def _core(self, h: torch.Tensor, e: torch.Tensor, idx: torch.Tensor, rope) -> torch.Tensor:
+        """One loop iteration: inject, then the core blocks (one checkpointed region)."""
+        u = self.transformer.adapter(h, e)
+        for block in self.transformer.core_block:
+            u = block(u, rope, self._value_embedding(block, idx))
+        return u
+
+    def _value_embedding(self, block: Block, idx: torch.Tensor) -> torch.Tensor | None:
+        key = str(block.layer)
+        return self.value_embeds[key](idx) if key in self.value_embeds else None
+
+    def _head(self, x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        logits = self.transformer.wte(self.transformer.ln_f(x), as_head=True).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    def initial_state(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.cfg.h0_init == "zeros":
+            return torch.zeros_like(e)
+        sigma = self.cfg.sigma
+        h = torch.empty(e.shape, dtype=torch.float32, device=e.device)
+        nn.init.trunc_normal_(h, 0.0, sigma, -3 * sigma, 3 * sigma, generator=generator)
+        return h.to(e.dtype)
+
+    def _loop_counts(self, loops: LoopCounts | int | None, batch: int) -> LoopCounts:
+        if loops is None:
+            raise ValueError(
+                "the looped model needs loops=T (an int >= 1) or loops=(n_nograd, n_grad) per row; "
+                "training draws them with model.sampling.sample_loop_counts"
+            )
+        if isinstance(loops, int):
+            if loops < 1:
+                raise ValueError(f"loops must be >= 1, got {loops}")
+            return torch.zeros(batch, dtype=torch.long), torch.full((batch,), loops, dtype=torch.long)
+        n_nograd, n_grad = (c.to("cpu", torch.long) for c in loops)
+        if n_nograd.shape != (batch,) or n_grad.shape != (batch,):
+            raise ValueError(
+                f"loop counts must have shape ({batch},), got {tuple(n_nograd.shape)}, {tuple(n_grad.shape)}"
+            )
+        if (n_nograd < 0).any() or (n_grad < 0).any() or ((n_nograd + n_grad) < 1).any():
+            raise ValueError("loop counts must be >= 0 with at least one loop per row")
+        return n_nograd, n_grad
+
+    # ----------------------------------------------------------------------------------------------
+    # Generation (no KV cache: a full forward per token, for quick qualitative checks)
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        loops: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation of idx (batch, seq) with ``loops`` loops
+        (default: the mean recurrence); h_0 is zeros so greedy generation is deterministic."""
+        loops = self.cfg.mean_recurrence if loops is None else loops
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.cfg.max_seq_len :]
+            h0 = None
+            if self.cfg.looped:
+                h0 = torch.zeros(*window.shape, self.cfg.d_model, device=idx.device)
+            logits = self(window, loops=loops if self.cfg.looped else None, h0=h0)[:, -1, : self.cfg.vocab_size]
+            # (padded vocab entries are never generated)
+            if temperature <= 0:
+                next_id = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+
+def _change_stats(h_prev: torch.Tensor, h: torch.Tensor, active: torch.Tensor) -> dict[str, float]:
+    with torch.no_grad():
+        new, old = h[active].float(), h_prev[active].float()
+        norm = new.norm(dim=-1).mean()
+        change = (new - old).norm() / old.norm().clamp_min(1e-12)
+    return {"h_norm": float(norm), "relative_change": float(change), "active_rows": int(active.numel())}
+
+
+def build_model(cfg: ParcaeConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> ParcaeLM:
+    """Build on the meta device, allocate on ``device``, then initialise (nothing is initialised twice)."""
+    with torch.device("meta"):
+        model = ParcaeLM(cfg)
+    model.to_empty(device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    model.init_weights(generator)
+    return model

@@ -1,0 +1,28 @@
+"""Per-sequence depth sampling (the brief, section 5).
+
+For each sequence and micro-step: total = max(1, Poisson(mean_recurrence)), k = min(total,
+mean_backprop_depth) loops with gradients (the last ones), n = total - k without. Draws come from a
+generator seeded by (seed, rank, step, micro-step), so ranks and micro-steps differ and a resumed run
+draws exactly what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def loop_generator(seed: int, rank: int, step: int, micro_step: int) -> torch.Generator:
+    digest = hashlib.sha256(f"parcae-loops:{seed}:{rank}:{step}:{micro_step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def sample_loop_counts(
+    batch_size: int, mean_recurrence: float, mean_backprop_depth: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_nograd, n_grad), each (batch_size,) int64 on the CPU."""
+    rates = torch.full((batch_size,), float(mean_recurrence), dtype=torch.float64)
+    total = torch.poisson(rates, generator=generator).long().clamp(min=1)
+    n_grad = total.clamp(max=mean_backprop_depth)
+    return total - n_grad, n_grad

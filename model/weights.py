@@ -1,0 +1,117 @@
+"""Weights in the reference implementation's naming, as safetensors.
+
+Our module names are the reference's (``transformer.wte.weight``, ``transformer.prelude.N...``,
+``transformer.adapter.A_log|dt_bias|B``, ``transformer.core_block.N...``, ``transformer.C.weight``,
+``transformer.coda.N...``, ``transformer.ln_f.weight``, ``transformer.ln_prelude.weight``,
+``value_embeds.N.weight``; ``attn.c_q|c_k|c_v|c_proj|ve_gate``, ``mlp.fc|proj``, ``norm_1|norm_2``), so
+a state dict is already in that naming. Loading also accepts the spellings other tooling writes
+(``transformer.adapter.B.weight``, an explicit ``lm_head.weight`` equal to the tied embedding, a
+``_orig_mod.`` or ``module.`` prefix) and refuses anything else with the names that did not fit.
+
+A notebook loads released weights like this::
+
+    from model import ParcaeConfig, load_pretrained
+    model = load_pretrained(ParcaeConfig(), "parcae-140m.safetensors")
+    logits = model(ids, loops=16, h0=torch.zeros(*ids.shape, model.cfg.d_model))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.config import ParcaeConfig
+from model.parcae import ParcaeLM
+
+FORMAT = "parcae-reference"
+_PREFIXES = ("_orig_mod.", "module.")
+
+
+class WeightsError(ValueError):
+    """A weights file that does not fit the model: the message names the file and the keys."""
+
+
+def save_reference(model: ParcaeLM, path: str | Path) -> Path:
+    """Write the model's weights (fp32 unless they are already another float type) and config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    metadata = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(model.cfg))}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def read_config(path: str | Path) -> ParcaeConfig | None:
+    """The config stored in a file we wrote, or None for files from other tooling."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{path}: cannot read as safetensors: {exc}") from None
+    if "config" not in metadata:
+        return None
+    return ParcaeConfig(**json.loads(metadata["config"]))
+
+
+def normalize_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in tensors.items():
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+        if name == "transformer.adapter.B.weight":
+            name = "transformer.adapter.B"
+        out[name] = tensor
+    head = out.pop("lm_head.weight", None)
+    if head is not None and "transformer.wte.weight" in out and not torch.equal(head, out["transformer.wte.weight"]):
+        raise WeightsError("lm_head.weight differs from transformer.wte.weight, but this model ties them")
+    return out
+
+
+def load_reference(model: ParcaeLM, path: str | Path) -> None:
+    """Load a safetensors file into ``model`` exactly: every key present, no extra key, every shape equal."""
+    try:
+        tensors = normalize_names(load_file(str(path)))
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{path}: cannot read as safetensors: {exc}") from None
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in sorted(set(tensors) & set(expected))
+        if tensors[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        lines = [f"{path}: does not fit the model ({model.cfg.arch}, d_model {model.cfg.d_model})"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            shown = ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else "")
+            lines.append(f"  unexpected ({len(unexpected)}): {shown}")
+        lines += [f"  shape {w}" for w in wrong[:8]]
+        raise WeightsError("\n".join(lines))
+    model.load_state_dict(tensors, strict=True)
+
+
+def load_pretrained(cfg: ParcaeConfig | None, path: str | Path, device: str | torch.device = "cpu") -> ParcaeLM:
+    """Build the model from ``cfg`` (or the config stored in the file) and load the weights into it."""
+    cfg = cfg or read_config(path)
+    if cfg is None:
+        raise WeightsError(f"{path}: holds no model config; pass the ParcaeConfig of the released size")
+    with torch.device("meta"):
+        model = ParcaeLM(cfg)
+    model.to_empty(device=device)
+    load_reference(model, path)
+    return model
