@@ -295,25 +295,21 @@ class ParcaeLM(nn.Module):
         e = self.transformer.ln_prelude(x)
         h = self.initial_state(e, generator) if h0 is None else h0
         n_nograd, n_grad = self._loop_counts(loops, b)
-        grad_enabled = torch.is_grad_enabled()
-        use_checkpoint = self.cfg.activation_checkpointing and grad_enabled
         # The recurrence: no-grad loops first, then the loops that backpropagate (truncated BPTT).
-        for counts, with_grad in ((n_nograd, False), (n_grad, grad_enabled)):
+        for counts, with_grad in ((n_nograd, False), (n_grad, torch.is_grad_enabled())):
+            checkpointed = with_grad and self.cfg.activation_checkpointing
             with torch.set_grad_enabled(with_grad):
-                for step in range(int(counts.max()) if counts.numel() else 0):
+                for step in range(int(counts.max())):
                     active = (counts > step).nonzero().squeeze(1)
-                    rows = None if (len(active) == b or not skip_finished_rows) else active.to(idx.device)
                     h_prev = h
-                    if rows is None:
-                        new = self._loop_step(h, e, idx, rope, use_checkpoint and with_grad)
-                        h = (
-                            new
-                            if len(active) == b
-                            else torch.where((counts > step).to(h.device)[:, None, None], new, h)
-                        )
-                    else:
-                        new = self._loop_step(h[rows], e[rows], idx[rows], rope, use_checkpoint and with_grad)
-                        h = h.index_copy(0, rows, new)
+                    if len(active) == b:  # every row still loops
+                        h = self._loop_step(h, e, idx, rope, checkpointed)
+                    elif skip_finished_rows:  # only the rows still looping run the core
+                        rows = active.to(h.device)
+                        h = h.index_copy(0, rows, self._loop_step(h[rows], e[rows], idx[rows], rope, checkpointed))
+                    else:  # the reference's way: every row runs, finished rows keep their state
+                        keep = (counts > step).to(h.device)[:, None, None]
+                        h = torch.where(keep, self._loop_step(h, e, idx, rope, checkpointed), h)
                     if loop_stats is not None:
                         loop_stats.append(_change_stats(h_prev, h, active.to(h.device)))
         x = self.transformer.C(h)
