@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import statistics
 import time
 
@@ -35,9 +36,7 @@ def activation_bytes(model, idx, loops: int) -> int:
     model.zero_grad(set_to_none=False)  # gradients exist before the step: not counted as activations
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(model, idx, loops)
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -62,13 +61,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = ParcaeConfig(vocab_size=4096, d_model=args.d_model, n_head=args.n_head, n_prelude=1, n_core=2, n_coda=1,
-                       max_seq_len=args.seq_len, h0_init="zeros")
+    cfg = ParcaeConfig(
+        vocab_size=4096,
+        d_model=args.d_model,
+        n_head=args.n_head,
+        n_prelude=1,
+        n_core=2,
+        n_coda=1,
+        max_seq_len=args.seq_len,
+        h0_init="zeros",
+    )
     models = {ckpt: build_model(dataclasses.replace(cfg, activation_checkpointing=ckpt), seed=0) for ckpt in (0, 1)}
     idx = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len))
     hidden = args.batch * args.seq_len * args.d_model * 4  # one fp32 hidden state, bytes
-    print(f"model d={args.d_model}, core 2 blocks, batch {args.batch} x {args.seq_len} tokens; "
-          f"one hidden state = {hidden / 2**20:.2f} MiB; threads {torch.get_num_threads()}")
+    print(
+        f"model d={args.d_model}, core 2 blocks, batch {args.batch} x {args.seq_len} tokens; "
+        f"one hidden state = {hidden / 2**20:.2f} MiB; threads {torch.get_num_threads()}"
+    )
     step(models[0], idx, 2), step(models[1], idx, 2)  # warm-up
     rows = []
     for loops in args.loops:
@@ -79,13 +88,17 @@ def main() -> None:
                 times[ckpt].append(step_seconds(models[ckpt], idx, loops))
         med = {ckpt: statistics.median(times[ckpt]) for ckpt in (0, 1)}
         rows.append((loops, mem, med))
-    print(f"\n{'loops':>5} | {'act. MiB no ckpt':>16} | {'act. MiB ckpt':>13} | {'step s no ckpt':>14} | "
-          f"{'step s ckpt':>11} | {'time ckpt/no':>12}")
+    print(
+        f"\n{'loops':>5} | {'act. MiB no ckpt':>16} | {'act. MiB ckpt':>13} | {'step s no ckpt':>14} | "
+        f"{'step s ckpt':>11} | {'time ckpt/no':>12}"
+    )
     for loops, mem, med in rows:
-        print(f"{loops:>5} | {mem[0] / 2**20:>16.1f} | {mem[1] / 2**20:>13.1f} | {med[0]:>14.3f} | {med[1]:>11.3f} | "
-              f"{med[1] / med[0]:>12.2f}")
+        print(
+            f"{loops:>5} | {mem[0] / 2**20:>16.1f} | {mem[1] / 2**20:>13.1f} | {med[0]:>14.3f} | {med[1]:>11.3f} | "
+            f"{med[1] / med[0]:>12.2f}"
+        )
     print("\nper extra loop, in hidden states (between consecutive loop counts):")
-    for (l0, m0, _), (l1, m1, _) in zip(rows, rows[1:]):
+    for (l0, m0, _), (l1, m1, _) in itertools.pairwise(rows):
         per = {ckpt: (m1[ckpt] - m0[ckpt]) / (l1 - l0) / hidden for ckpt in (0, 1)}
         print(f"  {l0:>2} -> {l1:>2} loops: no ckpt {per[0]:6.2f}   ckpt {per[1]:5.2f}  (target <= 1.5)")
     worst = max(med[1] / med[0] for _, _, med in rows)

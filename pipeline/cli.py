@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON Schema of job specs (for editor completion)")
     p.set_defaults(func=cmd_schema)
 
+    p = sub.add_parser(
+        "import",
+        help="check reference-format weights (e.g. released Parcae safetensors) against a spec's model and "
+        "write them with the model config, ready to load",
+    )
+    p.add_argument("weights", help="safetensors file in the reference naming")
+    p.add_argument("--spec", required=True, help="job spec whose model section describes the weights")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B.C=VALUE")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--loops", type=int, default=4, help="loop count of the smoke forward (default 4)")
+    p.set_defaults(func=cmd_import)
+
     p = sub.add_parser("demo", help="run the end-to-end demo on the embedded tiny spec (CPU, 2 ranks)")
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes data, logs and checkpoints")
     p.set_defaults(func=cmd_demo)
@@ -100,6 +112,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
     return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from pipeline.weights_io import import_weights
+
+    return import_weights(args.weights, args.spec, args.overrides, args.out, args.loops)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

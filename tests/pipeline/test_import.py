@@ -1,0 +1,54 @@
+"""`parcae import` as a user runs it: good weights land with their config; bad ones are named."""
+
+from __future__ import annotations
+
+import subprocess
+
+import torch
+from safetensors.torch import save_file
+
+from model import ParcaeConfig, build_model, load_pretrained
+from tests.conftest import REPO, parcae_cmd
+
+SPEC = """
+name: imp
+model: {vocab_size: 200, d_model: 64, n_head: 2, n_prelude: 1, n_core: 1, n_coda: 1, max_seq_len: 64}
+data: {train_url: x, seq_len: 32}
+training: {micro_batch_size: 1, total_steps: 1}
+"""
+
+
+def run(*args):
+    return subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_import_reference_weights(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    cfg = ParcaeConfig(vocab_size=200, d_model=64, n_head=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=64)
+    model = build_model(cfg, seed=4)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ref.safetensors"))
+    result = run("import", str(tmp_path / "ref.safetensors"), "--spec", str(spec), "--out", str(tmp_path / "o.st"))
+    assert result.returncode == 0, result.stderr
+    loaded = load_pretrained(None, tmp_path / "o.st")
+    assert loaded.cfg == cfg
+    assert torch.equal(loaded.transformer.adapter.B, model.transformer.adapter.B)
+
+    wrong = run(
+        "import",
+        str(tmp_path / "ref.safetensors"),
+        "--spec",
+        str(spec),
+        "--set",
+        "model.d_model=128",
+        "--out",
+        str(tmp_path / "x.st"),
+    )
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert (
+        "does not fit the model" in wrong.stderr
+        and "shape transformer.C.weight: file (64, 64), model (128, 128)" in wrong.stderr
+    )
+    assert not (tmp_path / "x.st").exists()
+    missing = run("import", str(tmp_path / "nope.st"), "--spec", str(spec), "--out", str(tmp_path / "y.st"))
+    assert missing.returncode == 1 and "no such weights file" in missing.stderr
