@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from data_prep.cli import add_prep_parser
+from data_prep.errors import PrepError
 from pipeline.errors import ParcaeError
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="print the JSON Schema of job specs (for editor completion)")
     p.set_defaults(func=cmd_schema)
+
+    add_prep_parser(sub)
 
     p = sub.add_parser(
         "import",
@@ -132,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(verbose=args.verbose, all_ranks=args.all_ranks)
     try:
         return int(args.func(args) or 0)
-    except ParcaeError as exc:
+    except (ParcaeError, PrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

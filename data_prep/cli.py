@@ -1,0 +1,237 @@
+"""`parcae prep tokenizer | shards | inspect`: the argument parsers and what each command runs.
+
+The entry point (pipeline/cli.py) mounts these under ``parcae prep``; nothing here imports the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from data_prep.corpus import BUILTIN
+from data_prep.errors import PrepError
+from data_prep.storage import S3Options
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "kib": 1024,
+    "m": 1e6,
+    "mb": 1e6,
+    "mib": 1 << 20,
+    "g": 1e9,
+    "gb": 1e9,
+    "gib": 1 << 30,
+    "t": 1e12,
+    "tb": 1e12,
+    "tib": 1 << 40,
+}
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text)
+    unit = (match.group(2) or "").lower() if match else None
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 256MB, 64MiB, 1GB, 1048576)")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the size must be positive")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction in [0, 1)")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
+def _corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        metavar="SRC",
+        help=f"file, directory, glob or s3:// prefix (.txt, .jsonl[.gz|.zst], .parquet); repeatable; "
+        f"default: {BUILTIN}, the embedded corpus",
+    )
+    p.add_argument("--text-field", default="text", help="JSON / Parquet field holding the text (default: text)")
+    p.add_argument(
+        "--txt-mode",
+        choices=["file", "line", "paragraph"],
+        default="file",
+        help="plain text: one document per file (default), per line, or per blank-line paragraph",
+    )
+    p.add_argument(
+        "--on-error",
+        choices=["skip", "stop"],
+        default="skip",
+        help="unreadable files, bad JSON lines, empty documents: count and report them (skip, the "
+        "default) or stop at the first one",
+    )
+    _s3_args(p)
+
+
+def _s3_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint-url",
+        help="S3 endpoint (MinIO, Ceph, a local server); default: AWS, or "
+        "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL. Credentials come from the AWS environment variables.",
+    )
+    p.add_argument("--region", help="S3 region (default: AWS_DEFAULT_REGION or us-east-1)")
+
+
+def add_prep_parser(sub: argparse._SubParsersAction) -> None:
+    prep = sub.add_parser("prep", help="prepare data: train a tokenizer, write shards, inspect shards")
+    commands = prep.add_subparsers(dest="prep_command", metavar="PREP_COMMAND", required=True)
+
+    p = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer on a sample of the corpus")
+    _corpus_args(p)
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab, PREFIX.json")
+    p.add_argument("--vocab-size", type=_positive, default=32768)
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    p.add_argument("--no-byte-fallback", action="store_true", help="map unknown characters to <unk> instead of bytes")
+    p.add_argument("--no-split-digits", action="store_true", help="let pieces span several digits")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--max-chars-per-doc", type=_positive, default=100_000, help="longer documents are cut")
+    p.add_argument("--max-sample-chars", type=_positive, default=200_000_000, help="stop sampling after this much text")
+    p.add_argument("--sample-fraction", type=float, default=1.0, help="keep each document with this probability")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = commands.add_parser("shards", help="tokenize, pack into rows of seq_len + 1 and write WebDataset shards")
+    _corpus_args(p)
+    p.add_argument("--tokenizer", required=True, help="the SentencePiece .model file")
+    p.add_argument("--out", required=True, help="local directory or s3://bucket/prefix (gets train/ and val/)")
+    p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per training sequence (rows hold one more)")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("256MB"), help="target shard size (256MB)")
+    p.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.005,
+        help="share of documents held out for validation, chosen by a hash of the text (0.005)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="tokenizer processes (0: in the main process)")
+    p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto")
+    p.set_defaults(func=cmd_shards)
+
+    p = commands.add_parser("inspect", help="decode samples of a shard set, or verify it against its manifest")
+    p.add_argument("url", help="a shard set: directory or s3:// prefix holding manifest.json (e.g. OUT/train)")
+    p.add_argument("--samples", type=int, default=3, help="samples to decode (default 3)")
+    p.add_argument("--shard", type=int, default=0, help="which shard to decode from")
+    p.add_argument("--tokenizer", help="the .model file (default: the path recorded in the manifest)")
+    p.add_argument("--verify", action="store_true", help="check every shard's presence, size and sha256; name extras")
+    _s3_args(p)
+    p.set_defaults(func=cmd_inspect)
+
+
+def _options(args: argparse.Namespace) -> S3Options:
+    return S3Options.from_env(args.endpoint_url, args.region)
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from data_prep.corpus import CorpusSpec, Problems, iter_documents
+    from data_prep.tokenizer import TokenizerSettings, train_tokenizer
+
+    corpus = CorpusSpec(tuple(args.inputs or [BUILTIN]), args.text_field, args.txt_mode)
+    problems = Problems(policy=args.on_error)
+    settings = TokenizerSettings(
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        byte_fallback=not args.no_byte_fallback,
+        split_digits=not args.no_split_digits,
+        character_coverage=args.character_coverage,
+        max_chars_per_doc=args.max_chars_per_doc,
+        max_sample_chars=args.max_sample_chars,
+        sample_fraction=args.sample_fraction,
+        seed=args.seed,
+    )
+    card = train_tokenizer(iter_documents(corpus, problems, _options(args)), settings, args.out)
+    sample = card["sample"]
+    print(
+        f"tokenizer {args.out}.model: vocab {card['vocab_size']}, trained on {sample['documents_sampled']} documents "
+        f"({sample['sample_chars']} characters); card {args.out}.json"
+    )
+    _report(problems.report())
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from data_prep.shards import ShardSettings, build_shards
+
+    settings = ShardSettings(
+        seq_len=args.seq_len,
+        shard_bytes=args.shard_size,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        txt_mode=args.txt_mode,
+    )
+    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
+    summary = build_shards(
+        list(args.inputs or [BUILTIN]),
+        args.tokenizer,
+        args.out,
+        settings,
+        workers=args.workers,
+        on_error=args.on_error,
+        options=_options(args),
+        command=["parcae", *sys.argv[1:]],
+        progress=progress,
+    )
+    for split in ("train", "val"):
+        t = summary[split]
+        print(
+            f"{split}: {t['shards']} shards, {t['samples']} rows of {args.seq_len + 1} tokens ({t['tokens']} tokens) "
+            f"from {t['documents']} documents; final partial row dropped: {t['remainder_tokens_dropped']} tokens"
+        )
+    tokens = summary["train"]["tokens_produced"] + summary["val"]["tokens_produced"]
+    rate = tokens / max(summary["seconds"], 1e-9) / 1e6
+    kept = f"; kept {summary['kept_shards']} shards from the interrupted run" if summary["kept_shards"] else ""
+    print(f"wrote {args.out} in {summary['seconds']:.1f} s ({rate:.2f}M tokens/s){kept}")
+    _report(summary["problem_report"])
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from data_prep.inspect import decode_samples, read_manifest, verify
+    from data_prep.storage import open_store
+
+    options = _options(args)
+    if args.verify:
+        manifest = read_manifest(open_store(args.url, options))
+        problems = verify(args.url, options)
+        total = manifest.get("totals", {})
+        if problems:
+            print(f"{args.url}: {len(problems)} problem(s) against the manifest:", file=sys.stderr)
+            for line in problems:
+                print(f"  {line}", file=sys.stderr)
+            return 1
+        print(
+            f"{args.url}: all {len(manifest['shards'])} shards present and intact "
+            f"({total.get('samples', '?')} samples, {total.get('tokens', '?')} tokens)"
+        )
+        return 0
+    for text in decode_samples(args.url, args.tokenizer, args.samples, options, args.shard):
+        print(text)
+    return 0
+
+
+def _report(lines: list[str]) -> None:
+    if lines:
+        print("corpus problems (counted, not silently dropped):", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+
+
+__all__ = ["PrepError", "add_prep_parser", "parse_size"]

@@ -1,0 +1,289 @@
+"""Reading a raw corpus: plain text, JSON Lines (plain, .gz, .zst), Parquet; local paths, globs, s3:// prefixes.
+
+Documents come out in a deterministic order (sources in the order given, files sorted within each).
+Nothing is dropped silently: unreadable files, bad JSON lines and empty documents are counted in a
+`Problems` report with file and line; ``policy="stop"`` raises on the first one instead.
+
+The embedded default corpus, ``builtin:stdlib-docstrings``, is the docstrings of the Python standard
+library this interpreter ships (modules, classes and functions, in file and source order, tests
+excluded): text that exists on any machine without a download. It is deterministic for a given
+Python version; the manifest records which.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import gzip
+import io
+import json
+import sys
+import sysconfig
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+from data_prep.errors import PrepError
+from data_prep.storage import S3Options, StorageError, is_s3, open_store, split_s3
+
+BUILTIN = "builtin:stdlib-docstrings"
+Policy = Literal["skip", "stop"]
+TxtMode = Literal["file", "line", "paragraph"]
+SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".ndjson", ".parquet")
+COMPRESSIONS = ("", ".gz", ".zst")
+_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+
+
+class CorpusError(PrepError):
+    """A corpus problem under policy "stop", or inputs that resolve to nothing."""
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    where: str  # "file:line" or "file:row" or "file"
+
+
+@dataclass
+class Problems:
+    """What could not become a document, by kind, with the first examples of each."""
+
+    policy: Policy = "skip"
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 5
+
+    def add(self, kind: str, where: str, detail: str) -> None:
+        message = f"{where}: {detail}"
+        if self.policy == "stop":
+            raise CorpusError(f"{message} ({kind}; --on-error skip would count it and go on)")
+        self.counts[kind] += 1
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < self.max_examples:
+            shown.append(message)
+
+    def report(self) -> list[str]:
+        lines = []
+        for kind, count in sorted(self.counts.items()):
+            lines.append(f"{count} {kind}")
+            lines += [f"    {example}" for example in self.examples.get(kind, [])]
+        return lines
+
+    def as_dict(self) -> dict[str, object]:
+        return {"counts": dict(sorted(self.counts.items())), "examples": self.examples}
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    sources: tuple[str, ...]
+    text_field: str = "text"
+    txt_mode: TxtMode = "file"
+
+
+def _kind(name: str) -> tuple[str, str] | None:
+    """(format, compression) from a file name, or None when it is not a corpus file."""
+    lower = name.lower()
+    for comp in COMPRESSIONS:
+        for suffix in SUFFIXES:
+            if lower.endswith(suffix + comp):
+                return _FORMATS.get(suffix, "txt"), comp
+    return None
+
+
+def resolve_sources(spec: CorpusSpec, options: S3Options | None = None) -> list[str]:
+    """Every corpus file, in order: sources as given, each expanded and sorted."""
+    files: list[str] = []
+    for source in spec.sources:
+        if source == BUILTIN:
+            files.append(source)
+        elif is_s3(source):
+            store = open_store(source, options)
+            names = [n for n in store.list() if _kind(n)]
+            if not names and store.exists(""):
+                names = [""]
+            files += [store.child_url(n) for n in names]
+            if not names:
+                raise CorpusError(f"{source}: no corpus files under this prefix (looked for {', '.join(SUFFIXES)})")
+        else:
+            path = Path(source)
+            if path.is_dir():
+                matches = sorted(str(p) for p in path.rglob("*") if p.is_file() and _kind(p.name))
+            elif any(ch in source for ch in "*?["):
+                matches = sorted(glob.glob(source, recursive=True))
+            else:
+                matches = [source]
+            if not matches:
+                raise CorpusError(f"{source}: matches no file")
+            files += matches
+    return files
+
+
+def iter_documents(
+    spec: CorpusSpec, problems: Problems, options: S3Options | None = None, files: list[str] | None = None
+) -> Iterator[Document]:
+    for name in files if files is not None else resolve_sources(spec, options):
+        if name == BUILTIN:
+            yield from _stdlib_docstrings(problems)
+            continue
+        kind = _kind(name)
+        if kind is None:
+            problems.add(
+                "unreadable files",
+                name,
+                f"unknown file type (expected one of {', '.join(SUFFIXES)} optionally followed by .gz or .zst)",
+            )
+            continue
+        try:
+            raw = _open(name, options)
+        except (OSError, StorageError) as exc:
+            problems.add("unreadable files", name, str(exc))
+            continue
+        fmt, comp = kind
+        try:
+            with raw:
+                if fmt == "parquet":
+                    yield from _parquet(raw, name, spec.text_field, problems)
+                else:
+                    stream = _decompress(raw, comp)
+                    if fmt == "jsonl":
+                        yield from _jsonl(stream, name, spec.text_field, problems)
+                    else:
+                        yield from _text(stream, name, spec.txt_mode, problems)
+        except (OSError, EOFError, StorageError, ValueError) as exc:
+            problems.add("unreadable files", name, f"read failed part-way: {exc}")
+
+
+def _open(name: str, options: S3Options | None) -> IO[bytes]:
+    if is_s3(name):
+        bucket, key = split_s3(name)
+        store = open_store(f"s3://{bucket}", options)
+        if name.lower().endswith(".parquet"):
+            return io.BytesIO(store.get_bytes(key))  # pyarrow needs to seek
+        return store.open(key)
+    return open(name, "rb")
+
+
+def _decompress(raw: IO[bytes], comp: str) -> IO[bytes]:
+    if comp == ".gz":
+        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    if comp == ".zst":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw)  # type: ignore[return-value]
+    return raw
+
+
+def _lines(stream: IO[bytes], block_size: int = 1 << 20) -> Iterator[bytes]:
+    """Lines of any readable byte stream (S3 bodies iterate in chunks, not lines)."""
+    pending = b""
+    for block in iter(lambda: stream.read(block_size), b""):
+        *complete, pending = (pending + block).split(b"\n")
+        yield from complete
+    if pending:
+        yield pending
+
+
+def _decode(line: bytes, where: str, problems: Problems) -> str | None:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.add("undecodable lines", where, f"not UTF-8 ({exc.reason} at byte {exc.start})")
+        return None
+
+
+def _jsonl(stream: IO[bytes], name: str, text_field: str, problems: Problems) -> Iterator[Document]:
+    for number, line in enumerate(_lines(stream), start=1):
+        where = f"{name}:{number}"
+        if not line.strip():
+            continue
+        text = _decode(line, where, problems)
+        if text is None:
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            problems.add("bad JSON lines", where, f"{exc.msg} at column {exc.colno}")
+            continue
+        value = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            found = "no such field" if not isinstance(record, dict) or text_field not in record else "not a string"
+            problems.add("records without text", where, f"field {text_field!r}: {found}")
+        elif not value.strip():
+            problems.add("empty documents", where, f"field {text_field!r} is empty")
+        else:
+            yield Document(value, where)
+
+
+def _text(stream: IO[bytes], name: str, mode: TxtMode, problems: Problems) -> Iterator[Document]:
+    if mode == "line":
+        for number, line in enumerate(_lines(stream), start=1):
+            text = _decode(line, f"{name}:{number}", problems)
+            if text is not None and text.strip():
+                yield Document(text.rstrip("\r\n"), f"{name}:{number}")
+        return
+    data = stream.read()
+    text = _decode(data, name, problems)
+    if text is None:
+        return
+    if mode == "file":
+        if text.strip():
+            yield Document(text, name)
+        else:
+            problems.add("empty documents", name, "the file holds no text")
+        return
+    line = 1
+    for paragraph in text.split("\n\n"):
+        if paragraph.strip():
+            yield Document(paragraph.strip("\n"), f"{name}:{line}")
+        line += paragraph.count("\n") + 2
+
+
+def _parquet(raw: IO[bytes], name: str, text_field: str, problems: Problems) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CorpusError(f"{name}: reading Parquet needs pyarrow (install the project's [parquet] extra)") from None
+    try:
+        parquet = pq.ParquetFile(raw)
+    except Exception as exc:  # pyarrow raises its own hierarchy
+        problems.add("unreadable files", name, f"not a Parquet file: {exc}")
+        return
+    if text_field not in parquet.schema_arrow.names:
+        problems.add(
+            "unreadable files", name, f"no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})"
+        )
+        return
+    row = 0
+    for group in range(parquet.num_row_groups):
+        column = parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+        for value in column:
+            row += 1
+            where = f"{name}:row {row}"
+            if not isinstance(value, str) or not value.strip():
+                problems.add("empty documents", where, f"column {text_field!r} is empty or null")
+            else:
+                yield Document(value, where)
+
+
+def _stdlib_docstrings(problems: Problems) -> Iterator[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "turtledemo"}
+    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    for path in files:
+        rel = f"{BUILTIN}/{path.relative_to(root)}"
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError) as exc:
+            problems.add("unreadable files", rel, f"not parseable: {exc}")
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=True)
+                if doc and doc.strip():
+                    yield Document(doc, f"{rel}:{getattr(node, 'lineno', 1)}")
+
+
+def builtin_description() -> str:
+    return f"{BUILTIN} (Python {sys.version.split()[0]} standard library docstrings)"

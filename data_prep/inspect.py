@@ -1,0 +1,108 @@
+"""Reading shard sets back: the manifest, samples decoded to text, and verification against the manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from data_prep.errors import PrepError
+from data_prep.storage import S3Options, StorageError, Store, open_store, sha256_stream
+
+MANIFEST = "manifest.json"
+
+
+class ManifestError(PrepError):
+    """A shard set or manifest that is missing or unreadable."""
+
+
+def read_manifest(store: Store) -> dict[str, Any]:
+    if not store.exists(MANIFEST):
+        raise ManifestError(
+            f"{store.child_url(MANIFEST)}: no manifest (a shard set is a directory or s3:// prefix holding "
+            "manifest.json, e.g. OUT/train from `parcae prep shards`)"
+        )
+    try:
+        manifest = json.loads(store.get_bytes(MANIFEST))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{store.child_url(MANIFEST)}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    missing = [k for k in ("format", "seq_len", "dtype", "shards", "tokenizer") if k not in manifest]
+    if missing:
+        raise ManifestError(f"{store.child_url(MANIFEST)}: not a shard manifest (missing {', '.join(missing)})")
+    return manifest
+
+
+def iter_samples(stream: io.RawIOBase | Any, name: str) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(key, tokens, document starts) for each sample of one tar shard, streamed."""
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            parts: dict[str, dict[str, np.ndarray]] = {}
+            for member in tar:
+                key, _, field = member.name.partition(".")
+                data = tar.extractfile(member)
+                if data is None:
+                    continue
+                parts.setdefault(key, {})[field] = np.load(io.BytesIO(data.read()), allow_pickle=False)
+                sample = parts[key]
+                if "tokens.npy" in sample and "bounds.npy" in sample:
+                    del parts[key]
+                    yield key, sample["tokens.npy"], sample["bounds.npy"]
+    except (tarfile.TarError, ValueError, EOFError) as exc:
+        raise ManifestError(f"{name}: not a readable shard ({exc})") from None
+
+
+def verify(url: str, options: S3Options | None = None) -> list[str]:
+    """Problems of a shard set against its manifest: missing, corrupt (size or sha256), extra shards."""
+    store = open_store(url, options)
+    manifest = read_manifest(store)
+    problems = []
+    listed = set(store.list())
+    expected = {s["name"] for s in manifest["shards"]}
+    for shard in manifest["shards"]:
+        name = shard["name"]
+        if name not in listed:
+            problems.append(f"missing: {store.child_url(name)}")
+            continue
+        try:
+            with store.open(name) as stream:
+                digest, size = sha256_stream(stream)
+        except StorageError as exc:
+            problems.append(f"unreadable: {exc}")
+            continue
+        if size != shard["bytes"]:
+            problems.append(f"corrupt: {store.child_url(name)} has {size} bytes, the manifest says {shard['bytes']}")
+        elif digest != shard["sha256"]:
+            problems.append(
+                f"corrupt: {store.child_url(name)} sha256 {digest[:16]}... differs from the manifest's "
+                f"{shard['sha256'][:16]}..."
+            )
+    for name in sorted(listed - expected - {MANIFEST}):
+        problems.append(f"extra: {store.child_url(name)} is not in the manifest")
+    return problems
+
+
+def decode_samples(
+    url: str, tokenizer_path: str | None, count: int, options: S3Options | None = None, shard: int = 0
+) -> list[str]:
+    from data_prep.tokenizer import load_tokenizer
+
+    store = open_store(url, options)
+    manifest = read_manifest(store)
+    if not manifest["shards"]:
+        return []
+    sp = load_tokenizer(tokenizer_path or manifest["tokenizer"]["path"])
+    entry = manifest["shards"][min(shard, len(manifest["shards"]) - 1)]
+    texts = []
+    with store.open(entry["name"]) as stream:
+        for key, tokens, starts in iter_samples(stream, store.child_url(entry["name"])):
+            texts.append(
+                f"--- {entry['name']} sample {key} (documents start at {starts.tolist()}) ---\n"
+                f"{sp.decode(tokens.astype(np.int64).tolist())}"
+            )
+            if len(texts) >= count:
+                break
+    return texts

@@ -1,0 +1,408 @@
+"""Tokenize, pack and write WebDataset shards with a manifest; local directory or s3:// prefix; resumable.
+
+Pipeline: the main process reads documents and hands chunks of them to worker processes, which
+tokenize (appending ``<eos>`` to every document) and pick each document's split from a hash of its
+text. The main process packs each split's token stream into rows of ``seq_len + 1`` tokens
+(documents run across rows; only the final partial row is dropped, and reported) and writes tar
+shards of about ``shard_bytes``. A sample is ``<key>.tokens.npy`` (the row, uint16 when the vocab
+fits, else uint32) and ``<key>.bounds.npy`` (int32 positions in the row where a document starts).
+
+Everything is deterministic: the same input, tokenizer and settings give byte-identical shards.
+
+Layout of the output (local or S3)::
+
+    OUT/train/manifest.json  OUT/train/shard-000000.tar ...
+    OUT/val/manifest.json    OUT/val/shard-000000.tar ...
+    OUT/progress.json        (settings, and every shard written so far with its checksum)
+
+Resume: a run restarted with the same arguments regenerates the token stream (deterministic), keeps
+every shard the progress file lists whose stored size matches and whose regenerated checksum is the
+recorded one, and writes the rest. Changed settings are refused, naming what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import sys
+import tarfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.corpus import (
+    BUILTIN,
+    CorpusSpec,
+    Document,
+    Problems,
+    builtin_description,
+    iter_documents,
+    resolve_sources,
+)
+from data_prep.errors import PrepError
+from data_prep.storage import S3Options, Store, open_store
+from data_prep.tokenizer import EOS_ID, file_sha256, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "parcae-shards/1"
+SPLITS = ("train", "val")
+
+
+class ShardError(PrepError):
+    """Output that cannot be written or resumed as asked."""
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    seq_len: int = 2048
+    shard_bytes: int = 256 * 1024 * 1024
+    val_fraction: float = 0.005
+    text_field: str = "text"
+    txt_mode: str = "file"
+    chunk_chars: int = 1 << 20  # text per unit of work sent to a worker
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        fields = asdict(self)
+        fields.pop("chunk_chars")  # does not change the output
+        return fields
+
+
+@dataclass
+class SplitState:
+    """One split's packer and shard writer."""
+
+    name: str
+    row_len: int
+    dtype: np.dtype
+    shard_bytes: int
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
+    pending_starts: list[int] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)
+    bounds: list[np.ndarray] = field(default_factory=list)
+    tar_buffer: io.BytesIO | None = None
+    tar: tarfile.TarFile | None = None
+    shard_index: int = 0
+    sample_index: int = 0
+    shard_samples: int = 0
+    documents: int = 0
+    tokens_in: int = 0
+    shards: list[dict[str, Any]] = field(default_factory=list)
+
+
+_SP: Any = None  # the worker's SentencePiece processor
+
+
+def _worker_init(model_path: str) -> None:
+    global _SP
+    _SP = load_tokenizer(model_path)
+
+
+def _encode_chunk(texts: list[str], val_threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens of every document with <eos> appended, concatenated; per-document lengths; val flags)."""
+    encoded = _SP.encode(texts)
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+    tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
+    ends = np.cumsum(lengths)
+    for ids, end, length in zip(encoded, ends, lengths, strict=True):
+        tokens[end - length : end - 1] = ids
+        tokens[end - 1] = EOS_ID
+    is_val = np.fromiter((_text_hash(t) < val_threshold for t in texts), dtype=bool, count=len(texts))
+    return tokens, lengths, is_val
+
+
+def _text_hash(text: str) -> int:
+    """The document's split is a function of its text alone: a 64-bit BLAKE2b hash."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _chunks(documents: Iterator[Document], chunk_chars: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    size = 0
+    for doc in documents:
+        chunk.append(doc.text)
+        size += len(doc.text)
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class ShardBuilder:
+    """Writes both splits' shards to a store, keeping what a previous identical run already wrote."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: ShardSettings,
+        dtype: np.dtype,
+        previous: dict[str, Any] | None,
+        progress_base: dict[str, Any],
+        on_shard=None,
+    ):
+        self.store = store
+        self.settings = settings
+        self.previous = {s["split"] + "/" + s["name"]: s for s in (previous or {}).get("shards", [])}
+        self.progress = {**progress_base, "shards": []}
+        self.kept = 0
+        self.on_shard = on_shard
+        self.splits = {name: SplitState(name, settings.seq_len + 1, dtype, settings.shard_bytes) for name in SPLITS}
+
+    def add(self, split: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents (already with <eos>) to a split and cut every full row."""
+        state = self.splits[split]
+        L = state.row_len
+        state.documents += len(lengths)
+        state.tokens_in += len(tokens)
+        base = len(state.pending)
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) + base
+        stream = np.concatenate((state.pending, tokens)) if base else tokens
+        all_starts = np.concatenate((np.asarray(state.pending_starts, dtype=np.int64), starts))
+        n_rows = len(stream) // L
+        cuts = np.searchsorted(all_starts, np.arange(n_rows + 1) * L)  # document starts of each row
+        for r in range(n_rows):
+            row_starts = (all_starts[cuts[r] : cuts[r + 1]] - r * L).astype(np.int32)
+            self._add_row(state, stream[r * L : (r + 1) * L].astype(state.dtype), row_starts)
+        state.pending = stream[n_rows * L :].copy()
+        keep = all_starts >= n_rows * L
+        state.pending_starts = [int(s) - n_rows * L for s in all_starts[keep]]
+
+    def _add_row(self, state: SplitState, row: np.ndarray, starts: np.ndarray) -> None:
+        if state.tar is None:
+            state.tar_buffer = io.BytesIO()
+            state.tar = tarfile.open(fileobj=state.tar_buffer, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        key = f"{state.sample_index:010d}"
+        _tar_member(state.tar, f"{key}.tokens.npy", _npy(row))
+        _tar_member(state.tar, f"{key}.bounds.npy", _npy(starts))
+        state.sample_index += 1
+        state.shard_samples += 1
+        assert state.tar_buffer is not None
+        if state.tar_buffer.tell() >= state.shard_bytes:
+            self._close(state)
+
+    def _close(self, state: SplitState) -> None:
+        if state.tar is None:
+            return
+        state.tar.close()
+        assert state.tar_buffer is not None
+        data = state.tar_buffer.getvalue()
+        name = f"shard-{state.shard_index:06d}.tar"
+        entry = {
+            "split": state.name,
+            "name": name,
+            "samples": state.shard_samples,
+            "tokens": state.shard_samples * state.row_len,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        path = f"{state.name}/{name}"
+        earlier = self.previous.get(path)
+        if earlier is not None and earlier["sha256"] != entry["sha256"]:
+            raise ShardError(
+                f"{self.store.child_url(path)}: a previous run wrote this shard with sha256 "
+                f"{earlier['sha256'][:12]}..., this run makes {entry['sha256'][:12]}... from the same settings; the "
+                "input changed. Write to a new output location, or delete the old one to start over."
+            )
+        if earlier is not None and self.store.exists(path) and self.store.size(path) == entry["bytes"]:
+            self.kept += 1
+        else:
+            self.store.put_bytes(data, path)
+        state.shards.append({k: v for k, v in entry.items() if k != "split"})
+        self.progress["shards"].append(entry)
+        self.store.put_bytes(json.dumps(self.progress, indent=1).encode(), "progress.json")
+        state.tar, state.tar_buffer = None, None
+        state.shard_index += 1
+        state.shard_samples = 0
+        if self.on_shard:
+            self.on_shard(entry)
+
+    def finish(self) -> None:
+        for state in self.splits.values():
+            self._close(state)
+
+
+def _open_output(out: str, options: S3Options | None) -> Store:
+    return open_store(out, options)
+
+
+def build_shards(
+    sources: list[str],
+    tokenizer_path: str,
+    out: str,
+    settings: ShardSettings,
+    workers: int = 2,
+    on_error: str = "skip",
+    options: S3Options | None = None,
+    command: list[str] | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Run the whole preparation; return a summary. Raises ShardError / CorpusError on user mistakes."""
+    sp = load_tokenizer(tokenizer_path)
+    vocab = sp.get_piece_size()
+    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+    tokenizer_sha = file_sha256(Path(tokenizer_path))
+    corpus = CorpusSpec(tuple(sources), settings.text_field, settings.txt_mode)  # type: ignore[arg-type]
+    files = resolve_sources(corpus, options)
+    store = _open_output(out, options)
+    fingerprint = {
+        "format": FORMAT,
+        "sources": files,
+        "builtin": builtin_description() if BUILTIN in files else None,
+        "tokenizer_sha256": tokenizer_sha,
+        "settings": settings.fingerprint_fields(),
+    }
+    previous = None
+    if store.exists("progress.json"):
+        previous = json.loads(store.get_bytes("progress.json"))
+        if previous.get("fingerprint") != fingerprint:
+            changed = _diff(previous.get("fingerprint", {}), fingerprint)
+            raise ShardError(
+                f"{store.child_url('progress.json')}: this output was started with other settings "
+                f"({'; '.join(changed)}); refusing to mix shards. Use the same arguments to resume, or a new output "
+                "location."
+            )
+    problems = Problems(policy=on_error)  # type: ignore[arg-type]
+    show = _Progress(sys.stderr.isatty() if progress is None else progress)
+    builder = ShardBuilder(store, settings, dtype, previous, {"fingerprint": fingerprint}, on_shard=show.shard)
+    threshold = int(settings.val_fraction * (1 << 64))
+    documents = iter_documents(corpus, problems, options, files)
+    started = time.perf_counter()
+    for tokens, lengths, is_val in _encoded(documents, settings.chunk_chars, tokenizer_path, threshold, workers):
+        for split, mask in (("train", ~is_val), ("val", is_val)):
+            if mask.any():
+                keep = np.repeat(mask, lengths)
+                builder.add(split, tokens[keep], lengths[mask])
+        show.update(len(lengths), len(tokens))
+    builder.finish()
+    seconds = time.perf_counter() - started
+    show.close()
+    summary: dict[str, Any] = {
+        "out": out,
+        "seconds": seconds,
+        "problems": problems.as_dict(),
+        "problem_report": problems.report(),
+        "kept_shards": builder.kept,
+    }
+    for state in builder.splits.values():
+        remainder = len(state.pending)
+        manifest = {
+            "format": FORMAT,
+            "split": state.name,
+            "tokenizer": {"path": str(tokenizer_path), "sha256": tokenizer_sha, "vocab_size": vocab},
+            "seq_len": settings.seq_len,
+            "row_len": state.row_len,
+            "dtype": state.dtype.name,
+            "shards": state.shards,
+            "totals": {
+                "shards": len(state.shards),
+                "samples": sum(s["samples"] for s in state.shards),
+                "tokens": sum(s["tokens"] for s in state.shards),
+                "bytes": sum(s["bytes"] for s in state.shards),
+                "documents": state.documents,
+                "tokens_produced": state.tokens_in,
+                "remainder_tokens_dropped": remainder,
+            },
+            "corpus": {"sources": files, "builtin": fingerprint["builtin"], "problems": problems.as_dict()},
+            "settings": {**asdict(settings), "workers": workers, "on_error": on_error},
+            "command": command or [],
+        }
+        store.put_bytes((json.dumps(manifest, indent=1) + "\n").encode(), f"{state.name}/manifest.json")
+        summary[state.name] = manifest["totals"]
+    return summary
+
+
+def _encoded(documents, chunk_chars: int, tokenizer_path: str, threshold: int, workers: int):
+    """Encoded chunks in input order; at most 2 x workers chunks in flight (bounded memory)."""
+    chunks = _chunks(documents, chunk_chars)
+    if workers <= 0:
+        _worker_init(tokenizer_path)
+        for texts in chunks:
+            yield _encode_chunk(texts, threshold)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_worker_init, initargs=(tokenizer_path,)) as pool:
+        in_flight: deque = deque()
+        for texts in chunks:
+            in_flight.append(pool.apply_async(_encode_chunk, (texts, threshold)))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: was {_short(a)}, now {_short(b)}")
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Progress:
+    """tqdm on a terminal; a plain line every 10 seconds otherwise."""
+
+    def __init__(self, tty: bool):
+        self.documents = self.tokens = self.shards = 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=" docs", dynamic_ncols=True)
+
+    def update(self, documents: int, tokens: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(documents)
+            self.bar.set_postfix_str(f"{self.tokens / 1e6:.1f}M tokens, {self.shards} shards, {rate / 1e6:.2f}M tok/s")
+        elif now - self.last >= 10:
+            self.last = now
+            print(
+                f"prep: {self.documents} documents, {self.tokens} tokens, {self.shards} shards, "
+                f"{rate / 1e6:.2f}M tokens/s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def shard(self, entry: dict[str, Any]) -> None:
+        self.shards += 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,231 @@
+"""One small interface over a local directory and an S3 prefix (AWS S3, MinIO, Ceph, moto).
+
+S3 is reached only through boto3 with an optional endpoint URL; credentials come from the standard
+AWS environment variables (or any other source boto3 reads), never from arguments. Transient errors
+are retried by botocore ("standard" mode, exponential backoff with jitter); uploads above
+``MULTIPART_THRESHOLD`` are multipart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
+
+from data_prep.errors import PrepError
+
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+
+
+class StorageError(PrepError):
+    """An object store problem, named with the URL it concerns."""
+
+
+@dataclass(frozen=True)
+class S3Options:
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    max_retries: int = 5
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None, region: str | None = None, max_retries: int = 5) -> S3Options:
+        """Explicit values first, then AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and AWS_DEFAULT_REGION / AWS_REGION."""
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+        return cls(endpoint_url=endpoint or None, region=region, max_retries=max_retries)
+
+
+class Store(Protocol):
+    url: str
+
+    def put_file(self, local: Path, name: str) -> None: ...
+    def put_bytes(self, data: bytes, name: str) -> None: ...
+    def get_bytes(self, name: str) -> bytes: ...
+    def open(self, name: str) -> IO[bytes]: ...
+    def exists(self, name: str) -> bool: ...
+    def size(self, name: str) -> int: ...
+    def list(self) -> list[str]: ...
+    def delete(self, name: str) -> None: ...
+    def child_url(self, name: str) -> str: ...
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
+    if not is_s3(url):
+        raise StorageError(f"{url}: not an s3:// URL")
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(f"{url}: no bucket in the URL (expected s3://bucket/prefix)")
+    return bucket, key
+
+
+def open_store(url: str, options: S3Options | None = None) -> Store:
+    """A store rooted at a local directory or an s3://bucket/prefix."""
+    if is_s3(url):
+        return S3Store(url, options or S3Options.from_env())
+    return LocalStore(url)
+
+
+class LocalStore:
+    def __init__(self, url: str):
+        self.url = url
+        self.root = Path(url)
+
+    def _path(self, name: str) -> Path:
+        return self.root / name
+
+    def put_file(self, local: Path, name: str) -> None:
+        target = self._path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        shutil.copyfile(local, tmp)
+        tmp.replace(target)
+
+    def put_bytes(self, data: bytes, name: str) -> None:
+        target = self._path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+
+    def get_bytes(self, name: str) -> bytes:
+        try:
+            return self._path(name).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"{self.child_url(name)}: cannot read: {exc.strerror or exc}") from None
+
+    def open(self, name: str) -> IO[bytes]:
+        try:
+            return self._path(name).open("rb")
+        except OSError as exc:
+            raise StorageError(f"{self.child_url(name)}: cannot open: {exc.strerror or exc}") from None
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def size(self, name: str) -> int:
+        return self._path(name).stat().st_size
+
+    def list(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
+
+    def child_url(self, name: str) -> str:
+        return str(self._path(name))
+
+
+class S3Store:
+    def __init__(self, url: str, options: S3Options):
+        import boto3
+        from botocore.config import Config
+
+        self.url = url.rstrip("/")
+        self.bucket, prefix = split_s3(self.url)
+        self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        config = Config(
+            retries={"max_attempts": options.max_retries + 1, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+        )
+        self.client = boto3.client("s3", endpoint_url=options.endpoint_url, region_name=options.region, config=config)
+        self.options = options
+
+    def _key(self, name: str) -> str:
+        return self.prefix + name
+
+    def child_url(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self._key(name)}"
+
+    def _fail(self, action: str, name: str, exc: Exception) -> StorageError:
+        detail = getattr(exc, "response", {}).get("Error", {}).get("Message") or str(exc)
+        where = f" (endpoint {self.options.endpoint_url})" if self.options.endpoint_url else ""
+        return StorageError(f"{self.child_url(name)}: cannot {action}{where}: {detail}")
+
+    def put_file(self, local: Path, name: str) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+        try:
+            self.client.upload_file(str(local), self.bucket, self._key(name), Config=config)
+        except Exception as exc:  # boto3 raises several unrelated types here
+            raise self._fail("upload", name, exc) from None
+
+    def put_bytes(self, data: bytes, name: str) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+        except Exception as exc:
+            raise self._fail("write", name, exc) from None
+
+    def get_bytes(self, name: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except Exception as exc:
+            raise self._fail("read", name, exc) from None
+
+    def open(self, name: str) -> IO[bytes]:
+        """A streaming body: bytes arrive as they are read, nothing is staged on disk."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+        except Exception as exc:
+            raise self._fail("open", name, exc) from None
+
+    def exists(self, name: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._fail("check", name, exc) from None
+        except Exception as exc:
+            raise self._fail("check", name, exc) from None
+
+    def size(self, name: str) -> int:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"])
+        except Exception as exc:
+            raise self._fail("check", name, exc) from None
+
+    def list(self) -> list[str]:
+        names = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+                names += [obj["Key"][len(self.prefix) :] for obj in page.get("Contents", [])]
+        except Exception as exc:
+            raise self._fail("list", "", exc) from None
+        return sorted(names)
+
+    def delete(self, name: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+        except Exception as exc:
+            raise self._fail("delete", name, exc) from None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_stream(stream: IO[bytes]) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
+        size += len(block)
+    return digest.hexdigest(), size
