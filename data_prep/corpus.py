@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, NamedTuple
 
 from data_prep.errors import PrepError
 from data_prep.storage import S3Options, StorageError, is_s3, open_store, split_s3
@@ -121,8 +121,13 @@ def resolve_sources(spec: CorpusSpec, options: S3Options | None = None) -> list[
 
 
 def iter_documents(
-    spec: CorpusSpec, problems: Problems, options: S3Options | None = None, files: list[str] | None = None
-) -> Iterator[Document]:
+    spec: CorpusSpec,
+    problems: Problems,
+    options: S3Options | None = None,
+    files: list[str] | None = None,
+    raw_jsonl: bool = False,
+) -> Iterator[Document | RawLines]:
+    """Every document in order. With ``raw_jsonl``, JSON Lines come out unparsed, in `RawLines` blocks."""
     for name in files if files is not None else resolve_sources(spec, options):
         if name == BUILTIN:
             yield from _stdlib_docstrings(problems)
@@ -148,7 +153,7 @@ def iter_documents(
                 else:
                     stream = _decompress(raw, comp)
                     if fmt == "jsonl":
-                        yield from _jsonl(stream, name, spec.text_field, problems)
+                        yield from _jsonl(stream, name, spec.text_field, problems, raw_jsonl)
                     else:
                         yield from _text(stream, name, spec.txt_mode, problems)
         except (OSError, EOFError, StorageError, ValueError) as exc:
@@ -193,27 +198,71 @@ def _decode(line: bytes, where: str, problems: Problems) -> str | None:
         return None
 
 
-def _jsonl(stream: IO[bytes], name: str, text_field: str, problems: Problems) -> Iterator[Document]:
-    for number, line in enumerate(_lines(stream), start=1):
-        where = f"{name}:{number}"
+try:  # orjson parses JSON Lines several times faster; the standard library is the fallback
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    _loads = json.loads
+
+
+class RawLines(NamedTuple):
+    """A block of JSON Lines records not parsed yet (the shard workers parse them, off the main process)."""
+
+    name: str
+    first_number: int  # line number of lines[0]
+    lines: list[bytes]
+    size: int
+
+
+def parse_jsonl(line: bytes, name: str, number: int, text_field: str) -> tuple[str | None, tuple[str, str, str] | None]:
+    """(text, None) for a good record, else (None, (problem kind, "file:line", detail))."""
+    try:
+        record = _loads(line)
+    except UnicodeDecodeError as exc:
+        return None, ("undecodable lines", f"{name}:{number}", f"not UTF-8 ({exc.reason} at byte {exc.start})")
+    except ValueError as exc:  # json.JSONDecodeError and orjson.JSONDecodeError both derive from it
+        detail = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        return None, ("bad JSON lines", f"{name}:{number}", detail)
+    value = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(value, str):
+        found = "no such field" if not isinstance(record, dict) or text_field not in record else "not a string"
+        return None, ("records without text", f"{name}:{number}", f"field {text_field!r}: {found}")
+    if not value.strip():
+        return None, ("empty documents", f"{name}:{number}", f"field {text_field!r} is empty")
+    return value, None
+
+
+def parse_jsonl_block(block: RawLines, text_field: str) -> Iterator[tuple[str | None, tuple[str, str, str] | None]]:
+    for offset, line in enumerate(block.lines):
+        if line.strip():
+            yield parse_jsonl(line, block.name, block.first_number + offset, text_field)
+
+
+def _jsonl(
+    stream: IO[bytes], name: str, text_field: str, problems: Problems, raw: bool, block_size: int = 1 << 20
+) -> Iterator[Document | RawLines]:
+    number, pending = 1, b""
+    for block in iter(lambda: stream.read(block_size), b""):
+        lines = (pending + block).split(b"\n")
+        pending = lines.pop()
+        yield from _jsonl_lines(RawLines(name, number, lines, len(block)), text_field, problems, raw)
+        number += len(lines)
+    if pending:
+        yield from _jsonl_lines(RawLines(name, number, [pending], len(pending)), text_field, problems, raw)
+
+
+def _jsonl_lines(block: RawLines, text_field: str, problems: Problems, raw: bool) -> Iterator[Document | RawLines]:
+    if raw:
+        yield block
+        return
+    for offset, line in enumerate(block.lines):
         if not line.strip():
             continue
-        text = _decode(line, where, problems)
-        if text is None:
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            problems.add("bad JSON lines", where, f"{exc.msg} at column {exc.colno}")
-            continue
-        value = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            found = "no such field" if not isinstance(record, dict) or text_field not in record else "not a string"
-            problems.add("records without text", where, f"field {text_field!r}: {found}")
-        elif not value.strip():
-            problems.add("empty documents", where, f"field {text_field!r} is empty")
+        text, problem = parse_jsonl(line, block.name, block.first_number + offset, text_field)
+        if problem:
+            problems.add(*problem)
         else:
-            yield Document(value, where)
+            assert text is not None
+            yield Document(text, f"{block.name}:{block.first_number + offset}")
 
 
 def _text(stream: IO[bytes], name: str, mode: TxtMode, problems: Problems) -> Iterator[Document]:

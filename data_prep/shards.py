@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import multiprocessing
@@ -43,13 +44,15 @@ from data_prep.corpus import (
     CorpusSpec,
     Document,
     Problems,
+    RawLines,
     builtin_description,
     iter_documents,
+    parse_jsonl_block,
     resolve_sources,
 )
 from data_prep.errors import PrepError
 from data_prep.storage import S3Options, Store, open_store
-from data_prep.tokenizer import EOS_ID, file_sha256, load_tokenizer
+from data_prep.tokenizer import file_sha256, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,7 @@ class SplitState:
     pending_starts: list[int] = field(default_factory=list)
     rows: list[np.ndarray] = field(default_factory=list)
     bounds: list[np.ndarray] = field(default_factory=list)
-    tar_buffer: io.BytesIO | None = None
-    tar: tarfile.TarFile | None = None
+    tar: io.BytesIO | None = None  # the open shard, built in memory
     shard_index: int = 0
     sample_index: int = 0
     shard_samples: int = 0
@@ -106,17 +108,30 @@ def _worker_init(model_path: str) -> None:
     _SP = load_tokenizer(model_path)
 
 
-def _encode_chunk(texts: list[str], val_threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens of every document with <eos> appended, concatenated; per-document lengths; val flags)."""
-    encoded = _SP.encode(texts)
-    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-    tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
-    ends = np.cumsum(lengths)
-    for ids, end, length in zip(encoded, ends, lengths, strict=True):
-        tokens[end - length : end - 1] = ids
-        tokens[end - 1] = EOS_ID
+def _encode_chunk(
+    units: list[Document | RawLines], val_threshold: int, text_field: str, dtype: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[str, str, str]]]:
+    """Parse (JSON Lines), split and tokenize one chunk of documents, in a worker.
+
+    Returns the tokens of every document with <eos> appended, concatenated; per-document lengths;
+    per-document validation flags; and the problems met, in input order.
+    """
+    texts, problems = [], []
+    for unit in units:
+        if isinstance(unit, RawLines):
+            for text, problem in parse_jsonl_block(unit, text_field):
+                if problem:
+                    problems.append(problem)
+                else:
+                    texts.append(text)
+        else:
+            texts.append(unit.text)
+    # one thread per worker process (the workers are the parallelism); <eos> appended by SentencePiece
+    encoded = _SP.encode(texts, num_threads=1, add_eos=True)
+    lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+    tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum()))
     is_val = np.fromiter((_text_hash(t) < val_threshold for t in texts), dtype=bool, count=len(texts))
-    return tokens, lengths, is_val
+    return tokens, lengths, is_val, problems
 
 
 def _text_hash(text: str) -> int:
@@ -124,12 +139,12 @@ def _text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _chunks(documents: Iterator[Document], chunk_chars: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
+def _chunks(units: Iterator[Document | RawLines], chunk_chars: int) -> Iterator[list[Document | RawLines]]:
+    chunk: list[Document | RawLines] = []
     size = 0
-    for doc in documents:
-        chunk.append(doc.text)
-        size += len(doc.text)
+    for unit in units:
+        chunk.append(unit)
+        size += unit.size if isinstance(unit, RawLines) else len(unit.text)
         if size >= chunk_chars:
             yield chunk
             chunk, size = [], 0
@@ -137,20 +152,57 @@ def _chunks(documents: Iterator[Document], chunk_chars: int) -> Iterator[list[st
         yield chunk
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(payload))
+def _ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file with mode 644, owner 0:0 and mtime 0 (what
+    tarfile.TarInfo.tobuf writes for it, built without tarfile's per-member overhead)."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name too long: {name!r}")
+    header = bytearray(
+        encoded.ljust(100, b"\0")
+        + b"0000644\0"
+        + b"0000000\0"
+        + b"0000000\0"
+        + b"%011o\0" % size
+        + b"00000000000\0"
+        + b" " * 8  # checksum field counts as spaces while the checksum is computed
+        + b"0"
+        + b"\0" * 100
+        + b"ustar\x0000"
+        + b"\0" * 32
+        + b"\0" * 32
+        + b"\0" * 16
+        + b"\0" * 155  # devmajor, devminor (empty for regular files), prefix
+    ).ljust(tarfile.BLOCKSIZE, b"\0")
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _tar_member(out: io.BytesIO, name: str, payload: bytes) -> None:
+    """One ustar member (fixed mtime, owner and mode, so shards are byte-identical run to run)."""
+    out.write(_ustar_header(name, len(payload)))
+    out.write(payload)
+    out.write(b"\0" * (-len(payload) % tarfile.BLOCKSIZE))
+
+
+def _tar_end(out: io.BytesIO) -> None:
+    """Two zero blocks end the archive; pad to a whole record as tar(1) and tarfile do."""
+    out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+    out.write(b"\0" * (-out.tell() % tarfile.RECORDSIZE))
+
+
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
 
 def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+    """The .npy file of a C-contiguous array (the header, made by numpy, is cached per dtype and shape)."""
+    key = (array.dtype.str, array.shape)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros(array.shape, array.dtype), allow_pickle=False)
+        header = _NPY_HEADERS[key] = buffer.getvalue()[: buffer.tell() - array.nbytes]
+    return header + np.ascontiguousarray(array).tobytes()
 
 
 class ShardBuilder:
@@ -187,30 +239,27 @@ class ShardBuilder:
         cuts = np.searchsorted(all_starts, np.arange(n_rows + 1) * L)  # document starts of each row
         for r in range(n_rows):
             row_starts = (all_starts[cuts[r] : cuts[r + 1]] - r * L).astype(np.int32)
-            self._add_row(state, stream[r * L : (r + 1) * L].astype(state.dtype), row_starts)
+            self._add_row(state, stream[r * L : (r + 1) * L].astype(state.dtype, copy=False), row_starts)
         state.pending = stream[n_rows * L :].copy()
         keep = all_starts >= n_rows * L
         state.pending_starts = [int(s) - n_rows * L for s in all_starts[keep]]
 
     def _add_row(self, state: SplitState, row: np.ndarray, starts: np.ndarray) -> None:
         if state.tar is None:
-            state.tar_buffer = io.BytesIO()
-            state.tar = tarfile.open(fileobj=state.tar_buffer, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+            state.tar = io.BytesIO()
         key = f"{state.sample_index:010d}"
         _tar_member(state.tar, f"{key}.tokens.npy", _npy(row))
         _tar_member(state.tar, f"{key}.bounds.npy", _npy(starts))
         state.sample_index += 1
         state.shard_samples += 1
-        assert state.tar_buffer is not None
-        if state.tar_buffer.tell() >= state.shard_bytes:
+        if state.tar.tell() >= state.shard_bytes:
             self._close(state)
 
     def _close(self, state: SplitState) -> None:
         if state.tar is None:
             return
-        state.tar.close()
-        assert state.tar_buffer is not None
-        data = state.tar_buffer.getvalue()
+        _tar_end(state.tar)
+        data = state.tar.getvalue()
         name = f"shard-{state.shard_index:06d}.tar"
         entry = {
             "split": state.name,
@@ -235,7 +284,7 @@ class ShardBuilder:
         state.shards.append({k: v for k, v in entry.items() if k != "split"})
         self.progress["shards"].append(entry)
         self.store.put_bytes(json.dumps(self.progress, indent=1).encode(), "progress.json")
-        state.tar, state.tar_buffer = None, None
+        state.tar = None
         state.shard_index += 1
         state.shard_samples = 0
         if self.on_shard:
@@ -290,9 +339,14 @@ def build_shards(
     show = _Progress(sys.stderr.isatty() if progress is None else progress)
     builder = ShardBuilder(store, settings, dtype, previous, {"fingerprint": fingerprint}, on_shard=show.shard)
     threshold = int(settings.val_fraction * (1 << 64))
-    documents = iter_documents(corpus, problems, options, files)
+    units = iter_documents(corpus, problems, options, files, raw_jsonl=True)
     started = time.perf_counter()
-    for tokens, lengths, is_val in _encoded(documents, settings.chunk_chars, tokenizer_path, threshold, workers):
+    work = _encoded(
+        units, settings.chunk_chars, (tokenizer_path,), (threshold, settings.text_field, dtype.name), workers
+    )
+    for tokens, lengths, is_val, chunk_problems in work:
+        for problem in chunk_problems:
+            problems.add(*problem)
         for split, mask in (("train", ~is_val), ("val", is_val)):
             if mask.any():
                 keep = np.repeat(mask, lengths)
@@ -336,19 +390,19 @@ def build_shards(
     return summary
 
 
-def _encoded(documents, chunk_chars: int, tokenizer_path: str, threshold: int, workers: int):
+def _encoded(units, chunk_chars: int, init_args: tuple, task_args: tuple, workers: int):
     """Encoded chunks in input order; at most 2 x workers chunks in flight (bounded memory)."""
-    chunks = _chunks(documents, chunk_chars)
+    chunks = _chunks(units, chunk_chars)
     if workers <= 0:
-        _worker_init(tokenizer_path)
-        for texts in chunks:
-            yield _encode_chunk(texts, threshold)
+        _worker_init(*init_args)
+        for chunk in chunks:
+            yield _encode_chunk(chunk, *task_args)
         return
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_worker_init, initargs=(tokenizer_path,)) as pool:
+    with context.Pool(workers, initializer=_worker_init, initargs=init_args) as pool:
         in_flight: deque = deque()
-        for texts in chunks:
-            in_flight.append(pool.apply_async(_encode_chunk, (texts, threshold)))
+        for chunk in chunks:
+            in_flight.append(pool.apply_async(_encode_chunk, (chunk, *task_args)))
             if len(in_flight) >= 2 * workers:
                 yield in_flight.popleft().get()
         while in_flight:

@@ -1,0 +1,174 @@
+"""Shards: deterministic bytes, exact token accounting, a hash-chosen validation split, the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import subprocess
+
+import numpy as np
+import pytest
+
+from data_prep.corpus import CorpusSpec, Problems, iter_documents
+from data_prep.inspect import iter_samples, verify
+from data_prep.shards import ShardSettings, _text_hash, build_shards
+from data_prep.tokenizer import EOS_ID, load_tokenizer
+from tests.conftest import REPO, parcae_cmd
+
+SETTINGS = ShardSettings(seq_len=64, shard_bytes=200_000, val_fraction=0.05)
+
+
+def shard_bytes(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.tar"))}
+
+
+def samples(split_dir):
+    manifest = json.loads((split_dir / "manifest.json").read_text())
+    out = []
+    for shard in manifest["shards"]:
+        with (split_dir / shard["name"]).open("rb") as f:
+            out += [(tokens, bounds) for _, tokens, bounds in iter_samples(f, shard["name"])]
+    return manifest, out
+
+
+def test_deterministic_and_independent_of_worker_count(tmp_path, corpus_jsonl, tokenizer):
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "a"), SETTINGS, workers=2)
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "b"), SETTINGS, workers=0)
+    a, b = shard_bytes(tmp_path / "a"), shard_bytes(tmp_path / "b")
+    assert len(a) > 3 and a == b
+
+
+def test_token_accounting_is_exact(tmp_path, corpus_jsonl, tokenizer):
+    summary = build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "o"), SETTINGS, workers=2)
+    sp = load_tokenizer(tokenizer)
+    docs = [d.text for d in iter_documents(CorpusSpec((str(corpus_jsonl),)), Problems())]
+    produced = sum(len(ids) + 1 for ids in sp.encode(docs))  # + <eos> per document
+    in_shards = summary["train"]["tokens"] + summary["val"]["tokens"]
+    remainder = summary["train"]["remainder_tokens_dropped"] + summary["val"]["remainder_tokens_dropped"]
+    assert in_shards + remainder == produced
+    assert summary["train"]["documents"] + summary["val"]["documents"] == len(docs)
+    for split in ("train", "val"):
+        manifest, rows = samples(tmp_path / "o" / split)
+        assert manifest["totals"]["tokens"] == sum(len(t) for t, _ in rows) == len(rows) * 65
+        assert manifest["totals"]["remainder_tokens_dropped"] < 65
+
+
+def test_rows_hold_the_documents_in_order_with_their_boundaries(tmp_path, corpus_jsonl, tokenizer):
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "o"), SETTINGS, workers=1)
+    sp = load_tokenizer(tokenizer)
+    manifest, rows = samples(tmp_path / "o" / "train")
+    assert manifest["dtype"] == "uint16" and rows[0][0].dtype == np.uint16 and len(rows[0][0]) == 65
+    stream = np.concatenate([t for t, _ in rows]).astype(np.int64)
+    starts = np.concatenate([b + 65 * i for i, (_, b) in enumerate(rows)])
+    ends = np.flatnonzero(stream == EOS_ID)
+    assert starts[0] == 0 and np.array_equal(starts[1:], ends[: len(starts) - 1] + 1)
+    first = sp.decode(stream[: ends[0]].tolist())
+    docs = [d.text for d in iter_documents(CorpusSpec((str(corpus_jsonl),)), Problems())]
+    assert first in docs
+
+
+def test_validation_split_is_chosen_by_document_hash_not_position(tmp_path, builtin_docs, tokenizer):
+    docs = list(dict.fromkeys(builtin_docs[:600]))
+    shuffled = docs[:]
+    random.Random(0).shuffle(shuffled)
+    threshold = int(0.2 * (1 << 64))
+    sp = load_tokenizer(tokenizer)
+    for name, order in (("in_order", docs), ("shuffled", shuffled)):
+        with (tmp_path / f"{name}.jsonl").open("w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in order)
+        settings = ShardSettings(seq_len=16, shard_bytes=1 << 20, val_fraction=0.2)
+        build_shards([str(tmp_path / f"{name}.jsonl")], str(tokenizer), str(tmp_path / name), settings, workers=0)
+        manifest, rows = samples(tmp_path / name / "val")
+        expected = [d for d in order if _text_hash(d) < threshold]
+        assert manifest["totals"]["documents"] == len(expected)
+        text = sp.decode(np.concatenate([t for t, _ in rows]).astype(np.int64).tolist())
+        assert all(d in text for d in expected[:-1])  # the last may lose its tail with the dropped final row
+    assert 0.1 < len(expected) / len(docs) < 0.3
+
+
+def test_manifest_contents(tmp_path, corpus_jsonl, tokenizer):
+    build_shards(
+        [str(corpus_jsonl)],
+        str(tokenizer),
+        str(tmp_path / "o"),
+        SETTINGS,
+        workers=0,
+        command=["parcae", "prep", "shards"],
+    )
+    manifest = json.loads((tmp_path / "o" / "train" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+    assert manifest["seq_len"] == 64 and manifest["row_len"] == 65 and manifest["command"][:2] == ["parcae", "prep"]
+    for shard in manifest["shards"]:
+        data = (tmp_path / "o" / "train" / shard["name"]).read_bytes()
+        assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
+    assert sum(s["samples"] for s in manifest["shards"]) == manifest["totals"]["samples"]
+    assert verify(str(tmp_path / "o" / "train")) == []
+
+
+def test_local_verify_names_missing_corrupt_and_extra(tmp_path, corpus_jsonl, tokenizer):
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "o"), SETTINGS, workers=0)
+    train = tmp_path / "o" / "train"
+    (train / "shard-000000.tar").unlink()
+    data = bytearray((train / "shard-000001.tar").read_bytes())
+    data[1000] ^= 0xFF
+    (train / "shard-000001.tar").write_bytes(bytes(data))
+    (train / "stray.tar").write_bytes(b"x")
+    problems = verify(str(train))
+    assert problems[0] == f"missing: {train / 'shard-000000.tar'}"
+    assert problems[1].startswith(f"corrupt: {train / 'shard-000001.tar'} sha256")
+    assert problems[2] == f"extra: {train / 'stray.tar'} is not in the manifest"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shard-size", "big"], "'big' is not a size"),
+        (["--val-fraction", "1.5"], "expected a fraction in [0, 1)"),
+        (["--seq-len", "0"], "expected an integer >= 1"),
+    ],
+)
+def test_cli_rejects_bad_arguments(tmp_path, tokenizer, args, message):
+    cmd = [*parcae_cmd(), "prep", "shards", "--tokenizer", str(tokenizer), "--out", str(tmp_path / "o"), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_errors_name_the_file(tmp_path, corpus_jsonl):
+    cmd = [
+        *parcae_cmd(),
+        "prep",
+        "shards",
+        "--input",
+        str(corpus_jsonl),
+        "--tokenizer",
+        str(tmp_path / "no.model"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 1 and "no.model: no such tokenizer model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, size", [("0000000001.tokens.npy", 4226), ("a", 0), ("x" * 100, 123456789)])
+def test_tar_headers_are_what_tarfile_writes(name, size):
+    import tarfile
+
+    from data_prep.shards import _ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    assert _ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def test_webdataset_reads_the_shards(tmp_path, corpus_jsonl, tokenizer):
+    import webdataset as wds
+
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "o"), SETTINGS, workers=0)
+    manifest, rows = samples(tmp_path / "o" / "train")
+    urls = [str(tmp_path / "o" / "train" / s["name"]) for s in manifest["shards"]]
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
+    seen = [(s["tokens.npy"], s["bounds.npy"]) for s in dataset]
+    assert len(seen) == len(rows)
+    assert all(np.array_equal(a, c) and np.array_equal(b, d) for (a, b), (c, d) in zip(seen, rows, strict=True))
