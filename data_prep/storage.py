@@ -9,6 +9,7 @@ are retried by botocore ("standard" mode, exponential backoff with jitter); uplo
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 from dataclasses import dataclass
@@ -152,18 +153,21 @@ class S3Store:
         where = f" (endpoint {self.options.endpoint_url})" if self.options.endpoint_url else ""
         return StorageError(f"{self.child_url(name)}: cannot {action}{where}: {detail}")
 
-    def put_file(self, local: Path, name: str) -> None:
+    def _transfer_config(self):
         from boto3.s3.transfer import TransferConfig
 
-        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+        return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+
+    def put_file(self, local: Path, name: str) -> None:
         try:
-            self.client.upload_file(str(local), self.bucket, self._key(name), Config=config)
+            self.client.upload_file(str(local), self.bucket, self._key(name), Config=self._transfer_config())
         except Exception as exc:  # boto3 raises several unrelated types here
             raise self._fail("upload", name, exc) from None
 
     def put_bytes(self, data: bytes, name: str) -> None:
+        """Multipart above MULTIPART_THRESHOLD; each part retried by botocore."""
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(name), Config=self._transfer_config())
         except Exception as exc:
             raise self._fail("write", name, exc) from None
 

@@ -128,3 +128,16 @@ def test_verify_names_missing_corrupt_and_extra_shards(s3_server, corpus_jsonl, 
     assert f"extra: {out}/train/shard-999999.tar is not in the manifest" in result.stderr
     missing = prep(s3_server.endpoint, "inspect", f"s3://{bucket}/nothing-here", "--verify")
     assert missing.returncode == 1 and "no manifest" in missing.stderr
+
+
+def test_large_objects_go_up_in_parts(s3_server, monkeypatch):
+    import data_prep.storage as storage
+
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)  # S3's smallest part size
+    bucket = s3_server.new_bucket("multipart")
+    store = storage.open_store(f"s3://{bucket}/p", storage.S3Options(s3_server.endpoint))
+    payload = os.urandom(11 * 1024 * 1024)
+    store.put_bytes(payload, "big.bin")
+    head = s3_server.client().head_object(Bucket=bucket, Key="p/big.bin")
+    assert head["ETag"].strip('"').endswith("-3")  # a multipart ETag: md5-of-parts "-" part count
+    assert store.get_bytes("big.bin") == payload and store.size("big.bin") == len(payload)
