@@ -1,0 +1,233 @@
+"""Streaming shards from a manifest (local directory or s3:// prefix), with exact resume.
+
+Each epoch, the shard order is a permutation drawn from (seed, epoch); rank r of W reads the shards
+at positions r, r + W, ... of it, streaming each one through boto3 (or the file system) without
+staging it on disk, and shuffles samples through a bounded buffer seeded by (seed, epoch, rank).
+Every rank yields the same number of batches per epoch: the smallest share, computed from the
+manifest alone (no communication), so no rank waits at an epoch end for another.
+
+The loader's position is two numbers, (epoch, batches yielded in that epoch). The stream of an epoch
+is a pure function of the manifest, the seed, the rank, the world size and the batch size, so resuming
+replays the epoch and skips that many batches: exactly the batches an uninterrupted run would have
+seen. That holds for any change of ``num_workers`` (prefetching does not change the order); changing
+the world size, the micro batch size, the seed or the shard set changes the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.inspect import iter_samples, read_manifest
+from data_prep.storage import S3Options, StorageError, open_store
+from pipeline.errors import ParcaeError
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ParcaeError):
+    """A shard set that cannot feed training: named by URL and what is wrong."""
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    batches: int = 0  # yielded in this epoch
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+
+class ShardLoader:
+    def __init__(
+        self,
+        url: str,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        seq_len: int,
+        seed: int,
+        shuffle_buffer: int,
+        options: S3Options | None = None,
+        on_bad_shard: str = "error",
+        prefetch: int = 1,
+        shuffle: bool = True,
+        max_retries: int = 3,
+    ):
+        self.store = open_store(url, options)
+        self.url = url
+        try:
+            self.manifest = read_manifest(self.store)
+        except StorageError as exc:
+            raise DataError(str(exc)) from None
+        if self.manifest["seq_len"] != seq_len:
+            raise DataError(
+                f"{url}: shards hold rows of seq_len {self.manifest['seq_len']} (+1), but data.seq_len is {seq_len}; "
+                "prepare shards with --seq-len matching the spec, or set data.seq_len to the shards'"
+            )
+        self.shards = self.manifest["shards"]
+        if len(self.shards) < world_size:
+            raise DataError(f"{url}: {len(self.shards)} shard(s) cannot feed {world_size} ranks; write smaller shards")
+        self.rank, self.world_size = rank, world_size
+        self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
+        self.seed, self.shuffle_buffer, self.shuffle = seed, shuffle_buffer, shuffle
+        self.on_bad_shard, self.prefetch, self.max_retries = on_bad_shard, prefetch, max_retries
+        self.state = LoaderState()
+        self.skipped_shards: list[str] = []
+
+    # -- the stream of one epoch: a pure function of (manifest, seed, epoch, rank, world, batch size)
+    def shard_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:shards:{epoch}").shuffle(order)
+        return order
+
+    def rank_shards(self, epoch: int, rank: int | None = None) -> list[int]:
+        rank = self.rank if rank is None else rank
+        return self.shard_order(epoch)[rank :: self.world_size]
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        """The smallest share over ranks (same on every rank)."""
+        shares = [
+            sum(self.shards[i]["samples"] for i in self.rank_shards(epoch, r)) // self.micro_batch_size
+            for r in range(self.world_size)
+        ]
+        return min(shares)
+
+    def _samples(self, epoch: int) -> Iterator[np.ndarray]:
+        rng = random.Random(f"{self.seed}:samples:{epoch}:{self.rank}")
+        buffer: list[np.ndarray] = []
+        for index in self.rank_shards(epoch):
+            for tokens in self._read_shard(self.shards[index]["name"]):
+                if not self.shuffle or self.shuffle_buffer <= 1:
+                    yield tokens
+                    continue
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(tokens)
+                    continue
+                pick = rng.randrange(len(buffer))
+                yield buffer[pick]
+                buffer[pick] = tokens
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _read_shard(self, name: str) -> Iterator[np.ndarray]:
+        url = self.store.child_url(name)
+        done = 0  # samples of this shard already yielded (a retry resumes after them)
+        for attempt in range(self.max_retries + 1):
+            count = 0
+            try:
+                with self.store.open(name) as stream:
+                    for _key, tokens, _bounds in iter_samples(stream, url):
+                        count += 1
+                        if count > done:
+                            yield tokens
+                return
+            except (StorageError, OSError) as exc:  # transient: reopen and skip what was already yielded
+                done = count
+                if attempt == self.max_retries:
+                    self._bad_shard(url, f"unreadable after {attempt + 1} attempts: {exc}")
+                    return
+                time.sleep(min(2**attempt * 0.5, 8.0))
+            except ParcaeError as exc:
+                self._bad_shard(url, str(exc))
+                return
+            except Exception as exc:  # a corrupt tar or npy
+                self._bad_shard(url, f"corrupt: {exc}")
+                return
+
+    def _bad_shard(self, url: str, why: str) -> None:
+        if self.on_bad_shard == "skip":
+            log.warning("skipping shard %s: %s", url, why)
+            self.skipped_shards.append(url)
+            return
+        raise DataError(f"{url}: {why} (data.on_bad_shard: skip would skip and count it)")
+
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[tuple[int, torch.Tensor]]:
+        limit = self.batches_per_epoch(epoch)
+        rows: list[np.ndarray] = []
+        produced = 0
+        for tokens in self._samples(epoch):
+            rows.append(tokens)
+            if len(rows) == self.micro_batch_size:
+                if produced >= skip:
+                    yield produced, torch.from_numpy(np.stack(rows).astype(np.int64))
+                produced += 1
+                rows = []
+                if produced >= limit:
+                    return
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Batches of (micro_batch_size, seq_len + 1) int64 token rows, forever, from the current state.
+
+        The state advances when a batch is handed to the caller, not when it is read ahead.
+        """
+        source = self._batches(self.state.epoch, self.state.batches)
+        if self.prefetch > 0:
+            source = _prefetched(source, self.prefetch)
+        for epoch, index, batch in source:
+            self.state = LoaderState(epoch, index + 1)
+            yield batch
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        while True:
+            if self.batches_per_epoch(epoch) == 0:
+                raise DataError(
+                    f"{self.url}: a rank's share of the shards holds fewer than one batch of "
+                    f"{self.micro_batch_size} rows"
+                )
+            for index, batch in self._epoch_batches(epoch, skip):
+                yield epoch, index, batch
+            epoch, skip = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.state.as_dict(), "skipped_shards": list(self.skipped_shards)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = LoaderState(int(state["epoch"]), int(state["batches"]))
+        self.skipped_shards = list(state.get("skipped_shards", []))
+
+
+def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Read ahead in a thread (I/O and decoding overlap compute); order is unchanged."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def fill() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=fill, daemon=True, name="shard-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
