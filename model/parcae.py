@@ -89,7 +89,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.head_dim**-0.5
         )
-        return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -229,7 +229,7 @@ class ParcaeLM(nn.Module):
 
     @torch.no_grad()
     def init_module(self, module: nn.Module, generator: torch.Generator | None = None) -> None:
-        """Initialise the parameters that ``module`` owns directly (not those of its children)."""
+        """Initialise the parameters ``module`` is responsible for (see `INIT_TYPES`; others: nothing)."""
         sigma = self.cfg.sigma
 
         def orthogonal(w: torch.Tensor) -> None:
@@ -269,6 +269,7 @@ class ParcaeLM(nn.Module):
         h0: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         skip_finished_rows: bool = True,
+        min_iterations: tuple[int, int] = (0, 0),
         loop_stats: list[dict[str, float]] | None = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, padded vocab) in fp32, or the mean cross-entropy when ``targets`` is given
@@ -279,6 +280,9 @@ class ParcaeLM(nn.Module):
         gradients, then n_grad[i] with them, for row i. ``h0`` overrides the initial state; otherwise
         it follows ``cfg.h0_init`` (``generator`` seeds the like-init draw). ``loop_stats``, if a list,
         receives one dict per loop: the mean norm of h over active rows and its relative change.
+        ``min_iterations`` (no-grad, grad) runs at least that many iterations of each phase, calling the
+        core on zero rows when none is active: data-parallel ranks whose batches drew different counts
+        then still run the same sequence of modules (ZeRO-3 gathers parameters collectively).
         """
         b, t = idx.shape
         rope = rotary_tables(t, self.cfg.head_dim, self.cfg.rope_base, idx.device)
@@ -296,10 +300,11 @@ class ParcaeLM(nn.Module):
         h = self.initial_state(e, generator) if h0 is None else h0
         n_nograd, n_grad = self._loop_counts(loops, b)
         # The recurrence: no-grad loops first, then the loops that backpropagate (truncated BPTT).
-        for counts, with_grad in ((n_nograd, False), (n_grad, torch.is_grad_enabled())):
+        phases = ((n_nograd, False, min_iterations[0]), (n_grad, torch.is_grad_enabled(), min_iterations[1]))
+        for counts, with_grad, at_least in phases:
             checkpointed = with_grad and self.cfg.activation_checkpointing
             with torch.set_grad_enabled(with_grad):
-                for step in range(int(counts.max())):
+                for step in range(max(int(counts.max()), at_least)):
                     active = (counts > step).nonzero().squeeze(1)
                     h_prev = h
                     if len(active) == b:  # every row still loops
@@ -310,7 +315,7 @@ class ParcaeLM(nn.Module):
                     else:  # the reference's way: every row runs, finished rows keep their state
                         keep = (counts > step).to(h.device)[:, None, None]
                         h = torch.where(keep, self._loop_step(h, e, idx, rope, checkpointed), h)
-                    if loop_stats is not None:
+                    if loop_stats is not None and len(active):
                         loop_stats.append(_change_stats(h_prev, h, active.to(h.device)))
         x = self.transformer.C(h)
         for block in self.transformer.coda:
@@ -406,6 +411,10 @@ def _change_stats(h_prev: torch.Tensor, h: torch.Tensor, active: torch.Tensor) -
         norm = new.norm(dim=-1).mean()
         change = (new - old).norm() / old.norm().clamp_min(1e-12)
     return {"h_norm": float(norm), "relative_change": float(change), "active_rows": int(active.numel())}
+
+
+# The modules `ParcaeLM.init_module` initialises, each with all of its parameters (children included).
+INIT_TYPES = (TiedEmbedding, nn.Embedding, RMSNorm, Attention, MLP, DiagonalInjection, ConcatInjection, Readout)
 
 
 def build_model(cfg: ParcaeConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> ParcaeLM:

@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_prep_parser(sub)
 
     p = sub.add_parser(
+        "train",
+        help="pretrain: launches its ranks on this machine, or runs as one rank under "
+        "Slurm/torchrun; resumes from the run's newest checkpoint",
+    )
+    _add_spec_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
         "import",
         help="check reference-format weights (e.g. released Parcae safetensors) against a spec's model and "
         "write them with the model config, ready to load",
@@ -116,6 +124,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
     return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train import run_train
+
+    return run_train(args.spec, args.overrides)
 
 
 def cmd_import(args: argparse.Namespace) -> int:

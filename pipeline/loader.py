@@ -63,6 +63,7 @@ class ShardLoader:
         prefetch: int = 1,
         shuffle: bool = True,
         max_retries: int = 3,
+        split_by: str = "shards",
     ):
         self.store = open_store(url, options)
         self.url = url
@@ -76,7 +77,8 @@ class ShardLoader:
                 "prepare shards with --seq-len matching the spec, or set data.seq_len to the shards'"
             )
         self.shards = self.manifest["shards"]
-        if len(self.shards) < world_size:
+        self.split_by = split_by  # "samples": every rank reads every shard and keeps every world_size-th row
+        if split_by == "shards" and len(self.shards) < world_size:
             raise DataError(f"{url}: {len(self.shards)} shard(s) cannot feed {world_size} ranks; write smaller shards")
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
@@ -98,6 +100,9 @@ class ShardLoader:
 
     def batches_per_epoch(self, epoch: int) -> int:
         """The smallest share over ranks (same on every rank)."""
+        if self.split_by == "samples":
+            total = sum(s["samples"] for s in self.shards)
+            return (total // self.world_size) // self.micro_batch_size
         shares = [
             sum(self.shards[i]["samples"] for i in self.rank_shards(epoch, r)) // self.micro_batch_size
             for r in range(self.world_size)
@@ -107,6 +112,14 @@ class ShardLoader:
     def _samples(self, epoch: int) -> Iterator[np.ndarray]:
         rng = random.Random(f"{self.seed}:samples:{epoch}:{self.rank}")
         buffer: list[np.ndarray] = []
+        if self.split_by == "samples":
+            position = 0
+            for index in self.shard_order(epoch):
+                for tokens in self._read_shard(self.shards[index]["name"]):
+                    if position % self.world_size == self.rank:
+                        yield tokens
+                    position += 1
+            return
         for index in self.rank_shards(epoch):
             for tokens in self._read_shard(self.shards[index]["name"]):
                 if not self.shuffle or self.shuffle_buffer <= 1:

@@ -346,3 +346,18 @@ def test_generation_greedy_is_deterministic_and_sampling_is_seeded():
     s1 = model.generate(prompt, 6, loops=2, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(5))
     s2 = model.generate(prompt, 6, loops=2, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(5))
     assert torch.equal(s1, s2)
+
+
+def test_min_iterations_run_the_core_on_no_rows_and_change_nothing():
+    model = randomize(tiny())
+    x_ids = ids(batch=2)
+    h0 = torch.randn(2, 16, TINY.d_model)
+    loops = (torch.tensor([1, 0]), torch.tensor([2, 1]))
+    calls = []
+    hook = model.transformer.adapter.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    padded = model(x_ids, x_ids, loops=loops, h0=h0, min_iterations=(3, 4))
+    hook.remove()
+    assert calls == [1, 0, 0, 2, 1, 0, 0]  # 3 no-grad iterations, 4 grad iterations, empty ones included
+    plain = model(x_ids, x_ids, loops=loops, h0=h0)
+    torch.testing.assert_close(padded, plain, atol=0, rtol=0)
+    padded.backward()
