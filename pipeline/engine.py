@@ -55,7 +55,8 @@ def init_distributed(device_type: str) -> None:
 
 def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
     """Norms, embeddings (token and value), and the injection/readout (A_log, dt_bias, B, C) take no decay."""
-    return param.ndim < 2 or "wte" in name or "value_embeds" in name or name.endswith(NO_DECAY_SUFFIXES)
+    ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions hold a flat shard: ask the full shape
+    return ndim < 2 or "wte" in name or "value_embeds" in name or name.endswith(NO_DECAY_SUFFIXES)
 
 
 def param_groups(model: ParcaeLM, spec: JobSpec) -> list[dict[str, Any]]:
@@ -70,8 +71,8 @@ def param_groups(model: ParcaeLM, spec: JobSpec) -> list[dict[str, Any]]:
             {"params": no_decay, "name": "adamw", "weight_decay": spec.optimizer.weight_decay},
         ]
     return [
-        {"params": decay, "weight_decay": spec.optimizer.weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": decay, "weight_decay": spec.optimizer.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
     ]
 
 

@@ -292,7 +292,7 @@ class Trainer:
         adapter = self.engine.module.transformer["adapter"] if self.spec.model.arch == "parcae" else None
         if adapter is None or not hasattr(adapter, "discretize"):
             return {}
-        with deepspeed.zero.GatheredParameters([adapter.A_log, adapter.dt_bias]):
+        with deepspeed.zero.GatheredParameters([adapter.A_log, adapter.dt_bias]), torch.no_grad():
             a_bar, _ = adapter.discretize()
             return {"spectral_radius": float(a_bar.max()), "a_bar_mean": float(a_bar.mean())}
 
