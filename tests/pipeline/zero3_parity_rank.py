@@ -16,7 +16,7 @@ import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
+import torch
 
 
 def batches(spec, step: int) -> torch.Tensor:
