@@ -28,16 +28,26 @@ def shards(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
 
 
 def train_cmd(shards: Path, run_dir: Path, steps: int) -> list[str]:
-    overrides = [f"data.train_url={shards / 'train'}", f"data.val_url={shards / 'val'}", "data.seq_len=32",
-                 f"run_dir={run_dir}", f"training.total_steps={steps}", "checkpoint.interval_steps=5",
-                 "eval.interval_steps=10", "eval.loop_counts=[1, 4]", "logging.log_interval=5", "data.num_workers=1"]
+    overrides = [
+        f"data.train_url={shards / 'train'}",
+        f"data.val_url={shards / 'val'}",
+        "data.seq_len=32",
+        f"run_dir={run_dir}",
+        f"training.total_steps={steps}",
+        "checkpoint.interval_steps=5",
+        "eval.interval_steps=10",
+        "eval.loop_counts=[1, 4]",
+        "logging.log_interval=5",
+        "data.num_workers=1",
+    ]
     return [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *[f"--set={o}" for o in overrides]]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def losses(run_dir: Path) -> dict[int, float]:
