@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loops", type=int, default=4, help="loop count of the smoke forward (default 4)")
     p.set_defaults(func=cmd_import)
 
+    p = sub.add_parser(
+        "export",
+        help="consolidate a run's sharded DeepSpeed checkpoint into one fp32 safetensors file in the reference naming",
+    )
+    p.add_argument("checkpoint_dir", help="the run's checkpoint.dir (e.g. runs/NAME/checkpoints)")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--tag", help="which checkpoint (default: the newest complete one, named by LATEST)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="run the end-to-end demo on the embedded tiny spec (CPU, 2 ranks)")
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes data, logs and checkpoints")
     p.set_defaults(func=cmd_demo)
@@ -136,6 +145,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pipeline.weights_io import import_weights
 
     return import_weights(args.weights, args.spec, args.overrides, args.out, args.loops)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.weights_io import export_checkpoint
+
+    return export_checkpoint(args.checkpoint_dir, args.out, args.tag)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

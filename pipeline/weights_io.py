@@ -34,3 +34,37 @@ def import_weights(weights: str, spec_path: str, overrides: list[str], out: str,
     total = count_params(cfg)["total"]
     print(f"imported {weights} -> {out}: {total / 1e6:.1f}M parameters, smoke forward with {loops} loops finite")
     return 0
+
+
+def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None) -> int:
+    """A sharded DeepSpeed checkpoint of a run -> one fp32 safetensors file in the reference naming."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from model.parcae import ParcaeLM
+    from pipeline import checkpoint
+
+    tag = tag or checkpoint.latest_tag(checkpoint_dir)
+    if tag is None:
+        raise ParcaeError(
+            f"{checkpoint_dir}: no checkpoint (no {checkpoint.LATEST} file); pass the run's checkpoint.dir"
+        )
+    spec_file = Path(checkpoint_dir) / tag / "spec.yaml"
+    if not spec_file.is_file():
+        raise ParcaeError(f"{spec_file}: missing; this does not look like a checkpoint written by `parcae train`")
+    cfg = load_spec(spec_file).spec.model.build()
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    with torch.device("meta"):
+        model = ParcaeLM(cfg)
+    model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ParcaeError(
+            f"{checkpoint_dir}/{tag}: does not match its own spec (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    save_reference(model, out)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"exported {checkpoint_dir}/{tag} -> {out}: {total / 1e6:.2f}M parameters, fp32, reference naming")
+    return 0

@@ -106,3 +106,58 @@ def test_sigusr1_checkpoints_exits_for_requeue_and_resumes(tmp_path, shards):
     os.killpg(again.pid, signal.SIGKILL)
     again.wait(timeout=60)
     assert f"resuming at step {stopped_at}" in (tmp_path / "second.log").read_text()
+
+
+def test_export_gives_the_trained_model(tmp_path, shards):
+    import itertools
+
+    import torch
+
+    from model import load_pretrained
+    from pipeline.loader import ShardLoader
+
+    run_dir = tmp_path / "run"
+    proc = start(train_cmd(shards, run_dir, 10), tmp_path / "train.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    out = tmp_path / "model.safetensors"
+    result = subprocess.run(
+        [*parcae_cmd(), "export", str(run_dir / "checkpoints"), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = load_pretrained(None, out)
+    # The exported weights reproduce the validation loss the run logged at its last step (h_0 = 0, 4 loops).
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in logged if "val_loss_loops_4" in r][-1]["val_loss_loops_4"]
+    total = count = 0.0
+    for rank in range(2):
+        loader = ShardLoader(
+            str(shards / "val"),
+            rank=rank,
+            world_size=2,
+            micro_batch_size=8,
+            seq_len=32,
+            seed=1337,
+            shuffle_buffer=0,
+            shuffle=False,
+            prefetch=0,
+            split_by="samples",
+        )
+        n = min(loader.batches_per_epoch(0), 8)
+        for batch in itertools.islice(iter(loader), n):
+            with torch.no_grad():
+                loss = model(batch[:, :-1], batch[:, 1:], loops=4, h0=torch.zeros(8, 32, model.cfg.d_model))
+            total += float(loss) * batch[:, 1:].numel()
+            count += batch[:, 1:].numel()
+    assert abs(total / count - val) < 1e-4
+    missing = subprocess.run(
+        [*parcae_cmd(), "export", str(tmp_path / "nowhere"), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 1 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
