@@ -172,9 +172,6 @@ class TrainingSpec(Spec):
     seed: NonNegInt = 1337
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
     max_nonfinite_steps: PositiveInt = Field(5, description="Stop after this many non-finite steps in a row.")
-    spike_zscore: PositiveFloat | None = Field(
-        None, description="Skip updates whose loss is this many std above the running mean."
-    )
 
     @model_validator(mode="after")
     def _length(self) -> TrainingSpec:

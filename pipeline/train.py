@@ -86,7 +86,6 @@ class Progress:
     tokens: int = 0
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
-    spikes_skipped: int = 0
     recent_losses: deque = field(default_factory=lambda: deque(maxlen=100))
 
 
