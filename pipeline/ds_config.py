@@ -170,6 +170,8 @@ def build_ds_config(
     config.setdefault("steps_per_print", 10**9)
     if optimizer.name == "muon":
         config["zero_allow_untested_optimizer"] = True
+        # DeepSpeed's ZeRO Muon needs whole gradients per parameter: "Muon and reduce scatter cannot be used together"
+        config["zero_optimization"]["reduce_scatter"] = False
     return config
 
 

@@ -171,7 +171,12 @@ class TrainingSpec(Spec):
     total_tokens: PositiveInt | None = None
     seed: NonNegInt = 1337
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
-    max_nonfinite_steps: PositiveInt = Field(5, description="Stop after this many non-finite steps in a row.")
+    max_nonfinite_steps: PositiveInt = Field(
+        5, description="Stop (with a checkpoint) after this many non-finite micro-batch losses in a row."
+    )
+    spike_zscore: PositiveFloat | None = Field(
+        None, description="Skip micro-batches whose loss exceeds the recent mean by this many standard deviations."
+    )
 
     @model_validator(mode="after")
     def _length(self) -> TrainingSpec:

@@ -12,7 +12,7 @@ import signal
 import time
 import warnings
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,40 @@ class Progress:
     tokens: int = 0
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
-    recent_losses: deque = field(default_factory=lambda: deque(maxlen=100))
+    spikes_skipped: int = 0
+
+
+class LossGuard:
+    """Decides, before the backward pass, whether a micro-batch's loss (averaged over ranks) is used.
+
+    "nonfinite": the loss is NaN or infinite. "spike": ``zscore`` is set and the loss exceeds the mean of
+    the last ``window`` step losses by more than ``zscore`` standard deviations (checked once ``warmup``
+    steps have been seen). Its window is part of every checkpoint, so a resumed run decides the same.
+    """
+
+    def __init__(self, zscore: float | None, window: int = 100, warmup: int = 20):
+        self.zscore, self.warmup = zscore, warmup
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def check(self, loss: float) -> str:
+        if not math.isfinite(loss):
+            return "nonfinite"
+        if self.zscore is not None and len(self.recent) >= self.warmup:
+            mean = sum(self.recent) / len(self.recent)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.recent) / len(self.recent))
+            if loss > mean + self.zscore * std:
+                return "spike"
+        return "ok"
+
+    def accept(self, step_loss: float) -> None:
+        if math.isfinite(step_loss):
+            self.recent.append(step_loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent.extend(state.get("recent", []))
 
 
 class Trainer:
@@ -130,10 +163,13 @@ class Trainer:
 
             val_loader(spec, info, options)  # a validation set that cannot work fails now, not at the first eval
         progress = Progress()
+        guard = self.guard = LossGuard(t.spike_zscore)
         state = checkpoint.load(engine, spec.checkpoint.dir)
         if state is not None:
             progress.step, progress.tokens = int(state["step"]), int(state["tokens"])
             progress.nonfinite_total = int(state.get("nonfinite_total", 0))
+            progress.spikes_skipped = int(state.get("spikes_skipped", 0))
+            guard.load_state_dict(state.get("guard", {}))
             train_loader.load_state_dict(state["loader"])
             log.info("resuming at step %d (%d tokens seen)", progress.step, progress.tokens)
         run_dir = Path(spec.run_dir or ".")
@@ -157,43 +193,43 @@ class Trainer:
                 losses, counts, wait = [], [], 0.0
                 collect = (progress.step + 1) % spec.logging.log_interval == 0
                 loop_stats: list[dict[str, float]] | None = [] if collect else None
-                for micro in range(t.gradient_accumulation_steps):
+                micro, draw = 0, 0
+                while micro < t.gradient_accumulation_steps:  # skipped micro-batches are replaced by the next ones
                     waited = time.perf_counter()
                     batch = next(batches).to(device, non_blocking=True)
                     wait += time.perf_counter() - waited
-                    n_nograd, n_grad, at_least = loop_counts(spec, progress.step, micro, info.rank)
-                    counts.append(n_nograd + n_grad)
+                    n_nograd, n_grad, at_least = loop_counts(spec, progress.step, draw, info.rank)
                     loss = engine(
                         batch[:, :-1],
                         batch[:, 1:],
                         loops=(n_nograd, n_grad),
                         min_iterations=at_least,
-                        generator=h0_generator(t.seed, info.rank, progress.step, micro, device),
+                        generator=h0_generator(t.seed, info.rank, progress.step, draw, device),
                         loop_stats=loop_stats if micro == 0 else None,
                     )
+                    draw += 1
+                    verdict = guard.check(self._global_mean(loss.detach().float()))
+                    if verdict != "ok":
+                        self._skipped(verdict, progress, engine, train_loader)
+                        if draw >= 10 * t.gradient_accumulation_steps + t.max_nonfinite_steps:
+                            self._save(engine, progress, train_loader)
+                            raise ParcaeError(
+                                f"step {progress.step + 1}: {draw - micro} of {draw} micro-batches skipped "
+                                "(loss spikes or non-finite); training.spike_zscore may be too strict"
+                            )
+                        continue
                     engine.backward(loss)
                     engine.step()
                     losses.append(loss.detach().float())
+                    counts.append(n_nograd + n_grad)
+                    micro += 1
+                    progress.nonfinite_in_a_row = 0
                 progress.step += 1
                 progress.tokens += spec.tokens_per_step
                 window_tokens += spec.tokens_per_step
                 wait_total += wait
-                mean_loss = torch.stack(losses).mean()
-                dist.all_reduce(mean_loss)
-                loss_value = mean_loss.item() / info.world_size
-                if not math.isfinite(loss_value):
-                    progress.nonfinite_in_a_row += 1
-                    progress.nonfinite_total += 1
-                    if progress.nonfinite_in_a_row >= t.max_nonfinite_steps:
-                        self._save(engine, progress, train_loader)
-                        raise ParcaeError(
-                            f"training stopped at step {progress.step}: the loss was not finite for "
-                            f"{progress.nonfinite_in_a_row} steps in a row (training.max_nonfinite_steps); "
-                            f"checkpoint written to {spec.checkpoint.dir}"
-                        )
-                else:
-                    progress.nonfinite_in_a_row = 0
-                    progress.recent_losses.append(loss_value)
+                loss_value = self._global_mean(torch.stack(losses).mean())
+                guard.accept(loss_value)
                 record: dict[str, Any] = {"step": progress.step, "loss": loss_value}
                 if collect or progress.step == total:
                     elapsed = time.perf_counter() - window_start
@@ -268,12 +304,44 @@ class Trainer:
             self.stop_signal = signal.SIGTERM
         return flag.item() > 0
 
+    def _global_mean(self, value: torch.Tensor) -> float:
+        import torch.distributed as dist
+
+        total = value.detach().float().reshape(1).clone()
+        dist.all_reduce(total)
+        return float(total) / self.info.world_size
+
+    def _skipped(self, verdict: str, progress: Progress, engine, loader) -> None:
+        """A micro-batch whose loss is not used: counted; too many non-finite ones in a row stop the run."""
+        if verdict == "spike":
+            progress.spikes_skipped += 1
+            log.warning(
+                "step %d: loss spike, micro-batch skipped (%d so far)", progress.step + 1, progress.spikes_skipped
+            )
+            return
+        progress.nonfinite_in_a_row += 1
+        progress.nonfinite_total += 1
+        log.warning(
+            "step %d: non-finite loss, micro-batch skipped (%d in a row)",
+            progress.step + 1,
+            progress.nonfinite_in_a_row,
+        )
+        if progress.nonfinite_in_a_row >= self.spec.training.max_nonfinite_steps:
+            self._save(engine, progress, loader)
+            raise ParcaeError(
+                f"training stopped at step {progress.step}: the loss was not finite for "
+                f"{progress.nonfinite_in_a_row} micro-batches in a row (training.max_nonfinite_steps); "
+                f"checkpoint written to {self.spec.checkpoint.dir}"
+            )
+
     def _save(self, engine, progress: Progress, loader) -> None:
         state = {
             "step": progress.step,
             "tokens": progress.tokens,
             "loader": loader.state_dict(),
             "nonfinite_total": progress.nonfinite_total,
+            "spikes_skipped": progress.spikes_skipped,
+            "guard": self.guard.state_dict(),
         }
         checkpoint.save(
             engine,
@@ -306,7 +374,8 @@ class Trainer:
             "step_time_s": time.perf_counter() - step_start,
             "data_wait_s": wait,
             "loops_mean": float(counts.float().mean()),
-            "nonfinite_steps": progress.nonfinite_total,
+            "nonfinite_skipped": progress.nonfinite_total,
+            "spikes_skipped": progress.spikes_skipped,
         }
         norm = engine.get_global_grad_norm()
         if norm is not None:

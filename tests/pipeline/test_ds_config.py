@@ -99,6 +99,7 @@ def test_muon_optimizer_section():
     assert cfg["optimizer"]["type"] == "Muon"
     params = cfg["optimizer"]["params"]
     assert params["muon_lr"] == 0.01 and params["adam_lr"] == 0.002 and params["weight_decay"] == 0.2
+    assert cfg["zero_optimization"]["reduce_scatter"] is False  # DeepSpeed refuses Muon with reduce-scatter
 
 
 @pytest.mark.parametrize(

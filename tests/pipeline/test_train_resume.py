@@ -4,6 +4,7 @@ uninterrupted one; SIGUSR1 checkpoints and exits with the requeue code; the next
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -161,3 +162,37 @@ def test_export_gives_the_trained_model(tmp_path, shards):
         timeout=300,
     )
     assert missing.returncode == 1 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def run_variant(tmp_path, shards, name, steps, extra):
+    run_dir = tmp_path / name
+    cmd = train_cmd(shards, run_dir, steps) + [f"--set={o}" for o in extra]
+    proc = start(cmd, tmp_path / f"{name}.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_accumulation_and_stage2(tmp_path, shards):
+    records = run_variant(tmp_path, shards, "accum", 30, ["training.gradient_accumulation_steps=2", "zero.stage=2"])
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert steps[-1]["tokens_seen"] == 30 * 2 * 8 * 2 * 32  # steps x accumulation x micro x ranks x seq_len
+    assert sum(r["loss"] for r in steps[-5:]) / 5 < sum(r["loss"] for r in steps[:5]) / 5 - 0.5
+
+
+def test_spike_guard_skips_and_replaces_micro_batches(tmp_path, shards):
+    # A flat loss (tiny lr) and a strict guard: about half the micro-batches count as spikes after the warm-up.
+    records = run_variant(tmp_path, shards, "spikes", 26, ["optimizer.lr=1e-7", "training.spike_zscore=0.01"])
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 27))  # every step still gets its micro-batches
+    assert steps[-1]["spikes_skipped"] > 0
+    assert all(r["loss"] <= max(x["loss"] for x in steps[:20]) for r in steps[20:])
+
+
+def test_muon_with_auxiliary_adamw(tmp_path, shards):
+    records = run_variant(
+        tmp_path, shards, "muon", 12, ["optimizer.name=muon", "optimizer.lr=0.02", "optimizer.adam_lr=0.003"]
+    )
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 12 and all(math.isfinite(r["loss"]) for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]

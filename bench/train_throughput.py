@@ -1,0 +1,139 @@
+"""Training throughput: `parcae train` (DeepSpeed ZeRO-3, 1 rank and 2 ranks) against a bare PyTorch loop
+(same model, batch, loop-count sampling, AdamW, clipping; no DeepSpeed), in one run, on local shards.
+
+Targets (issue 5): `parcae train` on 1 rank reaches at least 0.9x the bare loop's tokens/s; 2 ranks
+against 1 is reported (on a 2-core machine two ranks share the cores).
+
+    python bench/train_throughput.py [--steps 40] [--d-model 128] [--seq-len 128] [--micro-batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    args = parser.parse_args()
+    from data_prep.corpus import BUILTIN, CorpusSpec, Problems, iter_documents
+    from data_prep.shards import ShardSettings, build_shards
+    from data_prep.tokenizer import TokenizerSettings, train_tokenizer
+    from model import build_model, loop_generator, sample_loop_counts
+    from pipeline.engine import param_groups
+    from pipeline.loader import ShardLoader
+    from pipeline.schedule import lr_multiplier
+    from pipeline.spec_io import load_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        train_tokenizer(
+            iter_documents(CorpusSpec((BUILTIN,)), Problems()), TokenizerSettings(vocab_size=2048), tmp_path / "tok"
+        )
+        build_shards(
+            [BUILTIN],
+            str(tmp_path / "tok.model"),
+            str(tmp_path / "shards"),
+            ShardSettings(seq_len=args.seq_len, shard_bytes=400_000),
+            workers=2,
+            progress=False,
+        )
+        overrides = [
+            f"data.train_url={tmp_path / 'shards' / 'train'}",
+            "data.val_url=null",
+            f"data.seq_len={args.seq_len}",
+            f"model.max_seq_len={args.seq_len}",
+            f"model.d_model={args.d_model}",
+            "model.n_core=2",
+            f"training.micro_batch_size={args.micro_batch}",
+            f"training.total_steps={args.steps}",
+            "logging.log_interval=5",
+            "checkpoint.interval_steps=100000",
+            "training.gradient_accumulation_steps=1",
+        ]
+
+        def parcae_train(ranks: int) -> float:
+            run_dir = tmp_path / f"run{ranks}"
+            cmd = [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "train",
+                str(REPO / "configs" / "demo-tiny.yaml"),
+                *[f"--set={o}" for o in [*overrides, f"cluster.procs_per_node={ranks}", f"run_dir={run_dir}"]],
+            ]
+            subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+            records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # first window: warm-up
+            return sum(rates) / len(rates)
+
+        def bare() -> float:
+            spec = load_spec(REPO / "configs" / "demo-tiny.yaml", [*overrides, "cluster.procs_per_node=1"]).spec
+            model = build_model(spec.model.build(), seed=spec.training.seed)
+            opt = spec.optimizer
+            optimizer = torch.optim.AdamW(param_groups(model, spec), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: lr_multiplier(s, args.steps, spec.schedule)
+            )
+            loader = ShardLoader(
+                spec.data.train_url,
+                rank=0,
+                world_size=1,
+                micro_batch_size=args.micro_batch,
+                seq_len=args.seq_len,
+                seed=spec.training.seed,
+                shuffle_buffer=spec.data.shuffle_buffer,
+                prefetch=1,
+            )
+            start, counted = 0.0, 0
+            for step, batch in enumerate(itertools.islice(iter(loader), args.steps)):
+                if step == 5:
+                    start, counted = time.perf_counter(), 0
+                loops = sample_loop_counts(
+                    args.micro_batch,
+                    spec.model.mean_recurrence,
+                    spec.model.mean_backprop_depth,
+                    loop_generator(spec.training.seed, -1, step, 0),
+                )
+                loss = model(batch[:, :-1], batch[:, 1:], loops=loops)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+                optimizer.step()
+                schedule.step()
+                counted += batch[:, 1:].numel()
+            return counted / (time.perf_counter() - start)
+
+        results = {
+            "bare PyTorch, 1 process": bare(),
+            "parcae train, ZeRO-3, 1 rank": parcae_train(1),
+            "parcae train, ZeRO-3, 2 ranks": parcae_train(2),
+        }
+    print(
+        f"tiny Parcae d={args.d_model}, core 2 blocks, micro batch {args.micro_batch} x {args.seq_len} tokens, "
+        f"mean recurrence 4, {args.steps} steps, threads per process {torch.get_num_threads()}"
+    )
+    base = results["bare PyTorch, 1 process"]
+    for label, rate in results.items():
+        print(f"  {label:<32} {rate:10.0f} tokens/s   {rate / base:5.2f}x bare")
+    one, two = results["parcae train, ZeRO-3, 1 rank"], results["parcae train, ZeRO-3, 2 ranks"]
+    print(f"1 rank / bare = {one / base:.2f} (target >= 0.9); 2 ranks / 1 rank = {two / one:.2f}")
+
+
+if __name__ == "__main__":
+    main()
