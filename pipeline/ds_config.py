@@ -57,6 +57,7 @@ BASE_ZERO_KEYS = {
     "ignore_unused_parameters",
     "zero_hpz_partition_size",
     "log_trace_cache_warnings",
+    "memory_efficient_linear",
 }
 BASE_OFFLOAD_KEYS = {"device", "pin_memory", "buffer_count", "buffer_size", "max_in_cpu", "ratio"}
 BASE_BF16_KEYS = {"immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads"}
