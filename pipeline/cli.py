@@ -83,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("submit", help="render the Slurm batch script from the spec and submit it with sbatch")
+    _add_spec_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
+    p.add_argument("--array", help="submit as a job array (sbatch --array), e.g. 0-4")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="a submitted run's Slurm state, last logged step and loss, newest checkpoint")
+    p.add_argument("run", help="the run directory")
+    p.set_defaults(func=lambda a: _slurm("status", a.run))
+
+    p = sub.add_parser("cancel", help="cancel a submitted run's Slurm job")
+    p.add_argument("run", help="the run directory")
+    p.set_defaults(func=lambda a: _slurm("cancel", a.run))
+
+    p = sub.add_parser("slurm-job", help="(inside a batch job) start the ranks with srun; used by the batch script")
+    p.add_argument("run_dir")
+    p.set_defaults(func=lambda a: _slurm("slurm_job", a.run_dir))
+
     p = sub.add_parser(
         "import",
         help="check reference-format weights (e.g. released Parcae safetensors) against a spec's model and "
@@ -133,6 +151,18 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.slurm import submit
+
+    return submit(args.spec, args.overrides, args.dry_run, args.array)
+
+
+def _slurm(name: str, arg: str) -> int:
+    from pipeline import slurm
+
+    return getattr(slurm, name)(arg)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

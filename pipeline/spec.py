@@ -249,6 +249,7 @@ class ClusterSpec(Spec):
     nodes: PositiveInt = 1
     procs_per_node: PositiveInt = Field(1, description="Ranks (GPUs) per node.")
     cpus_per_task: PositiveInt | None = None
+    gpus_per_node: PositiveInt | None = Field(None, description="GPUs to request per node (GPU clusters).")
     partition: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     account: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     qos: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
@@ -259,12 +260,24 @@ class ClusterSpec(Spec):
     requeue: bool = True
     max_requeues: NonNegInt = Field(3, description="Requeues allowed after failures that are not preemption.")
     signal_seconds: PositiveInt = Field(120, description="Warning signal USR1 this long before the limit.")
-    extra_sbatch: list[SafeLine] = Field(default_factory=list, description="Extra #SBATCH lines.")
+    extra_sbatch: list[Annotated[str, Field(pattern=r"^--[A-Za-z][A-Za-z-]*(=[^\n\r\x00]*)?$")]] = Field(
+        default_factory=list, description="Extra sbatch options, one per line, e.g. --exclusive or --mem=0."
+    )
     setup_lines: list[SafeLine] = Field(default_factory=list, description="Shell lines run before training.")
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _quoted_time(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(
+                f"write the time limit as a quoted string, e.g. '90' or '2-00:00:00': YAML reads an unquoted "
+                f"H:MM as a number in base 60 (here {value}), which Slurm would take as minutes"
+            )
+        return value
 
 
 class JobSpec(Spec):

@@ -225,3 +225,8 @@ def test_time_limit_and_names_cannot_inject_shell(tmp_path):
     assert [p.split(":")[0] for p in found] == ["cluster.partition", "cluster.time_limit"]
     spec = load_spec(write(tmp_path, MINIMAL + "cluster: {time_limit: '2-00:00:00'}\n"), environ={}).spec
     assert spec.cluster.time_limit == "2-00:00:00"
+
+
+def test_unquoted_time_limit_is_refused_not_misread(tmp_path):
+    found = problems(tmp_path, MINIMAL + "cluster: {time_limit: 10:00}\n")
+    assert len(found) == 1 and found[0].startswith("cluster.time_limit: Value error, write the time limit as a quoted")

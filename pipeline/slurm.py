@@ -1,0 +1,205 @@
+"""Slurm: render and submit the batch script (`parcae submit`), watch (`status`), cancel, and the job's
+own wrapper (`parcae slurm-job`), which finds the rendezvous, starts one rank per task with srun, passes
+the warning signal on, and requeues a preempted job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from string import Template
+
+from pipeline.errors import ParcaeError
+from pipeline.spec import ClusterSpec
+from pipeline.spec_io import LoadedSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "job.sbatch.tmpl"
+REQUEUE_EXIT_CODE = 75  # same as pipeline.train (kept here to avoid importing torch for `submit`)
+SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")
+
+
+class SlurmError(ParcaeError):
+    """Slurm refused something or is not reachable; the message carries what it said."""
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SlurmError(
+            f"{cmd[0]}: not found; is this a Slurm login node (or slurm/local_cluster.sh start)?"
+        ) from None
+    if out.returncode != 0:
+        raise SlurmError(f"{' '.join(cmd[:2])}: {out.stderr.strip() or out.stdout.strip()}")
+    return out.stdout
+
+
+def render(spec: LoadedSpec, run_dir: Path, python: str = sys.executable) -> str:
+    cluster: ClusterSpec = spec.spec.cluster
+    workdir = str(Path.cwd())
+    for label, value in (("run_dir", str(run_dir)), ("python", python), ("working directory", workdir)):
+        if not SAFE_PATH.match(value):
+            raise ParcaeError(
+                f"{label}: {value!r} has characters a batch script line cannot carry safely "
+                "(use letters, digits and . _ / + -)"
+            )
+    optional = []
+    if cluster.partition:
+        optional.append(f"#SBATCH --partition={cluster.partition}")
+    if cluster.account:
+        optional.append(f"#SBATCH --account={cluster.account}")
+    if cluster.qos:
+        optional.append(f"#SBATCH --qos={cluster.qos}")
+    if cluster.time_limit:
+        optional.append(f"#SBATCH --time={cluster.time_limit}")
+    if cluster.constraint:
+        optional.append(f"#SBATCH --constraint={cluster.constraint}")
+    if cluster.cpus_per_task:
+        optional.append(f"#SBATCH --cpus-per-task={cluster.cpus_per_task}")
+    if cluster.gpus_per_node:
+        optional.append(f"#SBATCH --gpus-per-node={cluster.gpus_per_node}")
+    optional.append("#SBATCH --requeue" if cluster.requeue else "#SBATCH --no-requeue")
+    optional += [f"#SBATCH {line}" for line in cluster.extra_sbatch]
+    return Template(TEMPLATE.read_text()).substitute(
+        job_name=spec.spec.name,
+        nodes=cluster.nodes,
+        tasks_per_node=cluster.procs_per_node,
+        output=f"{run_dir}/slurm/%j.out",
+        workdir=workdir,
+        signal_seconds=cluster.signal_seconds,
+        optional_lines="\n".join(optional),
+        setup_lines="\n".join(cluster.setup_lines),
+        python=shlex.quote(python),
+        run_dir=shlex.quote(str(run_dir)),
+    )
+
+
+def check_against_cluster(cluster: ClusterSpec) -> None:
+    """Refuse what the cluster cannot run, before submitting: unknown partition, too many nodes."""
+    partitions: dict[str, int] = {}
+    for line in _run(["sinfo", "-h", "-o", "%P|%D"]).splitlines():
+        name, count = line.strip().split("|")
+        partitions[name.rstrip("*")] = int(count)
+        if name.endswith("*"):
+            partitions.setdefault("", int(count))
+    partition = cluster.partition or ""
+    if partition not in partitions:
+        known = ", ".join(sorted(p for p in partitions if p))
+        raise ParcaeError(
+            f"cluster.partition: {cluster.partition!r} does not exist on this cluster (partitions: {known})"
+        )
+    if cluster.nodes > partitions[partition]:
+        where = f"partition {cluster.partition!r}" if cluster.partition else "the default partition"
+        raise ParcaeError(f"cluster.nodes: {cluster.nodes} requested, but {where} has {partitions[partition]} node(s)")
+
+
+def submit(spec_path: str, overrides: list[str], dry_run: bool, array: str | None = None) -> int:
+    loaded = load_spec(spec_path, overrides)
+    run_dir = Path(loaded.spec.run_dir or f"runs/{loaded.spec.name}").resolve()
+    script = render(loaded, run_dir)
+    if dry_run:
+        print(script, end="")
+        return 0
+    check_against_cluster(loaded.spec.cluster)
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    loaded.spec.run_dir = str(run_dir)
+    loaded.save(run_dir / "spec.yaml")
+    path = run_dir / "slurm" / "job.sbatch"
+    path.write_text(script)
+    cmd = ["sbatch", "--parsable", *([f"--array={array}"] if array else []), str(path)]
+    job_id = _run(cmd).strip().split(";")[0]
+    with (run_dir / "slurm" / "jobs.txt").open("a") as f:
+        f.write(job_id + "\n")
+    print(f"submitted job {job_id}: {path} (log {run_dir}/slurm/{job_id}.out)")
+    print(job_id)
+    return 0
+
+
+def _job_id(run: str) -> str:
+    jobs = Path(run) / "slurm" / "jobs.txt"
+    if not jobs.is_file():
+        raise ParcaeError(f"{run}: no Slurm job was submitted from this run directory ({jobs} missing)")
+    return jobs.read_text().split()[-1]
+
+
+def status(run: str) -> int:
+    job = _job_id(run)
+    fields = {}
+    try:
+        text = _run(["scontrol", "show", "job", job, "--oneliner"])
+        fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
+    except SlurmError as exc:
+        fields = {"JobState": f"unknown ({exc})"}
+    print(
+        f"job {job}: {fields.get('JobState', '?')}, nodes {fields.get('NodeList', '?')}, "
+        f"elapsed {fields.get('RunTime', '?')}, restarts {fields.get('Restarts', '0')}"
+    )
+    metrics = Path(run) / "metrics.jsonl"
+    if metrics.is_file():
+        last = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
+        if last:
+            print(f"last logged step {last[-1]['step']}, loss {last[-1]['loss']:.4f}")
+    latest = Path(run) / "checkpoints" / "LATEST"
+    print(f"checkpoint: {latest.read_text().strip() if latest.is_file() else 'none yet'}")
+    return 0
+
+
+def cancel(run: str) -> int:
+    job = _job_id(run)
+    _run(["scancel", job])
+    print(f"cancelled job {job}")
+    return 0
+
+
+def slurm_job(run_dir: str) -> int:
+    """Inside the batch script: rendezvous, one rank per task via srun, the warning signal, requeue."""
+    env = os.environ
+    job = env.get("SLURM_JOB_ID") or ""
+    if not job:
+        raise ParcaeError("slurm-job runs inside a Slurm batch job (no SLURM_JOB_ID)")
+    first = _run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]]).split()[0]
+    node = dict(x.split("=", 1) for x in _run(["scontrol", "show", "node", first, "--oneliner"]).split() if "=" in x)
+    addr = node.get("NodeAddr", first)
+    port = 20000 + int(job) % 20000
+    rank_env = {**env, "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
+    if addr.startswith("127."):
+        rank_env["GLOO_SOCKET_IFNAME"] = "lo"
+    spec = Path(run_dir) / "spec.yaml"
+    loaded = load_spec(spec)
+    cmd = ["srun", "--kill-on-bad-exit=1", sys.executable, "-m", "pipeline", "train", str(spec)]
+    proc = subprocess.Popen(cmd, env=rank_env)
+
+    forwarded: list[int] = []
+
+    def forward(signum, _frame):
+        forwarded.append(signum)
+        log.warning("signal %d: asking the ranks to checkpoint and stop", signum)
+        subprocess.run(
+            ["scancel", f"--signal={signal.Signals(signum).name.removeprefix('SIG')}", f"{job}.0"], capture_output=True
+        )
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    restarts = int(env.get("SLURM_RESTART_COUNT", "0"))
+    cluster = loaded.spec.cluster
+    if code == REQUEUE_EXIT_CODE or (code != 0 and cluster.requeue and restarts < cluster.max_requeues):
+        why = (
+            "preempted"
+            if code == REQUEUE_EXIT_CODE
+            else f"failed with {code} (restart {restarts + 1} of {cluster.max_requeues})"
+        )
+        if cluster.requeue:
+            log.warning("job %s %s: requeueing", job, why)
+            _run(["scontrol", "requeue", job])
+            return 0
+    return code

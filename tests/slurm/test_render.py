@@ -1,0 +1,63 @@
+"""`parcae submit --dry-run`: the batch script from the spec, with nothing from the spec able to inject shell."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tests.conftest import CONFIGS, REPO, parcae_cmd
+
+
+def dry_run(*sets):
+    cmd = [*parcae_cmd(), "submit", str(CONFIGS / "demo-tiny.yaml"), "--dry-run", *[f"--set={s}" for s in sets]]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_script_from_the_cluster_section():
+    result = dry_run(
+        "cluster.nodes=4",
+        "cluster.procs_per_node=8",
+        "cluster.gpus_per_node=8",
+        "cluster.partition=gpu",
+        "cluster.account=proj-1",
+        "cluster.qos=high",
+        "cluster.time_limit='2-00:00:00'",
+        "cluster.cpus_per_task=12",
+        "cluster.constraint=h100",
+        "cluster.signal_seconds=300",
+        "cluster.extra_sbatch=['--exclusive']",
+        "cluster.setup_lines=['module load cuda/12.4']",
+        "run_dir=/scratch/runs/demo",
+        "training.micro_batch_size=1",
+    )
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    for line in (
+        "#SBATCH --job-name=demo-tiny",
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj-1",
+        "#SBATCH --qos=high",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --exclusive",
+        "#SBATCH --output=/scratch/runs/demo/slurm/%j.out",
+        "#SBATCH --open-mode=append",
+        "module load cuda/12.4",
+    ):
+        assert line in script.splitlines(), line
+    assert script.splitlines()[-1].endswith("-m pipeline slurm-job /scratch/runs/demo")
+
+
+def test_values_cannot_inject_shell():
+    assert "cluster.partition: String should match pattern" in dry_run("cluster.partition='gpu; rm -rf ~'").stderr
+    assert (
+        "cluster.extra_sbatch.0: String should match pattern"
+        in dry_run("cluster.extra_sbatch=['--x\\nrm -rf ~']").stderr
+    )
+    bad_dir = dry_run("run_dir='/tmp/a b;rm'", "training.micro_batch_size=8")
+    assert bad_dir.returncode == 1 and "run_dir: '" in bad_dir.stderr and "cannot carry safely" in bad_dir.stderr
