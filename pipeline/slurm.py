@@ -190,16 +190,23 @@ def slurm_job(run_dir: str) -> int:
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, forward)
     code = proc.wait()
+    # USR1 is the warning before the time limit or a preemption: the ranks checkpoint and the wrapper
+    # requeues. SIGTERM is a cancel (or Slurm's own preemption, which requeues by itself): the ranks
+    # checkpoint, nothing is requeued from here. srun may report 143 when it stops the other tasks after
+    # the first one exits 75, so a warned step that exited non-zero counts as preempted.
+    warned = signal.SIGUSR1 in forwarded
+    terminated = signal.SIGTERM in forwarded
+    preempted = code == REQUEUE_EXIT_CODE or (warned and code != 0)
     restarts = int(env.get("SLURM_RESTART_COUNT", "0"))
     cluster = loaded.spec.cluster
-    if code == REQUEUE_EXIT_CODE or (code != 0 and cluster.requeue and restarts < cluster.max_requeues):
-        why = (
-            "preempted"
-            if code == REQUEUE_EXIT_CODE
-            else f"failed with {code} (restart {restarts + 1} of {cluster.max_requeues})"
+    retry_failure = code != 0 and not forwarded and restarts < cluster.max_requeues
+    if cluster.requeue and not terminated and (preempted or retry_failure):
+        why = "preempted" if preempted else f"failed with {code} (retry {restarts + 1} of {cluster.max_requeues})"
+        log.warning("job %s %s: requeueing; it resumes from %s/checkpoints", job, why, run_dir)
+        _run(["scontrol", "requeue", job])
+        return 0
+    if code != 0 and not forwarded:
+        log.error(
+            "job %s failed with %d after %d requeue(s); not requeued again (cluster.max_requeues)", job, code, restarts
         )
-        if cluster.requeue:
-            log.warning("job %s %s: requeueing", job, why)
-            _run(["scontrol", "requeue", job])
-            return 0
-    return code
+    return REQUEUE_EXIT_CODE if preempted else code

@@ -107,7 +107,9 @@ def wait_state(job: str, states: set[str], timeout: float = 600) -> str:
         if state in states:
             return state
         time.sleep(0.5)
-    raise AssertionError(f"job {job} still {job_state(job)} after {timeout} s")
+    detail = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    nodes = subprocess.run(["sinfo"], capture_output=True, text=True).stdout
+    raise AssertionError(f"job {job} still {job_state(job)} after {timeout} s\n{detail}\n{nodes}")
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -181,3 +183,14 @@ def test_impossible_requests_are_refused_before_submission(slurm, tmp_path, sett
     assert result.returncode == code and message in result.stderr and "Traceback" not in result.stderr
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
     assert not (tmp_path / "r" / "slurm" / "jobs.txt").exists()
+
+
+def test_cancel(slurm, s3_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(s3_shards, run_dir, 100000)
+    wait_state(job, {"RUNNING"}, timeout=120)
+    result = parcae("cancel", str(run_dir))
+    assert result.returncode == 0 and f"cancelled job {job}" in result.stdout
+    assert wait_state(job, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120) == "CANCELLED"
+    missing = parcae("status", str(tmp_path / "elsewhere"))
+    assert missing.returncode == 1 and "no Slurm job was submitted" in missing.stderr
