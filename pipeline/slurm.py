@@ -52,21 +52,16 @@ def render(spec: LoadedSpec, run_dir: Path, python: str = sys.executable) -> str
                 f"{label}: {value!r} has characters a batch script line cannot carry safely "
                 "(use letters, digits and . _ / + -)"
             )
-    optional = []
-    if cluster.partition:
-        optional.append(f"#SBATCH --partition={cluster.partition}")
-    if cluster.account:
-        optional.append(f"#SBATCH --account={cluster.account}")
-    if cluster.qos:
-        optional.append(f"#SBATCH --qos={cluster.qos}")
-    if cluster.time_limit:
-        optional.append(f"#SBATCH --time={cluster.time_limit}")
-    if cluster.constraint:
-        optional.append(f"#SBATCH --constraint={cluster.constraint}")
-    if cluster.cpus_per_task:
-        optional.append(f"#SBATCH --cpus-per-task={cluster.cpus_per_task}")
-    if cluster.gpus_per_node:
-        optional.append(f"#SBATCH --gpus-per-node={cluster.gpus_per_node}")
+    options = {
+        "partition": cluster.partition,
+        "account": cluster.account,
+        "qos": cluster.qos,
+        "time": cluster.time_limit,
+        "constraint": cluster.constraint,
+        "cpus-per-task": cluster.cpus_per_task,
+        "gpus-per-node": cluster.gpus_per_node,
+    }
+    optional = [f"#SBATCH --{flag}={value}" for flag, value in options.items() if value]
     optional.append("#SBATCH --requeue" if cluster.requeue else "#SBATCH --no-requeue")
     optional += [f"#SBATCH {line}" for line in cluster.extra_sbatch]
     return Template(TEMPLATE.read_text()).substitute(

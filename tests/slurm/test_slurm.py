@@ -5,7 +5,6 @@ impossible requests before submitting."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 from data_prep.shards import ShardSettings, build_shards
 from data_prep.storage import S3Options
 from tests.conftest import CONFIGS, REPO, parcae_cmd
+from tests.pipeline.test_train_resume import losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
@@ -110,15 +110,6 @@ def wait_state(job: str, states: set[str], timeout: float = 600) -> str:
     detail = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     nodes = subprocess.run(["sinfo"], capture_output=True, text=True).stdout
     raise AssertionError(f"job {job} still {job_state(job)} after {timeout} s\n{detail}\n{nodes}")
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
 
 
 @pytest.fixture(scope="module")
