@@ -10,7 +10,6 @@ import re
 import sys
 
 from data_prep.corpus import BUILTIN
-from data_prep.errors import PrepError
 from data_prep.storage import S3Options
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -232,6 +231,3 @@ def _report(lines: list[str]) -> None:
         print("corpus problems (counted, not silently dropped):", file=sys.stderr)
         for line in lines:
             print(f"  {line}", file=sys.stderr)
-
-
-__all__ = ["PrepError", "add_prep_parser", "parse_size"]

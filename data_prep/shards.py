@@ -26,7 +26,6 @@ import hashlib
 import io
 import itertools
 import json
-import logging
 import multiprocessing
 import sys
 import tarfile
@@ -53,8 +52,6 @@ from data_prep.corpus import (
 from data_prep.errors import PrepError
 from data_prep.storage import S3Options, Store, open_store
 from data_prep.tokenizer import file_sha256, load_tokenizer
-
-log = logging.getLogger(__name__)
 
 FORMAT = "parcae-shards/1"
 SPLITS = ("train", "val")
@@ -295,10 +292,6 @@ class ShardBuilder:
             self._close(state)
 
 
-def _open_output(out: str, options: S3Options | None) -> Store:
-    return open_store(out, options)
-
-
 def build_shards(
     sources: list[str],
     tokenizer_path: str,
@@ -317,7 +310,7 @@ def build_shards(
     tokenizer_sha = file_sha256(Path(tokenizer_path))
     corpus = CorpusSpec(tuple(sources), settings.text_field, settings.txt_mode)  # type: ignore[arg-type]
     files = resolve_sources(corpus, options)
-    store = _open_output(out, options)
+    store = open_store(out, options)
     fingerprint = {
         "format": FORMAT,
         "sources": files,

@@ -219,14 +219,6 @@ class S3Store:
             raise self._fail("delete", name, exc) from None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sha256_stream(stream: IO[bytes]) -> tuple[str, int]:
     digest, size = hashlib.sha256(), 0
     for block in iter(lambda: stream.read(1 << 20), b""):

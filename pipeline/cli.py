@@ -18,8 +18,6 @@ from data_prep.cli import add_prep_parser
 from data_prep.errors import PrepError
 from pipeline.errors import ParcaeError
 
-log = logging.getLogger(__name__)
-
 
 class _RankFilter(logging.Filter):
     """Tags records with the rank; drops them on ranks other than 0 unless every rank logs."""

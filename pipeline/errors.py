@@ -5,6 +5,10 @@ The CLI turns a `ParcaeError` into its message and the error's exit code, never 
 
 from __future__ import annotations
 
+# `parcae train` exits with this after a warning signal or preemption: checkpoint written, run it again
+# (EX_TEMPFAIL). The Slurm wrapper turns it into a requeue.
+REQUEUE_EXIT_CODE = 75
+
 
 class ParcaeError(Exception):
     """A problem the user can fix; the message says where and what would be accepted."""

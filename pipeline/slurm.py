@@ -16,14 +16,13 @@ import sys
 from pathlib import Path
 from string import Template
 
-from pipeline.errors import ParcaeError
+from pipeline.errors import REQUEUE_EXIT_CODE, ParcaeError
 from pipeline.spec import ClusterSpec
 from pipeline.spec_io import LoadedSpec, load_spec
 
 log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "job.sbatch.tmpl"
-REQUEUE_EXIT_CODE = 75  # same as pipeline.train (kept here to avoid importing torch for `submit`)
 SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")
 
 

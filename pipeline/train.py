@@ -21,13 +21,11 @@ import torch
 from model import flops_per_token, loop_generator, sample_loop_counts
 from pipeline import checkpoint
 from pipeline.distributed import RankInfo, export_rank_env, free_port, launch_local, rank_info
-from pipeline.errors import ParcaeError
+from pipeline.errors import REQUEUE_EXIT_CODE, ParcaeError
 from pipeline.spec import JobSpec
 from pipeline.spec_io import LoadedSpec, load_spec
 
 log = logging.getLogger(__name__)
-
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted or out of time; checkpoint written; run again to resume
 
 
 def run_train(spec_path: str, overrides: list[str]) -> int:
@@ -131,12 +129,11 @@ class Trainer:
     def run(self) -> int:
         import torch.distributed as dist
 
-        from pipeline.engine import build_engine, init_distributed
+        from pipeline.engine import accelerator_device, build_engine, init_distributed
+        from pipeline.evaluate import evaluate
         from pipeline.loader import ShardLoader
 
         spec, info = self.spec, self.info
-        from pipeline.engine import accelerator_device
-
         _, device_type = accelerator_device(info.local_rank)
         init_distributed(device_type)
         torch.manual_seed(spec.training.seed)
@@ -251,7 +248,7 @@ class Trainer:
                 if info.rank == 0:
                     self._write(run_dir, writer, record, torch.cat(counts) if collect else None)
                 if spec.data.val_url and (progress.step % spec.eval.interval_steps == 0 or progress.step == total):
-                    results = self._evaluate(engine, options)
+                    results = evaluate(engine, spec, info, options, device)
                     if info.rank == 0:
                         self._write(run_dir, writer, {"step": progress.step, **results}, None)
                 stop = self._agreed_stop()
@@ -392,11 +389,6 @@ class Trainer:
             metrics["h_norm_last_loop"] = loop_stats[-1]["h_norm"]
             metrics["h_relative_change_last_loop"] = loop_stats[-1]["relative_change"]
         return metrics
-
-    def _evaluate(self, engine, options) -> dict[str, float]:
-        from pipeline.evaluate import evaluate
-
-        return evaluate(engine, self.spec, self.info, options, self.device)
 
     def _write(self, run_dir: Path, writer, record: dict[str, Any], counts: torch.Tensor | None) -> None:
         with (run_dir / "metrics.jsonl").open("a") as f:

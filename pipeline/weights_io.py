@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -10,8 +9,6 @@ import torch
 from model import WeightsError, count_params, load_pretrained, save_reference
 from pipeline.errors import ParcaeError
 from pipeline.spec_io import load_spec
-
-log = logging.getLogger(__name__)
 
 
 def import_weights(weights: str, spec_path: str, overrides: list[str], out: str, loops: int) -> int:
