@@ -144,8 +144,10 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(uninterrupted, 
     wait_state(job, {"PENDING"}, timeout=120)  # requeued by the job's wrapper
     stopped_at = int((run_dir / "checkpoints" / "LATEST").read_text().strip().split("-")[1])
     assert stopped_at >= 7
-    # Slurm holds a requeued job for about two minutes before it is eligible again; the test does not wait.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    # Slurm holds a requeued job for about two minutes before it is eligible again. The test shortens that to
+    # 15 s: slurmd refuses to relaunch a job id it has just killed ("Job N already killed, do not launch batch
+    # job"), so an immediate restart fails.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+15"], check=True)
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
     log = (run_dir / "slurm" / f"{job}.out").read_text()
     assert "preempted: requeueing" in log and f"resuming at step {stopped_at}" in log
