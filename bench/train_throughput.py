@@ -80,7 +80,11 @@ def main() -> None:
                 str(REPO / "configs" / "demo-tiny.yaml"),
                 *[f"--set={o}" for o in [*overrides, f"cluster.procs_per_node={ranks}", f"run_dir={run_dir}"]],
             ]
-            subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+            done = subprocess.run(
+                cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}
+            )
+            if done.returncode != 0:
+                sys.exit(f"parcae train ({ranks} ranks) failed:\n{done.stderr[-4000:]}")
             records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
             rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # first window: warm-up
             return sum(rates) / len(rates)

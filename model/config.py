@@ -67,6 +67,11 @@ class ParcaeConfig:
         return self.n_prelude + self.n_core + self.n_coda if self.looped else self.n_layers
 
     @property
+    def core_layers(self) -> range:
+        """Unique-layer indices of the core blocks (empty for the GPT baseline)."""
+        return range(self.n_prelude, self.n_prelude + self.n_core) if self.looped else range(0)
+
+    @property
     def sigma(self) -> float:
         """Entry std of every initialised matrix and of h_0: sqrt(2 / (5 d))."""
         return math.sqrt(2.0 / (5.0 * self.d_model))
@@ -106,7 +111,7 @@ def count_params(cfg: ParcaeConfig) -> dict[str, int]:
     embedding = v * d
     value_embeddings = len(cfg.value_embedding_layers()) * v * d
     if cfg.looped:
-        core_layers = range(cfg.n_prelude, cfg.n_prelude + cfg.n_core)
+        core_layers = cfg.core_layers
         core = sum(_block_params(cfg, i) for i in core_layers) + _injection_params(cfg)
         other_blocks = sum(_block_params(cfg, i) for i in layers if i not in core_layers)
         other = other_blocks + d * d + 2 * d  # readout C, ln_prelude, ln_f

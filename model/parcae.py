@@ -22,7 +22,10 @@ Design choices:
   value-embedding lookups are computed inside the checkpointed step.
 - Every parameter is used inside its own module's forward (the tied LM head is a mode of the embedding
   module), so ZeRO-3's gather hooks see every use. No DeepSpeed import here.
-- Parameter names follow the reference implementation, so released weights load as they are.
+- The looped part (injection, core blocks, their value embeddings) is one module, `Recurrence`, whose
+  forward runs every loop: ZeRO-3 can gather it as one unit, once per forward, whatever the loop count.
+- Parameter names map one to one onto the reference implementation's (model/weights.py): released
+  weights load as they are.
 """
 
 from __future__ import annotations
@@ -181,31 +184,104 @@ class TiedEmbedding(nn.Embedding):
         return F.linear(x, self.weight) if as_head else super().forward(x)
 
 
+def _blocks(cfg: ParcaeConfig, first: int, n: int) -> nn.ModuleList:
+    return nn.ModuleList(Block(cfg, first + i) for i in range(n))
+
+
+def _value_embeddings(cfg: ParcaeConfig, layers) -> nn.ModuleDict:
+    return nn.ModuleDict({str(i): nn.Embedding(cfg.padded_vocab_size, cfg.d_model) for i in layers})
+
+
+class Recurrence(nn.Module):
+    """The looped part: the injection (``adapter``), the core blocks and the core's value embeddings.
+
+    One forward runs every loop, so a sharded trainer can treat the recurrence as one unit: its
+    parameters are gathered once per forward (they are reused by every loop anyway) and the sequence
+    of modules the trainer sees does not depend on the loop count.
+    """
+
+    def __init__(self, cfg: ParcaeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.adapter = INJECTIONS[cfg.injection](cfg.d_model)
+        self.core_block = _blocks(cfg, cfg.n_prelude, cfg.n_core)
+        self.value_embeds = _value_embeddings(cfg, [i for i in cfg.value_embedding_layers() if i in cfg.core_layers])
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        e: torch.Tensor,
+        idx: torch.Tensor,
+        rope: tuple[torch.Tensor, ...],
+        counts: LoopCounts,
+        skip_finished_rows: bool,
+        min_iterations: tuple[int, int],
+        collect_stats: bool = False,
+    ) -> torch.Tensor:
+        """No-grad loops first, then the loops that backpropagate (truncated BPTT). With ``collect_stats``,
+        ``self.loop_stats`` holds one dict per loop afterwards (an attribute, not an argument: a sharding
+        wrapper's hooks may rebuild the arguments of a forward, so appending to a passed list is unsafe)."""
+        b = h.shape[0]
+        self.loop_stats: list[dict[str, float]] = []
+        n_nograd, n_grad = counts
+        phases = ((n_nograd, False, min_iterations[0]), (n_grad, torch.is_grad_enabled(), min_iterations[1]))
+        for phase_counts, with_grad, at_least in phases:
+            checkpointed = with_grad and self.cfg.activation_checkpointing
+            with torch.set_grad_enabled(with_grad):
+                for step in range(max(int(phase_counts.max()), at_least)):
+                    active = (phase_counts > step).nonzero().squeeze(1)
+                    h_prev = h
+                    if len(active) == b:  # every row still loops
+                        h = self._loop_step(h, e, idx, rope, checkpointed)
+                    elif skip_finished_rows:  # only the rows still looping run the core
+                        rows = active.to(h.device)
+                        h = h.index_copy(0, rows, self._loop_step(h[rows], e[rows], idx[rows], rope, checkpointed))
+                    else:  # the reference's way: every row runs, finished rows keep their state
+                        keep = (phase_counts > step).to(h.device)[:, None, None]
+                        h = torch.where(keep, self._loop_step(h, e, idx, rope, checkpointed), h)
+                    if collect_stats and len(active):
+                        self.loop_stats.append(_change_stats(h_prev, h, active.to(h.device)))
+        return h
+
+    def _loop_step(self, h, e, idx, rope, use_checkpoint: bool) -> torch.Tensor:
+        if use_checkpoint:
+            return checkpoint(self._core, h, e, idx, rope, use_reentrant=False)
+        return self._core(h, e, idx, rope)
+
+    def _core(self, h: torch.Tensor, e: torch.Tensor, idx: torch.Tensor, rope) -> torch.Tensor:
+        """One loop iteration: inject, then the core blocks (one checkpointed region)."""
+        u = self.adapter(h, e)
+        for block in self.core_block:
+            key = str(block.layer)
+            u = block(u, rope, self.value_embeds[key](idx) if key in self.value_embeds else None)
+        return u
+
+
 class ParcaeLM(nn.Module):
     def __init__(self, cfg: ParcaeConfig):
         super().__init__()
         cfg.check()
         self.cfg = cfg
         d, v = cfg.d_model, cfg.padded_vocab_size
-        blocks = lambda first, n: nn.ModuleList(Block(cfg, first + i) for i in range(n))  # noqa: E731
         if cfg.looped:
             self.transformer = nn.ModuleDict(
                 {
                     "wte": TiedEmbedding(v, d),
-                    "prelude": blocks(0, cfg.n_prelude),
+                    "prelude": _blocks(cfg, 0, cfg.n_prelude),
                     "ln_prelude": RMSNorm(d, cfg.norm_eps),
-                    "adapter": INJECTIONS[cfg.injection](d),
-                    "core_block": blocks(cfg.n_prelude, cfg.n_core),
+                    "recurrence": Recurrence(cfg),
                     "C": Readout(d),
-                    "coda": blocks(cfg.n_prelude + cfg.n_core, cfg.n_coda),
+                    "coda": _blocks(cfg, cfg.n_prelude + cfg.n_core, cfg.n_coda),
                     "ln_f": RMSNorm(d, cfg.norm_eps),
                 }
             )
+            outside = [i for i in cfg.value_embedding_layers() if i not in cfg.core_layers]
+            self.value_embeds = _value_embeddings(cfg, outside)
         else:
             self.transformer = nn.ModuleDict(
-                {"wte": TiedEmbedding(v, d), "h": blocks(0, cfg.n_layers), "ln_f": RMSNorm(d, cfg.norm_eps)}
+                {"wte": TiedEmbedding(v, d), "h": _blocks(cfg, 0, cfg.n_layers), "ln_f": RMSNorm(d, cfg.norm_eps)}
             )
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(v, d) for i in cfg.value_embedding_layers()})
+            self.value_embeds = _value_embeddings(cfg, cfg.value_embedding_layers())
 
     # ----------------------------------------------------------------------------------------------
     # Initialisation
@@ -298,41 +374,15 @@ class ParcaeLM(nn.Module):
             x = block(x, rope, self._value_embedding(block, idx))
         e = self.transformer.ln_prelude(x)
         h = self.initial_state(e, generator) if h0 is None else h0
-        n_nograd, n_grad = self._loop_counts(loops, b)
-        # The recurrence: no-grad loops first, then the loops that backpropagate (truncated BPTT).
-        phases = ((n_nograd, False, min_iterations[0]), (n_grad, torch.is_grad_enabled(), min_iterations[1]))
-        for counts, with_grad, at_least in phases:
-            checkpointed = with_grad and self.cfg.activation_checkpointing
-            with torch.set_grad_enabled(with_grad):
-                for step in range(max(int(counts.max()), at_least)):
-                    active = (counts > step).nonzero().squeeze(1)
-                    h_prev = h
-                    if len(active) == b:  # every row still loops
-                        h = self._loop_step(h, e, idx, rope, checkpointed)
-                    elif skip_finished_rows:  # only the rows still looping run the core
-                        rows = active.to(h.device)
-                        h = h.index_copy(0, rows, self._loop_step(h[rows], e[rows], idx[rows], rope, checkpointed))
-                    else:  # the reference's way: every row runs, finished rows keep their state
-                        keep = (counts > step).to(h.device)[:, None, None]
-                        h = torch.where(keep, self._loop_step(h, e, idx, rope, checkpointed), h)
-                    if loop_stats is not None and len(active):
-                        loop_stats.append(_change_stats(h_prev, h, active.to(h.device)))
+        counts = self._loop_counts(loops, b)
+        recurrence = self.transformer.recurrence
+        h = recurrence(h, e, idx, rope, counts, skip_finished_rows, min_iterations, loop_stats is not None)
+        if loop_stats is not None:
+            loop_stats.extend(recurrence.loop_stats)
         x = self.transformer.C(h)
         for block in self.transformer.coda:
             x = block(x, rope, self._value_embedding(block, idx))
         return self._head(x, targets)
-
-    def _loop_step(self, h, e, idx, rope, use_checkpoint: bool) -> torch.Tensor:
-        if use_checkpoint:
-            return checkpoint(self._core, h, e, idx, rope, use_reentrant=False)
-        return self._core(h, e, idx, rope)
-
-    def _core(self, h: torch.Tensor, e: torch.Tensor, idx: torch.Tensor, rope) -> torch.Tensor:
-        """One loop iteration: inject, then the core blocks (one checkpointed region)."""
-        u = self.transformer.adapter(h, e)
-        for block in self.transformer.core_block:
-            u = block(u, rope, self._value_embedding(block, idx))
-        return u
 
     def _value_embedding(self, block: Block, idx: torch.Tensor) -> torch.Tensor | None:
         key = str(block.layer)

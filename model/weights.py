@@ -1,12 +1,14 @@
 """Weights in the reference implementation's naming, as safetensors.
 
-Our module names are the reference's (``transformer.wte.weight``, ``transformer.prelude.N...``,
+The reference names are ``transformer.wte.weight``, ``transformer.prelude.N...``,
 ``transformer.adapter.A_log|dt_bias|B``, ``transformer.core_block.N...``, ``transformer.C.weight``,
 ``transformer.coda.N...``, ``transformer.ln_f.weight``, ``transformer.ln_prelude.weight``,
-``value_embeds.N.weight``; ``attn.c_q|c_k|c_v|c_proj|ve_gate``, ``mlp.fc|proj``, ``norm_1|norm_2``), so
-a state dict is already in that naming. Loading also accepts the spellings other tooling writes
-(``transformer.adapter.B.weight``, an explicit ``lm_head.weight`` equal to the tied embedding, a
-``_orig_mod.`` or ``module.`` prefix) and refuses anything else with the names that did not fit.
+``value_embeds.N.weight``; ``attn.c_q|c_k|c_v|c_proj|ve_gate``, ``mlp.fc|proj``, ``norm_1|norm_2``.
+Ours differ only in that the looped part lives in one module, ``transformer.recurrence`` (adapter,
+core_block and the core's value embeddings): `to_reference` and `from_reference` map one to one.
+Loading also accepts the spellings other tooling writes (``transformer.adapter.B.weight``, an
+explicit ``lm_head.weight`` equal to the tied embedding, a ``_orig_mod.`` or ``module.`` prefix) and
+refuses anything else with the names that did not fit.
 
 A notebook loads released weights like this::
 
@@ -36,11 +38,35 @@ class WeightsError(ValueError):
     """A weights file that does not fit the model: the message names the file and the keys."""
 
 
+_RECURRENCE = "transformer.recurrence."
+
+
+def to_reference(name: str) -> str:
+    """Our parameter name -> the reference implementation's."""
+    if name.startswith(_RECURRENCE):
+        rest = name[len(_RECURRENCE) :]
+        return rest if rest.startswith("value_embeds.") else "transformer." + rest
+    return name
+
+
+def from_reference(name: str, core_layers: range) -> str:
+    """The reference implementation's parameter name -> ours (``core_layers``: the core's layer indices)."""
+    if name.startswith(("transformer.adapter.", "transformer.core_block.")):
+        return _RECURRENCE + name[len("transformer.") :]
+    if name.startswith("value_embeds.") and name.split(".")[1].isdigit() and int(name.split(".")[1]) in core_layers:
+        return _RECURRENCE + name
+    return name
+
+
+def reference_state_dict(model: ParcaeLM) -> dict[str, torch.Tensor]:
+    return {to_reference(name): t for name, t in model.state_dict().items()}
+
+
 def save_reference(model: ParcaeLM, path: str | Path) -> Path:
     """Write the model's weights (fp32 unless they are already another float type) and config."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    tensors = {name: t.detach().contiguous().cpu() for name, t in reference_state_dict(model).items()}
     metadata = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(model.cfg))}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -85,7 +111,7 @@ def load_reference(model: ParcaeLM, path: str | Path) -> None:
         raise WeightsError(f"{path}: cannot read as safetensors: {exc}") from None
     except WeightsError as exc:
         raise WeightsError(f"{path}: {exc}") from None
-    expected = model.state_dict()
+    expected = reference_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [
@@ -102,7 +128,8 @@ def load_reference(model: ParcaeLM, path: str | Path) -> None:
             lines.append(f"  unexpected ({len(unexpected)}): {shown}")
         lines += [f"  shape {w}" for w in wrong[:8]]
         raise WeightsError("\n".join(lines))
-    model.load_state_dict(tensors, strict=True)
+    core = model.cfg.core_layers
+    model.load_state_dict({from_reference(k, core): t for k, t in tensors.items()}, strict=True)
 
 
 def load_pretrained(cfg: ParcaeConfig | None, path: str | Path, device: str | torch.device = "cpu") -> ParcaeLM:

@@ -44,9 +44,16 @@ def latest_tag(directory: str) -> str | None:
     return tag
 
 
+def param_layout(module: Any) -> list[str]:
+    """Parameter names and full shapes in order: DeepSpeed's ZeRO checkpoints store flat partitions in
+    this order, so a model whose layout changed would load silently scrambled."""
+    return [f"{name}:{tuple(getattr(p, 'ds_shape', p.shape))}" for name, p in module.named_parameters()]
+
+
 def save(engine: Any, directory: str, step: int, client_state: dict[str, Any], keep_last: int, spec_yaml: str) -> str:
     path = local_dir(directory)
     tag = tag_for(step)
+    client_state = {**client_state, "param_layout": param_layout(engine.module)}
     engine.save_checkpoint(str(path), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
@@ -70,5 +77,23 @@ def load(engine: Any, directory: str) -> dict[str, Any] | None:
     loaded, client_state = engine.load_checkpoint(str(local_dir(directory)), tag=tag)
     if loaded is None:
         raise ParcaeError(f"{local_dir(directory) / tag}: DeepSpeed could not load this checkpoint")
+    saved, current = client_state.get("param_layout"), param_layout(engine.module)
+    if saved != current:
+        where = local_dir(directory) / tag
+        if saved is None:
+            raise ParcaeError(
+                f"{where}: written before checkpoints recorded their parameter layout (before the recurrence became "
+                "one module); it cannot be resumed safely by this version. Start a new run_dir, or export its "
+                "weights with `parcae export` and import them"
+            )
+        first = next(
+            (i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b), min(len(saved), len(current))
+        )
+        theirs = saved[first] if first < len(saved) else "nothing"
+        ours = current[first] if first < len(current) else "nothing"
+        raise ParcaeError(
+            f"{where}: parameter layout differs from this model's (first difference at #{first}: checkpoint "
+            f"{theirs}, model {ours}); the model section of the spec must match the run that wrote it"
+        )
     log.info("resumed from %s", loaded)
     return client_state

@@ -76,6 +76,18 @@ def param_groups(model: ParcaeLM, spec: JobSpec) -> list[dict[str, Any]]:
     ]
 
 
+def gather_units(model: ParcaeLM) -> list[torch.nn.Module]:
+    """The modules ZeRO-3 gathers whole (DeepSpeed "leaf modules"): every block outside the loop, and the
+    recurrence, whose one forward runs all loops. Per call of such a unit DeepSpeed runs one hook pair
+    instead of one per Linear and norm, and the order of units does not depend on the loop count, so
+    the prefetch trace stays valid. (A block inside the loop cannot be a unit of its own: DeepSpeed
+    reduces a unit's gradients after each call's backward, and a core block is called once per loop.)"""
+    tr = model.transformer
+    if not model.cfg.looped:
+        return list(tr.h)
+    return [*tr.prelude, tr.recurrence, *tr.coda]
+
+
 def build_engine(spec: JobSpec, world_size: int, local_rank: int, rank: int) -> Engine:
     import deepspeed
 
@@ -101,6 +113,11 @@ def build_engine(spec: JobSpec, world_size: int, local_rank: int, rank: int) -> 
             model = ParcaeLM(cfg)
         model.to_empty(device="cpu")
         model.init_weights(generator)
+    if spec.zero.stage == 3 and spec.zero.gather_unit == "block":
+        from deepspeed.utils import set_z3_leaf_module
+
+        for module in gather_units(model):
+            set_z3_leaf_module(module, True)
     total_steps = spec.total_steps
     schedule = spec.schedule
 

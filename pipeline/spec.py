@@ -197,6 +197,12 @@ class ZeroSpec(Spec):
     reduce_bucket_size: PositiveInt | None = None
     prefetch_bucket_size: PositiveInt | None = None
     param_persistence_threshold: NonNegInt | None = None
+    gather_unit: Literal["block", "module"] = Field(
+        "block",
+        description="Stage 3: what ZeRO gathers as one unit. block: each prelude/coda block, and the whole "
+        "recurrence (injection + core blocks, gathered once per forward for every loop); module: every "
+        "nn.Module on its own (DeepSpeed's default: hooks on each call, a trace that changes with the loop count).",
+    )
 
     @model_validator(mode="after")
     def _offload(self) -> ZeroSpec:

@@ -353,7 +353,7 @@ class Trainer:
         """max and mean of A_bar (collective under ZeRO-3: every rank calls it)."""
         import deepspeed
 
-        adapter = self.engine.module.transformer["adapter"] if self.spec.model.arch == "parcae" else None
+        adapter = self.engine.module.transformer.recurrence.adapter if self.spec.model.arch == "parcae" else None
         if adapter is None or not hasattr(adapter, "discretize"):
             return {}
         with deepspeed.zero.GatheredParameters([adapter.A_log, adapter.dt_bias]), torch.no_grad():

@@ -33,8 +33,8 @@ def import_weights(weights: str, spec_path: str, overrides: list[str], out: str,
     return 0
 
 
-def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None) -> int:
-    """A sharded DeepSpeed checkpoint of a run -> one fp32 safetensors file in the reference naming."""
+def load_checkpoint_model(checkpoint_dir: str, tag: str | None = None):
+    """A run's sharded DeepSpeed checkpoint consolidated in this process: (model in fp32, its spec, tag)."""
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -51,16 +51,26 @@ def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None) -> int:
     spec_file = Path(checkpoint_dir) / tag / "spec.yaml"
     if not spec_file.is_file():
         raise ParcaeError(f"{spec_file}: missing; this does not look like a checkpoint written by `parcae train`")
-    cfg = load_spec(spec_file).spec.model.build()
+    spec = load_spec(spec_file).spec
     state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     with torch.device("meta"):
-        model = ParcaeLM(cfg)
+        model = ParcaeLM(spec.model.build())
     model.to_empty(device="cpu")
+    from model.weights import from_reference
+
+    # checkpoints written before the recurrence became one module hold the reference names
+    state = {from_reference(name, model.cfg.core_layers): t for name, t in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ParcaeError(
             f"{checkpoint_dir}/{tag}: does not match its own spec (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
+    return model, spec, tag
+
+
+def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None) -> int:
+    """A sharded DeepSpeed checkpoint of a run -> one fp32 safetensors file in the reference naming."""
+    model, _, tag = load_checkpoint_model(checkpoint_dir, tag)
     save_reference(model, out)
     total = sum(p.numel() for p in model.parameters())
     print(f"exported {checkpoint_dir}/{tag} -> {out}: {total / 1e6:.2f}M parameters, fp32, reference naming")

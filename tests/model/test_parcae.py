@@ -42,10 +42,10 @@ def grads(model):
 # ------------------------------------------------------------------------------------------------
 # The stable injection
 def test_spectral_radius_at_init_is_0447_everywhere():
-    a_bar, delta = tiny().transformer.adapter.discretize()
+    a_bar, delta = tiny().transformer.recurrence.adapter.discretize()
     assert torch.allclose(a_bar, torch.full_like(a_bar, math.sqrt(0.2)), atol=1e-6)
     assert torch.allclose(delta, torch.full_like(delta, -math.log(math.sqrt(0.2))), atol=1e-6)
-    assert torch.equal(tiny().transformer.adapter.B, torch.eye(TINY.d_model))
+    assert torch.equal(tiny().transformer.recurrence.adapter.B, torch.eye(TINY.d_model))
 
 
 @pytest.mark.parametrize("scale", [0.1, 1.0, 10.0, 100.0])
@@ -73,15 +73,15 @@ def test_spectral_radius_below_one_for_adversarial_parameters():
 
 
 def test_injection_formulas():
-    inj = randomize(tiny()).transformer.adapter
+    inj = randomize(tiny()).transformer.recurrence.adapter
     a_bar = torch.exp(-F.softplus(inj.dt_bias) * torch.exp(inj.A_log))
     d = TINY.d_model
     h, e = torch.randn(2, 3, d), torch.randn(2, 3, d)
     manual = a_bar * h + F.softplus(inj.dt_bias) * (e @ inj.B.T)
     assert torch.allclose(inj(h, e), manual, atol=1e-6)
-    add = tiny(injection="add").transformer.adapter
+    add = tiny(injection="add").transformer.recurrence.adapter
     assert torch.equal(add(h, e), h + e)
-    cat = randomize(tiny(injection="concat")).transformer.adapter
+    cat = randomize(tiny(injection="concat")).transformer.recurrence.adapter
     assert torch.allclose(cat(h, e), torch.cat((h, e), -1) @ cat.weight.T, atol=1e-6)
 
 
@@ -123,17 +123,18 @@ def test_one_loop_equals_the_unrolled_model_by_hand():
     x_ids = ids()
     b, t = x_ids.shape
     rope = rotary_tables(t, TINY.head_dim, TINY.rope_base, torch.device("cpu"))
-    tr = model.transformer
-    ve = {int(k): m.weight[x_ids] for k, m in model.value_embeds.items()}
+    tr, rec = model.transformer, model.transformer.recurrence
+    tables = {**model.value_embeds, **rec.value_embeds}
+    ve = {int(k): m.weight[x_ids] for k, m in tables.items()}
     assert sorted(ve) == [1, 3]  # layers 1 and 3 of 0..3 (every other, the last included)
     x = tr.wte.weight[x_ids]
     x = _block_by_hand(tr.prelude[0], x, rope, ve.get(0))
     e = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TINY.norm_eps) * tr.ln_prelude.weight
     h0 = torch.randn(b, t, TINY.d_model)
-    a_bar, delta = tr.adapter.discretize()
-    u = a_bar * h0 + delta * (e @ tr.adapter.B.T)
-    u = _block_by_hand(tr.core_block[0], u, rope, ve.get(1))
-    h = _block_by_hand(tr.core_block[1], u, rope, ve.get(2))
+    a_bar, delta = rec.adapter.discretize()
+    u = a_bar * h0 + delta * (e @ rec.adapter.B.T)
+    u = _block_by_hand(rec.core_block[0], u, rope, ve.get(1))
+    h = _block_by_hand(rec.core_block[1], u, rope, ve.get(2))
     x = _block_by_hand(tr.coda[0], h @ tr.C.weight.T, rope, ve.get(3))
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + TINY.norm_eps) * tr.ln_f.weight
     logits = x @ tr.wte.weight.T
@@ -164,7 +165,8 @@ def test_init_matches_the_brief():
     cfg = dataclasses.replace(TINY, d_model=128, n_head=1)
     model = build_model(cfg, seed=3)
     sigma = math.sqrt(2 / (5 * 128))
-    for block in [*model.transformer.prelude, *model.transformer.core_block, *model.transformer.coda]:
+    tr = model.transformer
+    for block in [*tr.prelude, *tr.recurrence.core_block, *tr.coda]:
         for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight, block.mlp.fc.weight):
             assert abs(w.std().item() - sigma) / sigma < 0.02
             small = w if w.shape[0] <= w.shape[1] else w.T  # orthogonal rows/columns, scaled
@@ -174,7 +176,7 @@ def test_init_matches_the_brief():
         assert torch.equal(block.norm_1.weight, torch.ones(128))
     assert abs(model.transformer.wte.weight.std().item() - sigma) / sigma < 0.02
     assert abs(model.transformer.C.weight.std().item() - sigma) / sigma < 0.02
-    for table in model.value_embeds.values():
+    for table in [*model.value_embeds.values(), *model.transformer.recurrence.value_embeds.values()]:
         assert abs(table.weight.std().item() - 1.0) < 0.02
     assert torch.equal(build_model(cfg, seed=3).transformer.C.weight, model.transformer.C.weight)
 
@@ -214,7 +216,9 @@ def test_finished_rows_stop_changing_and_stop_costing_compute():
     h0 = torch.randn(4, 16, TINY.d_model)
     loops = (torch.tensor([0, 0, 2, 0]), torch.tensor([1, 3, 2, 2]))
     seen = []
-    hook = model.transformer.adapter.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    hook = model.transformer.recurrence.adapter.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[0])
+    )
     stats: list[dict[str, float]] = []
     with torch.no_grad():
         fast = model(x_ids, loops=loops, h0=h0, loop_stats=stats)
@@ -241,7 +245,7 @@ def test_no_grad_loops_contribute_no_gradient():
         e = model.transformer.ln_prelude(x)
         h = torch.zeros_like(e)
         for _ in range(2):
-            h = model._core(h, e, x_ids, rope)
+            h = model.transformer.recurrence._core(h, e, x_ids, rope)
     model(x_ids, x_ids, loops=1, h0=h.detach()).backward()
     reference = grads(model)
     assert truncated.keys() == reference.keys()
@@ -330,7 +334,7 @@ def test_released_140m_counts_on_the_meta_device():
     assert all(p.is_meta for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     assert abs(total - 144.3e6) / 144.3e6 < 1e-3
-    ve = sum(p.numel() for p in model.value_embeds.parameters())
+    ve = sum(p.numel() for n, p in model.named_parameters() if "value_embeds" in n)
     assert abs(ve - 75.5e6) / 75.5e6 < 1e-3
 
 
@@ -354,7 +358,9 @@ def test_min_iterations_run_the_core_on_no_rows_and_change_nothing():
     h0 = torch.randn(2, 16, TINY.d_model)
     loops = (torch.tensor([1, 0]), torch.tensor([2, 1]))
     calls = []
-    hook = model.transformer.adapter.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    hook = model.transformer.recurrence.adapter.register_forward_hook(
+        lambda m, args, out: calls.append(args[0].shape[0])
+    )
     padded = model(x_ids, x_ids, loops=loops, h0=h0, min_iterations=(3, 4))
     hook.remove()
     assert calls == [1, 0, 0, 2, 1, 0, 0]  # 3 no-grad iterations, 4 grad iterations, empty ones included

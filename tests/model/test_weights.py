@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import WeightsError, build_model, load_pretrained, load_reference, save_reference
+from model.weights import from_reference, reference_state_dict, to_reference
 from tests.model.test_parcae import TINY, ids, randomize
 
 REFERENCE_KEYS = [
@@ -34,10 +35,15 @@ REFERENCE_KEYS = [
 ]
 
 
-def test_state_dict_uses_the_reference_naming():
-    keys = set(build_model(TINY).state_dict())
-    assert set(REFERENCE_KEYS) <= keys
+def test_names_map_one_to_one_onto_the_reference_naming(tmp_path):
+    model = build_model(TINY)
+    ours = set(model.state_dict())
+    keys = set(reference_state_dict(model))
+    assert set(REFERENCE_KEYS) <= keys and len(keys) == len(ours)
     assert {k.split(".")[0] for k in keys} == {"transformer", "value_embeds"}
+    assert not any("recurrence" in k for k in keys)
+    assert {from_reference(to_reference(k), TINY.core_layers) for k in ours} == ours
+    assert set(load_file(str(save_reference(model, tmp_path / "w.safetensors")))) == keys
 
 
 def test_round_trip_is_lossless(tmp_path):
@@ -55,13 +61,13 @@ def test_round_trip_is_lossless(tmp_path):
 
 def test_other_spellings_load(tmp_path):
     model = randomize(build_model(TINY))
-    tensors = {f"_orig_mod.{k}": v.clone() for k, v in model.state_dict().items()}
+    tensors = {f"_orig_mod.{k}": v.clone() for k, v in reference_state_dict(model).items()}
     tensors["_orig_mod.transformer.adapter.B.weight"] = tensors.pop("_orig_mod.transformer.adapter.B")
     tensors["lm_head.weight"] = model.transformer.wte.weight.detach().clone()
     save_file(tensors, str(tmp_path / "ref.safetensors"))
     fresh = build_model(TINY, seed=9)
     load_reference(fresh, tmp_path / "ref.safetensors")
-    assert torch.equal(fresh.transformer.adapter.B, model.transformer.adapter.B)
+    assert torch.equal(fresh.transformer.recurrence.adapter.B, model.transformer.recurrence.adapter.B)
 
 
 def test_mismatches_are_named(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from model import ParcaeConfig, build_model, load_pretrained
+from model.weights import reference_state_dict
 from tests.conftest import REPO, parcae_cmd
 
 SPEC = """
@@ -27,12 +28,13 @@ def test_import_reference_weights(tmp_path):
     spec.write_text(SPEC)
     cfg = ParcaeConfig(vocab_size=200, d_model=64, n_head=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=64)
     model = build_model(cfg, seed=4)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ref.safetensors"))
+    reference = {k: v.contiguous() for k, v in reference_state_dict(model).items()}  # as other tooling writes it
+    save_file(reference, str(tmp_path / "ref.safetensors"))
     result = run("import", str(tmp_path / "ref.safetensors"), "--spec", str(spec), "--out", str(tmp_path / "o.st"))
     assert result.returncode == 0, result.stderr
     loaded = load_pretrained(None, tmp_path / "o.st")
     assert loaded.cfg == cfg
-    assert torch.equal(loaded.transformer.adapter.B, model.transformer.adapter.B)
+    assert torch.equal(loaded.transformer.recurrence.adapter.B, model.transformer.recurrence.adapter.B)
 
     wrong = run(
         "import",

@@ -57,7 +57,7 @@ SPEC = {
 }
 
 
-def run_ranks(tmp_path: Path) -> dict:
+def run_ranks(tmp_path: Path, spec: dict) -> dict:
     out = tmp_path / "zero3.pt"
     port = free_port()
     import json
@@ -76,7 +76,7 @@ def run_ranks(tmp_path: Path) -> dict:
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(REPO / "tests" / "pipeline" / "zero3_parity_rank.py"), json.dumps(SPEC), str(out)],
+                [sys.executable, str(REPO / "tests" / "pipeline" / "zero3_parity_rank.py"), json.dumps(spec), str(out)],
                 env=env,
                 cwd=REPO,
                 stdout=subprocess.PIPE,
@@ -123,11 +123,14 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def test_zero3_matches_plain_pytorch_gradients_every_step(tmp_path):
-    spec = JobSpec.model_validate(SPEC)
+@pytest.mark.parametrize("gather_unit", ["block", "module"])
+def test_zero3_matches_plain_pytorch_gradients_every_step(tmp_path, gather_unit):
+    """Both ways of gathering: the recurrence as one ZeRO-3 unit (default), and DeepSpeed's per-module hooks."""
+    raw = {**SPEC, "zero": {"stage": 3, "gather_unit": gather_unit}}
+    spec = JobSpec.model_validate(raw)
     # the draws differ between the ranks' sequences (and between steps)
     assert not torch.equal(torch.cat(loop_counts(spec, 0, 0, 0)[:2]), torch.cat(loop_counts(spec, 0, 0, 1)[:2]))
-    zero3 = run_ranks(tmp_path)
+    zero3 = run_ranks(tmp_path, raw)
     plain = reference(spec)
     assert len(zero3["grads"]) == STEPS
     worst = []

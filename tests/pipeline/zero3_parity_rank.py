@@ -27,7 +27,7 @@ def batches(spec, step: int) -> torch.Tensor:
 
 
 def main() -> None:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, z3_leaf_module
 
     from pipeline.engine import build_engine, init_distributed
     from pipeline.spec import JobSpec
@@ -38,6 +38,8 @@ def main() -> None:
     init_distributed("cpu")
     built = build_engine(spec, world, rank, rank)
     engine = built.engine
+    # the recurrence is gathered as one unit only when asked (it then has no per-module hooks of its own)
+    assert z3_leaf_module(built.model.transformer.recurrence) == (spec.zero.gather_unit == "block")
     micro = spec.training.micro_batch_size
     grads, losses = [], []
     for step in range(int(os.environ.get("STEPS", "20"))):

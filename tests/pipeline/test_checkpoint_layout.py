@@ -1,0 +1,45 @@
+"""A checkpoint whose parameter layout differs from the model's is refused before training resumes
+(DeepSpeed's ZeRO checkpoints are flat partitions in parameter order: a changed order loads silently)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from model import build_model
+from pipeline import checkpoint
+from pipeline.errors import ParcaeError
+from tests.model.test_parcae import TINY
+
+
+class FakeEngine:
+    """Only what checkpoint.load touches: the module, and load_checkpoint's (path, client state)."""
+
+    def __init__(self, module, client_state):
+        self.module, self.client_state = module, client_state
+
+    def load_checkpoint(self, directory, tag):
+        return f"{directory}/{tag}", self.client_state
+
+
+def write_marker(tmp_path, tag="step-00000005"):
+    (tmp_path / tag).mkdir()
+    (tmp_path / checkpoint.LATEST).write_text(tag + "\n")
+
+
+def test_matching_layout_loads_and_a_different_one_is_named(tmp_path):
+    write_marker(tmp_path)
+    model = build_model(TINY)
+    layout = checkpoint.param_layout(model)
+    assert layout[0].startswith("transformer.wte.weight:") and any("recurrence.adapter" in x for x in layout)
+    state = checkpoint.load(FakeEngine(model, {"step": 5, "param_layout": layout}), str(tmp_path))
+    assert state["step"] == 5
+    other = build_model(dataclasses.replace(TINY, injection="concat"))
+    with pytest.raises(
+        ParcaeError,
+        match=r"parameter layout differs .* first difference at #10: checkpoint transformer.recurrence.adapter.A_log",
+    ):
+        checkpoint.load(FakeEngine(other, {"step": 5, "param_layout": layout}), str(tmp_path))
+    with pytest.raises(ParcaeError, match="before checkpoints recorded their parameter layout"):
+        checkpoint.load(FakeEngine(model, {"step": 5}), str(tmp_path))
