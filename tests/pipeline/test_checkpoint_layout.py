@@ -38,7 +38,7 @@ def test_matching_layout_loads_and_a_different_one_is_named(tmp_path):
     other = build_model(dataclasses.replace(TINY, injection="concat"))
     with pytest.raises(
         ParcaeError,
-        match=r"parameter layout differs .* first difference at #10: checkpoint transformer.recurrence.adapter.A_log",
+        match=r"parameter layout differs .*first difference at #10: checkpoint transformer.recurrence.adapter.A_log",
     ):
         checkpoint.load(FakeEngine(other, {"step": 5, "param_layout": layout}), str(tmp_path))
     with pytest.raises(ParcaeError, match="before checkpoints recorded their parameter layout"):
