@@ -120,6 +120,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", help="which checkpoint (default: the newest complete one, named by LATEST)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser(
+        "eval",
+        help="validation loss, perplexity and bits per byte at test-time loop counts, with the fitted "
+        "L(T) = L_inf + k exp(-z T); table, JSON, PNG and TensorBoard",
+    )
+    p.add_argument("source", help="run directory, checkpoint directory, or .safetensors (ours or reference-format)")
+    p.add_argument("--data", help="validation shards: directory or s3:// prefix (default: the run's data.val_url)")
+    p.add_argument("--spec", help="job spec for the model (needed for reference-format weights) and storage")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="A.B.C=VALUE")
+    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    p.add_argument("--loops", type=int, nargs="+", help="test-time loop counts (default 1 2 4 8 16 32)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
+    p.add_argument("--max-batches", type=int, default=50, help="at most this many batches (default 50)")
+    p.add_argument("--tokenizer", help="SentencePiece model for bits per byte (default: the manifest's)")
+    p.add_argument("--out", help="output directory (default: RUN/eval/TAG, or WEIGHTS-eval/ next to a file)")
+    p.add_argument("--tensorboard", help="TensorBoard log dir (default: the run's; 'none' to skip)")
+    p.add_argument("--endpoint-url", help="S3 endpoint for s3:// data (default: the spec's, or AWS_ENDPOINT_URL)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "plan",
+        help="compute-optimal mean recurrence and tokens for a FLOP or GPU-hour budget (power laws C^0.40, C^0.78)",
+    )
+    _add_spec_args(p)
+    p.add_argument("--flops", type=float, help="training compute budget in FLOPs")
+    p.add_argument("--gpu-hours", type=float, help="budget in device-hours (times peak FLOP/s and MFU)")
+    p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device (default: the spec's, or 989e12)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    p.add_argument("--loops-exponent", type=float, default=0.40, help="recurrence ~ C^a (default 0.40, the paper's)")
+    p.add_argument("--tokens-exponent", type=float, default=0.78, help="tokens ~ C^b (default 0.78, the paper's)")
+    p.add_argument("--anchor-flops", type=float, help="reference compute (default: the spec's own)")
+    p.add_argument("--anchor-recurrence", type=float, help="optimal mean recurrence at the reference compute")
+    p.add_argument("--anchor-tokens", type=float, help="optimal tokens at the reference compute")
+    p.add_argument("--from-sweep", help="refit both exponents from a sweep directory's summary.json")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("tb", help="serve TensorBoard over runs' logs (local directories or s3:// prefixes)")
+    p.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="run directory, TensorBoard directory or s3:// prefix")
+    p.add_argument("--port", type=int, default=6006, help="port (default 6006)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--endpoint-url", help="S3 endpoint for s3:// logs (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--cache", default=".parcae-tb-cache", help="local copy of s3:// logs (default .parcae-tb-cache)")
+    p.add_argument("--sync-interval", type=float, default=30.0, help="seconds between S3 re-syncs (default 30)")
+    p.set_defaults(func=cmd_tb)
+
     p = sub.add_parser("demo", help="run the end-to-end demo on the embedded tiny spec (CPU, 2 ranks)")
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes data, logs and checkpoints")
     p.set_defaults(func=cmd_demo)
@@ -179,6 +225,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.weights_io import export_checkpoint
 
     return export_checkpoint(args.checkpoint_dir, args.out, args.tag)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import run_eval
+
+    return run_eval(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.plan import run_plan
+
+    return run_plan(args)
+
+
+def cmd_tb(args: argparse.Namespace) -> int:
+    from pipeline.tb import run_tb
+
+    return run_tb(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
