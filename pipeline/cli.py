@@ -157,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser(
+        "sweep", help="expand a spec over a grid: run the points here or as a Slurm job array; summarise"
+    )
+    sweep_sub = p.add_subparsers(dest="sweep_command", metavar="SWEEP_COMMAND", required=True)
+    q = sweep_sub.add_parser("run", help="validate every point, then train them one after another (or --submit)")
+    _add_spec_args(q)
+    q.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a grid axis; repeatable")
+    q.add_argument("--points", help="YAML list of explicit points ({name: ..., KEY: VALUE, ...}), e.g. isoFLOP")
+    q.add_argument("--name", help="sweep name (default: SPEC_NAME-sweep)")
+    q.add_argument("--dir", help="sweep directory (default runs/sweeps/NAME)")
+    q.add_argument("--submit", action="store_true", help="submit one Slurm job array instead of running here")
+    q.add_argument("--dry-run", action="store_true", help="list the points (and the batch script with --submit)")
+    q.set_defaults(func=cmd_sweep)
+    q = sweep_sub.add_parser("summary", help="final/best validation loss, divergence, fitted curves: table and plots")
+    q.add_argument("dir", help="the sweep directory")
+    q.set_defaults(func=cmd_sweep_summary)
+
     p = sub.add_parser("tb", help="serve TensorBoard over runs' logs (local directories or s3:// prefixes)")
     p.add_argument("logdirs", nargs="+", metavar="LOGDIR", help="run directory, TensorBoard directory or s3:// prefix")
     p.add_argument("--port", type=int, default=6006, help="port (default 6006)")
@@ -237,6 +254,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.plan import run_plan
 
     return run_plan(args)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.sweep import run_sweep
+
+    return run_sweep(args)
+
+
+def cmd_sweep_summary(args: argparse.Namespace) -> int:
+    from pipeline.sweep import summarize
+
+    return summarize(args)
 
 
 def cmd_tb(args: argparse.Namespace) -> int:

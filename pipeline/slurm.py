@@ -42,7 +42,7 @@ def _run(cmd: list[str]) -> str:
     return out.stdout
 
 
-def render(spec: LoadedSpec, run_dir: Path, python: str = sys.executable) -> str:
+def render(spec: LoadedSpec, run_dir: Path, python: str = sys.executable, output: str | None = None) -> str:
     cluster: ClusterSpec = spec.spec.cluster
     workdir = str(Path.cwd())
     for label, value in (("run_dir", str(run_dir)), ("python", python), ("working directory", workdir)):
@@ -67,7 +67,7 @@ def render(spec: LoadedSpec, run_dir: Path, python: str = sys.executable) -> str
         job_name=spec.spec.name,
         nodes=cluster.nodes,
         tasks_per_node=cluster.procs_per_node,
-        output=f"{run_dir}/slurm/%j.out",
+        output=output or f"{run_dir}/slurm/%j.out",
         workdir=workdir,
         signal_seconds=cluster.signal_seconds,
         optional_lines="\n".join(optional),
@@ -167,6 +167,10 @@ def slurm_job(run_dir: str) -> int:
     rank_env = {**env, "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
     if addr.startswith("127."):
         rank_env["GLOO_SOCKET_IFNAME"] = "lo"
+    if (Path(run_dir) / "sweep.json").is_file():  # a sweep's job array: this task's point
+        from pipeline.sweep import point_run_dir
+
+        run_dir = str(point_run_dir(Path(run_dir), int(env.get("SLURM_ARRAY_TASK_ID", "-1"))))
     spec = Path(run_dir) / "spec.yaml"
     loaded = load_spec(spec)
     cmd = ["srun", "--kill-on-bad-exit=1", sys.executable, "-m", "pipeline", "train", str(spec)]

@@ -353,9 +353,17 @@ class Trainer:
         """max and mean of A_bar (collective under ZeRO-3: every rank calls it)."""
         import deepspeed
 
-        adapter = self.engine.module.transformer.recurrence.adapter if self.spec.model.arch == "parcae" else None
-        if adapter is None or not hasattr(adapter, "discretize"):
+        if self.spec.model.arch != "parcae":
             return {}
+        adapter, injection = self.engine.module.transformer.recurrence.adapter, self.spec.model.injection
+        if injection == "add":  # u = h + e: A is the identity
+            return {"spectral_radius": 1.0}
+        if injection == "concat":  # u = W [h; e]: A is the block of W acting on h
+            d = self.spec.model.d_model
+            if d > 4096:
+                return {}
+            with deepspeed.zero.GatheredParameters([adapter.weight]), torch.no_grad():
+                return {"spectral_radius": float(torch.linalg.eigvals(adapter.weight[:, :d].float()).abs().max())}
         with deepspeed.zero.GatheredParameters([adapter.A_log, adapter.dt_bias]), torch.no_grad():
             a_bar, _ = adapter.discretize()
             return {"spectral_radius": float(a_bar.max()), "a_bar_mean": float(a_bar.mean())}

@@ -187,3 +187,26 @@ def test_cancel(slurm, s3_shards, tmp_path):
     assert wait_state(job, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120) == "CANCELLED"
     missing = parcae("status", str(tmp_path / "elsewhere"))
     assert missing.returncode == 1 and "no Slurm job was submitted" in missing.stderr
+
+
+def test_sweep_runs_as_one_job_array(slurm, s3_shards, tmp_path):
+    """Two points of a learning-rate grid as one job array (a task per point, one node each)."""
+    directory = tmp_path / "sweep"
+    args = [a for a in overrides(s3_shards, tmp_path / "unused", 8) if "run_dir" not in a and "nodes" not in a]
+    result = parcae(
+        "sweep", "run", str(CONFIGS / "demo-tiny.yaml"), *args,
+        "--set=cluster.nodes=1", "--set=cluster.procs_per_node=1",
+        "--grid", "optimizer.lr=1e-3,3e-3", "--dir", str(directory), "--submit",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = result.stdout.split()[-1]
+    assert "#SBATCH --output=" in (directory / "slurm" / "job.sbatch").read_text()
+    for task in (0, 1):
+        state = wait_state(f"{job}_{task}", {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+        log = directory / "slurm" / f"{job}_{task}.out"
+        assert state == "COMPLETED", log.read_text()[-3000:] if log.exists() else state
+    for name in ("lr1e-3", "lr3e-3"):
+        assert sorted(losses(directory / name)) == list(range(1, 9)), name
+    summary = parcae("sweep", "summary", str(directory))
+    assert summary.returncode == 0, summary.stderr
+    assert "lr1e-3" not in summary.stderr and "1e-3" in summary.stdout and "3e-3" in summary.stdout

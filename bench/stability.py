@@ -1,0 +1,63 @@
+"""The paper's stability finding at tiny scale on CPU: Parcae (diagonal injection), additive and concat
+injection across five learning rates, as one `parcae sweep`; prints the sweep summary (which runs
+converge, final losses, the largest spectral radius seen).
+
+Tokenizer and shards of the embedded corpus are prepared in WORKDIR (kept, reused when rerun); the
+sweep is WORKDIR/sweep (finished points are skipped when rerun).
+
+    python bench/stability.py [--workdir runs/stability] [--steps 150] [--lrs 1e-3,3e-3,1e-2,3e-2,1e-1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parcae(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/stability")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2,1e-1")
+    parser.add_argument("--injections", default="diagonal,add,concat")
+    args = parser.parse_args()
+    work = (REPO / args.workdir).resolve()
+    tok = work / "tokenizer" / "tok"
+    if not Path(f"{tok}.model").is_file():
+        parcae("prep", "tokenizer", "--out", str(tok), "--vocab-size", "2048")
+    shards = work / "shards"
+    if not (shards / "val" / "manifest.json").is_file():
+        parcae("prep", "shards", "--tokenizer", f"{tok}.model", "--out", str(shards), "--seq-len", "128",
+               "--val-fraction", "0.02", "--progress", "lines")  # fmt: skip
+    common = [
+        f"data.train_url={shards / 'train'}",
+        f"data.val_url={shards / 'val'}",
+        "data.seq_len=128",
+        "model.d_model=128",
+        "model.n_core=2",
+        "cluster.procs_per_node=1",
+        f"training.total_steps={args.steps}",
+        "logging.log_interval=10",
+        f"eval.interval_steps={args.steps}",
+        "eval.loop_counts=[1, 2, 4, 8, 16]",
+        f"checkpoint.interval_steps={args.steps}",
+        "checkpoint.keep_last=1",
+    ]
+    parcae(
+        "sweep", "run", str(REPO / "configs" / "demo-tiny.yaml"), *[f"--set={o}" for o in common],
+        "--grid", f"model.injection={args.injections}", "--grid", f"optimizer.lr={args.lrs}",
+        "--name", "stability", "--dir", str(work / "sweep"),
+    )  # fmt: skip
+    parcae("sweep", "summary", str(work / "sweep"))
+
+
+if __name__ == "__main__":
+    main()
