@@ -84,7 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="render the Slurm batch script from the spec and submit it with sbatch")
     _add_spec_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
-    p.add_argument("--array", help="submit as a job array (sbatch --array), e.g. 0-4")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="a submitted run's Slurm state, last logged step and loss, newest checkpoint")
@@ -217,7 +216,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.slurm import submit
 
-    return submit(args.spec, args.overrides, args.dry_run, args.array)
+    return submit(args.spec, args.overrides, args.dry_run)
 
 
 def _slurm(name: str, arg: str) -> int:

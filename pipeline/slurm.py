@@ -96,7 +96,7 @@ def check_against_cluster(cluster: ClusterSpec) -> None:
         raise ParcaeError(f"cluster.nodes: {cluster.nodes} requested, but {where} has {partitions[partition]} node(s)")
 
 
-def submit(spec_path: str, overrides: list[str], dry_run: bool, array: str | None = None) -> int:
+def submit(spec_path: str, overrides: list[str], dry_run: bool) -> int:
     loaded = load_spec(spec_path, overrides)
     run_dir = Path(loaded.spec.run_dir or f"runs/{loaded.spec.name}").resolve()
     script = render(loaded, run_dir)
@@ -109,7 +109,7 @@ def submit(spec_path: str, overrides: list[str], dry_run: bool, array: str | Non
     loaded.save(run_dir / "spec.yaml")
     path = run_dir / "slurm" / "job.sbatch"
     path.write_text(script)
-    cmd = ["sbatch", "--parsable", *([f"--array={array}"] if array else []), str(path)]
+    cmd = ["sbatch", "--parsable", str(path)]
     job_id = _run(cmd).strip().split(";")[0]
     with (run_dir / "slurm" / "jobs.txt").open("a") as f:
         f.write(job_id + "\n")

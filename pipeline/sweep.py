@@ -53,7 +53,8 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
 
 def _short(key: str, value: Any) -> str:
     text = f"{value:g}" if isinstance(value, float) else str(value)
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", f"{key.split('.')[-1]}{'' if text[0].isdigit() or text[0] == '-' else '-'}{text}")
+    joint = "" if text[:1].isdigit() or text[:1] == "-" else "-"
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", f"{key.split('.')[-1]}{joint}{text}")
 
 
 def expand(grid: list[tuple[str, list[Any]]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
