@@ -4,11 +4,18 @@ Layout: ``DIR/step-00000100/`` (DeepSpeed's files, plus ``spec.yaml``, the resol
 ``DIR/LATEST`` naming the newest complete one. ``LATEST`` is replaced atomically after every rank has
 finished writing, so a crash during a save leaves the previous checkpoint as the one to resume.
 Only the newest ``keep_last`` are kept.
+
+``DIR`` is a local (or shared) path, or an ``s3://`` prefix. For S3, DeepSpeed writes into a staging
+directory (``checkpoint.staging_dir``; node-local or shared both work), every rank uploads the files
+it wrote (``*pp_rank_R_*``; rank 0 also the rest), and only then rank 0 writes ``spec.yaml`` and
+``LATEST``; the staged copy is removed. To resume, the first rank of every node downloads the newest
+checkpoint into its staging directory and the ranks load it from there.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,26 +27,37 @@ from pipeline.errors import ParcaeError
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
+_OWNER = re.compile(r"pp_rank_(\d+)_")  # DeepSpeed's per-data-parallel-rank files
 
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def local_dir(url: str) -> Path:
-    if url.startswith("s3://"):
-        raise ParcaeError(
-            f"checkpoint.dir: {url}: checkpoints to s3:// are not supported yet; use a local or shared file system path"
-        )
-    return Path(url)
+def is_remote(url: str) -> bool:
+    return url.startswith("s3://")
 
 
-def latest_tag(directory: str) -> str | None:
-    marker = local_dir(directory) / LATEST
-    if not marker.is_file():
-        return None
-    tag = marker.read_text().strip()
-    if not (local_dir(directory) / tag).is_dir():
+def _store(url: str, options: Any = None):
+    from data_prep.storage import S3Options, open_store
+
+    return open_store(url, options or S3Options.from_env())
+
+
+def latest_tag(directory: str, options: Any = None) -> str | None:
+    """The tag ``LATEST`` names, or None when there is no checkpoint yet."""
+    from data_prep.storage import StorageError
+
+    store = _store(directory, options)
+    try:
+        if not store.exists(LATEST):
+            return None
+        tag = store.get_bytes(LATEST).decode().strip()
+        complete = store.exists(f"{tag}/spec.yaml")
+    except StorageError as exc:
+        raise ParcaeError(f"checkpoint.dir: {exc}") from None
+    if not complete:
+        marker = store.child_url(LATEST)
         raise ParcaeError(f"{marker} names {tag!r}, which is not in {directory}; remove {marker} to start over")
     return tag
 
@@ -50,36 +68,98 @@ def param_layout(module: Any) -> list[str]:
     return [f"{name}:{tuple(getattr(p, 'ds_shape', p.shape))}" for name, p in module.named_parameters()]
 
 
-def save(engine: Any, directory: str, step: int, client_state: dict[str, Any], keep_last: int, spec_yaml: str) -> str:
-    path = local_dir(directory)
+def save(
+    engine: Any,
+    directory: str,
+    step: int,
+    client_state: dict[str, Any],
+    keep_last: int,
+    spec_yaml: str,
+    staging: str | None = None,
+    options: Any = None,
+) -> str:
     tag = tag_for(step)
     client_state = {**client_state, "param_layout": param_layout(engine.module)}
+    remote = is_remote(directory)
+    if remote and not staging:
+        raise ParcaeError(f"checkpoint.dir: {directory}: an s3:// destination needs checkpoint.staging_dir")
+    path = Path(staging) if remote else Path(directory)
     engine.save_checkpoint(str(path), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
-    if dist.get_rank() == 0:
-        (path / tag / "spec.yaml").write_text(spec_yaml)
-        tmp = path / f".{LATEST}.tmp"
-        tmp.write_text(tag + "\n")
-        tmp.replace(path / LATEST)
-        tags = sorted(p.name for p in path.glob("step-*") if p.is_dir())
-        for old in tags[:-keep_last]:
-            shutil.rmtree(path / old, ignore_errors=True)
+    rank = dist.get_rank()
+    store = _store(directory, options)
+    if remote:  # every rank uploads (then drops) the staged files it wrote
+        for file in sorted((path / tag).rglob("*")):
+            owner = _OWNER.search(file.name)
+            if file.is_file() and (int(owner.group(1)) if owner else 0) == rank:
+                store.put_file(file, f"{tag}/{file.relative_to(path / tag)}")
+                file.unlink()
+        dist.barrier()
+    if rank == 0:
+        store.put_bytes(spec_yaml.encode(), f"{tag}/spec.yaml")
+        store.put_bytes((tag + "\n").encode(), LATEST)  # atomic on a file system (rename) and on S3 (one PUT)
+        if remote:
+            names = store.list()
+            tags = sorted({name.split("/")[0] for name in names if name.startswith("step-")})
+            for old in tags[:-keep_last]:
+                for name in [n for n in names if n.startswith(old + "/")]:
+                    store.delete(name)
+        else:
+            tags = sorted(p.name for p in path.glob("step-*") if p.is_dir())
+            for old in tags[:-keep_last]:
+                shutil.rmtree(path / old, ignore_errors=True)
     dist.barrier()
-    log.info("checkpoint %s written", path / tag)
+    if remote:
+        shutil.rmtree(path / tag, ignore_errors=True)  # what is left of the staged copy: empty directories
+    log.info("checkpoint %s written", store.child_url(tag))
     return tag
 
 
-def load(engine: Any, directory: str) -> dict[str, Any] | None:
+def fetch(directory: str, tag: str, destination: Path, options: Any = None) -> Path:
+    """Copy checkpoint ``tag`` of an s3:// checkpoint dir into ``destination``; returns the local dir."""
+    store = _store(directory, options)
+    names = [n for n in store.list() if n.startswith(tag + "/")]
+    for name in names:
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        with store.open(name) as body, tmp.open("wb") as out:
+            shutil.copyfileobj(body, out, 8 << 20)
+        tmp.replace(target)
+    log.info("downloaded %s (%d files) to %s", store.child_url(tag), len(names), destination)
+    return destination
+
+
+def load(
+    engine: Any,
+    directory: str,
+    staging: str | None = None,
+    options: Any = None,
+    local_rank: int = 0,
+) -> dict[str, Any] | None:
     """Load the newest complete checkpoint into the engine; its client state, or None if there is none."""
-    tag = latest_tag(directory)
+    tag = latest_tag(directory, options)
     if tag is None:
         return None
-    loaded, client_state = engine.load_checkpoint(str(local_dir(directory)), tag=tag)
+    path = Path(directory)
+    if is_remote(directory):
+        if not staging:
+            raise ParcaeError(f"checkpoint.dir: {directory}: an s3:// destination needs checkpoint.staging_dir")
+        path = Path(staging) / "resume"
+        if local_rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+            fetch(directory, tag, path, options)
+        dist.barrier()
+    where = f"{directory.rstrip('/')}/{tag}"
+    loaded, client_state = engine.load_checkpoint(str(path), tag=tag)
     if loaded is None:
-        raise ParcaeError(f"{local_dir(directory) / tag}: DeepSpeed could not load this checkpoint")
+        raise ParcaeError(f"{where}: DeepSpeed could not load this checkpoint")
+    if is_remote(directory):
+        dist.barrier()
+        if local_rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
     saved, current = client_state.get("param_layout"), param_layout(engine.module)
     if saved != current:
-        where = local_dir(directory) / tag
         if saved is None:
             raise ParcaeError(
                 f"{where}: written before checkpoints recorded their parameter layout (before the recurrence became "
@@ -95,5 +175,5 @@ def load(engine: Any, directory: str) -> dict[str, Any] | None:
             f"{where}: parameter layout differs from this model's (first difference at #{first}: checkpoint "
             f"{theirs}, model {ours}); the model section of the spec must match the run that wrote it"
         )
-    log.info("resumed from %s", loaded)
+    log.info("resumed from %s", where)
     return client_state

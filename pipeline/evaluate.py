@@ -191,21 +191,23 @@ def _load_source(args: argparse.Namespace):
         except WeightsError as exc:
             raise ParcaeError(str(exc)) from None
         return model, given, source.name, 0, source.with_name(source.stem + "-eval"), None
-    if not source.is_dir():
+    if checkpoint.is_remote(args.source):  # an s3:// checkpoint directory
+        ckpt_dir = args.source
+    elif not source.is_dir():
         raise ParcaeError(
             f"{source}: no such file or directory (a run directory, checkpoint directory or .safetensors)"
         )
-    if (source / checkpoint.LATEST).is_file() or args.tag:
-        ckpt_dir = source
+    elif (source / checkpoint.LATEST).is_file() or args.tag:
+        ckpt_dir = str(source)
     elif (source / "spec.yaml").is_file():
-        ckpt_dir = Path(load_spec(source / "spec.yaml").spec.checkpoint.dir or source / "checkpoints")
+        ckpt_dir = load_spec(source / "spec.yaml").spec.checkpoint.dir or str(source / "checkpoints")
     else:
         raise ParcaeError(
             f"{source}: neither a run directory (spec.yaml) nor a checkpoint directory ({checkpoint.LATEST})"
         )
-    model, spec, tag = load_checkpoint_model(str(ckpt_dir), args.tag)
+    model, spec, tag = load_checkpoint_model(ckpt_dir, args.tag)
     step = int(tag.split("-")[-1]) if tag.split("-")[-1].isdigit() else 0
-    run_dir = Path(spec.run_dir) if spec.run_dir else ckpt_dir.parent
+    run_dir = Path(spec.run_dir or ".")
     return model, given or spec, f"{run_dir.name}/{tag}", step, run_dir / "eval" / tag, spec.logging.tensorboard_dir
 
 

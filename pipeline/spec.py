@@ -217,6 +217,11 @@ class ZeroSpec(Spec):
 
 class CheckpointSpec(Spec):
     dir: str | None = Field(None, description="Local path or s3:// URL (default: <run_dir>/checkpoints).")
+    staging_dir: str | None = Field(
+        None,
+        description="With an s3:// dir: where DeepSpeed writes a checkpoint before it is uploaded, and where a "
+        "resume downloads it (node-local or shared; default <run_dir>/checkpoint-staging).",
+    )
     interval_steps: PositiveInt = 1000
     keep_last: PositiveInt = 3
 
@@ -317,6 +322,8 @@ class JobSpec(Spec):
             self.run_dir = f"runs/{self.name}"
         if self.checkpoint.dir is None:
             self.checkpoint.dir = f"{self.run_dir.rstrip('/')}/checkpoints"
+        if self.checkpoint.staging_dir is None and self.checkpoint.dir.startswith("s3://"):
+            self.checkpoint.staging_dir = f"{self.run_dir.rstrip('/')}/checkpoint-staging"
         if self.logging.tensorboard_dir is None:
             self.logging.tensorboard_dir = f"{self.run_dir.rstrip('/')}/tensorboard"
         return self

@@ -161,7 +161,9 @@ class Trainer:
             val_loader(spec, info, options)  # a validation set that cannot work fails now, not at the first eval
         progress = Progress()
         guard = self.guard = LossGuard(t.spike_zscore)
-        state = checkpoint.load(engine, spec.checkpoint.dir)
+        state = checkpoint.load(
+            engine, spec.checkpoint.dir, spec.checkpoint.staging_dir, options, local_rank=info.local_rank
+        )
         if state is not None:
             progress.step, progress.tokens = int(state["step"]), int(state["tokens"])
             progress.nonfinite_total = int(state.get("nonfinite_total", 0))
@@ -347,6 +349,8 @@ class Trainer:
             state,
             self.spec.checkpoint.keep_last,
             self.loaded.to_yaml(),
+            self.spec.checkpoint.staging_dir,
+            self._s3_options(),
         )
 
     def _spectral(self) -> dict[str, float]:

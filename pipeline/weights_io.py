@@ -48,6 +48,13 @@ def load_checkpoint_model(checkpoint_dir: str, tag: str | None = None):
         raise ParcaeError(
             f"{checkpoint_dir}: no checkpoint (no {checkpoint.LATEST} file); pass the run's checkpoint.dir"
         )
+    if checkpoint.is_remote(checkpoint_dir):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="parcae-checkpoint-") as tmp:
+            checkpoint.fetch(checkpoint_dir, tag, Path(tmp))
+            model, spec, _ = load_checkpoint_model(tmp, tag)
+        return model, spec, tag
     spec_file = Path(checkpoint_dir) / tag / "spec.yaml"
     if not spec_file.is_file():
         raise ParcaeError(f"{spec_file}: missing; this does not look like a checkpoint written by `parcae train`")

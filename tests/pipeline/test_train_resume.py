@@ -28,7 +28,7 @@ def shards(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
     return out
 
 
-def train_cmd(shards: Path, run_dir: Path, steps: int) -> list[str]:
+def train_cmd(shards: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
     overrides = [
         f"data.train_url={shards / 'train'}",
         f"data.val_url={shards / 'val'}",
@@ -40,6 +40,7 @@ def train_cmd(shards: Path, run_dir: Path, steps: int) -> list[str]:
         "eval.loop_counts=[1, 4]",
         "logging.log_interval=5",
         "data.num_workers=1",
+        *extra,
     ]
     return [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *[f"--set={o}" for o in overrides]]
 
@@ -70,13 +71,23 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: flo
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
-def test_killed_run_resumes_to_the_same_losses(tmp_path, shards):
-    steps = 24
-    reference = start(train_cmd(shards, tmp_path / "reference", steps), tmp_path / "reference.log")
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def expected(shards, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of an uninterrupted run."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    reference = start(train_cmd(shards, tmp_path / "reference", STEPS), tmp_path / "reference.log")
     assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
-    expected = losses(tmp_path / "reference")
-    assert sorted(expected) == list(range(1, steps + 1))
-    assert expected[steps] < expected[1] - 0.5  # it learns
+    result = losses(tmp_path / "reference")
+    assert sorted(result) == list(range(1, STEPS + 1))
+    assert result[STEPS] < result[1] - 0.5  # it learns
+    return result
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path, shards, expected):
+    steps = STEPS
 
     run_dir = tmp_path / "killed"
     proc = start(train_cmd(shards, run_dir, steps), tmp_path / "killed.log")
@@ -92,6 +103,44 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, shards):
         assert after[step] == expected[step], (step, after[step], expected[step])
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert kept == ["step-00000020", "step-00000024"]  # keep_last 2
+
+
+def test_checkpoints_on_s3_resume_to_the_same_losses(tmp_path, shards, expected, s3_server):
+    """checkpoint.dir on the S3 endpoint: staged, uploaded by the rank that wrote each file, marked; a
+    SIGKILLed run downloads the newest one and continues with the uninterrupted run's losses."""
+    bucket = s3_server.new_bucket("ckpt")
+    url = f"s3://{bucket}/runs/x"
+    extra = (f"checkpoint.dir={url}", f"storage.endpoint_url={s3_server.endpoint}")
+    run_dir = tmp_path / "killed"
+    proc = start(train_cmd(shards, run_dir, STEPS, *extra), tmp_path / "killed.log")
+    wait_for_step(run_dir, proc, 12)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    client = s3_server.client()
+
+    def keys() -> list[str]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="runs/x/")
+        return sorted(o["Key"][len("runs/x/") :] for page in pages for o in page.get("Contents", []))
+
+    latest = client.get_object(Bucket=bucket, Key="runs/x/LATEST")["Body"].read().decode().strip()
+    assert latest == "step-00000010"
+    names = [k for k in keys() if k.startswith("step-00000010/")]
+    assert "step-00000010/spec.yaml" in names
+    assert sum("zero_pp_rank_0_" in k for k in names) >= 1 and sum("zero_pp_rank_1_" in k for k in names) >= 1
+    resumed = start(train_cmd(shards, run_dir, STEPS, *extra), tmp_path / "resumed.log")
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert "resuming at step 10" in (tmp_path / "resumed.log").read_text()
+    after = losses(run_dir)
+    for step in range(11, STEPS + 1):
+        assert after[step] == expected[step], (step, after[step], expected[step])
+    assert sorted({k.split("/")[0] for k in keys() if k.startswith("step-")}) == ["step-00000020", "step-00000024"]
+    staged = run_dir / "checkpoint-staging"
+    assert not [p for p in staged.glob("step-*/**/*") if p.is_file()]  # uploaded copies are not kept
+    out = tmp_path / "model.safetensors"
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint}
+    export = subprocess.run([*parcae_cmd(), "export", url, "--out", str(out)], capture_output=True, text=True, env=env)
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert "step-00000024" in export.stdout
 
 
 def test_sigusr1_checkpoints_exits_for_requeue_and_resumes(tmp_path, shards):
