@@ -120,6 +120,14 @@ def plan_sweep(args: argparse.Namespace) -> tuple[Path, list[dict[str, Any]]]:
     return directory, planned
 
 
+def _write_record(directory: Path, spec: str, points: list[dict[str, Any]]) -> None:
+    record = {
+        "spec": str(Path(spec).resolve()),
+        "points": [{k: p[k] for k in ("name", "values", "overrides", "run_dir")} for p in points],
+    }
+    (directory / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     directory, points = plan_sweep(args)
     print(f"sweep {directory.name}: {len(points)} points in {directory}")
@@ -130,11 +138,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     directory.mkdir(parents=True, exist_ok=True)
-    record = {
-        "spec": str(Path(args.spec).resolve()),
-        "points": [{k: p[k] for k in ("name", "values", "overrides", "run_dir")} for p in points],
-    }
-    (directory / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    _write_record(directory, args.spec, points)
     failed = []
     for i, point in enumerate(points, 1):
         run_dir = Path(point["run_dir"])
@@ -172,11 +176,7 @@ def _submit(args: argparse.Namespace, directory: Path, points: list[dict[str, An
         return 0
     check_against_cluster(first.spec.cluster)
     (directory / "slurm").mkdir(parents=True, exist_ok=True)
-    record = {
-        "spec": str(Path(args.spec).resolve()),
-        "points": [{k: p[k] for k in ("name", "values", "overrides", "run_dir")} for p in points],
-    }
-    (directory / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    _write_record(directory, args.spec, points)
     for point in points:  # every task reads its own resolved spec, as `parcae submit` writes it
         loaded = load_spec(args.spec, point["overrides"])
         Path(point["run_dir"]).mkdir(parents=True, exist_ok=True)
