@@ -130,7 +130,11 @@ class DataSpec(Spec):
     val_url: str | None = Field(None, description="Validation shard set (same layout), optional.")
     seq_len: PositiveInt = Field(2048, description="Tokens per training sequence.")
     shuffle_buffer: NonNegInt = Field(1000, description="Samples held in memory for shuffling.")
-    num_workers: NonNegInt = Field(1, description="Loader worker processes per rank.")
+    num_workers: NonNegInt = Field(
+        1,
+        description="Read-ahead depth in batches of each rank's one reader thread (0: read inside the training "
+        "step). One reader per rank streams its share of the shards; pre-tokenised rows need kilobytes per second.",
+    )
     on_bad_shard: Literal["error", "skip"] = "error"
 
 
