@@ -6,6 +6,7 @@ Tokenizer and shards of the embedded corpus are prepared in WORKDIR (kept, reuse
 sweep is WORKDIR/sweep (finished points are skipped when rerun).
 
     python bench/stability.py [--workdir runs/stability] [--steps 150] [--lrs 1e-3,3e-3,1e-2,3e-2,1e-1]
+        [--set optimizer.grad_clip=0 ...]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2,1e-1")
     parser.add_argument("--injections", default="diagonal,add,concat")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="more spec overrides (all runs)")
     args = parser.parse_args()
     work = (REPO / args.workdir).resolve()
     tok = work / "tokenizer" / "tok"
@@ -50,6 +52,7 @@ def main() -> None:
         "eval.loop_counts=[1, 2, 4, 8, 16]",
         f"checkpoint.interval_steps={args.steps}",
         "checkpoint.keep_last=1",
+        *args.extra,
     ]
     parcae(
         "sweep", "run", str(REPO / "configs" / "demo-tiny.yaml"), *[f"--set={o}" for o in common],
