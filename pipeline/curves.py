@@ -101,27 +101,32 @@ def plot_loop_curve(
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    many = len(curves) > 3
+    fig, ax = plt.subplots(figsize=(9.0 if many else 6.4, 4.8 if many else 4.2), dpi=100)
+    points = [v for loops, losses, _ in curves.values() for v in losses if np.isfinite(v)]
     for i, (label, (loops, losses, fit)) in enumerate(curves.items()):
         color = f"C{i % 10}"
-        ax.plot(loops, losses, "o", color=color, label=label)
+        marker = "os^vD"[(i // 10) % 5]
         if fit is not None:
             grid = np.linspace(min(loops), max(loops), 200)
-            ax.plot(
-                grid,
-                fit.predict(grid),
-                "-",
-                color=color,
-                alpha=0.8,
-                label=f"fit: {fit.l_inf:.3f} + {fit.k:.3f}·exp(-{fit.z:.3f}T)",
-            )
-            ax.axhline(fit.l_inf, color=color, linestyle=":", alpha=0.6)
+            ax.plot(grid, fit.predict(grid), "-", color=color, alpha=0.7)
+            if not many:
+                label += f"; fit {fit.l_inf:.3f} + {fit.k:.3g}·exp(-{fit.z:.3g}T)" + (" (z at bound)" * fit.z_at_bound)
+                ax.axhline(fit.l_inf, color=color, linestyle=":", alpha=0.6)
+        ax.plot(loops, losses, marker, color=color, label=label)
+    if points:  # the axis follows the measured points, not a fit that runs away between or beyond them
+        low, high = min(points), max(points)
+        pad = 0.08 * (high - low) or 0.05 * abs(high) or 0.1
+        ax.set_ylim(low - pad, high + pad)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("loops T (test time)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if many:
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
