@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor-recurrence", type=float, help="optimal mean recurrence at the reference compute")
     p.add_argument("--anchor-tokens", type=float, help="optimal tokens at the reference compute")
     p.add_argument("--from-sweep", help="refit both exponents from a sweep directory's summary.json")
+    p.add_argument(
+        "--isoflop",
+        metavar="R1,R2,...",
+        help="print `parcae sweep run --points` YAML: one point per mean recurrence, each spending --flops",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 

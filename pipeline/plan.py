@@ -103,6 +103,31 @@ def plan(
     }
 
 
+def isoflop_points(spec: JobSpec, flops: float, recurrences: list[int]) -> list[dict[str, Any]]:
+    """Sweep points spending ``flops`` each: for every mean recurrence, the steps that budget buys.
+    Written as `parcae sweep run --points` input (an isoFLOP design); `--from-sweep` refits from it."""
+    cfg = spec.model.build()
+    if not cfg.looped:
+        raise ParcaeError("model.arch: gpt has no recurrence to sweep; use a Parcae spec (model.arch: parcae)")
+    _positive("--flops", flops)
+    if not recurrences or min(recurrences) < 1:
+        raise ParcaeError(f"--isoflop: mean recurrences must be integers >= 1, got {recurrences}")
+    points = []
+    for r in sorted(set(recurrences)):
+        depth = min(cfg.mean_backprop_depth, r)
+        fpt = flops_per_token(cfg, spec.data.seq_len, mean_recurrence=r, mean_backprop_depth=depth)
+        steps = max(1, round(flops / fpt / spec.tokens_per_step))
+        points.append(
+            {
+                "name": f"C{flops:.2g}-r{r}".replace("+", ""),
+                "model.mean_recurrence": r,
+                "model.mean_backprop_depth": depth,
+                "training.total_steps": steps,
+            }
+        )
+    return points
+
+
 def refit(summary_path: str | Path) -> dict[str, Any]:
     """Exponents from a sweep summary: per compute budget (runs within 5% of each other) the run with
     the lowest final validation loss; log R and log D regressed on log C."""
@@ -140,6 +165,17 @@ def run_plan(args: argparse.Namespace) -> int:
     from pipeline.spec_io import load_spec
 
     spec = load_spec(args.spec, args.overrides).spec
+    if args.isoflop:
+        if args.flops is None:
+            raise ParcaeError("--isoflop needs the budget as --flops C")
+        try:
+            recurrences = [int(x) for x in args.isoflop.split(",")]
+        except ValueError:
+            raise ParcaeError(f"--isoflop: comma-separated integers, got {args.isoflop!r}") from None
+        import yaml
+
+        print(yaml.safe_dump(isoflop_points(spec, args.flops, recurrences), sort_keys=False), end="")
+        return 0
     loops_exponent, tokens_exponent = args.loops_exponent, args.tokens_exponent
     refitted = None
     if args.from_sweep:

@@ -106,3 +106,34 @@ def test_cli_prints_the_plan_and_json():
     assert result["budget_flops"] == pytest.approx(100 * 3600 * 989e12 * 0.4)
     text = subprocess.run([*parcae_cmd(), "plan", spec, "--flops", "1e20"], capture_output=True, text=True).stdout
     assert "mean recurrence" in text and "--set model.mean_recurrence=" in text
+
+
+def test_isoflop_points_spend_the_budget(tmp_path):
+    from pipeline.plan import isoflop_points
+
+    budget = 3e18
+    points = isoflop_points(SPEC, budget, [2, 4, 8, 16])
+    cfg = SPEC.model.build()
+    for point in points:
+        r, depth, steps = (
+            point["model.mean_recurrence"],
+            point["model.mean_backprop_depth"],
+            point["training.total_steps"],
+        )
+        spent = flops_per_token(cfg, SPEC.data.seq_len, r, depth) * steps * SPEC.tokens_per_step
+        one_step = flops_per_token(cfg, SPEC.data.seq_len, r, depth) * SPEC.tokens_per_step
+        assert abs(spent - budget) <= one_step / 2 and depth <= min(r, cfg.mean_backprop_depth)
+    assert [p["training.total_steps"] for p in points] == sorted(
+        (p["training.total_steps"] for p in points), reverse=True
+    )
+    done = subprocess.run(
+        [*parcae_cmd(), "plan", str(CONFIGS / "parcae-140m.yaml"), "--flops", "3e18", "--isoflop", "2,4"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    import yaml
+
+    assert [p["model.mean_recurrence"] for p in yaml.safe_load(done.stdout)] == [2, 4]
+    cmd = [*parcae_cmd(), "plan", str(CONFIGS / "parcae-140m.yaml"), "--isoflop", "2,x", "--flops", "1e18"]
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode != 0 and "--isoflop" in bad.stderr
