@@ -1,8 +1,9 @@
 """Streaming shards from a manifest (local directory or s3:// prefix), with exact resume.
 
 Each epoch, the shard order is a permutation drawn from (seed, epoch); rank r of W reads the shards
-at positions r, r + W, ... of it, streaming each one through boto3 (or the file system) without
-staging it on disk, and shuffles samples through a bounded buffer seeded by (seed, epoch, rank).
+at positions r, r + W, ... of it, reading each one through boto3 (or the file system) into memory,
+never to disk, and using its rows only once its size and sha256 match the manifest; samples are
+shuffled through a bounded buffer seeded by (seed, epoch, rank).
 Every rank yields the same number of batches per epoch: the smallest share, computed from the
 manifest alone (no communication), so no rank waits at an epoch end for another.
 
@@ -15,6 +16,8 @@ the world size, the micro batch size, the seed or the shard set changes the stre
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import queue
 import random
@@ -115,13 +118,13 @@ class ShardLoader:
         if self.split_by == "samples":
             position = 0
             for index in self.shard_order(epoch):
-                for tokens in self._read_shard(self.shards[index]["name"]):
+                for tokens in self._read_shard(self.shards[index]):
                     if position % self.world_size == self.rank:
                         yield tokens
                     position += 1
             return
         for index in self.rank_shards(epoch):
-            for tokens in self._read_shard(self.shards[index]["name"]):
+            for tokens in self._read_shard(self.shards[index]):
                 if not self.shuffle or self.shuffle_buffer <= 1:
                     yield tokens
                     continue
@@ -134,30 +137,29 @@ class ShardLoader:
         rng.shuffle(buffer)
         yield from buffer
 
-    def _read_shard(self, name: str) -> Iterator[np.ndarray]:
+    def _read_shard(self, entry: dict[str, Any]) -> Iterator[np.ndarray]:
+        """One shard's rows, after its size and sha256 match the manifest: the shard is read into memory
+        (one at a time per rank; hundreds of MB at most), so a corrupt shard contributes no row at all."""
+        name = entry["name"]
         url = self.store.child_url(name)
-        done = 0  # samples of this shard already yielded (a retry resumes after them)
         for attempt in range(self.max_retries + 1):
-            count = 0
             try:
-                with self.store.open(name) as stream:
-                    for _key, tokens, _bounds in iter_samples(stream, url):
-                        count += 1
-                        if count > done:
-                            yield tokens
-                return
-            except (StorageError, OSError) as exc:  # transient: reopen and skip what was already yielded
-                done = count
+                data = self.store.get_bytes(name)
+                break
+            except (StorageError, OSError) as exc:  # transient: back off and read it again
                 if attempt == self.max_retries:
                     self._bad_shard(url, f"unreadable after {attempt + 1} attempts: {exc}")
                     return
                 time.sleep(min(2**attempt * 0.5, 8.0))
-            except ParcaeError as exc:
-                self._bad_shard(url, str(exc))
-                return
-            except Exception as exc:  # a corrupt tar or npy
-                self._bad_shard(url, f"corrupt: {exc}")
-                return
+        if len(data) != entry.get("bytes", len(data)) or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            self._bad_shard(url, f"corrupt: {len(data)} bytes whose sha256 differs from the manifest's")
+            return
+        try:
+            yield from (tokens for _key, tokens, _bounds in iter_samples(io.BytesIO(data), url))
+        except ParcaeError as exc:
+            self._bad_shard(url, str(exc))
+        except Exception as exc:  # a tar or npy that does not parse although its checksum matched
+            self._bad_shard(url, f"corrupt: {exc}")
 
     def _bad_shard(self, url: str, why: str) -> None:
         if self.on_bad_shard == "skip":

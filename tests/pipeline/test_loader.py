@@ -103,6 +103,13 @@ def test_errors_name_the_shard_set(tmp_path, shard_dir):
     (damaged / "shard-000000.tar").write_bytes(b"garbage" * 100)
     with pytest.raises(DataError, match=r"shard-000000.tar: corrupt"):
         take(iter(loader(damaged, shuffle=False)), 1000)
+    # a flipped byte leaves a valid tar with wrong tokens: the manifest's sha256 catches it before any row is used
+    good = (shard_dir / "train" / "shard-000000.tar").read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01
+    (damaged / "shard-000000.tar").write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match=r"shard-000000.tar: corrupt: .* sha256 differs from the manifest"):
+        take(iter(loader(damaged, shuffle=False)), 1000)
     skipping = loader(damaged, shuffle=False, on_bad_shard="skip")
     take(iter(skipping), 5)
     assert skipping.state_dict()["skipped_shards"] == [str(damaged / "shard-000000.tar")]
