@@ -32,7 +32,13 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--set", dest="extra", action="append", default=[], help="more spec overrides (all runs)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="parcae train runs to make")
+    parser.add_argument(
+        "--threads", type=int, help="intra-op threads of the bare loop and of every rank (OMP_NUM_THREADS); "
+        "default: all CPUs for the bare loop, `parcae train`'s own choice (its share of the CPUs) for the ranks"
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from data_prep.corpus import BUILTIN, CorpusSpec, Problems, iter_documents
     from data_prep.shards import ShardSettings, build_shards
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
@@ -70,6 +76,8 @@ def main() -> None:
             *args.extra,
         ]
 
+        threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+
         def parcae_train(ranks: int) -> float:
             run_dir = tmp_path / f"run{ranks}"
             cmd = [
@@ -81,7 +89,7 @@ def main() -> None:
                 *[f"--set={o}" for o in [*overrides, f"cluster.procs_per_node={ranks}", f"run_dir={run_dir}"]],
             ]
             done = subprocess.run(
-                cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}
+                cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu", **threads}
             )
             if done.returncode != 0:
                 sys.exit(f"parcae train ({ranks} ranks) failed:\n{done.stderr[-4000:]}")

@@ -69,6 +69,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_threads_per_rank(ranks_on_node: int) -> int:
+    """Intra-op threads for a CPU rank: its share of the CPUs it may run on. When the process is bound
+    to a subset (Slurm task binding, taskset) that subset is its own; otherwise the node's CPUs are
+    split between the node's ranks, as torchrun does, so ranks do not oversubscribe the cores."""
+    allowed = len(os.sched_getaffinity(0))
+    if allowed < (os.cpu_count() or allowed):
+        return max(1, allowed)
+    return max(1, allowed // max(1, ranks_on_node))
+
+
 def launch_local(argv: list[str], world_size: int, env: dict[str, str] | None = None) -> int:
     """Start ``world_size`` ranks of ``python -m pipeline ARGV`` on this machine (loopback rendezvous).
 

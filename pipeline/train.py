@@ -20,7 +20,14 @@ import torch
 
 from model import flops_per_token, loop_generator, sample_loop_counts
 from pipeline import checkpoint
-from pipeline.distributed import RankInfo, export_rank_env, free_port, launch_local, rank_info
+from pipeline.distributed import (
+    RankInfo,
+    cpu_threads_per_rank,
+    export_rank_env,
+    free_port,
+    launch_local,
+    rank_info,
+)
 from pipeline.errors import REQUEUE_EXIT_CODE, ParcaeError
 from pipeline.spec import JobSpec
 from pipeline.spec_io import LoadedSpec, load_spec
@@ -135,6 +142,10 @@ class Trainer:
 
         spec, info = self.spec, self.info
         _, device_type = accelerator_device(info.local_rank)
+        if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            threads = cpu_threads_per_rank(spec.cluster.procs_per_node)
+            torch.set_num_threads(threads)
+            log.info("CPU: %d intra-op thread(s) per rank (set OMP_NUM_THREADS to choose)", threads)
         init_distributed(device_type)
         torch.manual_seed(spec.training.seed)
         built = build_engine(spec, info.world_size, info.local_rank, info.rank)
