@@ -25,6 +25,7 @@ class FakeEngine:
 
 def write_marker(tmp_path, tag="step-00000005"):
     (tmp_path / tag).mkdir()
+    (tmp_path / tag / "spec.yaml").write_text("name: x\n")  # written last of a checkpoint's files
     (tmp_path / checkpoint.LATEST).write_text(tag + "\n")
 
 
