@@ -142,9 +142,26 @@ def status(run: str) -> int:
         last = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
         if last:
             print(f"last logged step {last[-1]['step']}, loss {last[-1]['loss']:.4f}")
-    latest = Path(run) / "checkpoints" / "LATEST"
-    print(f"checkpoint: {latest.read_text().strip() if latest.is_file() else 'none yet'}")
+    print(f"checkpoint: {_newest_checkpoint(Path(run))}")
     return 0
+
+
+def _newest_checkpoint(run: Path) -> str:
+    from pipeline import checkpoint
+
+    directory = str(run / "checkpoints")
+    options = None
+    if (run / "spec.yaml").is_file():
+        from data_prep.storage import S3Options
+
+        spec = load_spec(run / "spec.yaml").spec
+        directory = spec.checkpoint.dir or directory
+        options = S3Options.from_env(spec.storage.endpoint_url, spec.storage.region, spec.storage.max_retries)
+    try:
+        tag = checkpoint.latest_tag(directory, options)
+    except ParcaeError as exc:
+        return f"unknown ({exc})"
+    return f"{tag} (in {directory})" if tag else "none yet"
 
 
 def cancel(run: str) -> int:
