@@ -14,6 +14,7 @@ checkpoint into its staging directory and the ranks load it from there.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -27,6 +28,7 @@ from pipeline.errors import ParcaeError
 log = logging.getLogger(__name__)
 
 LATEST = "LATEST"
+LAYOUT = "layout.json"  # parameter names and shapes in order, checked before a resume loads anything
 _OWNER = re.compile(r"pp_rank_(\d+)_")  # DeepSpeed's per-data-parallel-rank files
 
 
@@ -79,7 +81,6 @@ def save(
     options: Any = None,
 ) -> str:
     tag = tag_for(step)
-    client_state = {**client_state, "param_layout": param_layout(engine.module)}
     remote = is_remote(directory)
     if remote and not staging:
         raise ParcaeError(f"checkpoint.dir: {directory}: an s3:// destination needs checkpoint.staging_dir")
@@ -96,6 +97,7 @@ def save(
                 file.unlink()
         dist.barrier()
     if rank == 0:
+        store.put_bytes(json.dumps(param_layout(engine.module)).encode(), f"{tag}/{LAYOUT}")
         store.put_bytes(spec_yaml.encode(), f"{tag}/spec.yaml")
         store.put_bytes((tag + "\n").encode(), LATEST)  # atomic on a file system (rename) and on S3 (one PUT)
         if remote:
@@ -130,6 +132,28 @@ def fetch(directory: str, tag: str, destination: Path, options: Any = None) -> P
     return destination
 
 
+def _check_layout(store: Any, tag: str, where: str, current: list[str]) -> None:
+    """Refuse, before DeepSpeed reads anything, a checkpoint whose parameters are not this model's."""
+    saved = json.loads(store.get_bytes(f"{tag}/{LAYOUT}")) if store.exists(f"{tag}/{LAYOUT}") else None
+    if saved == current:
+        return
+    if saved is None:
+        raise ParcaeError(
+            f"{where}: written before checkpoints recorded their parameter layout (before the recurrence became "
+            "one module); it cannot be resumed safely by this version. Start a new run_dir, or export its "
+            "weights with `parcae export` and import them"
+        )
+    first = next(
+        (i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b), min(len(saved), len(current))
+    )
+    theirs = saved[first] if first < len(saved) else "nothing"
+    ours = current[first] if first < len(current) else "nothing"
+    raise ParcaeError(
+        f"{where}: parameter layout differs from this model's (first difference at #{first}: checkpoint "
+        f"{theirs}, model {ours}); the model section of the spec must match the run that wrote it"
+    )
+
+
 def load(
     engine: Any,
     directory: str,
@@ -141,6 +165,8 @@ def load(
     tag = latest_tag(directory, options)
     if tag is None:
         return None
+    where = f"{directory.rstrip('/')}/{tag}"
+    _check_layout(_store(directory, options), tag, where, param_layout(engine.module))
     path = Path(directory)
     if is_remote(directory):
         if not staging:
@@ -150,7 +176,6 @@ def load(
             shutil.rmtree(path, ignore_errors=True)
             fetch(directory, tag, path, options)
         dist.barrier()
-    where = f"{directory.rstrip('/')}/{tag}"
     loaded, client_state = engine.load_checkpoint(str(path), tag=tag)
     if loaded is None:
         raise ParcaeError(f"{where}: DeepSpeed could not load this checkpoint")
@@ -158,22 +183,5 @@ def load(
         dist.barrier()
         if local_rank == 0:
             shutil.rmtree(path, ignore_errors=True)
-    saved, current = client_state.get("param_layout"), param_layout(engine.module)
-    if saved != current:
-        if saved is None:
-            raise ParcaeError(
-                f"{where}: written before checkpoints recorded their parameter layout (before the recurrence became "
-                "one module); it cannot be resumed safely by this version. Start a new run_dir, or export its "
-                "weights with `parcae export` and import them"
-            )
-        first = next(
-            (i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b), min(len(saved), len(current))
-        )
-        theirs = saved[first] if first < len(saved) else "nothing"
-        ours = current[first] if first < len(current) else "nothing"
-        raise ParcaeError(
-            f"{where}: parameter layout differs from this model's (first difference at #{first}: checkpoint "
-            f"{theirs}, model {ours}); the model section of the spec must match the run that wrote it"
-        )
     log.info("resumed from %s", where)
     return client_state

@@ -1,9 +1,11 @@
-"""A checkpoint whose parameter layout differs from the model's is refused before training resumes
-(DeepSpeed's ZeRO checkpoints are flat partitions in parameter order: a changed order loads silently)."""
+"""A checkpoint whose parameter layout differs from the model's is refused before DeepSpeed reads it
+(ZeRO checkpoints are flat partitions in parameter order: a changed order loads silently scrambled, a
+changed set fails inside DeepSpeed). A real engine's refusal is in test_train_resume."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -34,13 +36,15 @@ def test_matching_layout_loads_and_a_different_one_is_named(tmp_path):
     model = build_model(TINY)
     layout = checkpoint.param_layout(model)
     assert layout[0].startswith("transformer.wte.weight:") and any("recurrence.adapter" in x for x in layout)
-    state = checkpoint.load(FakeEngine(model, {"step": 5, "param_layout": layout}), str(tmp_path))
+    (tmp_path / "step-00000005" / checkpoint.LAYOUT).write_text(json.dumps(layout))
+    state = checkpoint.load(FakeEngine(model, {"step": 5}), str(tmp_path))
     assert state["step"] == 5
     other = build_model(dataclasses.replace(TINY, injection="concat"))
     with pytest.raises(
         ParcaeError,
         match=r"parameter layout differs .*first difference at #10: checkpoint transformer.recurrence.adapter.A_log",
     ):
-        checkpoint.load(FakeEngine(other, {"step": 5, "param_layout": layout}), str(tmp_path))
+        checkpoint.load(FakeEngine(other, {"step": 5}), str(tmp_path))
+    (tmp_path / "step-00000005" / checkpoint.LAYOUT).unlink()
     with pytest.raises(ParcaeError, match="before checkpoints recorded their parameter layout"):
         checkpoint.load(FakeEngine(model, {"step": 5}), str(tmp_path))

@@ -103,6 +103,11 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, shards, expected):
         assert after[step] == expected[step], (step, after[step], expected[step])
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert kept == ["step-00000020", "step-00000024"]  # keep_last 2
+    # the same run dir with another model: refused by name before DeepSpeed reads the checkpoint
+    other = start(train_cmd(shards, run_dir, STEPS + 5, "model.injection=concat"), tmp_path / "other.log")
+    assert other.wait(timeout=300) != 0
+    log = (tmp_path / "other.log").read_text()
+    assert "parameter layout differs" in log and "Traceback" not in log, log[-3000:]
 
 
 def test_checkpoints_on_s3_resume_to_the_same_losses(tmp_path, shards, expected, s3_server):
