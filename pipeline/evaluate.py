@@ -51,13 +51,9 @@ def val_loader(spec: JobSpec, info: RankInfo, options: Any):
     )
 
 
-def _rows_loader(url: str, rank: int, world: int, batch_size: int, seq_len: int | None, options: Any, retries: int):
-    from data_prep.inspect import read_manifest
-    from data_prep.storage import open_store
+def _rows_loader(url: str, rank: int, world: int, batch_size: int, seq_len: int, options: Any, retries: int):
     from pipeline.loader import DataError, ShardLoader
 
-    if seq_len is None:
-        seq_len = int(read_manifest(open_store(url, options))["seq_len"])
     loader = ShardLoader(
         url,
         rank=rank,

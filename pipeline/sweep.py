@@ -110,11 +110,11 @@ def plan_sweep(args: argparse.Namespace) -> tuple[Path, list[dict[str, Any]]]:
             f"run_dir={run_dir}",
         ]
         try:
-            spec = load_spec(args.spec, overrides).spec
+            loaded = load_spec(args.spec, overrides)
         except SpecError as exc:
             problems.append(f"point {point['name']}:\n{exc}")
             continue
-        planned.append({**point, "overrides": overrides, "run_dir": str(run_dir), "cluster": spec.cluster.model_dump()})
+        planned.append({**point, "overrides": overrides, "run_dir": str(run_dir), "loaded": loaded})
     if problems:
         raise ParcaeError(f"{len(problems)} of {len(expanded)} sweep points are invalid:\n" + "\n".join(problems))
     return directory, planned
@@ -166,10 +166,10 @@ def run_sweep(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace, directory: Path, points: list[dict[str, Any]]) -> int:
     from pipeline.slurm import _run, check_against_cluster, render
 
-    clusters = {json.dumps(p["cluster"], sort_keys=True) for p in points}
+    clusters = {json.dumps(p["loaded"].spec.cluster.model_dump(), sort_keys=True) for p in points}
     if len(clusters) > 1:
         raise ParcaeError("--submit: one job array has one cluster section; the grid must not vary cluster.*")
-    first = load_spec(args.spec, points[0]["overrides"])
+    first = points[0]["loaded"]
     script = render(first, directory, output=f"{directory}/slurm/%A_%a.out")
     if args.dry_run:
         print(script, end="")
@@ -178,9 +178,8 @@ def _submit(args: argparse.Namespace, directory: Path, points: list[dict[str, An
     (directory / "slurm").mkdir(parents=True, exist_ok=True)
     _write_record(directory, args.spec, points)
     for point in points:  # every task reads its own resolved spec, as `parcae submit` writes it
-        loaded = load_spec(args.spec, point["overrides"])
         Path(point["run_dir"]).mkdir(parents=True, exist_ok=True)
-        loaded.save(Path(point["run_dir"]) / "spec.yaml")
+        point["loaded"].save(Path(point["run_dir"]) / "spec.yaml")
     path = directory / "slurm" / "job.sbatch"
     path.write_text(script)
     job = _run(["sbatch", "--parsable", f"--array=0-{len(points) - 1}", str(path)]).strip().split(";")[0]
