@@ -151,7 +151,7 @@ class Trainer:
         built = build_engine(spec, info.world_size, info.local_rank, info.rank)
         engine, device = built.engine, built.device
         self.engine, self.device = engine, device
-        options = self._s3_options()
+        options = self.options = self._s3_options()
         t = spec.training
         train_loader = ShardLoader(
             spec.data.train_url,
@@ -361,7 +361,7 @@ class Trainer:
             self.spec.checkpoint.keep_last,
             self.loaded.to_yaml(),
             self.spec.checkpoint.staging_dir,
-            self._s3_options(),
+            self.options,
         )
 
     def _spectral(self) -> dict[str, float]:
