@@ -43,10 +43,10 @@ def main() -> None:
     from data_prep.shards import ShardSettings, build_shards
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
     from model import build_model, loop_generator, sample_loop_counts
-    from pipeline.engine import param_groups
-    from pipeline.loader import ShardLoader
-    from pipeline.schedule import lr_multiplier
-    from pipeline.spec_io import load_spec
+    from pipeline.data import train_loader
+    from pipeline.spec import load_spec
+    from pipeline.training.engine import param_groups
+    from pipeline.training.schedule import lr_multiplier
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -101,19 +101,17 @@ def main() -> None:
             spec = load_spec(REPO / "configs" / "demo-tiny.yaml", [*overrides, "cluster.procs_per_node=1"]).spec
             model = build_model(spec.model.build(), seed=spec.training.seed)
             opt = spec.optimizer
-            optimizer = torch.optim.AdamW(param_groups(model, spec), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+            optimizer = torch.optim.AdamW(param_groups(model, opt), lr=opt.lr, betas=opt.betas, eps=opt.eps)
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: lr_multiplier(s, args.steps, spec.schedule)
             )
-            loader = ShardLoader(
-                spec.data.train_url,
+            loader = train_loader(
+                spec.data,
+                spec.storage.s3_options(),
                 rank=0,
                 world_size=1,
                 micro_batch_size=args.micro_batch,
-                seq_len=args.seq_len,
                 seed=spec.training.seed,
-                shuffle_buffer=spec.data.shuffle_buffer,
-                prefetch=1,
             )
             start, counted = 0.0, 0
             for step, batch in enumerate(itertools.islice(iter(loader), args.steps)):

@@ -49,7 +49,7 @@ def overrides(args: argparse.Namespace, gather_unit: str) -> list[str]:
 def run_variant(args: argparse.Namespace) -> dict[str, float]:
     """One variant, in this process: mean ms per phase over the steps after 5 warm-up steps."""
     from model import build_model, loop_generator, sample_loop_counts
-    from pipeline.spec_io import load_spec
+    from pipeline.spec import load_spec
 
     way, draws = args.variant.split(":")
     unit = "module" if way == "module" else "block"
@@ -81,8 +81,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
     else:
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
-        from pipeline.distributed import RankInfo, export_rank_env, free_port
-        from pipeline.engine import build_engine, init_distributed
+        from pipeline.training.distributed import RankInfo, export_rank_env, free_port, init_distributed
+        from pipeline.training.trainer import engine_for_job
 
         original = PartitionedParameterCoordinator._invalidate_trace
 
@@ -93,7 +93,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
         PartitionedParameterCoordinator._invalidate_trace = counting
         export_rank_env(RankInfo(0, 0, 1, "127.0.0.1", free_port()))
         init_distributed("cpu")
-        engine = build_engine(spec, 1, 0, 0).engine
+        engine = engine_for_job(spec, 1, 0, "cpu")
 
         def forward(x, y, counts):
             return engine(x, y, loops=counts)

@@ -1,6 +1,6 @@
 """`parcae prep tokenizer | shards | inspect`: the argument parsers and what each command runs.
 
-The entry point (pipeline/cli.py) mounts these under ``parcae prep``; nothing here imports the pipeline.
+The entry point (pipeline/cli/) mounts these under ``parcae prep``; nothing here imports the pipeline.
 """
 
 from __future__ import annotations

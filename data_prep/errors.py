@@ -1,5 +1,7 @@
-"""Errors a user of `parcae prep` can act on; the CLI prints the message and exits with ``exit_code``."""
+"""Errors a user of `parcae prep` can act on: the area's subclass of the project's one error root."""
+
+from parcae_errors import ParcaeError
 
 
-class PrepError(Exception):
-    exit_code = 1
+class PrepError(ParcaeError):
+    """Corpus, tokenizer, shard, manifest or storage problems, named by file, line or URL."""

@@ -2,7 +2,7 @@
 
 from model.config import ParcaeConfig, count_params, flops_per_token
 from model.parcae import ParcaeLM, build_model
-from model.sampling import loop_generator, sample_loop_counts
+from model.sampling import loop_generator, sample_loop_counts, seeded_generator
 from model.weights import WeightsError, load_pretrained, load_reference, save_reference
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "loop_generator",
     "sample_loop_counts",
     "save_reference",
+    "seeded_generator",
 ]

@@ -1,9 +1,10 @@
 """The model's own configuration: plain data, no torch, no pipeline.
 
 `ParcaeConfig` describes both the looped Parcae model (``arch="parcae"``) and the fixed-depth GPT
-baseline built from the same block (``arch="gpt"``, ``n_layers`` unique layers). The pipeline's
-`ModelSpec` validates user input and builds one of these; the model trusts it (``check()`` only guards
-internal invariants).
+baseline built from the same block (``arch="gpt"``, ``n_layers`` unique layers). It is the one place a
+model field is declared: its default, its bounds and description (field metadata) and the rules across
+fields (`problems`). The pipeline's `ModelSpec` derives its fields from it and reports its problems
+with dotted paths; the model itself only asserts there are none (`check`).
 
 Counting (`count_params`, `flops_per_token`) is analytic and exact for the architecture in
 ``model/parcae.py``; a test compares it with the parameters of the real module built on the meta device.
@@ -12,8 +13,8 @@ Counting (`count_params`, `flops_per_token`) is analytic and exact for the archi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 Arch = Literal["parcae", "gpt"]
 Injection = Literal["diagonal", "add", "concat"]
@@ -23,32 +24,63 @@ VE_GATE_CHANNELS = 32  # value-embedding gate reads the first 32 channels of the
 VOCAB_MULTIPLE = 64
 
 
+def _field(default: Any, doc: str = "", **bounds: float) -> Any:
+    """A config field with its description and numeric bounds (``gt``/``ge``) as metadata: the job spec's
+    ``ModelSpec`` derives its fields, types, defaults, bounds and descriptions from these."""
+    return field(default=default, metadata={"doc": doc, **bounds})
+
+
+class ConfigProblem(NamedTuple):
+    """A combination of values the model cannot be built with: the field to blame, why, every field read."""
+
+    field: str
+    message: str
+    reads: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class ParcaeConfig:
-    arch: Arch = "parcae"
-    vocab_size: int = 32768
-    d_model: int = 768
-    n_head: int = 6
-    n_prelude: int = 2
-    n_core: int = 2
-    n_coda: int = 2
-    n_layers: int = 12  # GPT baseline only
-    max_seq_len: int = 2048
-    injection: Injection = "diagonal"
-    mean_recurrence: int = 8
-    mean_backprop_depth: int = 4
-    h0_init: H0Init = "like_init"
-    activation_checkpointing: bool = True
-    value_embeddings: bool = True
-    rope_base: float = 50000.0
-    norm_eps: float = 1e-5
+    arch: Arch = _field("parcae")
+    vocab_size: int = _field(32768, gt=0)
+    d_model: int = _field(768, gt=0)
+    n_head: int = _field(6, gt=0)
+    n_prelude: int = _field(2, ge=0)
+    n_core: int = _field(2, gt=0)
+    n_coda: int = _field(2, ge=0)
+    n_layers: int = _field(12, "Unique layers of the GPT baseline (arch=gpt only).", gt=0)
+    max_seq_len: int = _field(2048, "Context length (RoPE tables are built for it).", gt=0)
+    injection: Injection = _field("diagonal", "diagonal = Parcae's stable injection; add / concat = RDM baselines.")
+    mean_recurrence: int = _field(8, "Mean of the per-sequence Poisson loop count.", gt=0)
+    mean_backprop_depth: int = _field(4, "Loops run with gradients (truncated backprop).", gt=0)
+    h0_init: H0Init = _field("like_init")
+    activation_checkpointing: bool = _field(True, "Checkpoint each loop iteration.")
+    value_embeddings: bool = _field(True)
+    rope_base: float = _field(50000.0, gt=0)
+    norm_eps: float = _field(1e-5, gt=0)
+
+    def problems(self) -> list[ConfigProblem]:
+        """Every rule across fields this config breaks (bounds of single fields are in the metadata)."""
+        problems = []
+        width = ("d_model", "n_head")
+        if self.d_model % self.n_head:
+            problems.append(ConfigProblem("n_head", f"must divide d_model={self.d_model}", width))
+        elif (self.d_model // self.n_head) % 2:
+            problems.append(ConfigProblem("n_head", "d_model / n_head must be even for RoPE", width))
+        if self.mean_backprop_depth > self.mean_recurrence:
+            message = f"must be <= model.mean_recurrence ({self.mean_recurrence})"
+            problems.append(ConfigProblem("mean_backprop_depth", message, ("mean_backprop_depth", "mean_recurrence")))
+        if self.value_embeddings and self.d_model < VE_GATE_CHANNELS:
+            message = (
+                f"must be >= {VE_GATE_CHANNELS} with value_embeddings (the gate reads {VE_GATE_CHANNELS} channels)"
+            )
+            problems.append(ConfigProblem("d_model", message, ("d_model", "value_embeddings")))
+        return problems
 
     def check(self) -> None:
-        assert self.d_model % self.n_head == 0, "n_head must divide d_model"
-        assert (self.d_model // self.n_head) % 2 == 0, "head_dim must be even for RoPE"
-        assert self.mean_backprop_depth <= self.mean_recurrence
-        if self.value_embeddings:
-            assert self.d_model >= VE_GATE_CHANNELS
+        """Internal invariant: the model is only built from a config without problems."""
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(f"{p.field}: {p.message}" for p in problems))
 
     @property
     def looped(self) -> bool:

@@ -144,12 +144,25 @@ class DiagonalInjection(nn.Module):
         a_bar, delta = self.discretize()
         return (a_bar * h + delta * F.linear(e, self.B)).to(h.dtype)
 
+    SPECTRAL_PARAMS = ("A_log", "dt_bias")  # what spectral_stats reads (a sharded trainer gathers these)
+
+    @torch.no_grad()
+    def spectral_stats(self) -> dict[str, float]:
+        """The spectral radius of the loop's linear part, max(A_bar), and mean(A_bar)."""
+        a_bar, _ = self.discretize()
+        return {"spectral_radius": float(a_bar.max()), "a_bar_mean": float(a_bar.mean())}
+
 
 class AddInjection(nn.Module):
     """RDM baseline: u = h + e (A = I, spectral radius exactly 1)."""
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return h + e
+
+    SPECTRAL_PARAMS = ()
+
+    def spectral_stats(self) -> dict[str, float]:
+        return {"spectral_radius": 1.0}
 
 
 class ConcatInjection(nn.Module):
@@ -161,6 +174,17 @@ class ConcatInjection(nn.Module):
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return F.linear(torch.cat((h, e), dim=-1), self.weight)
+
+    MAX_EIG_DIM = 4096  # above this an eigendecomposition per log step costs more than it tells
+    SPECTRAL_PARAMS = ("weight",)
+
+    @torch.no_grad()
+    def spectral_stats(self) -> dict[str, float]:
+        """max |eigenvalue| of the block of W acting on h."""
+        d = self.weight.shape[0]
+        if d > self.MAX_EIG_DIM:
+            return {}
+        return {"spectral_radius": float(torch.linalg.eigvals(self.weight[:, :d].float()).abs().max())}
 
 
 INJECTIONS: dict[str, Callable[[int], nn.Module]] = {

@@ -13,9 +13,16 @@ import hashlib
 import torch
 
 
+def seeded_generator(
+    purpose: str, seed: int, rank: int, step: int, micro_step: int, device: str | torch.device = "cpu"
+) -> torch.Generator:
+    """A generator for one draw (``purpose``: "loops", "h0", ...), seeded by a hash of what identifies it."""
+    digest = hashlib.sha256(f"parcae-{purpose}:{seed}:{rank}:{step}:{micro_step}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 def loop_generator(seed: int, rank: int, step: int, micro_step: int) -> torch.Generator:
-    digest = hashlib.sha256(f"parcae-loops:{seed}:{rank}:{step}:{micro_step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return seeded_generator("loops", seed, rank, step, micro_step)
 
 
 def sample_loop_counts(

@@ -29,12 +29,13 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ParcaeConfig
 from model.parcae import ParcaeLM
+from parcae_errors import ParcaeError
 
 FORMAT = "parcae-reference"
 _PREFIXES = ("_orig_mod.", "module.")
 
 
-class WeightsError(ValueError):
+class WeightsError(ParcaeError):
     """A weights file that does not fit the model: the message names the file and the keys."""
 
 
@@ -88,7 +89,7 @@ def read_config(path: str | Path) -> ParcaeConfig | None:
     return ParcaeConfig(**json.loads(metadata["config"]))
 
 
-def normalize_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def normalize_names(tensors: dict[str, torch.Tensor], source: str | Path = "weights") -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in tensors.items():
         for prefix in _PREFIXES:
@@ -99,18 +100,17 @@ def normalize_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         out[name] = tensor
     head = out.pop("lm_head.weight", None)
     if head is not None and "transformer.wte.weight" in out and not torch.equal(head, out["transformer.wte.weight"]):
-        raise WeightsError("lm_head.weight differs from transformer.wte.weight, but this model ties them")
+        raise WeightsError(f"{source}: lm_head.weight differs from transformer.wte.weight, but this model ties them")
     return out
 
 
 def load_reference(model: ParcaeLM, path: str | Path) -> None:
     """Load a safetensors file into ``model`` exactly: every key present, no extra key, every shape equal."""
     try:
-        tensors = normalize_names(load_file(str(path)))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise WeightsError(f"{path}: cannot read as safetensors: {exc}") from None
-    except WeightsError as exc:
-        raise WeightsError(f"{path}: {exc}") from None
+    tensors = normalize_names(tensors, path)
     expected = reference_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

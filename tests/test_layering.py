@@ -1,12 +1,18 @@
-"""Dependency direction: model/ imports torch and itself only; data_prep/ imports neither model/ nor
-pipeline/; only pipeline/ imports deepspeed. Checked on the source (imports anywhere in a file) and by
-importing the packages in a fresh interpreter."""
+"""Dependency direction, checked on the source (imports anywhere in a file, function-level ones included)
+and by importing the packages in a fresh interpreter:
+
+- model/ imports torch, its own files and the error root only; data_prep/ neither model/ nor pipeline/;
+  only pipeline/ imports deepspeed; `parcae_errors` imports nothing of the project.
+- inside pipeline/ the subpackages form layers, each importing only those below it:
+  spec < data < evaluation < training < jobs < cli (and no file imports another that imports it back).
+"""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,16 +22,24 @@ FORBIDDEN = {
     "model": {"deepspeed", "pipeline", "data_prep", "webdataset", "boto3"},
     "data_prep": {"deepspeed", "pipeline", "model", "torch"},
 }
+PIPELINE_LAYERS = ["spec", "data", "evaluation", "training", "jobs", "cli"]
 
 
-def imported_roots(path) -> set[str]:
-    roots = set()
+def imports(path: Path) -> set[str]:
+    """Absolute module names a file imports (``from a.b import c`` counts as ``a.b`` and ``a.b.c``)."""
+    names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            roots |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            roots.add(node.module.split(".")[0])
-    return roots
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -33,8 +47,63 @@ def test_package_does_not_import_forbidden_roots(package):
     files = sorted((REPO / package).rglob("*.py"))
     assert files
     for path in files:
-        bad = imported_roots(path) & FORBIDDEN[package]
+        bad = {name.split(".")[0] for name in imports(path)} & FORBIDDEN[package]
         assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_the_error_root_imports_nothing_of_the_project():
+    roots = {name.split(".")[0] for name in imports(REPO / "parcae_errors.py")}
+    assert not roots & {"model", "data_prep", "pipeline", "torch", "deepspeed"}
+
+
+def layer(name: str) -> int | None:
+    parts = name.split(".")
+    if parts[0] != "pipeline" or len(parts) < 2 or parts[1] not in PIPELINE_LAYERS:
+        return None
+    return PIPELINE_LAYERS.index(parts[1])
+
+
+def test_pipeline_subpackages_import_only_lower_layers():
+    files = sorted((REPO / "pipeline").rglob("*.py"))
+    top = {p.name for p in (REPO / "pipeline").iterdir() if p.suffix == ".py"}
+    assert top == {"__init__.py", "__main__.py"}, f"pipeline/ files belong in a layer: {sorted(top)}"
+    assert {p.name for p in (REPO / "pipeline").iterdir() if p.is_dir() and p.name != "__pycache__"} == set(
+        PIPELINE_LAYERS
+    )
+    for path in files:
+        own = layer(module_name(path))
+        if own is None:
+            continue
+        for name in imports(path):
+            other = layer(name)
+            assert other is None or other <= own, (
+                f"{path.relative_to(REPO)} ({PIPELINE_LAYERS[own]}) imports {name} ({PIPELINE_LAYERS[other]}), "
+                f"a layer above it; the order is {' < '.join(PIPELINE_LAYERS)}"
+            )
+
+
+def test_no_import_circles_between_files():
+    modules = {module_name(p): p for p in sorted((REPO / "pipeline").rglob("*.py"))}
+    edges = {
+        name: {m for m in (imports(path)) if m in modules and m != name and not name.startswith(m + ".")}
+        for name, path in modules.items()
+    }
+    # package __init__ files that only re-export their own modules are not part of a circle
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                circle = stack[stack.index(nxt) :] + [nxt] if nxt in stack else [node, nxt]
+                raise AssertionError(f"import circle: {' -> '.join(circle)}")
+            if nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for name in modules:
+        if name not in state:
+            visit(name, [name])
 
 
 def test_importing_model_does_not_load_deepspeed():

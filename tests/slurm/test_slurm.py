@@ -16,7 +16,7 @@ import pytest
 from data_prep.shards import ShardSettings, build_shards
 from data_prep.storage import S3Options
 from tests.conftest import CONFIGS, REPO, parcae_cmd
-from tests.pipeline.test_train_resume import losses
+from tests.pipeline.training.test_train_resume import losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"

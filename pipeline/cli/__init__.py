@@ -1,0 +1,83 @@
+"""The one entry point: ``parcae <command>`` (also ``python -m pipeline``).
+
+Each module of this package adds its commands' parsers (`add_parsers`) and holds their ``cmd_*``
+functions, which unpack the arguments once and call the library with plain values. Commands import
+what they need when they run, so ``parcae --help`` stays fast and importing this package has no side
+effects. Logging is configured once, in `main`, and filtered to rank 0 unless asked otherwise; every
+project error (`parcae_errors.ParcaeError`) is caught once, here, and printed without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from data_prep.cli import add_prep_parser
+from parcae_errors import ParcaeError
+from pipeline.cli import demo, evaluate, plan, slurm, sweep, tb, train, validate, weights
+
+
+class _RankFilter(logging.Filter):
+    """Tags records with the rank; drops them on ranks other than 0 unless every rank logs."""
+
+    def __init__(self, rank: int, all_ranks: bool):
+        super().__init__()
+        self.rank, self.all_ranks = rank, all_ranks
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return self.all_ranks or self.rank == 0
+
+
+def configure_logging(verbose: bool = False, all_ranks: bool = False) -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RankFilter(rank, all_ranks))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parcae",
+        description="Pretraining pipeline for Parcae stable looped language models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--all-ranks", action="store_true", help="log from every rank, not only rank 0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    validate.add_parsers(sub)
+    add_prep_parser(sub)
+    train.add_parsers(sub)
+    slurm.add_parsers(sub)
+    weights.add_parsers(sub)
+    evaluate.add_parsers(sub)
+    plan.add_parsers(sub)
+    sweep.add_parsers(sub)
+    tb.add_parsers(sub)
+    demo.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(verbose=args.verbose, all_ranks=args.all_ranks)
+    try:
+        return int(args.func(args) or 0)
+    except ParcaeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        for note in getattr(exc, "__notes__", ()):
+            print(note, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

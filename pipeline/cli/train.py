@@ -1,0 +1,24 @@
+"""`parcae train SPEC`: pretrain (ranks on this machine, or one rank under Slurm/torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pipeline.cli.args import add_spec_args
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="pretrain: launches its ranks on this machine, or runs as one rank under "
+        "Slurm/torchrun; resumes from the run's newest checkpoint",
+    )
+    add_spec_args(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.training.launch import run_train
+
+    return run_train(args.spec, args.overrides)

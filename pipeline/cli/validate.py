@@ -1,0 +1,85 @@
+"""`parcae validate SPEC` (every problem, or a short resolved summary) and `parcae schema`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from model.config import count_params, flops_per_token
+from pipeline.cli.args import add_spec_args
+from pipeline.spec import JobSpec, load_spec
+from pipeline.training.ds_config import build_ds_config, load_base_config
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("validate", help="check a job spec; print every problem, or a resolved summary")
+    add_spec_args(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--show-spec", action="store_true", help="also print the resolved spec (secrets hidden)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of job specs (for editor completion)")
+    p.set_defaults(func=cmd_schema)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    loaded = load_spec(args.spec, args.overrides)
+    summary = spec_summary(loaded.spec)
+    if args.json:
+        print(loaded.redact(json.dumps(summary, indent=2)))
+    else:
+        print(f"{args.spec}: valid")
+        width = max(len(k) for k in summary)
+        for key, value in summary.items():
+            print(loaded.redact(f"  {key:<{width}}  {value}"))
+    if args.show_spec:
+        print(loaded.to_yaml(), end="")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.4g}{suffix}{unit}"
+    return f"{n:.4g}{unit}"
+
+
+def spec_summary(spec: JobSpec) -> dict[str, Any]:
+    """Derived numbers, after checking that the DeepSpeed config can be built for this spec."""
+    base = load_base_config(spec.zero.base_config)
+    build_ds_config(spec.training, spec.optimizer, spec.zero, base, spec.world_size)
+    cfg = spec.model.build()
+    params = count_params(cfg)
+    fpt = flops_per_token(cfg, spec.data.seq_len)
+    steps = spec.total_steps
+    t = spec.training
+    model = f"{cfg.arch}, injection {cfg.injection}" if cfg.looped else "gpt (fixed depth)"
+    layers = f"{cfg.n_prelude}/{cfg.n_core}/{cfg.n_coda}" if cfg.looped else f"{cfg.n_layers}"
+    summary: dict[str, Any] = {
+        "name": spec.name,
+        "run_dir": spec.run_dir,
+        "model": f"{model}, layers {layers}, d_model {cfg.d_model}, heads {cfg.n_head}",
+        "parameters": f"{_human(params['total'])} ({_human(params['value_embeddings'])} value embeddings, "
+        f"{_human(params['core'])} in the looped core)",
+        "loops": f"mean recurrence {cfg.mean_recurrence}, backprop depth {cfg.mean_backprop_depth}"
+        if cfg.looped
+        else "none",
+        "world_size": f"{spec.world_size} ({spec.cluster.nodes} node(s) x {spec.cluster.procs_per_node})",
+        "batch": f"global {t.global_batch_size} = micro {t.micro_batch_size} x accumulation "
+        f"{t.gradient_accumulation_steps} x world {spec.world_size} sequences of {spec.data.seq_len} tokens",
+        "tokens_per_step": spec.tokens_per_step,
+        "total_steps": steps,
+        "total_tokens": _human(steps * spec.tokens_per_step),
+        "flops_per_token": _human(fpt),
+        "total_flops": _human(fpt * steps * spec.tokens_per_step),
+        "zero": f"stage {spec.zero.stage}, base {spec.zero.base_config}, offload optimizer "
+        f"{spec.zero.offload_optimizer}, params {spec.zero.offload_params}",
+        "optimizer": f"{spec.optimizer.name}, lr {spec.optimizer.lr:g}, clip {spec.optimizer.grad_clip:g}",
+    }
+    return summary

@@ -1,0 +1,291 @@
+"""Streaming shards from a manifest (local directory or s3:// prefix), with exact resume.
+
+Each epoch, the shard order is a permutation drawn from (seed, epoch); rank r of W reads the shards
+at positions r, r + W, ... of it, reading each one through boto3 (or the file system) into memory,
+never to disk, and using its rows only once its size and sha256 match the manifest; samples are
+shuffled through a bounded buffer seeded by (seed, epoch, rank).
+Every rank yields the same number of batches per epoch: the smallest share, computed from the
+manifest alone (no communication), so no rank waits at an epoch end for another.
+
+The loader's position is two numbers, (epoch, batches yielded in that epoch). The stream of an epoch
+is a pure function of the manifest, the seed, the rank, the world size and the batch size, so resuming
+replays the epoch and skips that many batches: exactly the batches an uninterrupted run would have
+seen. That holds for any change of ``prefetch_batches`` (prefetching does not change the order); changing
+the world size, the micro batch size, the seed or the shard set changes the stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.inspect import iter_samples, read_manifest
+from data_prep.storage import S3Options, StorageError, open_store
+from parcae_errors import ParcaeError
+from pipeline.spec import DataSpec
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ParcaeError):
+    """A shard set that cannot feed training: named by URL and what is wrong."""
+
+
+def train_loader(
+    data: DataSpec, options: S3Options, *, rank: int, world_size: int, micro_batch_size: int, seed: int
+) -> ShardLoader:
+    """The training stream of one rank: its share of the shards, shuffled, read ahead in a thread."""
+    return ShardLoader(
+        data.train_url,
+        rank=rank,
+        world_size=world_size,
+        micro_batch_size=micro_batch_size,
+        seq_len=data.seq_len,
+        seed=seed,
+        shuffle_buffer=data.shuffle_buffer,
+        options=options,
+        on_bad_shard=data.on_bad_shard,
+        prefetch=data.prefetch_batches,
+    )
+
+
+def rows_loader(
+    url: str, options: S3Options, *, rank: int, world_size: int, batch_size: int, seq_len: int
+) -> ShardLoader:
+    """A (small) evaluation set: every rank reads all of it and keeps every world_size-th row, unshuffled."""
+    loader = ShardLoader(
+        url,
+        rank=rank,
+        world_size=world_size,
+        micro_batch_size=batch_size,
+        seq_len=seq_len,
+        seed=0,
+        shuffle_buffer=0,
+        options=options,
+        shuffle=False,
+        prefetch=0,
+        split_by="samples",
+    )
+    if loader.batches_per_epoch(0) == 0:
+        raise DataError(f"{url}: too few validation rows for one batch of {batch_size} per rank on {world_size} ranks")
+    return loader
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    batches: int = 0  # yielded in this epoch
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+
+class ShardLoader:
+    def __init__(
+        self,
+        url: str,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        seq_len: int,
+        seed: int,
+        shuffle_buffer: int,
+        options: S3Options | None = None,
+        on_bad_shard: str = "error",
+        prefetch: int = 1,
+        shuffle: bool = True,
+        split_by: str = "shards",
+    ):
+        options = options or S3Options.from_env()
+        self.store = open_store(url, options)
+        self.url = url
+        self.manifest = read_manifest(self.store)
+        if self.manifest["seq_len"] != seq_len:
+            raise DataError(
+                f"{url}: shards hold rows of seq_len {self.manifest['seq_len']} (+1), but data.seq_len is {seq_len}; "
+                "prepare shards with --seq-len matching the spec, or set data.seq_len to the shards'"
+            )
+        self.shards = self.manifest["shards"]
+        self.split_by = split_by  # "samples": every rank reads every shard and keeps every world_size-th row
+        if split_by == "shards" and len(self.shards) < world_size:
+            raise DataError(f"{url}: {len(self.shards)} shard(s) cannot feed {world_size} ranks; write smaller shards")
+        self.rank, self.world_size = rank, world_size
+        self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
+        self.seed, self.shuffle_buffer, self.shuffle = seed, shuffle_buffer, shuffle
+        self.on_bad_shard, self.prefetch, self.max_retries = on_bad_shard, prefetch, options.max_retries
+        self.state = LoaderState()
+        self.skipped_shards: list[str] = []
+
+    # -- the stream of one epoch: a pure function of (manifest, seed, epoch, rank, world, batch size)
+    def shard_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:shards:{epoch}").shuffle(order)
+        return order
+
+    def rank_shards(self, epoch: int, rank: int | None = None) -> list[int]:
+        rank = self.rank if rank is None else rank
+        return self.shard_order(epoch)[rank :: self.world_size]
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        """The smallest share over ranks (same on every rank)."""
+        if self.split_by == "samples":
+            total = sum(s["samples"] for s in self.shards)
+            return (total // self.world_size) // self.micro_batch_size
+        shares = [
+            sum(self.shards[i]["samples"] for i in self.rank_shards(epoch, r)) // self.micro_batch_size
+            for r in range(self.world_size)
+        ]
+        return min(shares)
+
+    def _samples(self, epoch: int) -> Iterator[np.ndarray]:
+        rng = random.Random(f"{self.seed}:samples:{epoch}:{self.rank}")
+        buffer: list[np.ndarray] = []
+        if self.split_by == "samples":
+            position = 0
+            for index in self.shard_order(epoch):
+                for tokens in self._read_shard(self.shards[index]):
+                    if position % self.world_size == self.rank:
+                        yield tokens
+                    position += 1
+            return
+        for index in self.rank_shards(epoch):
+            for tokens in self._read_shard(self.shards[index]):
+                if not self.shuffle or self.shuffle_buffer <= 1:
+                    yield tokens
+                    continue
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(tokens)
+                    continue
+                pick = rng.randrange(len(buffer))
+                yield buffer[pick]
+                buffer[pick] = tokens
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _read_shard(self, entry: dict[str, Any]) -> Iterator[np.ndarray]:
+        """One shard's rows, after its size and sha256 match the manifest: the shard is read into memory
+        (one at a time per rank; hundreds of MB at most), so a corrupt shard contributes no row at all."""
+        name = entry["name"]
+        url = self.store.child_url(name)
+        for attempt in range(self.max_retries + 1):
+            try:
+                data = self.store.get_bytes(name)
+                break
+            except (StorageError, OSError) as exc:  # transient: back off and read it again
+                if attempt == self.max_retries:
+                    self._bad_shard(url, f"unreadable after {attempt + 1} attempts: {exc}")
+                    return
+                time.sleep(min(2**attempt * 0.5, 8.0))
+        if len(data) != entry.get("bytes", len(data)) or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            self._bad_shard(url, f"corrupt: {len(data)} bytes whose sha256 differs from the manifest's")
+            return
+        try:
+            yield from (tokens for _key, tokens, _bounds in iter_samples(io.BytesIO(data), url))
+        except ParcaeError as exc:
+            self._bad_shard(url, str(exc))
+        except Exception as exc:  # a tar or npy that does not parse although its checksum matched
+            self._bad_shard(url, f"corrupt: {exc}")
+
+    def _bad_shard(self, url: str, why: str) -> None:
+        if self.on_bad_shard == "skip":
+            log.warning("skipping shard %s: %s", url, why)
+            self.skipped_shards.append(url)
+            return
+        raise DataError(f"{url}: {why} (data.on_bad_shard: skip would skip and count it)")
+
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[tuple[int, torch.Tensor]]:
+        limit = self.batches_per_epoch(epoch)
+        rows: list[np.ndarray] = []
+        produced = 0
+        for tokens in self._samples(epoch):
+            rows.append(tokens)
+            if len(rows) == self.micro_batch_size:
+                if produced >= skip:
+                    yield produced, torch.from_numpy(np.stack(rows).astype(np.int64))
+                produced += 1
+                rows = []
+                if produced >= limit:
+                    return
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Batches of (micro_batch_size, seq_len + 1) int64 token rows, forever, from the current state.
+
+        The state advances when a batch is handed to the caller, not when it is read ahead.
+        """
+        source = self._batches(self.state.epoch, self.state.batches)
+        if self.prefetch > 0:
+            source = _prefetched(source, self.prefetch)
+        for epoch, index, batch in source:
+            self.state = LoaderState(epoch, index + 1)
+            yield batch
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        while True:
+            if self.batches_per_epoch(epoch) == 0:
+                raise DataError(
+                    f"{self.url}: a rank's share of the shards holds fewer than one batch of "
+                    f"{self.micro_batch_size} rows"
+                )
+            for index, batch in self._epoch_batches(epoch, skip):
+                yield epoch, index, batch
+            epoch, skip = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.state.as_dict(), "skipped_shards": list(self.skipped_shards)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = LoaderState(int(state["epoch"]), int(state["batches"]))
+        self.skipped_shards = list(state.get("skipped_shards", []))
+
+
+def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Read ahead in a thread (I/O and decoding overlap compute); order is unchanged. Closing the
+    returned generator (or dropping it) stops the thread and waits for it, so no reader outlives its run."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for item in source:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=fill, daemon=True, name="shard-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)  # at most one shard read in flight

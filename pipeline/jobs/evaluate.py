@@ -1,0 +1,165 @@
+"""`parcae eval SOURCE`: a saved model's validation loss, perplexity and bits per byte at test-time loop
+counts, the fitted L(T) = L_inf + k exp(-z T); a table, ``eval.json``, ``eval.png`` and TensorBoard.
+
+SOURCE is a run directory, a checkpoint directory (sharded DeepSpeed, consolidated here in fp32), our
+exported safetensors, or reference-format safetensors (with a spec for the model). The validation
+shards (local or s3://) stream through the training loader, unshuffled; h_0 = 0, so the numbers are
+identical run to run. Bits per byte = summed loss / ln 2 / bytes, the bytes being the UTF-8 bytes the
+target tokens decode to (`pipeline.evaluation.token_bytes`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_prep.inspect import read_manifest
+from data_prep.storage import S3Options, is_s3, open_store
+from data_prep.tokenizer import TokenizerError
+from model import ParcaeLM, load_pretrained
+from model.weights import read_config
+from parcae_errors import ParcaeError
+from pipeline.data import rows_loader
+from pipeline.evaluation.curves import CurveFit, plot_loop_curve
+from pipeline.evaluation.losses import loss_sums
+from pipeline.evaluation.report import fit_results, loop_results, print_table, write_tensorboard
+from pipeline.evaluation.token_bytes import TokenBytes
+from pipeline.spec import JobSpec, load_spec
+from pipeline.training import checkpoint
+from pipeline.training.weights import load_checkpoint_model
+
+DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class Source:
+    """A model to evaluate and where its results go by default."""
+
+    model: ParcaeLM
+    spec: JobSpec | None  # the run's (or the one given), for data and storage defaults
+    label: str
+    step: int
+    out_dir: Path
+    tensorboard_dir: str | None
+
+
+def load_source(source: str, given: JobSpec | None, tag: str | None) -> Source:
+    """A run directory, checkpoint directory (local or s3://) or safetensors file; ``given`` describes the
+    model of reference-format weights (and overrides a run's spec for data and storage)."""
+    path = Path(source)
+    if path.is_file():
+        cfg = read_config(path)
+        if cfg is None and given is None:
+            raise ParcaeError(
+                f"{path}: holds no model config (reference-format weights); pass --spec with the model section"
+            )
+        model = load_pretrained(given.model.build() if given else cfg, path)
+        return Source(model, given, path.name, 0, path.with_name(path.stem + "-eval"), None)
+    if is_s3(source):  # an s3:// checkpoint directory
+        ckpt_dir = source
+    elif not path.is_dir():
+        raise ParcaeError(f"{path}: no such file or directory (a run directory, checkpoint directory or .safetensors)")
+    elif (path / checkpoint.LATEST).is_file() or tag:
+        ckpt_dir = str(path)
+    elif (path / "spec.yaml").is_file():
+        ckpt_dir = load_spec(path / "spec.yaml").spec.checkpoint.dir or str(path / "checkpoints")
+    else:
+        raise ParcaeError(
+            f"{path}: neither a run directory (spec.yaml) nor a checkpoint directory ({checkpoint.LATEST})"
+        )
+    model, spec, tag = load_checkpoint_model(ckpt_dir, tag)
+    step = int(tag.split("-")[-1]) if tag.split("-")[-1].isdigit() else 0
+    run_dir = Path(spec.run_dir or ".")
+    return Source(
+        model, given or spec, f"{run_dir.name}/{tag}", step, run_dir / "eval" / tag, spec.logging.tensorboard_dir
+    )
+
+
+def run_eval(
+    source: Source,
+    *,
+    data: str | None,
+    loops: list[int] | None,
+    batch_size: int,
+    max_batches: int,
+    tokenizer: str | None,
+    out: str | None,
+    tensorboard: str | None,
+    endpoint_url: str | None,
+    source_name: str,
+) -> Path:
+    """Evaluate, print the table, write the outputs; returns the output directory."""
+    if loops and min(loops) < 1:
+        raise ParcaeError(f"--loops: loop counts must be >= 1, got {loops}")
+    if batch_size < 1 or max_batches < 1:
+        raise ParcaeError("--batch-size and --max-batches must be >= 1")
+    model, spec = source.model, source.spec
+    model.eval()
+    cfg = model.cfg
+    data = data or (spec.data.val_url if spec else None)
+    if not data:
+        raise ParcaeError("no validation data: pass --data (a shard directory or s3:// prefix with manifest.json)")
+    if spec:
+        options = S3Options.from_env(
+            endpoint_url or spec.storage.endpoint_url, spec.storage.region, spec.storage.max_retries
+        )
+    else:
+        options = S3Options.from_env(endpoint_url)
+    manifest = read_manifest(open_store(data, options))
+    seq_len = int(manifest["seq_len"])
+    if seq_len > cfg.max_seq_len:
+        raise ParcaeError(f"{data}: rows of {seq_len} tokens, longer than the model's max_seq_len {cfg.max_seq_len}")
+    vocab_in_data = int(manifest["tokenizer"].get("vocab_size", cfg.vocab_size))
+    if vocab_in_data > cfg.vocab_size:
+        raise ParcaeError(f"{data}: tokenizer vocabulary {vocab_in_data} is larger than the model's {cfg.vocab_size}")
+    try:
+        counter = TokenBytes(tokenizer or manifest["tokenizer"]["path"], cfg.padded_vocab_size)
+    except TokenizerError as exc:
+        exc.add_note("pass --tokenizer with the model the shards were made with")
+        raise
+    loader = rows_loader(data, options, rank=0, world_size=1, batch_size=batch_size, seq_len=seq_len)
+    n_batches = min(loader.batches_per_epoch(0), max_batches)
+    batches = [b for _, b in zip(range(n_batches), loader, strict=False)]
+    n_bytes = sum(counter.count(b.numpy()) for b in batches)
+    if n_bytes == 0:
+        raise ParcaeError(f"{data}: the evaluated tokens decode to no bytes; is --tokenizer the shards' tokenizer?")
+    counts = sorted(set(loops or DEFAULT_LOOPS)) if cfg.looped else None
+    with torch.no_grad():
+        sums = loss_sums(model, batches, counts, cfg.d_model)
+    results = loop_results(counts, sums, n_bytes)
+    fit, fit_error = fit_results(results)
+    out_dir = Path(out or source.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "source": source_name,
+        "label": source.label,
+        "step": source.step,
+        "data": data,
+        "rows": int(sum(b.shape[0] for b in batches)),
+        "tokens": int(sums[0, 1]),
+        "bytes": n_bytes,
+        "h0": "zeros",
+        "results": results,
+        "fit": fit,
+        "fit_error": fit_error,
+    }
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    figure = None
+    if counts:
+        curve = (counts, [r["loss"] for r in results], CurveFit(**fit) if fit else None)
+        figure = plot_loop_curve(
+            {source.label: curve}, f"{source.label}: loss vs test-time loops", out_dir / "eval.png"
+        )
+    tb_dir = None if tensorboard == "none" else (tensorboard or source.tensorboard_dir or str(out_dir / "tensorboard"))
+    if tb_dir:
+        write_tensorboard(tb_dir, source.step, report, figure)
+    print(
+        f"wrote {out_dir / 'eval.json'}"
+        + (f", {out_dir / 'eval.png'}" if counts else "")
+        + (f"; TensorBoard: {tb_dir}" if tb_dir else "")
+    )
+    return out_dir

@@ -1,0 +1,223 @@
+"""Slurm: render and submit the batch script (`parcae submit`), watch (`status`), cancel, and the job's
+own wrapper (`parcae slurm-job`), which finds the rendezvous, starts one rank per task with srun, passes
+the warning signal on, and requeues a preempted job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from string import Template
+
+from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError
+from pipeline.jobs.sweep_record import is_sweep, metrics_records, point_run_dir
+from pipeline.spec import ClusterSpec, LoadedSpec, load_spec
+from pipeline.training import checkpoint
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.tmpl"
+SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+-]+$")
+
+
+class SlurmError(ParcaeError):
+    """Slurm refused something or is not reachable; the message carries what it said."""
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SlurmError(
+            f"{cmd[0]}: not found; is this a Slurm login node (or slurm/local_cluster.sh start)?"
+        ) from None
+    if out.returncode != 0:
+        raise SlurmError(f"{' '.join(cmd[:2])}: {out.stderr.strip() or out.stdout.strip()}")
+    return out.stdout
+
+
+def sbatch(script: Path, *options: str) -> str:
+    """Submit a batch script; returns the job id."""
+    return _run(["sbatch", "--parsable", *options, str(script)]).strip().split(";")[0]
+
+
+def render(spec: LoadedSpec, run_dir: Path, python: str = sys.executable, output: str | None = None) -> str:
+    cluster: ClusterSpec = spec.spec.cluster
+    workdir = str(Path.cwd())
+    for label, value in (("run_dir", str(run_dir)), ("python", python), ("working directory", workdir)):
+        if not SAFE_PATH.match(value):
+            raise ParcaeError(
+                f"{label}: {value!r} has characters a batch script line cannot carry safely "
+                "(use letters, digits and . _ / + -)"
+            )
+    options = {
+        "partition": cluster.partition,
+        "account": cluster.account,
+        "qos": cluster.qos,
+        "time": cluster.time_limit,
+        "constraint": cluster.constraint,
+        "cpus-per-task": cluster.cpus_per_task,
+        "gpus-per-node": cluster.gpus_per_node,
+    }
+    optional = [f"#SBATCH --{flag}={value}" for flag, value in options.items() if value]
+    optional.append("#SBATCH --requeue" if cluster.requeue else "#SBATCH --no-requeue")
+    optional += [f"#SBATCH {line}" for line in cluster.extra_sbatch]
+    return Template(TEMPLATE.read_text()).substitute(
+        job_name=spec.spec.name,
+        nodes=cluster.nodes,
+        tasks_per_node=cluster.procs_per_node,
+        output=output or f"{run_dir}/slurm/%j.out",
+        workdir=workdir,
+        signal_seconds=cluster.signal_seconds,
+        optional_lines="\n".join(optional),
+        setup_lines="\n".join(cluster.setup_lines),
+        python=shlex.quote(python),
+        run_dir=shlex.quote(str(run_dir)),
+    )
+
+
+def check_against_cluster(cluster: ClusterSpec) -> None:
+    """Refuse what the cluster cannot run, before submitting: unknown partition, too many nodes."""
+    partitions: dict[str, int] = {}
+    for line in _run(["sinfo", "-h", "-o", "%P|%D"]).splitlines():
+        name, count = line.strip().split("|")
+        partitions[name.rstrip("*")] = int(count)
+        if name.endswith("*"):
+            partitions.setdefault("", int(count))
+    partition = cluster.partition or ""
+    if partition not in partitions:
+        known = ", ".join(sorted(p for p in partitions if p))
+        raise ParcaeError(
+            f"cluster.partition: {cluster.partition!r} does not exist on this cluster (partitions: {known})"
+        )
+    if cluster.nodes > partitions[partition]:
+        where = f"partition {cluster.partition!r}" if cluster.partition else "the default partition"
+        raise ParcaeError(f"cluster.nodes: {cluster.nodes} requested, but {where} has {partitions[partition]} node(s)")
+
+
+def submit(spec_path: str, overrides: list[str], dry_run: bool) -> int:
+    loaded = load_spec(spec_path, overrides)
+    run_dir = Path(loaded.spec.run_dir or f"runs/{loaded.spec.name}").resolve()
+    script = render(loaded, run_dir)
+    if dry_run:
+        print(script, end="")
+        return 0
+    check_against_cluster(loaded.spec.cluster)
+    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    loaded.spec.run_dir = str(run_dir)
+    loaded.save(run_dir / "spec.yaml")
+    path = run_dir / "slurm" / "job.sbatch"
+    path.write_text(script)
+    job_id = sbatch(path)
+    with (run_dir / "slurm" / "jobs.txt").open("a") as f:
+        f.write(job_id + "\n")
+    print(f"submitted job {job_id}: {path} (log {run_dir}/slurm/{job_id}.out)")
+    print(job_id)
+    return 0
+
+
+def _job_id(run: str) -> str:
+    jobs = Path(run) / "slurm" / "jobs.txt"
+    if not jobs.is_file():
+        raise ParcaeError(f"{run}: no Slurm job was submitted from this run directory ({jobs} missing)")
+    return jobs.read_text().split()[-1]
+
+
+def status(run: str) -> int:
+    job = _job_id(run)
+    fields = {}
+    try:
+        text = _run(["scontrol", "show", "job", job, "--oneliner"])
+        fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
+    except SlurmError as exc:
+        fields = {"JobState": f"unknown ({exc})"}
+    print(
+        f"job {job}: {fields.get('JobState', '?')}, nodes {fields.get('NodeList', '?')}, "
+        f"elapsed {fields.get('RunTime', '?')}, restarts {fields.get('Restarts', '0')}"
+    )
+    last = [r for r in metrics_records(Path(run)) if "loss" in r]
+    if last:
+        print(f"last logged step {last[-1]['step']}, loss {last[-1]['loss']:.4f}")
+    print(f"checkpoint: {_newest_checkpoint(Path(run))}")
+    return 0
+
+
+def _newest_checkpoint(run: Path) -> str:
+    directory = str(run / "checkpoints")
+    options = None
+    if (run / "spec.yaml").is_file():
+        spec = load_spec(run / "spec.yaml").spec
+        directory = spec.checkpoint.dir or directory
+        options = spec.storage.s3_options()
+    try:
+        tag = checkpoint.latest_tag(directory, options)
+    except ParcaeError as exc:
+        return f"unknown ({exc})"
+    return f"{tag} (in {directory})" if tag else "none yet"
+
+
+def cancel(run: str) -> int:
+    job = _job_id(run)
+    _run(["scancel", job])
+    print(f"cancelled job {job}")
+    return 0
+
+
+def slurm_job(run_dir: str) -> int:
+    """Inside the batch script: rendezvous, one rank per task via srun, the warning signal, requeue."""
+    env = os.environ
+    job = env.get("SLURM_JOB_ID") or ""
+    if not job:
+        raise ParcaeError("slurm-job runs inside a Slurm batch job (no SLURM_JOB_ID)")
+    first = _run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]]).split()[0]
+    node = dict(x.split("=", 1) for x in _run(["scontrol", "show", "node", first, "--oneliner"]).split() if "=" in x)
+    addr = node.get("NodeAddr", first)
+    port = 20000 + int(job) % 20000
+    rank_env = {**env, "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
+    if addr.startswith("127."):
+        rank_env["GLOO_SOCKET_IFNAME"] = "lo"
+    if is_sweep(Path(run_dir)):  # a sweep's job array: this task's point
+        run_dir = str(point_run_dir(Path(run_dir), int(env.get("SLURM_ARRAY_TASK_ID", "-1"))))
+    spec = Path(run_dir) / "spec.yaml"
+    loaded = load_spec(spec)
+    cmd = ["srun", "--kill-on-bad-exit=1", sys.executable, "-m", "pipeline", "train", str(spec)]
+    proc = subprocess.Popen(cmd, env=rank_env)
+
+    forwarded: list[int] = []
+
+    def forward(signum, _frame):
+        forwarded.append(signum)
+        log.warning("signal %d: asking the ranks to checkpoint and stop", signum)
+        subprocess.run(
+            ["scancel", f"--signal={signal.Signals(signum).name.removeprefix('SIG')}", f"{job}.0"], capture_output=True
+        )
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    # USR1 is the warning before the time limit or a preemption: the ranks checkpoint and the wrapper
+    # requeues. SIGTERM is a cancel (or Slurm's own preemption, which requeues by itself): the ranks
+    # checkpoint, nothing is requeued from here. srun may report 143 when it stops the other tasks after
+    # the first one exits 75, so a warned step that exited non-zero counts as preempted.
+    warned = signal.SIGUSR1 in forwarded
+    terminated = signal.SIGTERM in forwarded
+    preempted = code == REQUEUE_EXIT_CODE or (warned and code != 0)
+    restarts = int(env.get("SLURM_RESTART_COUNT", "0"))
+    cluster = loaded.spec.cluster
+    retry_failure = code != 0 and not forwarded and restarts < cluster.max_requeues
+    if cluster.requeue and not terminated and (preempted or retry_failure):
+        why = "preempted" if preempted else f"failed with {code} (retry {restarts + 1} of {cluster.max_requeues})"
+        log.warning("job %s %s: requeueing; it resumes from %s/checkpoints", job, why, run_dir)
+        _run(["scontrol", "requeue", job])
+        return 0
+    if code != 0 and not forwarded:
+        log.error(
+            "job %s failed with %d after %d requeue(s); not requeued again (cluster.max_requeues)", job, code, restarts
+        )
+    return REQUEUE_EXIT_CODE if preempted else code

@@ -1,0 +1,112 @@
+"""`parcae tb`: TensorBoard over one or more runs' logs, local or on S3, on a chosen port.
+
+Each argument is a run directory (its spec.yaml names the TensorBoard directory), a TensorBoard log
+directory, or an s3:// prefix. S3 logs are copied to a local cache through boto3 (the same endpoint
+settings as the rest of the pipeline) and re-synced every ``--sync-interval`` seconds, so TensorBoard
+needs no S3 support of its own and a live run's new events show up.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+
+from data_prep.storage import S3Options, StorageError, is_s3, open_store
+from parcae_errors import ParcaeError
+from pipeline.spec import load_spec
+
+log = logging.getLogger(__name__)
+
+
+def _local_logdir(arg: str) -> Path:
+    path = Path(arg)
+    if not path.exists():
+        raise ParcaeError(f"{arg}: no such directory (a run directory, a TensorBoard log directory or an s3:// prefix)")
+    if (path / "spec.yaml").is_file():
+        tb = load_spec(path / "spec.yaml").spec.logging.tensorboard_dir
+        if tb and Path(tb).is_dir():
+            return Path(tb)
+    return path
+
+
+def sync_s3(url: str, cache: Path, options) -> int:
+    """Copy new or changed objects under ``url`` into ``cache``; returns how many were copied."""
+    store = open_store(url, options)
+    copied = 0
+    for name in store.list():
+        target = cache / name
+        size = store.size(name)
+        if target.is_file() and target.stat().st_size == size:
+            continue  # event files only grow: an unchanged size means nothing new
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        tmp.write_bytes(store.get_bytes(name))
+        tmp.replace(target)
+        copied += 1
+    return copied
+
+
+def _name(arg: str, used: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", arg.rstrip("/").split("/")[-1] or "run") or "run"
+    name, i = base, 2
+    while name in used:
+        name, i = f"{base}_{i}", i + 1
+    used.add(name)
+    return name
+
+
+def serve(
+    logdirs: list[str], *, port: int, host: str, endpoint_url: str | None, cache: str, sync_interval: float
+) -> int:
+    """Serve TensorBoard over ``logdirs`` until interrupted."""
+    if not 0 <= port < 65536:
+        raise ParcaeError(f"--port: 0-65535, got {port}")
+    if sync_interval <= 0:
+        raise ParcaeError(f"--sync-interval: seconds > 0, got {sync_interval}")
+    options = S3Options.from_env(endpoint_url)
+    cache_root = Path(cache)
+    dirs: dict[str, Path] = {}
+    remote: dict[str, Path] = {}
+    used: set[str] = set()
+    for arg in logdirs:
+        name = _name(arg, used)
+        if is_s3(arg):
+            local = cache_root / re.sub(r"[^A-Za-z0-9_.-]+", "_", arg[len("s3://") :].rstrip("/"))
+            copied = sync_s3(arg, local, options)
+            if not any(local.rglob("*tfevents*")):
+                raise ParcaeError(f"{arg}: no TensorBoard event files (*tfevents*) under this prefix")
+            log.info("%s: %d files copied to %s", arg, copied, local)
+            dirs[name], remote[arg] = local, local
+        else:
+            dirs[name] = _local_logdir(arg)
+    if remote:
+        threading.Thread(target=_keep_synced, args=(remote, options, sync_interval), daemon=True).start()
+    from tensorboard import program
+
+    tb = program.TensorBoard()
+    spec = ",".join(f"{name}:{path}" for name, path in dirs.items())
+    argv = [None, "--logdir_spec", spec, "--host", host, "--port", str(port), "--reload_interval", "5"]
+    tb.configure(argv=argv)
+    try:
+        url = tb.launch()
+    except program.TensorBoardServerException as exc:
+        raise ParcaeError(f"--port {port}: TensorBoard could not start: {exc}") from None
+    print(f"TensorBoard at {url} ({', '.join(f'{n} = {p}' for n, p in dirs.items())}); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _keep_synced(remote: dict[str, Path], options, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        for url, cache in remote.items():
+            try:
+                sync_s3(url, cache, options)
+            except StorageError as exc:  # a transient outage: keep serving what is cached, try again later
+                log.warning("%s: sync failed (%s); serving the cached copy", url, exc)

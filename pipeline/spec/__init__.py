@@ -1,0 +1,39 @@
+"""Job specs: the plain-data Pydantic models (`schema`) and how a spec file becomes one (`load`).
+
+The bottom layer of `pipeline/`: it imports `model.config` (the model's fields are declared there
+once) and `data_prep.storage` (what a `StorageSpec` builds), nothing else of the pipeline.
+"""
+
+from pipeline.spec.load import LoadedSpec, SpecError, load_spec
+from pipeline.spec.schema import (
+    CheckpointSpec,
+    ClusterSpec,
+    DataSpec,
+    EvalSpec,
+    JobSpec,
+    LoggingSpec,
+    ModelSpec,
+    OptimizerSpec,
+    ScheduleSpec,
+    StorageSpec,
+    TrainingSpec,
+    ZeroSpec,
+)
+
+__all__ = [
+    "CheckpointSpec",
+    "ClusterSpec",
+    "DataSpec",
+    "EvalSpec",
+    "JobSpec",
+    "LoadedSpec",
+    "LoggingSpec",
+    "ModelSpec",
+    "OptimizerSpec",
+    "ScheduleSpec",
+    "SpecError",
+    "StorageSpec",
+    "TrainingSpec",
+    "ZeroSpec",
+    "load_spec",
+]

@@ -1,0 +1,294 @@
+"""Loading job specs: YAML, ``${ENV_VAR}`` interpolation, dotted ``--set`` overrides, readable errors.
+
+Values taken from environment variables whose names have a secret-looking part (``_KEY``,
+``SECRET``, ``TOKEN``, ``PASSWORD``, ``CREDENTIALS``...: ``AWS_SECRET_ACCESS_KEY`` but not
+``PARCAE_TOKENIZER``) never leave this module in clear: error messages and saved specs show ``${NAME}`` instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from parcae_errors import UsageError
+from pipeline.spec.schema import JobSpec, RuleViolations, find_spec_class
+
+ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SECRET_NAME = re.compile(r"(^|_)(KEY|SECRET|TOKEN|PASSWORD|PASSWD|PASS|CREDENTIALS?)(_|$)", re.IGNORECASE)
+
+
+class SpecError(UsageError):
+    """An invalid job spec. ``problems`` holds one line per problem, each starting with a dotted path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"{source}: invalid job spec ({count}):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+@dataclass
+class LoadedSpec:
+    """A validated spec plus what is needed to show or save it without leaking secrets."""
+
+    spec: JobSpec
+    source: str
+    secrets: dict[str, str] = field(default_factory=dict)  # secret value -> "${NAME}"
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.secrets)
+
+    def to_yaml(self) -> str:
+        """The resolved spec as YAML, with secret values put back as ``${NAME}`` placeholders."""
+        data = self.spec.model_dump(mode="json")
+        return self.redact(yaml.safe_dump(data, sort_keys=False))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+        return path
+
+
+def redact(text: str, secrets: Mapping[str, str]) -> str:
+    for value, placeholder in sorted(secrets.items(), key=lambda kv: -len(kv[0])):
+        if value:
+            text = text.replace(value, placeholder)
+    return text
+
+
+def load_spec(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> LoadedSpec:
+    """Read, interpolate, override and validate a spec file; raise `SpecError` listing every problem."""
+    environ = os.environ if environ is None else environ
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(source, [f"cannot read the spec file: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(source, [f"{where}not valid YAML: {problem}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"the top level must be a mapping of sections, got {type(data).__name__}"])
+    return resolve_spec(data, source, overrides, environ)
+
+
+def resolve_spec(
+    data: dict[str, Any],
+    source: str,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> LoadedSpec:
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    secrets: dict[str, str] = {}
+    for item in overrides:
+        problem = apply_override(data, item)
+        if problem:
+            problems.append(problem)
+    data = interpolate(data, environ, secrets, problems, ())
+    if problems:
+        raise SpecError(source, problems)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError:
+        raise SpecError(source, [redact(p, secrets) for p in collect_problems(data)]) from None
+    return LoadedSpec(spec=spec, source=source, secrets=secrets)
+
+
+# Stand-ins for required values that had to be set aside, so that later passes can still check rules.
+_PLACEHOLDERS: dict[tuple[str, ...], Any] = {
+    ("name",): "placeholder",
+    ("data",): {"train_url": "placeholder"},
+    ("data", "train_url"): "placeholder",
+    ("training",): {"micro_batch_size": 1, "total_steps": 1},
+    ("training", "total_steps"): 1,
+}
+_MAX_PASSES = 6
+
+
+def collect_problems(data: dict[str, Any]) -> list[str]:
+    """Every problem of an invalid spec, not just the first layer of them.
+
+    Pydantic runs a model's cross-field rules only once its fields are valid, and the job-level
+    rules only once every section is. So validate again with the offending values set aside
+    (defaults or placeholders in their place) until nothing new turns up, and report a rule only
+    when none of the fields it reads was set aside.
+    """
+    lines: list[str] = []
+    set_aside: set[tuple[str, ...]] = set()
+    current = copy.deepcopy(data)
+    for _ in range(_MAX_PASSES):
+        try:
+            JobSpec.model_validate(current)
+            break
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+        before = len(set_aside)
+        for err in errors:
+            loc = tuple(str(p) for p in err["loc"])
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, RuleViolations):
+                for problem in cause.problems:
+                    deps = [(*loc, *d.split(".")) for d in (problem.deps or (problem.path,))]
+                    if not any(_within(dep, set_aside) for dep in deps):
+                        path = ".".join((*loc, problem.path))
+                        lines.append(f"{path}: {problem.message} (got {_show(problem.value)})")
+                    for dep in deps:
+                        _set_aside(current, dep, set_aside)
+                continue
+            field_path = _field_path(loc)
+            if _within(field_path, set_aside):
+                continue
+            lines.append(format_error(err))
+            _set_aside(current, field_path, set_aside)
+        if len(set_aside) == before:
+            break
+    return list(dict.fromkeys(lines))
+
+
+def _field_path(loc: tuple[str, ...]) -> tuple[str, ...]:
+    """The spec field a location belongs to (``eval.loop_counts.0`` -> ``eval.loop_counts``)."""
+    for i, part in enumerate(loc):
+        if part.isdigit():
+            return loc[:i]
+    return loc
+
+
+def _within(path: tuple[str, ...], set_aside: set[tuple[str, ...]]) -> bool:
+    return any(path[: len(p)] == p for p in set_aside)
+
+
+def _set_aside(data: dict[str, Any], path: tuple[str, ...], set_aside: set[tuple[str, ...]]) -> None:
+    set_aside.add(path)
+    node: Any = data
+    for key in path[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(key), dict):
+            node[key] = {} if isinstance(node, dict) else node
+            node = node[key] if isinstance(node, dict) else None
+            if node is None:
+                return
+            continue
+        node = node[key]
+    if not isinstance(node, dict) or not path:
+        return
+    if path in _PLACEHOLDERS:
+        node[path[-1]] = copy.deepcopy(_PLACEHOLDERS[path])
+    else:
+        node.pop(path[-1], None)
+
+
+def apply_override(data: dict[str, Any], item: str) -> str | None:
+    """Apply one ``a.b.c=value`` (value parsed as YAML); return a problem line or None."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        return f"--set {item!r}: expected a.b.c=value (a dotted key, '=', a YAML value)"
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            return f"--set {key}: {where} is a value ({child!r}), not a section"
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
+def interpolate(
+    value: Any,
+    environ: Mapping[str, str],
+    secrets: dict[str, str],
+    problems: list[str],
+    path: tuple[str, ...],
+) -> Any:
+    if isinstance(value, dict):
+        return {k: interpolate(v, environ, secrets, problems, (*path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, environ, secrets, problems, (*path, str(i))) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            resolved = environ[name]
+            if SECRET_NAME.search(name) and resolved:
+                secrets[resolved] = f"${{{name}}}"
+        elif default is not None:
+            resolved = default
+        else:
+            problems.append(
+                f"{'.'.join(path)}: environment variable {name} is not set (set it, or write ${{{name}:-default}})"
+            )
+            return match.group(0)
+        return resolved
+
+    return ENV_PATTERN.sub(substitute, value)
+
+
+def format_error(err: Any) -> str:
+    """One line for one pydantic error: dotted path, the bad value, and what would be accepted."""
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key{_suggest(loc)}"
+    if kind == "missing":
+        section = find_spec_class(loc)
+        is_section = section is not None and _is_section(section, str(loc[-1]))
+        return f"{where}: required {'section' if is_section else 'key'} is missing"
+    return f"{where}: {err['msg']} (got {_show(err.get('input'))})"
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    cls = find_spec_class(loc)
+    if cls is None:
+        return ""
+    valid = list(cls.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+    if close:
+        prefix = ".".join(str(p) for p in loc[:-1])
+        dotted = f"{prefix}.{close[0]}" if prefix else close[0]
+        return f" (did you mean '{dotted}'?)"
+    return f" (valid keys here: {', '.join(valid)})"
+
+
+def _is_section(cls: type, key: str) -> bool:
+    from pydantic import BaseModel
+
+    annotation = cls.model_fields[key].annotation  # type: ignore[attr-defined]
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,410 @@
+"""Job specs: small plain-data Pydantic models under one `JobSpec`.
+
+Each component receives its own sub-spec, never the whole job. Every model forbids unknown keys;
+rules that span fields raise `RuleViolations`, which name each offending field so that the loader
+(`pipeline.spec.load`) can report every problem with its dotted path at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from data_prep.storage import S3Options
+from model.config import ParcaeConfig
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Slurm --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or UNLIMITED/INFINITE
+SLURM_TIME_PATTERN = r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$"  # noqa: E501
+NonNegInt = Annotated[int, Field(ge=0)]
+SafeLine = Annotated[str, Field(pattern=r"^[^\n\r\x00]*$")]
+
+
+class Problem(NamedTuple):
+    """One broken rule: the field it is reported on, its value, the message, and every field it reads
+    (dotted paths relative to the spec model that checks it; ``deps`` defaults to ``(path,)``)."""
+
+    path: str
+    value: Any
+    message: str
+    deps: tuple[str, ...] = ()
+
+
+class RuleViolations(ValueError):
+    """Cross-field rule failures raised from a model validator; the loader expands them to dotted paths."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(f"{p.path}: {p.message}" for p in problems))
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    # Keys that were renamed: the old key is refused with a message naming the new one.
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            problems = [
+                Problem(old, data[old], f"renamed: write {new} instead", (old,))
+                for old, new in cls.RENAMED.items()
+                if old in data
+            ]
+            if problems:
+                raise RuleViolations(problems)
+        return data
+
+
+def _model_fields() -> dict[str, Any]:
+    """ModelSpec's fields, from `ParcaeConfig`'s: type, default, bounds and description declared once."""
+    hints = typing.get_type_hints(ParcaeConfig)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(ParcaeConfig):
+        meta = dict(f.metadata)
+        description = meta.pop("doc", "") or None
+        fields[f.name] = (Annotated[hints[f.name], Field(description=description, **meta)], f.default)
+    return fields
+
+
+_ModelFields = create_model("_ModelFields", __base__=Spec, **_model_fields())
+
+
+class ModelSpec(_ModelFields):  # type: ignore[misc, valid-type]
+    """Architecture, sizes, injection and loop settings (defaults: parcae-140m). The fields are
+    `model.config.ParcaeConfig`'s; the rules across them are its `problems()`."""
+
+    _LOOPED_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {"n_prelude", "n_core", "n_coda", "injection", "mean_recurrence", "mean_backprop_depth"}
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> ModelSpec:
+        problems = [Problem(p.field, getattr(self, p.field), p.message, p.reads) for p in self.build().problems()]
+        if self.arch == "gpt":
+            for key in sorted(self._LOOPED_ONLY & self.model_fields_set):
+                message = "only applies to arch=parcae; the GPT baseline takes n_layers"
+                problems.append(Problem(key, getattr(self, key), message, (key, "arch")))
+        elif "n_layers" in self.model_fields_set:
+            message = "only applies to arch=gpt; Parcae takes n_prelude / n_core / n_coda"
+            problems.append(Problem("n_layers", self.n_layers, message, ("n_layers", "arch")))
+        if problems:
+            raise RuleViolations(problems)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_applicable(self, handler: Any) -> dict[str, Any]:
+        """Saved specs hold only the keys that apply to the architecture, so they load back."""
+        data = handler(self)
+        drop = {"n_layers"} if self.arch == "parcae" else self._LOOPED_ONLY
+        return {k: v for k, v in data.items() if k not in drop}
+
+    def build(self) -> ParcaeConfig:
+        return ParcaeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ParcaeConfig)})
+
+
+class TokenizerSpec(Spec):
+    """The SentencePiece model the shards were made with."""
+
+    kind: Literal["sentencepiece"] = "sentencepiece"
+    path: str | None = Field(None, description="Local path or s3:// URL of the .model file.")
+
+
+class DataSpec(Spec):
+    """Where the shards are and how they are streamed."""
+
+    train_url: str = Field(description="Local directory or s3:// prefix holding manifest.json and shards.")
+    val_url: str | None = Field(None, description="Validation shard set (same layout), optional.")
+    seq_len: PositiveInt = Field(2048, description="Tokens per training sequence.")
+    shuffle_buffer: NonNegInt = Field(1000, description="Samples held in memory for shuffling.")
+    prefetch_batches: NonNegInt = Field(
+        1,
+        description="Read-ahead depth in batches of each rank's one reader thread (0: read inside the training "
+        "step). One reader per rank streams its share of the shards; pre-tokenised rows need kilobytes per second.",
+    )
+    on_bad_shard: Literal["error", "skip"] = "error"
+
+    RENAMED: ClassVar[dict[str, str]] = {"num_workers": "data.prefetch_batches (the read-ahead depth in batches)"}
+
+
+class OptimizerSpec(Spec):
+    """AdamW, or Muon for the blocks' matrices with an auxiliary AdamW (the reference recipe)."""
+
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: PositiveFloat = Field(8e-3, description="Learning rate (Muon's for the matrices when name=muon).")
+    adam_lr: PositiveFloat | None = Field(None, description="Auxiliary AdamW lr with Muon (default: lr).")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.8, 0.95)
+    eps: PositiveFloat = 1e-10
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    muon_weight_decay: Annotated[float, Field(ge=0)] = 0.2
+    muon_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.95
+    muon_momentum_warmup_start: Annotated[float, Field(ge=0, lt=1)] = 0.85
+    muon_momentum_warmup_steps: NonNegInt = 300
+    grad_clip: Annotated[float, Field(ge=0)] = Field(1.0, description="Global gradient norm clip; 0 = off.")
+
+
+class ScheduleSpec(Spec):
+    """Learning-rate shape: warmup, then constant / cosine / linear decay, or trapezoid."""
+
+    kind: Literal["constant", "cosine", "linear", "trapezoid"] = "trapezoid"
+    warmup_steps: NonNegInt = 0
+    decay_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.5, description="trapezoid: fraction of the steps spent decaying linearly to min_lr_ratio."
+    )
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class TrainingSpec(Spec):
+    """Batch sizes in sequences; the run length in steps or tokens."""
+
+    micro_batch_size: PositiveInt | None = Field(None, description="Sequences per rank per micro-step.")
+    global_batch_size: PositiveInt | None = Field(None, description="Sequences per optimizer step.")
+    gradient_accumulation_steps: PositiveInt | None = None
+    total_steps: PositiveInt | None = None
+    total_tokens: PositiveInt | None = None
+    seed: NonNegInt = 1337
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    max_nonfinite_steps: PositiveInt = Field(
+        5, description="Stop (with a checkpoint) after this many non-finite micro-batch losses in a row."
+    )
+    spike_zscore: PositiveFloat | None = Field(
+        None, description="Skip micro-batches whose loss exceeds the recent mean by this many standard deviations."
+    )
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainingSpec:
+        if (self.total_steps is None) == (self.total_tokens is None):
+            value = {"total_steps": self.total_steps, "total_tokens": self.total_tokens}
+            message = "set exactly one of training.total_steps / training.total_tokens"
+            raise RuleViolations([Problem("total_steps", value, message, ("total_steps", "total_tokens"))])
+        return self
+
+
+class ZeroSpec(Spec):
+    """ZeRO stage, offload and bucket sizes; ``base_config`` names a file in ds_configs/ or a path."""
+
+    stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    base_config: str = Field("zero3", description="ds_configs/<name>.json or a path to a JSON file.")
+    reduce_bucket_size: PositiveInt | None = None
+    prefetch_bucket_size: PositiveInt | None = None
+    param_persistence_threshold: NonNegInt | None = None
+    gather_unit: Literal["block", "module"] = Field(
+        "block",
+        description="Stage 3: what ZeRO gathers as one unit. block: each prelude/coda block, and the whole "
+        "recurrence (injection + core blocks, gathered once per forward for every loop); module: every "
+        "nn.Module on its own (DeepSpeed's default: hooks on each call, a trace that changes with the loop count).",
+    )
+
+    @model_validator(mode="after")
+    def _offload(self) -> ZeroSpec:
+        if self.offload_params and self.stage != 3:
+            message = f"needs zero.stage 3 (stage is {self.stage})"
+            raise RuleViolations([Problem("offload_params", True, message, ("offload_params", "stage"))])
+        if self.offload_optimizer and self.stage == 0:
+            message = "needs zero.stage 1, 2 or 3"
+            raise RuleViolations([Problem("offload_optimizer", True, message, ("offload_optimizer", "stage"))])
+        return self
+
+
+class CheckpointSpec(Spec):
+    dir: str | None = Field(None, description="Local path or s3:// URL (default: <run_dir>/checkpoints).")
+    staging_dir: str | None = Field(
+        None,
+        description="With an s3:// dir: where DeepSpeed writes a checkpoint before it is uploaded, and where a "
+        "resume downloads it (node-local or shared; default <run_dir>/checkpoint-staging).",
+    )
+    interval_steps: PositiveInt = 1000
+    keep_last: PositiveInt = 3
+
+
+class LoggingSpec(Spec):
+    tensorboard_dir: str | None = Field(None, description="Default: <run_dir>/tensorboard.")
+    log_interval: PositiveInt = 10
+    all_ranks: bool = Field(False, description="Log from every rank, not only rank 0.")
+    peak_flops_per_device: PositiveFloat | None = Field(
+        None, description="For MFU; default: 989e12 (H100 bf16) on GPU, none on CPU."
+    )
+
+
+class EvalSpec(Spec):
+    interval_steps: PositiveInt = 1000
+    loop_counts: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    max_batches: PositiveInt = 50
+
+
+class StorageSpec(Spec):
+    """S3-compatible storage. Credentials come from the environment only (AWS_ACCESS_KEY_ID, ...)."""
+
+    endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:9000 for MinIO; None = AWS.")
+    region: str = "us-east-1"
+    max_retries: NonNegInt = 5
+
+    @field_validator("endpoint_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    def s3_options(self) -> S3Options:
+        """What boto3 is given: this endpoint and region, else AWS_ENDPOINT_URL(_S3) / AWS_DEFAULT_REGION."""
+        return S3Options.from_env(self.endpoint_url, self.region, self.max_retries)
+
+
+class ClusterSpec(Spec):
+    """Where the ranks run: one machine or a Slurm allocation."""
+
+    nodes: PositiveInt = 1
+    procs_per_node: PositiveInt = Field(1, description="Ranks (GPUs) per node.")
+    cpus_per_task: PositiveInt | None = None
+    gpus_per_node: PositiveInt | None = Field(None, description="GPUs to request per node (GPU clusters).")
+    partition: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    account: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    qos: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    constraint: Annotated[str, Field(pattern=r"^[A-Za-z0-9_&|,\[\]*:()-]+$")] | None = None
+    time_limit: Annotated[str, Field(pattern=SLURM_TIME_PATTERN)] | None = Field(
+        None, description="Slurm --time, e.g. 2-00:00:00 or 90 (minutes)."
+    )
+    requeue: bool = True
+    max_requeues: NonNegInt = Field(3, description="Requeues allowed after failures that are not preemption.")
+    signal_seconds: PositiveInt = Field(120, description="Warning signal USR1 this long before the limit.")
+    extra_sbatch: list[Annotated[str, Field(pattern=r"^--[A-Za-z][A-Za-z-]*(=[^\n\r\x00]*)?$")]] = Field(
+        default_factory=list, description="Extra sbatch options, one per line, e.g. --exclusive or --mem=0."
+    )
+    setup_lines: list[SafeLine] = Field(default_factory=list, description="Shell lines run before training.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _quoted_time(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(
+                f"write the time limit as a quoted string, e.g. '90' or '2-00:00:00': YAML reads an unquoted "
+                f"H:MM as a number in base 60 (here {value}), which Slurm would take as minutes"
+            )
+        return value
+
+
+class JobSpec(Spec):
+    """One pretraining job."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, description="Run name (letters, digits, . _ -).")]
+    run_dir: str | None = Field(None, description="Default: runs/<name>.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    data: DataSpec
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    training: TrainingSpec
+    zero: ZeroSpec = Field(default_factory=ZeroSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @model_validator(mode="after")
+    def _cross(self) -> JobSpec:
+        problems = batch_problems(self.training, self.cluster.world_size)
+        if self.data.seq_len > self.model.max_seq_len:
+            message = f"exceeds the model's context model.max_seq_len={self.model.max_seq_len}"
+            deps = ("data.seq_len", "model.max_seq_len")
+            problems.append(Problem("data.seq_len", self.data.seq_len, message, deps))
+        if problems:
+            raise RuleViolations(problems)
+        if self.run_dir is None:
+            self.run_dir = f"runs/{self.name}"
+        if self.checkpoint.dir is None:
+            self.checkpoint.dir = f"{self.run_dir.rstrip('/')}/checkpoints"
+        if self.checkpoint.staging_dir is None and self.checkpoint.dir.startswith("s3://"):
+            self.checkpoint.staging_dir = f"{self.run_dir.rstrip('/')}/checkpoint-staging"
+        if self.logging.tensorboard_dir is None:
+            self.logging.tensorboard_dir = f"{self.run_dir.rstrip('/')}/tensorboard"
+        return self
+
+    # Derived quantities (plain functions of the spec; no state).
+    @property
+    def world_size(self) -> int:
+        return self.cluster.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        assert self.training.global_batch_size is not None
+        return self.training.global_batch_size * self.data.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.training.total_steps is not None:
+            return self.training.total_steps
+        assert self.training.total_tokens is not None
+        return -(-self.training.total_tokens // self.tokens_per_step)
+
+
+def batch_problems(training: TrainingSpec, world_size: int) -> list[Problem]:
+    """global = micro x accumulation x world size: derive the missing one in place, or report why not."""
+    micro, glob, accum = (
+        training.micro_batch_size,
+        training.global_batch_size,
+        training.gradient_accumulation_steps,
+    )
+    batch_keys = ("micro_batch_size", "global_batch_size", "gradient_accumulation_steps")
+    deps = (*(f"training.{k}" for k in batch_keys), "cluster.nodes", "cluster.procs_per_node")
+    rule = f"global = micro x accumulation x world size, world size {world_size} = cluster.nodes x procs_per_node"
+    glob_path = "training.global_batch_size"
+    if micro is None and (glob is None or accum is None):
+        message = "required unless both global_batch_size and gradient_accumulation_steps are set"
+        return [Problem("training.micro_batch_size", None, message, deps)]
+    if micro is None:
+        assert glob is not None and accum is not None
+        if glob % (accum * world_size):
+            message = f"not divisible by accumulation x world size ({accum} x {world_size}); {rule}"
+            return [Problem(glob_path, glob, message, deps)]
+        micro = glob // (accum * world_size)
+    elif glob is None:
+        accum = accum or 1
+        glob = micro * accum * world_size
+    elif accum is None:
+        if glob % (micro * world_size):
+            message = f"not divisible by micro_batch_size x world size ({micro} x {world_size}); {rule}"
+            return [Problem(glob_path, glob, message, deps)]
+        accum = glob // (micro * world_size)
+    elif glob != micro * accum * world_size:
+        message = f"inconsistent: {micro} x {accum} x {world_size} = {micro * accum * world_size}; {rule}"
+        return [Problem(glob_path, glob, message, deps)]
+    training.micro_batch_size, training.global_batch_size = micro, glob
+    training.gradient_accumulation_steps = accum
+    return []
+
+
+def find_spec_class(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The Spec class that owns the last key of ``path`` (for suggesting the closest valid key)."""
+    cls: type[BaseModel] = JobSpec
+    for key in path[:-1]:
+        field = cls.model_fields.get(str(key))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        cls = nested[0]
+    return cls

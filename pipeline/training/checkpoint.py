@@ -1,0 +1,176 @@
+"""Checkpoints through DeepSpeed (sharded), marked as the newest only once completely written.
+
+Layout: ``DIR/step-00000100/`` (DeepSpeed's files, plus ``spec.yaml``, the resolved spec) and
+``DIR/LATEST`` naming the newest complete one. ``LATEST`` is replaced atomically after every rank has
+finished writing, so a crash during a save leaves the previous checkpoint as the one to resume.
+Only the newest ``keep_last`` are kept.
+
+``DIR`` is a local (or shared) path, or an ``s3://`` prefix. For S3, DeepSpeed writes into a staging
+directory (``checkpoint.staging_dir``; node-local or shared both work), every rank uploads the files
+it wrote (``*pp_rank_R_*``; rank 0 also the rest), and only then rank 0 writes ``spec.yaml`` and
+``LATEST``; the staged copy is removed. To resume, the first rank of every node downloads the newest
+checkpoint into its staging directory and the ranks load it from there.
+
+`Checkpointer` is the trainer's component (built from `CheckpointSpec` and the storage options, with
+``load`` and ``save``); the module's functions read checkpoints for everything else (`parcae eval`,
+`export`, `status`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from data_prep.storage import S3Options, is_s3, open_store
+from parcae_errors import ParcaeError
+from pipeline.spec import CheckpointSpec
+
+log = logging.getLogger(__name__)
+
+LATEST = "LATEST"
+LAYOUT = "layout.json"  # parameter names and shapes in order, checked before a resume loads anything
+_OWNER = re.compile(r"pp_rank_(\d+)_")  # DeepSpeed's per-data-parallel-rank files
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _store(url: str, options: S3Options | None = None):
+    return open_store(url, options or S3Options.from_env())
+
+
+def latest_tag(directory: str, options: S3Options | None = None) -> str | None:
+    """The tag ``LATEST`` names, or None when there is no checkpoint yet."""
+    store = _store(directory, options)
+    if not store.exists(LATEST):
+        return None
+    tag = store.get_bytes(LATEST).decode().strip()
+    complete = store.exists(f"{tag}/spec.yaml")
+    if not complete:
+        marker = store.child_url(LATEST)
+        raise ParcaeError(f"{marker} names {tag!r}, which is not in {directory}; remove {marker} to start over")
+    return tag
+
+
+def param_layout(module: Any) -> list[str]:
+    """Parameter names and full shapes in order: DeepSpeed's ZeRO checkpoints store flat partitions in
+    this order, so a model whose layout changed would load silently scrambled."""
+    return [f"{name}:{tuple(getattr(p, 'ds_shape', p.shape))}" for name, p in module.named_parameters()]
+
+
+def fetch(directory: str, tag: str, destination: Path, options: S3Options | None = None) -> Path:
+    """Copy checkpoint ``tag`` of an s3:// checkpoint dir into ``destination``; returns the local dir."""
+    store = _store(directory, options)
+    names = [n for n in store.list() if n.startswith(tag + "/")]
+    for name in names:
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        with store.open(name) as body, tmp.open("wb") as out:
+            shutil.copyfileobj(body, out, 8 << 20)
+        tmp.replace(target)
+    log.info("downloaded %s (%d files) to %s", store.child_url(tag), len(names), destination)
+    return destination
+
+
+def _check_layout(store: Any, tag: str, where: str, current: list[str]) -> None:
+    """Refuse, before DeepSpeed reads anything, a checkpoint whose parameters are not this model's."""
+    saved = json.loads(store.get_bytes(f"{tag}/{LAYOUT}")) if store.exists(f"{tag}/{LAYOUT}") else None
+    if saved == current:
+        return
+    if saved is None:
+        raise ParcaeError(
+            f"{where}: written before checkpoints recorded their parameter layout (before the recurrence became "
+            "one module); it cannot be resumed safely by this version. Start a new run_dir, or export its "
+            "weights with `parcae export` and import them"
+        )
+    first = next(
+        (i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b), min(len(saved), len(current))
+    )
+    theirs = saved[first] if first < len(saved) else "nothing"
+    ours = current[first] if first < len(current) else "nothing"
+    raise ParcaeError(
+        f"{where}: parameter layout differs from this model's (first difference at #{first}: checkpoint "
+        f"{theirs}, model {ours}); the model section of the spec must match the run that wrote it"
+    )
+
+
+class Checkpointer:
+    """Saves and resumes the trainer's state in ``checkpoint.dir`` (local or s3://); every rank calls both."""
+
+    def __init__(self, spec: CheckpointSpec, options: S3Options, spec_yaml: str):
+        assert spec.dir is not None  # JobSpec fills it in
+        self.dir, self.staging, self.keep_last = spec.dir, spec.staging_dir, spec.keep_last
+        self.options, self.spec_yaml = options, spec_yaml
+        self.remote = is_s3(self.dir)
+        if self.remote and not self.staging:
+            raise ParcaeError(f"checkpoint.dir: {self.dir}: an s3:// destination needs checkpoint.staging_dir")
+
+    def load(self, engine: Any, local_rank: int = 0) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint into the engine; its client state, or None if there is none."""
+        tag = latest_tag(self.dir, self.options)
+        if tag is None:
+            return None
+        where = f"{self.dir.rstrip('/')}/{tag}"
+        _check_layout(_store(self.dir, self.options), tag, where, param_layout(engine.module))
+        path = Path(self.dir)
+        if self.remote:
+            path = Path(self.staging) / "resume"
+            if local_rank == 0:
+                shutil.rmtree(path, ignore_errors=True)
+                fetch(self.dir, tag, path, self.options)
+            dist.barrier()
+        loaded, client_state = engine.load_checkpoint(str(path), tag=tag)
+        if loaded is None:
+            raise ParcaeError(f"{where}: DeepSpeed could not load this checkpoint")
+        if self.remote:
+            dist.barrier()
+            if local_rank == 0:
+                shutil.rmtree(path, ignore_errors=True)
+        log.info("resumed from %s", where)
+        return client_state
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
+        """Write step ``step``, then mark it newest (``LATEST``) and drop all but the newest ``keep_last``."""
+        tag = tag_for(step)
+        path = Path(self.staging) if self.remote else Path(self.dir)
+        engine.save_checkpoint(str(path), tag=tag, client_state=client_state, save_latest=False)
+        dist.barrier()
+        rank = dist.get_rank()
+        store = _store(self.dir, self.options)
+        if self.remote:  # every rank uploads (then drops) the staged files it wrote
+            for file in sorted((path / tag).rglob("*")):
+                owner = _OWNER.search(file.name)
+                if file.is_file() and (int(owner.group(1)) if owner else 0) == rank:
+                    store.put_file(file, f"{tag}/{file.relative_to(path / tag)}")
+                    file.unlink()
+            dist.barrier()
+        if rank == 0:
+            store.put_bytes(json.dumps(param_layout(engine.module)).encode(), f"{tag}/{LAYOUT}")
+            store.put_bytes(self.spec_yaml.encode(), f"{tag}/spec.yaml")
+            store.put_bytes((tag + "\n").encode(), LATEST)  # atomic on a file system (rename) and on S3 (one PUT)
+            self._prune(store, path)
+        dist.barrier()
+        if self.remote:
+            shutil.rmtree(path / tag, ignore_errors=True)  # what is left of the staged copy: empty directories
+        log.info("checkpoint %s written", store.child_url(tag))
+        return tag
+
+    def _prune(self, store: Any, path: Path) -> None:
+        if self.remote:
+            names = store.list()
+            tags = sorted({name.split("/")[0] for name in names if name.startswith("step-")})
+            for old in tags[: -self.keep_last]:
+                for name in [n for n in names if n.startswith(old + "/")]:
+                    store.delete(name)
+        else:
+            tags = sorted(p.name for p in path.glob("step-*") if p.is_dir())
+            for old in tags[: -self.keep_last]:
+                shutil.rmtree(path / old, ignore_errors=True)

@@ -1,0 +1,170 @@
+"""Ranks and devices: where ranks come from (our local launcher, torchrun, or Slurm), how they start,
+which device each one drives and how the process group is formed.
+
+One code path for every case: each rank is one process running ``parcae train``; it learns its
+rank, world size and rendezvous from the environment. On one machine, `launch_local` starts the
+ranks itself (like torchrun) when the spec asks for more than one. The device comes from DeepSpeed's
+accelerator API (`accelerator_device`): this file and `engine.py` are the only device-specific code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+def rank_info() -> RankInfo | None:
+    """From torchrun/our launcher (RANK, ...) or Slurm (SLURM_PROCID, ...); None when not launched."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return RankInfo(
+            int(env["RANK"]),
+            int(env.get("LOCAL_RANK", env["RANK"])),
+            int(env["WORLD_SIZE"]),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", "29500")),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "MASTER_ADDR" in env:
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        port = int(env.get("MASTER_PORT", str(20000 + job % 20000)))
+        return RankInfo(
+            int(env["SLURM_PROCID"]),
+            int(env.get("SLURM_LOCALID", "0")),
+            int(env["SLURM_NTASKS"]),
+            env["MASTER_ADDR"],
+            port,
+        )
+    return None
+
+
+def export_rank_env(info: RankInfo) -> None:
+    """What torch.distributed's env:// rendezvous reads."""
+    os.environ.update(
+        RANK=str(info.rank),
+        LOCAL_RANK=str(info.local_rank),
+        WORLD_SIZE=str(info.world_size),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_threads_per_rank(ranks_on_node: int) -> int:
+    """Intra-op threads for a CPU rank: its share of the CPUs it may run on. When the process is bound
+    to a subset (Slurm task binding, taskset) that subset is its own; otherwise the node's CPUs are
+    split between the node's ranks, as torchrun does, so ranks do not oversubscribe the cores."""
+    allowed = len(os.sched_getaffinity(0))
+    if allowed < (os.cpu_count() or allowed):
+        return max(1, allowed)
+    return max(1, allowed // max(1, ranks_on_node))
+
+
+def launch_local(argv: list[str], world_size: int, env: dict[str, str] | None = None) -> int:
+    """Start ``world_size`` ranks of ``python -m pipeline ARGV`` on this machine (loopback rendezvous).
+
+    Signals to the launcher are passed on to every rank (so a Slurm warning or Ctrl-C reaches them);
+    when one rank fails the others are stopped. Returns the first non-zero exit code, or 0.
+    """
+    port = free_port()
+    procs = []
+    base = {**os.environ, **(env or {})}
+    for rank in range(world_size):
+        rank_env = {
+            **base,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", *argv], env=rank_env))
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        code, failed_at = 0, None
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed and code == 0:
+                code, failed_at = failed[0].returncode, time.monotonic()
+                log.error("rank %d exited with %d; stopping the other ranks", procs.index(failed[0]), code)
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+            if failed_at is not None and time.monotonic() - failed_at > 15:  # stuck in a collective
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.2)
+        if code == 0:
+            code = next((p.returncode for p in procs if p.returncode != 0), 0)
+        return code
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def accelerator_device(local_rank: int) -> tuple[torch.device, str]:
+    """This rank's device and its type ("cpu", "cuda", ...), as DeepSpeed's accelerator reports it."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    name = acc.device_name()
+    if name == "cpu":
+        return torch.device("cpu"), "cpu"
+    acc.set_device(local_rank)
+    return torch.device(acc.device_name(local_rank)), name
+
+
+def init_distributed(device_type: str) -> None:
+    """The process group: gloo on CPU, the accelerator's backend (NCCL on CUDA) otherwise."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    backend = "gloo" if device_type == "cpu" else get_accelerator().communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def global_mean(value: torch.Tensor, world_size: int) -> float:
+    """The mean of a scalar over all ranks (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    total = value.detach().float().reshape(1).clone()
+    dist.all_reduce(total)
+    return float(total) / world_size
+
+
+def memory_metrics(device_type: str) -> dict[str, float]:
+    """Peak memory of this rank: resident set on CPU, allocated device memory otherwise."""
+    if device_type == "cpu":
+        return {"memory_max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"memory_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}

@@ -1,0 +1,143 @@
+"""The one place DeepSpeed is initialised: model construction, parameter groups, optimizer, schedule.
+
+Under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` (each rank allocates only its
+partition) and initialised one module at a time: rank 0 fills the gathered parameters with the
+model's own init (the same generator order as `model.build_model`) and DeepSpeed scatters them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from model import ParcaeConfig, ParcaeLM
+from model.parcae import INIT_TYPES
+from pipeline.spec import OptimizerSpec, ZeroSpec
+
+log = logging.getLogger(__name__)
+
+NO_DECAY_SUFFIXES = ("A_log", "dt_bias", "adapter.B", "adapter.weight", "C.weight")
+
+
+def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Norms, embeddings (token and value), and the injection/readout (A_log, dt_bias, B, C) take no decay."""
+    ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions hold a flat shard: ask the full shape
+    return ndim < 2 or "wte" in name or "value_embeds" in name or name.endswith(NO_DECAY_SUFFIXES)
+
+
+def param_groups(model: ParcaeLM, optimizer: OptimizerSpec) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if is_no_decay(name, p) else decay).append(p)
+        # Muon for the blocks' 2-D matrices; AdamW for everything in the no-decay set (the recipe).
+        p.use_muon = not is_no_decay(name, p)
+    if optimizer.name == "muon":
+        return [
+            {"params": decay, "name": "matrices"},
+            {"params": no_decay, "name": "adamw", "weight_decay": optimizer.weight_decay},
+        ]
+    return [
+        {"params": decay, "weight_decay": optimizer.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def gather_units(model: ParcaeLM) -> list[torch.nn.Module]:
+    """The modules ZeRO-3 gathers whole (DeepSpeed "leaf modules"): every block outside the loop, and the
+    recurrence, whose one forward runs all loops. Per call of such a unit DeepSpeed runs one hook pair
+    instead of one per Linear and norm, and the order of units does not depend on the loop count, so
+    the prefetch trace stays valid. (A block inside the loop cannot be a unit of its own: DeepSpeed
+    reduces a unit's gradients after each call's backward, and a core block is called once per loop.)"""
+    tr = model.transformer
+    if not model.cfg.looped:
+        return list(tr.h)
+    return [*tr.prelude, tr.recurrence, *tr.coda]
+
+
+def build_model_sharded(cfg: ParcaeConfig, ds_config: dict[str, Any], zero: ZeroSpec, seed: int, rank: int) -> ParcaeLM:
+    """The model, initialised as `model.build_model` would: partitioned at construction under ZeRO-3."""
+    import deepspeed
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if zero.stage == 3:
+        # dtype comes from the config: passing dtype= picks bf16 on CPU in DeepSpeed 0.19 (operator precedence)
+        remote = "cpu" if zero.offload_params else None
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=remote):
+            model = ParcaeLM(cfg)
+        for module in model.modules():
+            if not isinstance(module, INIT_TYPES):
+                continue
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                if rank == 0:
+                    model.init_module(module, generator)
+        if zero.gather_unit == "block":
+            from deepspeed.utils import set_z3_leaf_module
+
+            for module in gather_units(model):
+                set_z3_leaf_module(module, True)
+        return model
+    with torch.device("meta"):
+        model = ParcaeLM(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(generator)
+    return model
+
+
+def build_engine(
+    cfg: ParcaeConfig,
+    ds_config: dict[str, Any],
+    *,
+    optimizer: OptimizerSpec,
+    zero: ZeroSpec,
+    lr_multiplier: Callable[[int], float],
+    seed: int,
+    rank: int,
+) -> Any:
+    """The DeepSpeed engine (``engine.module`` is the model) for a config built by `build_ds_config`;
+    ``lr_multiplier(step)`` scales the optimizer's learning rates."""
+    import deepspeed
+
+    model = build_model_sharded(cfg, ds_config, zero, seed, rank)
+
+    def scheduler(torch_optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_multiplier)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, optimizer),
+        config=ds_config,
+        lr_scheduler=scheduler,
+    )
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
+    log.info(
+        "DeepSpeed engine: ZeRO stage %d, %s, world size %d, device %s",
+        zero.stage,
+        precision,
+        engine.world_size,
+        engine.device,
+    )
+    return engine
+
+
+def spectral_stats(model: ParcaeLM) -> dict[str, float]:
+    """The injection's spectral radius (and mean A_bar); a collective under ZeRO-3: every rank calls it."""
+    if not model.cfg.looped:
+        return {}
+    import deepspeed
+
+    adapter = model.transformer.recurrence.adapter
+    with deepspeed.zero.GatheredParameters([getattr(adapter, name) for name in adapter.SPECTRAL_PARAMS]):
+        return adapter.spectral_stats()
+
+
+def engine_metrics(engine: Any) -> dict[str, float]:
+    """Learning rate, global gradient norm and the spectral radius (every rank calls it)."""
+    metrics = {"lr": engine.get_lr()[0]}
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        metrics["grad_norm"] = float(norm.detach()) if torch.is_tensor(norm) else float(norm)
+    metrics.update(spectral_stats(engine.module))
+    return metrics

@@ -1,0 +1,41 @@
+"""`parcae train SPEC`: start the ranks on this machine, or run as one rank under Slurm or torchrun."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from parcae_errors import ParcaeError
+from pipeline.spec import load_spec
+from pipeline.training.distributed import RankInfo, export_rank_env, free_port, launch_local, rank_info
+
+
+def run_train(spec_path: str, overrides: list[str]) -> int:
+    """Train the spec (with ``--set`` overrides) to the end; returns the exit code (75: run me again)."""
+    loaded = load_spec(spec_path, overrides)
+    spec = loaded.spec
+    info = rank_info()
+    if info is None:
+        if spec.world_size > 1:
+            if spec.cluster.nodes > 1:
+                raise ParcaeError(
+                    f"cluster.nodes={spec.cluster.nodes}: a multi-node run starts one process per rank under Slurm "
+                    "(parcae submit) or torchrun; `parcae train` alone starts ranks on this machine only"
+                )
+            args = ["train", spec_path, *[f"--set={o}" for o in overrides]]
+            return launch_local(args, spec.world_size)
+        info = RankInfo(0, 0, 1, "127.0.0.1", free_port())
+    if info.world_size != spec.world_size:
+        raise ParcaeError(
+            f"cluster: the spec asks for {spec.world_size} ranks (nodes {spec.cluster.nodes} x procs_per_node "
+            f"{spec.cluster.procs_per_node}) but {info.world_size} were started"
+        )
+    export_rank_env(info)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from pipeline.training.trainer import Trainer
+
+    return Trainer(loaded, info).run()

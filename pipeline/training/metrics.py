@@ -1,0 +1,122 @@
+"""Training metrics: the timing window, `metrics.jsonl` and TensorBoard, written by rank 0.
+
+`MetricsLogger` is called by every rank after every step (the detailed metrics every ``log_interval``
+steps include collectives, such as gathering the injection under ZeRO-3 for its spectral radius), and
+writes on rank 0 only: one JSON line per step (plus evaluations) and the same numbers as TensorBoard
+scalars under ``train/`` or ``val/``, the sampled loop counts as a histogram.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.spec import LoggingSpec
+from pipeline.training.step import Progress, StepResult
+
+log = logging.getLogger(__name__)
+
+H100_BF16_PEAK = 989e12  # FLOP/s: logging.peak_flops_per_device's default on GPU
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        spec: LoggingSpec,
+        run_dir: Path,
+        *,
+        rank: int,
+        world_size: int,
+        seq_len: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+        device_type: str,
+    ):
+        self.interval, self.tensorboard_dir = spec.log_interval, spec.tensorboard_dir
+        self.run_dir, self.rank, self.world_size, self.seq_len = run_dir, rank, world_size, seq_len
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak = spec.peak_flops_per_device or (None if device_type == "cpu" else H100_BF16_PEAK)
+        self.writer: Any = None
+        self._restart_window()
+
+    def open(self, start_step: int) -> None:
+        """Start writing (rank 0); events after ``start_step`` from an earlier attempt are dropped."""
+        self._restart_window()
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=self.tensorboard_dir, purge_step=start_step or None)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def details_due(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) reports the detailed metrics (and so collects loop statistics)."""
+        return step % self.interval == 0
+
+    def _restart_window(self) -> None:
+        self.window_start, self.window_tokens, self.window_wait = time.perf_counter(), 0, 0.0
+
+    def log_step(
+        self,
+        progress: Progress,
+        result: StepResult,
+        step_start: float,
+        last_step: bool,
+        details: Callable[[], dict[str, Any]],
+    ) -> None:
+        """Every rank, after each step. ``details()`` (engine metrics: lr, gradient norm, spectral radius,
+        memory) runs on every rank when the detailed metrics are due."""
+        self.window_tokens += self.tokens_per_step
+        self.window_wait += result.data_wait_s
+        record: dict[str, Any] = {"step": progress.step, "loss": result.loss}
+        due = self.details_due(progress.step)
+        if due or last_step:
+            elapsed = time.perf_counter() - self.window_start
+            tokens_per_s = self.window_tokens / max(elapsed, 1e-9)
+            record.update(
+                {
+                    "tokens_seen": progress.tokens,
+                    "tokens_per_s": tokens_per_s,
+                    "samples_per_s": tokens_per_s / self.seq_len,
+                    "step_time_s": time.perf_counter() - step_start,
+                    "data_wait_s": self.window_wait,
+                    "loops_mean": float(result.loop_counts.float().mean()),
+                    "nonfinite_skipped": progress.nonfinite_total,
+                    "spikes_skipped": progress.spikes_skipped,
+                }
+            )
+            if self.peak:
+                record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
+            record.update(details())
+            if result.loop_stats:
+                record["h_norm_last_loop"] = result.loop_stats[-1]["h_norm"]
+                record["h_relative_change_last_loop"] = result.loop_stats[-1]["relative_change"]
+            self._restart_window()
+        self.write(record, result.loop_counts if due else None)
+
+    def write(self, record: dict[str, Any], loop_counts: Any = None) -> None:
+        """One record (``step`` and numbers) to metrics.jsonl and TensorBoard; rank 0 only."""
+        if self.rank != 0:
+            return
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                group = "val" if key.startswith("val_") else "train"
+                self.writer.add_scalar(f"{group}/{key}", value, step)
+        if loop_counts is not None:
+            self.writer.add_histogram("train/sampled_loops", loop_counts, step)
+        if "lr" in record:
+            log.info("step %d loss %.4f lr %.3g %.0f tok/s", step, record["loss"], record["lr"], record["tokens_per_s"])
+        self.writer.flush()

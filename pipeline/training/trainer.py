@@ -1,0 +1,224 @@
+"""The trainer of one rank: components built from their sub-specs, and a short loop around `train_step`.
+
+engine       pipeline.training.engine      DeepSpeed, from the model config and the built DeepSpeed config
+loader       pipeline.data                 this rank's shard stream, with its position in every checkpoint
+checkpointer pipeline.training.checkpoint  load() at start, save(step, state) on schedule and on signals
+validator    pipeline.training.validation  validation loss at test-time loop counts
+metrics      pipeline.training.metrics     the timing window, metrics.jsonl and TensorBoard (rank 0)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import flops_per_token
+from parcae_errors import REQUEUE_EXIT_CODE
+from pipeline.data import train_loader
+from pipeline.spec import JobSpec, LoadedSpec
+from pipeline.training.checkpoint import Checkpointer
+from pipeline.training.distributed import (
+    RankInfo,
+    accelerator_device,
+    cpu_threads_per_rank,
+    init_distributed,
+    memory_metrics,
+)
+from pipeline.training.ds_config import build_ds_config, load_base_config
+from pipeline.training.engine import build_engine, engine_metrics
+from pipeline.training.guard import LossGuard
+from pipeline.training.metrics import MetricsLogger
+from pipeline.training.schedule import lr_multiplier
+from pipeline.training.step import DepthSampler, Progress, TrainingHalted, train_step
+from pipeline.training.validation import Validator
+
+log = logging.getLogger(__name__)
+
+
+def engine_for_job(spec: JobSpec, world_size: int, rank: int, device_type: str) -> Any:
+    """The engine `parcae train` trains: the DeepSpeed config built from the spec's sections, the model,
+    its optimizer and learning-rate schedule (the one place that composes them from a whole job)."""
+    t = spec.training
+    base = load_base_config(spec.zero.base_config)
+    ds_config = build_ds_config(t, spec.optimizer, spec.zero, base, world_size, device_type)
+    return build_engine(
+        spec.model.build(),
+        ds_config,
+        optimizer=spec.optimizer,
+        zero=spec.zero,
+        lr_multiplier=functools.partial(lr_multiplier, total_steps=spec.total_steps, spec=spec.schedule),
+        seed=t.seed,
+        rank=rank,
+    )
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 ask for a checkpoint and a requeue exit; every rank stops at the same step."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> None:
+        def handler(signum, _frame):
+            self.received = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank got the signal (a collective: every rank calls it each step)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.received is None:
+            self.received = signal.SIGTERM
+        return flag.item() > 0
+
+
+class Trainer:
+    def __init__(self, loaded: LoadedSpec, info: RankInfo):
+        spec = self.spec = loaded.spec
+        self.info = info
+        self.device, device_type = accelerator_device(info.local_rank)
+        if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            threads = cpu_threads_per_rank(spec.cluster.procs_per_node)
+            torch.set_num_threads(threads)
+            log.info("CPU: %d intra-op thread(s) per rank (set OMP_NUM_THREADS to choose)", threads)
+        init_distributed(device_type)
+        torch.manual_seed(spec.training.seed)
+        t, cfg = spec.training, spec.model.build()
+        assert t.micro_batch_size is not None and t.gradient_accumulation_steps is not None
+        self.total_steps = spec.total_steps
+        self.engine = engine_for_job(spec, info.world_size, info.rank, device_type)
+        self.device_type = device_type
+        options = spec.storage.s3_options()
+        ranks = {"rank": info.rank, "world_size": info.world_size}
+        self.loader = train_loader(spec.data, options, micro_batch_size=t.micro_batch_size, seed=t.seed, **ranks)
+        self.validator = None
+        if spec.data.val_url:
+            self.validator = Validator(
+                spec.eval,
+                spec.data.val_url,
+                options,
+                cfg,
+                batch_size=t.micro_batch_size,
+                seq_len=spec.data.seq_len,
+                device=self.device,
+                **ranks,
+            )
+        self.checkpointer = Checkpointer(spec.checkpoint, options, loaded.to_yaml())
+        self.sampler = DepthSampler.for_model(cfg, seed=t.seed, micro_batch_size=t.micro_batch_size, **ranks)
+        self.guard = LossGuard(t.spike_zscore)
+        self.run_dir = Path(spec.run_dir or ".")
+        self.metrics = MetricsLogger(
+            spec.logging,
+            self.run_dir,
+            seq_len=spec.data.seq_len,
+            tokens_per_step=spec.tokens_per_step,
+            flops_per_token=flops_per_token(cfg, spec.data.seq_len),
+            device_type=device_type,
+            **ranks,
+        )
+        self.stop = StopSignal()
+        self.loaded = loaded
+
+    def run(self) -> int:
+        import torch.distributed as dist
+
+        progress = self.resume()
+        if self.info.rank == 0:
+            self.loaded.save(self.run_dir / "spec.yaml")
+        self.metrics.open(progress.step)
+        self.stop.install()
+        batches = iter(self.loader)
+        code = 0
+        try:
+            while progress.step < self.total_steps:
+                step_start = time.perf_counter()
+                result = self.train_step(batches, progress)
+                progress.step += 1
+                progress.tokens += self.spec.tokens_per_step
+                self.guard.accept(result.loss)
+                last = progress.step == self.total_steps
+                self.metrics.log_step(progress, result, step_start, last, self.details)
+                if self.validator and self.validator.due(progress.step, last):
+                    self.metrics.write({"step": progress.step, **self.validator.run(self.engine)})
+                stop = self.stop.agreed()
+                if progress.step % self.spec.checkpoint.interval_steps == 0 or last or stop:
+                    self.save(progress)
+                if stop:
+                    log.warning(
+                        "signal %s: checkpoint written at step %d; exiting with %d for a requeue",
+                        self.stop.received,
+                        progress.step,
+                        REQUEUE_EXIT_CODE,
+                    )
+                    code = REQUEUE_EXIT_CODE
+                    break
+        except TrainingHalted as exc:
+            self.save(progress)
+            exc.saved_to = self.checkpointer.dir
+            raise
+        finally:
+            batches.close()  # stops the loader's read-ahead thread before the process group goes away
+            self.metrics.close()
+        if code == 0 and self.info.rank == 0:
+            log.info(
+                "training finished: %d steps, %d tokens; logs in %s",
+                progress.step,
+                progress.tokens,
+                self.spec.logging.tensorboard_dir,
+            )
+        dist.barrier()
+        dist.destroy_process_group()
+        return code
+
+    def train_step(self, batches, progress: Progress):
+        return train_step(
+            self.engine,
+            batches,
+            self.sampler,
+            self.guard,
+            progress,
+            accumulation=self.spec.training.gradient_accumulation_steps or 1,
+            max_nonfinite=self.spec.training.max_nonfinite_steps,
+            device=self.device,
+            collect_loop_stats=self.metrics.details_due(progress.step + 1),
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {**engine_metrics(self.engine), **memory_metrics(self.device_type)}
+
+    def resume(self) -> Progress:
+        state = self.checkpointer.load(self.engine, local_rank=self.info.local_rank)
+        if state is None:
+            return Progress()
+        progress = Progress(
+            step=int(state["step"]),
+            tokens=int(state["tokens"]),
+            nonfinite_total=int(state.get("nonfinite_total", 0)),
+            spikes_skipped=int(state.get("spikes_skipped", 0)),
+        )
+        self.guard.load_state_dict(state.get("guard", {}))
+        self.loader.load_state_dict(state["loader"])
+        log.info("resuming at step %d (%d tokens seen)", progress.step, progress.tokens)
+        return progress
+
+    def save(self, progress: Progress) -> None:
+        state = {
+            "step": progress.step,
+            "tokens": progress.tokens,
+            "loader": self.loader.state_dict(),
+            "nonfinite_total": progress.nonfinite_total,
+            "spikes_skipped": progress.spikes_skipped,
+            "guard": self.guard.state_dict(),
+        }
+        self.checkpointer.save(self.engine, progress.step, state)

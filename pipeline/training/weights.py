@@ -1,0 +1,77 @@
+"""Weights in and out of runs: reference-format weights checked and written with their config (`parcae
+import`), a run's sharded DeepSpeed checkpoint consolidated into one model (`parcae export`, `eval`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from data_prep.storage import is_s3
+from model import ParcaeConfig, ParcaeLM, count_params, load_pretrained, save_reference
+from model.weights import from_reference
+from parcae_errors import ParcaeError
+from pipeline.spec import JobSpec, load_spec
+from pipeline.training import checkpoint
+
+
+def import_weights(weights: str, cfg: ParcaeConfig, out: str, loops: int) -> str:
+    """Load reference-format ``weights`` into the model ``cfg`` describes, check a forward with ``loops``
+    loops is finite, and write them with the config; returns a one-line summary."""
+    if not Path(weights).is_file():
+        raise ParcaeError(f"{weights}: no such weights file")
+    if loops < 1:
+        raise ParcaeError(f"--loops must be >= 1, got {loops}")
+    model = load_pretrained(cfg, weights)
+    ids = torch.arange(16).remainder(cfg.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        kwargs = {"loops": loops, "h0": torch.zeros(1, 16, cfg.d_model)} if cfg.looped else {}
+        logits = model(ids, **kwargs)
+    if not torch.isfinite(logits).all():
+        raise ParcaeError(f"{weights}: a forward with {loops} loops gives non-finite logits; refusing to import")
+    save_reference(model, out)
+    total = count_params(cfg)["total"]
+    return f"imported {weights} -> {out}: {total / 1e6:.1f}M parameters, smoke forward with {loops} loops finite"
+
+
+def load_checkpoint_model(checkpoint_dir: str, tag: str | None = None) -> tuple[ParcaeLM, JobSpec, str]:
+    """A run's sharded DeepSpeed checkpoint consolidated in this process: (model in fp32, its spec, tag)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = tag or checkpoint.latest_tag(checkpoint_dir)
+    if tag is None:
+        raise ParcaeError(
+            f"{checkpoint_dir}: no checkpoint (no {checkpoint.LATEST} file); pass the run's checkpoint.dir"
+        )
+    if is_s3(checkpoint_dir):
+        with tempfile.TemporaryDirectory(prefix="parcae-checkpoint-") as tmp:
+            checkpoint.fetch(checkpoint_dir, tag, Path(tmp))
+            model, spec, _ = load_checkpoint_model(tmp, tag)
+        return model, spec, tag
+    spec_file = Path(checkpoint_dir) / tag / "spec.yaml"
+    if not spec_file.is_file():
+        raise ParcaeError(f"{spec_file}: missing; this does not look like a checkpoint written by `parcae train`")
+    spec = load_spec(spec_file).spec
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    with torch.device("meta"):
+        model = ParcaeLM(spec.model.build())
+    model.to_empty(device="cpu")
+    # checkpoints written before the recurrence became one module hold the reference names
+    state = {from_reference(name, model.cfg.core_layers): t for name, t in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ParcaeError(
+            f"{checkpoint_dir}/{tag}: does not match its own spec (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    return model, spec, tag
+
+
+def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None) -> str:
+    """A sharded DeepSpeed checkpoint of a run -> one fp32 safetensors file in the reference naming."""
+    model, _, tag = load_checkpoint_model(checkpoint_dir, tag)
+    save_reference(model, out)
+    total = sum(p.numel() for p in model.parameters())
+    return f"exported {checkpoint_dir}/{tag} -> {out}: {total / 1e6:.2f}M parameters, fp32, reference naming"

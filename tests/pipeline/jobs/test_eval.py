@@ -1,0 +1,130 @@
+"""`parcae eval`: loss, perplexity and bits per byte at test-time loop counts from saved weights or a run's
+checkpoint; reproducible, with the fitted curve, a PNG and TensorBoard events read back by TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import save_file
+
+from data_prep.shards import ShardSettings, build_shards
+from data_prep.tokenizer import EOS_ID, load_tokenizer
+from model import ParcaeConfig, build_model, save_reference
+from model.weights import reference_state_dict
+from pipeline.evaluation.token_bytes import TokenBytes
+from tests.conftest import REPO, parcae_cmd
+
+CFG = ParcaeConfig(vocab_size=512, d_model=64, n_head=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("eval-shards")
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(out), ShardSettings(seq_len=32, val_fraction=0.05), workers=0)
+    return out / "val"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def event_scalars(directory: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]}
+    return scalars, tags["images"]
+
+
+def test_bytes_per_token_add_up_to_the_text(tokenizer, builtin_docs):
+    counter = TokenBytes(str(tokenizer), 512)
+    sp = load_tokenizer(tokenizer)
+    for text in builtin_docs[:50] + ["  two leading spaces", "tab\there", "ünïcödé → ✓"]:
+        ids = sp.encode(text)
+        row = np.array([[EOS_ID, *ids, EOS_ID]])  # a document as packed: after the previous one's <eos>
+        assert counter.count(row) == len(text.encode("utf-8")), text
+
+
+def test_eval_of_saved_weights_is_reproducible_and_consistent(tmp_path, val_shards):
+    weights = save_reference(build_model(CFG, seed=1), tmp_path / "w.safetensors")
+    args = ["eval", str(weights), "--data", str(val_shards), "--loops", "1", "2", "4", "8", "--max-batches", "3"]
+    first = run(*args, "--out", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    assert "bits/byte" in first.stdout and "fit L(T)" in first.stdout
+    second = run(*args, "--out", str(tmp_path / "b"), "--tensorboard", "none")
+    assert second.returncode == 0, second.stderr
+    a = json.loads((tmp_path / "a" / "eval.json").read_text())
+    b = json.loads((tmp_path / "b" / "eval.json").read_text())
+    assert a["results"] == b["results"] and a["fit"] == b["fit"]  # h0 = 0, fixed rows: bit for bit
+    assert [r["loops"] for r in a["results"]] == [1, 2, 4, 8]
+    assert a["rows"] == 24 and a["tokens"] == 24 * 32
+    for r in a["results"]:
+        assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+        assert r["bits_per_byte"] == pytest.approx(r["loss"] / math.log(2) * a["tokens"] / a["bytes"], rel=1e-12)
+    assert (tmp_path / "a" / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    scalars, images = event_scalars(tmp_path / "a" / "tensorboard")
+    assert scalars["eval/loss_loops_4"] == [(0, pytest.approx(a["results"][2]["loss"], rel=1e-6))]
+    assert [s for s, _ in scalars["eval_curve_step_0/loss_vs_loops"]] == [1, 2, 4, 8]
+    assert "eval/fit_l_inf" in scalars and images == ["eval/loss_vs_loops"]
+    assert not (tmp_path / "b" / "tensorboard").exists()
+
+
+def test_reference_weights_need_the_spec(tmp_path, val_shards):
+    model = build_model(CFG, seed=2)
+    save_file({k: v.contiguous() for k, v in reference_state_dict(model).items()}, str(tmp_path / "ref.safetensors"))
+    no_spec = run("eval", str(tmp_path / "ref.safetensors"), "--data", str(val_shards))
+    assert no_spec.returncode != 0 and "pass --spec" in no_spec.stderr and "Traceback" not in no_spec.stderr
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: ref\nmodel: {vocab_size: 512, d_model: 64, n_head: 2, n_prelude: 1, n_core: 1, n_coda: 1, "
+        "max_seq_len: 64}\ndata: {train_url: unused, seq_len: 32}\ntraining: {micro_batch_size: 1, total_steps: 1}\n"
+    )
+    ok = run(
+        "eval",
+        str(tmp_path / "ref.safetensors"),
+        "--spec",
+        str(spec),
+        "--data",
+        str(val_shards),
+        "--loops",
+        "1",
+        "3",
+        "--max-batches",
+        "1",
+        "--tensorboard",
+        "none",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "no fit: the curve has 3 parameters" in ok.stdout
+
+
+def test_bad_inputs_are_named(tmp_path, val_shards):
+    weights = save_reference(build_model(CFG), tmp_path / "w.safetensors")
+    cases = {
+        ("--data", str(tmp_path / "nowhere")): "nowhere",
+        ("--data", str(val_shards), "--loops", "0"): "--loops",
+        ("--data", str(val_shards), "--tokenizer", str(tmp_path / "t.model")): "--tokenizer",
+        (): "pass --data",
+    }
+    for extra, needle in cases.items():
+        result = run("eval", str(weights), *extra)
+        assert result.returncode != 0 and needle in result.stderr, (extra, result.stderr)
+        assert "Traceback" not in result.stderr
+    missing = run("eval", str(tmp_path / "none.safetensors"), "--data", str(val_shards))
+    assert missing.returncode != 0 and "none.safetensors: no such file" in missing.stderr
+
+
+def test_gpt_baseline_has_one_row_and_no_fit(tmp_path, val_shards):
+    cfg = ParcaeConfig(arch="gpt", vocab_size=512, d_model=64, n_head=2, n_layers=2, max_seq_len=64)
+    weights = save_reference(build_model(cfg), tmp_path / "gpt.safetensors")
+    result = run("eval", str(weights), "--data", str(val_shards), "--max-batches", "1", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert [r["loops"] for r in report["results"]] == [None] and report["fit"] is None

@@ -1,0 +1,143 @@
+"""On a real (tiny, 2-rank ZeRO-3) training run: `parcae eval` of the run directory reads its sharded
+checkpoint and writes into the run's TensorBoard; `parcae tb` serves the run's logs, local and from the
+S3 endpoint, through a real TensorBoard server whose HTTP API returns the logged scalars."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from data_prep.shards import ShardSettings, build_shards
+from tests.conftest import CONFIGS, REPO, free_port, parcae_cmd
+from tests.pipeline.jobs.test_eval import event_scalars
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
+    root = tmp_path_factory.mktemp("eval-run")
+    build_shards(
+        [str(corpus_jsonl)],
+        str(tokenizer),
+        str(root / "shards"),
+        ShardSettings(seq_len=32, shard_bytes=40_000, val_fraction=0.05),
+        workers=0,
+    )
+    overrides = [
+        f"data.train_url={root / 'shards' / 'train'}",
+        f"data.val_url={root / 'shards' / 'val'}",
+        "data.seq_len=32",
+        f"run_dir={root / 'run'}",
+        "training.total_steps=12",
+        "checkpoint.interval_steps=6",
+        "eval.interval_steps=6",
+        "eval.loop_counts=[1, 2, 4]",
+        "logging.log_interval=3",
+    ]
+    cmd = [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *[f"--set={o}" for o in overrides]]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "run"
+
+
+def test_eval_of_a_run_directory(trained_run):
+    args = ["eval", str(trained_run), "--loops", "1", "2", "4", "8", "--max-batches", "4"]
+    first = subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((trained_run / "eval" / "step-00000012" / "eval.json").read_text())
+    assert report["step"] == 12 and report["data"].endswith("val") and report["fit"] is not None
+    again = subprocess.run([*parcae_cmd(), *args, "--out", str(trained_run / "again")], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((trained_run / "again" / "eval.json").read_text())["results"] == report["results"]
+    scalars, images = event_scalars(trained_run / "tensorboard")
+    assert "train/loss" in scalars and "val/val_loss_loops_4" in scalars  # the run's own events, and ours beside
+    assert (12, pytest.approx(report["results"][2]["loss"], rel=1e-6)) in scalars["eval/loss_loops_4"]
+    assert "eval/loss_vs_loops" in images
+    # the consolidated checkpoint is the exported model (whose losses test_train_resume checks against the run's)
+    exported = trained_run / "exported.safetensors"
+    done = subprocess.run([*parcae_cmd(), "export", str(trained_run / "checkpoints"), "--out", str(exported)])
+    assert done.returncode == 0
+    data = ["--data", report["data"], "--out", str(trained_run / "from-file"), "--tensorboard", "none"]
+    from_file = subprocess.run([*parcae_cmd(), "eval", str(exported), *args[2:], *data], capture_output=True, text=True)
+    assert from_file.returncode == 0, from_file.stderr[-3000:]
+    assert json.loads((trained_run / "from-file" / "eval.json").read_text())["results"] == report["results"]
+
+
+def _get(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _serve(args: list[str], port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ}
+    return subprocess.Popen(
+        [*parcae_cmd(), "tb", *args, "--port", str(port), "--sync-interval", "1"],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _scalars_over_http(port: int, run_prefix: str, tag: str, deadline: float) -> list:
+    base = f"http://127.0.0.1:{port}"
+    while time.monotonic() < deadline:
+        try:
+            tags = _get(f"{base}/data/plugin/scalars/tags")
+            runs = [r for r in tags if r.startswith(run_prefix) and tag in tags[r]]
+            if runs:
+                query = urllib.parse.urlencode({"run": runs[0], "tag": tag})
+                return _get(f"{base}/data/plugin/scalars/scalars?{query}")
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"no {tag} for {run_prefix} from TensorBoard on port {port}")
+
+
+def test_tensorboard_serves_a_run_locally_and_from_s3(trained_run, tmp_path, s3_server):
+    local = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in local if "loss" in r}
+    bucket = s3_server.new_bucket("tblogs")
+    client = s3_server.client()
+    for path in (trained_run / "tensorboard").rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"runs/demo/{path.relative_to(trained_run / 'tensorboard')}")
+    port = free_port()
+    env_url = s3_server.endpoint
+    proc = _serve(
+        [str(trained_run), f"s3://{bucket}/runs/demo", "--endpoint-url", env_url, "--cache", str(tmp_path / "cache")],
+        port,
+        tmp_path / "tb.log",
+    )
+    try:
+        deadline = time.monotonic() + 90
+        served = _scalars_over_http(port, "run", "train/loss", deadline)
+        assert {int(step): value for _, step, value in served} == pytest.approx(losses, rel=1e-6)
+        from_s3 = _scalars_over_http(port, "demo", "train/loss", deadline)
+        assert {int(step): value for _, step, value in from_s3} == pytest.approx(losses, rel=1e-6)
+        assert f"http://127.0.0.1:{port}" in (tmp_path / "tb.log").read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def test_tb_refuses_what_it_cannot_serve(tmp_path, s3_server):
+    missing = subprocess.run([*parcae_cmd(), "tb", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "nothing: no such directory" in missing.stderr
+    bucket = s3_server.new_bucket("empty-logs")
+    empty = subprocess.run(
+        [*parcae_cmd(), "tb", f"s3://{bucket}/x", "--endpoint-url", s3_server.endpoint, "--cache", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+    )
+    assert empty.returncode != 0 and "no TensorBoard event files" in empty.stderr

@@ -1,0 +1,230 @@
+"""Job spec rules, loaded from real YAML files."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.spec import JobSpec, SpecError, load_spec
+
+MINIMAL = """
+name: t
+data: {train_url: s3://bucket/train}
+training: {micro_batch_size: 4, total_steps: 10}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems(tmp_path: Path, text: str, overrides=(), environ=None) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text), overrides, environ or {})
+    return info.value.problems
+
+
+def test_minimal_spec_fills_defaults_and_derives_batch(tmp_path):
+    spec = load_spec(write(tmp_path, MINIMAL), environ={}).spec
+    assert spec.training.gradient_accumulation_steps == 1
+    assert spec.training.global_batch_size == 4
+    assert spec.run_dir == "runs/t"
+    assert spec.checkpoint.dir == "runs/t/checkpoints"
+    assert spec.logging.tensorboard_dir == "runs/t/tensorboard"
+    assert spec.model.injection == "diagonal" and spec.model.mean_recurrence == 8
+
+
+@pytest.mark.parametrize(
+    "training, cluster, expected",
+    [
+        ({"micro_batch_size": 4, "gradient_accumulation_steps": 2}, {"procs_per_node": 2}, (4, 16, 2)),
+        ({"micro_batch_size": 4, "global_batch_size": 32}, {"nodes": 2, "procs_per_node": 2}, (4, 32, 2)),
+        ({"global_batch_size": 32, "gradient_accumulation_steps": 4}, {"procs_per_node": 2}, (4, 32, 4)),
+        ({"micro_batch_size": 2, "global_batch_size": 8, "gradient_accumulation_steps": 4}, {}, (2, 8, 4)),
+    ],
+)
+def test_batch_arithmetic_derives_the_missing_value(tmp_path, training, cluster, expected):
+    data = {
+        "name": "t",
+        "data": {"train_url": "x"},
+        "cluster": cluster,
+        "training": {**training, "total_steps": 1},
+    }
+    spec = JobSpec.model_validate(data)
+    t = spec.training
+    assert (t.micro_batch_size, t.global_batch_size, t.gradient_accumulation_steps) == expected
+
+
+def test_inconsistent_batch_is_rejected_with_the_arithmetic(tmp_path):
+    found = problems(
+        tmp_path,
+        """
+        name: t
+        data: {train_url: x}
+        training: {micro_batch_size: 4, global_batch_size: 10, gradient_accumulation_steps: 2, total_steps: 1}
+        cluster: {procs_per_node: 2}
+    """,
+    )
+    assert len(found) == 1
+    assert found[0].startswith("training.global_batch_size: inconsistent: 4 x 2 x 2 = 16")
+    assert "(got 10)" in found[0]
+
+
+def test_indivisible_global_batch(tmp_path):
+    found = problems(
+        tmp_path,
+        """
+        name: t
+        data: {train_url: x}
+        training: {micro_batch_size: 3, global_batch_size: 16, total_steps: 1}
+    """,
+    )
+    assert found[0].startswith("training.global_batch_size: not divisible by micro_batch_size x world size")
+
+
+def test_typo_names_dotted_path_and_closest_key(tmp_path):
+    found = problems(tmp_path, MINIMAL + "model: {mean_recurence: 4}\n")
+    assert found == ["model.mean_recurence: unknown key (did you mean 'model.mean_recurrence'?)"]
+
+
+def test_unknown_top_level_section(tmp_path):
+    found = problems(tmp_path, MINIMAL + "optimiser: {lr: 1}\n")
+    assert found == ["optimiser: unknown key (did you mean 'optimizer'?)"]
+
+
+def test_wrong_type_shows_value_and_what_is_accepted(tmp_path):
+    found = problems(tmp_path, MINIMAL + "model: {injection: diag, d_model: big}\n")
+    assert "model.injection: Input should be 'diagonal', 'add' or 'concat' (got 'diag')" in found
+    assert any(p.startswith("model.d_model: Input should be a valid integer") and "'big'" in p for p in found)
+
+
+def test_missing_section_and_key(tmp_path):
+    found = problems(tmp_path, "name: t\ntraining: {micro_batch_size: 1, total_steps: 1}\n")
+    assert found == ["data: required section is missing"]
+    found = problems(tmp_path, "name: t\ndata: {seq_len: 8}\ntraining: {micro_batch_size: 1, total_steps: 1}\n")
+    assert found == ["data.train_url: required key is missing"]
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    found = problems(
+        tmp_path,
+        """
+        name: bad name
+        model: {d_model: 100, n_head: 3, mean_recurrence: 2, mean_backprop_depth: 4, injection: diag}
+        data: {train_url: x, seq_len: 4096}
+        training: {micro_batch: 4, total_steps: 10, total_tokens: 10}
+        eval: {loop_counts: [0, 2]}
+    """,
+    )
+    paths = [p.split(":")[0] for p in found]
+    assert paths == [
+        "name",
+        "model.injection",
+        "training.micro_batch",
+        "eval.loop_counts.0",
+        "model.n_head",
+        "model.mean_backprop_depth",
+        "training.total_steps",
+        "training.micro_batch_size",
+        "data.seq_len",
+    ]
+
+
+def test_cross_field_rules(tmp_path):
+    found = problems(
+        tmp_path,
+        """
+        name: t
+        model: {d_model: 96, n_head: 5, mean_recurrence: 2, mean_backprop_depth: 3, max_seq_len: 64}
+        data: {train_url: x, seq_len: 128}
+        training: {micro_batch_size: 1, total_steps: 1}
+        zero: {stage: 2, offload_params: true}
+    """,
+    )
+    assert "model.n_head: must divide d_model=96 (got 5)" in found
+    assert "model.mean_backprop_depth: must be <= model.mean_recurrence (2) (got 3)" in found
+    assert "zero.offload_params: needs zero.stage 3 (stage is 2) (got True)" in found
+    assert "data.seq_len: exceeds the model's context model.max_seq_len=64 (got 128)" in found
+
+
+def test_exactly_one_run_length(tmp_path):
+    found = problems(tmp_path, "name: t\ndata: {train_url: x}\ntraining: {micro_batch_size: 1}\n")
+    assert found == [
+        "training.total_steps: set exactly one of training.total_steps / training.total_tokens "
+        "(got {'total_steps': None, 'total_tokens': None})"
+    ]
+
+
+def test_gpt_rejects_loop_settings(tmp_path):
+    found = problems(tmp_path, MINIMAL + "model: {arch: gpt, n_layers: 4, mean_recurrence: 4}\n")
+    assert found[0].startswith("model.mean_recurrence: only applies to arch=parcae")
+
+
+def test_loop_counts_must_be_positive(tmp_path):
+    found = problems(tmp_path, MINIMAL + "eval: {loop_counts: [1, -2]}\n")
+    assert found == ["eval.loop_counts.1: Input should be greater than 0 (got -2)"]
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    spec = load_spec(path, ["model.injection=add", "eval.loop_counts=[1, 3]", "training.seed=7"], {}).spec
+    assert spec.model.injection == "add" and spec.eval.loop_counts == [1, 3] and spec.training.seed == 7
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["training.micro_batch_sise=3", "model.injection=diag"], {})
+    assert info.value.problems == [
+        "model.injection: Input should be 'diagonal', 'add' or 'concat' (got 'diag')",
+        "training.micro_batch_sise: unknown key (did you mean 'training.micro_batch_size'?)",
+    ]
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["model.injection"], {})
+    assert "expected a.b.c=value" in info.value.problems[0]
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["name.first=x"], {})
+    assert info.value.problems == ["--set name.first: name is a value ('t'), not a section"]
+
+
+def test_env_interpolation_with_defaults_and_missing(tmp_path):
+    text = MINIMAL.replace("s3://bucket/train", "'${BUCKET}/train'") + "storage: {region: '${REGION:-eu-west-1}'}\n"
+    spec = load_spec(write(tmp_path, text), environ={"BUCKET": "s3://b"}).spec
+    assert spec.data.train_url == "s3://b/train" and spec.storage.region == "eu-west-1"
+    found = problems(tmp_path, text, environ={})
+    assert found == ["data.train_url: environment variable BUCKET is not set (set it, or write ${BUCKET:-default})"]
+
+
+def test_secrets_never_appear_in_errors_or_saved_specs(tmp_path):
+    secret = "s3cr3t-value-123"
+    environ = {"MY_SECRET_KEY": secret}
+    text = MINIMAL + "storage: {endpoint_url: 'http://u:${MY_SECRET_KEY}@127.0.0.1:9000'}\n"
+    loaded = load_spec(write(tmp_path, text), environ=environ)
+    assert loaded.spec.storage.endpoint_url == f"http://u:{secret}@127.0.0.1:9000"
+    saved = loaded.save(tmp_path / "out" / "spec.yaml").read_text()
+    assert secret not in saved and "${MY_SECRET_KEY}" in saved
+    assert load_spec(tmp_path / "out" / "spec.yaml", environ=environ).spec == loaded.spec
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, MINIMAL + "model: {d_model: '${MY_SECRET_KEY}'}\n"), environ=environ)
+    assert secret not in str(info.value) and "${MY_SECRET_KEY}" in str(info.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(SpecError, match="cannot read the spec file"):
+        load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(SpecError, match="line 2, column .*not valid YAML"):
+        load_spec(write(tmp_path, "name: t\n  bad: [\n"))
+    with pytest.raises(SpecError, match="must be a mapping"):
+        load_spec(write(tmp_path, "- a\n- b\n"))
+
+
+def test_time_limit_and_names_cannot_inject_shell(tmp_path):
+    found = problems(tmp_path, MINIMAL + "cluster: {time_limit: '1:00; rm -rf /', partition: 'a b'}\n")
+    assert [p.split(":")[0] for p in found] == ["cluster.partition", "cluster.time_limit"]
+    spec = load_spec(write(tmp_path, MINIMAL + "cluster: {time_limit: '2-00:00:00'}\n"), environ={}).spec
+    assert spec.cluster.time_limit == "2-00:00:00"
+
+
+def test_unquoted_time_limit_is_refused_not_misread(tmp_path):
+    found = problems(tmp_path, MINIMAL + "cluster: {time_limit: 10:00}\n")
+    assert len(found) == 1 and found[0].startswith("cluster.time_limit: Value error, write the time limit as a quoted")

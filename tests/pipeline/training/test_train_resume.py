@@ -1,0 +1,252 @@
+"""`parcae train` on 2 CPU ranks (ZeRO-3, gloo): a SIGKILLed run resumes to the same per-step losses as an
+uninterrupted one; SIGUSR1 checkpoints and exits with the requeue code; the next start resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from data_prep.shards import ShardSettings, build_shards
+from parcae_errors import REQUEUE_EXIT_CODE
+from tests.conftest import CONFIGS, REPO, parcae_cmd
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("train-shards")
+    settings = ShardSettings(seq_len=32, shard_bytes=40_000, val_fraction=0.05)
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(out), settings, workers=0)
+    return out
+
+
+def train_cmd(shards: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    overrides = [
+        f"data.train_url={shards / 'train'}",
+        f"data.val_url={shards / 'val'}",
+        "data.seq_len=32",
+        f"run_dir={run_dir}",
+        f"training.total_steps={steps}",
+        "checkpoint.interval_steps=5",
+        "eval.interval_steps=10",
+        "eval.loop_counts=[1, 4]",
+        "logging.log_interval=5",
+        "data.prefetch_batches=1",
+        *extra,
+    ]
+    return [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *[f"--set={o}" for o in overrides]]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]  # the last occurrence wins (a resumed run rewrites steps)
+    return out
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def expected(shards, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of an uninterrupted run."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    reference = start(train_cmd(shards, tmp_path / "reference", STEPS), tmp_path / "reference.log")
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    result = losses(tmp_path / "reference")
+    assert sorted(result) == list(range(1, STEPS + 1))
+    assert result[STEPS] < result[1] - 0.5  # it learns
+    return result
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path, shards, expected):
+    steps = STEPS
+
+    run_dir = tmp_path / "killed"
+    proc = start(train_cmd(shards, run_dir, steps), tmp_path / "killed.log")
+    wait_for_step(run_dir, proc, 12)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step-00000010"
+    resumed = start(train_cmd(shards, run_dir, steps), tmp_path / "resumed.log")
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert "resuming at step 10" in (tmp_path / "resumed.log").read_text()
+    after = losses(run_dir)
+    for step in range(11, steps + 1):
+        assert after[step] == expected[step], (step, after[step], expected[step])
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert kept == ["step-00000020", "step-00000024"]  # keep_last 2
+    # the same run dir with another model: refused by name before DeepSpeed reads the checkpoint
+    other = start(train_cmd(shards, run_dir, STEPS + 5, "model.injection=concat"), tmp_path / "other.log")
+    assert other.wait(timeout=300) != 0
+    log = (tmp_path / "other.log").read_text()
+    assert "parameter layout differs" in log and "Traceback" not in log, log[-3000:]
+
+
+def test_checkpoints_on_s3_resume_to_the_same_losses(tmp_path, shards, expected, s3_server):
+    """checkpoint.dir on the S3 endpoint: staged, uploaded by the rank that wrote each file, marked; a
+    SIGKILLed run downloads the newest one and continues with the uninterrupted run's losses."""
+    bucket = s3_server.new_bucket("ckpt")
+    url = f"s3://{bucket}/runs/x"
+    extra = (f"checkpoint.dir={url}", f"storage.endpoint_url={s3_server.endpoint}")
+    run_dir = tmp_path / "killed"
+    proc = start(train_cmd(shards, run_dir, STEPS, *extra), tmp_path / "killed.log")
+    wait_for_step(run_dir, proc, 12)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    client = s3_server.client()
+
+    def keys() -> list[str]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="runs/x/")
+        return sorted(o["Key"][len("runs/x/") :] for page in pages for o in page.get("Contents", []))
+
+    latest = client.get_object(Bucket=bucket, Key="runs/x/LATEST")["Body"].read().decode().strip()
+    assert latest == "step-00000010"
+    names = [k for k in keys() if k.startswith("step-00000010/")]
+    assert "step-00000010/spec.yaml" in names
+    assert sum("zero_pp_rank_0_" in k for k in names) >= 1 and sum("zero_pp_rank_1_" in k for k in names) >= 1
+    resumed = start(train_cmd(shards, run_dir, STEPS, *extra), tmp_path / "resumed.log")
+    assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert "resuming at step 10" in (tmp_path / "resumed.log").read_text()
+    after = losses(run_dir)
+    for step in range(11, STEPS + 1):
+        assert after[step] == expected[step], (step, after[step], expected[step])
+    assert sorted({k.split("/")[0] for k in keys() if k.startswith("step-")}) == ["step-00000020", "step-00000024"]
+    staged = run_dir / "checkpoint-staging"
+    assert not [p for p in staged.glob("step-*/**/*") if p.is_file()]  # uploaded copies are not kept
+    out = tmp_path / "model.safetensors"
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint}
+    export = subprocess.run([*parcae_cmd(), "export", url, "--out", str(out)], capture_output=True, text=True, env=env)
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert "step-00000024" in export.stdout
+
+
+def test_sigusr1_checkpoints_exits_for_requeue_and_resumes(tmp_path, shards):
+    run_dir = tmp_path / "preempted"
+    proc = start(train_cmd(shards, run_dir, 200), tmp_path / "first.log")
+    wait_for_step(run_dir, proc, 3)
+    os.kill(proc.pid, signal.SIGUSR1)  # what Slurm's --signal=B:USR1 sends to the batch step
+    assert proc.wait(timeout=300) == REQUEUE_EXIT_CODE, (tmp_path / "first.log").read_text()[-3000:]
+    stopped_at = max(losses(run_dir))
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == f"step-{stopped_at:08d}"
+    again = start(train_cmd(shards, run_dir, 200), tmp_path / "second.log")
+    wait_for_step(run_dir, again, stopped_at + 1)
+    os.killpg(again.pid, signal.SIGKILL)
+    again.wait(timeout=60)
+    assert f"resuming at step {stopped_at}" in (tmp_path / "second.log").read_text()
+
+
+def test_export_gives_the_trained_model(tmp_path, shards):
+    import itertools
+
+    import torch
+
+    from model import load_pretrained
+    from pipeline.data import ShardLoader
+
+    run_dir = tmp_path / "run"
+    proc = start(train_cmd(shards, run_dir, 10), tmp_path / "train.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    out = tmp_path / "model.safetensors"
+    result = subprocess.run(
+        [*parcae_cmd(), "export", str(run_dir / "checkpoints"), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = load_pretrained(None, out)
+    # The exported weights reproduce the validation loss the run logged at its last step (h_0 = 0, 4 loops).
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in logged if "val_loss_loops_4" in r][-1]["val_loss_loops_4"]
+    total = count = 0.0
+    for rank in range(2):
+        loader = ShardLoader(
+            str(shards / "val"),
+            rank=rank,
+            world_size=2,
+            micro_batch_size=8,
+            seq_len=32,
+            seed=1337,
+            shuffle_buffer=0,
+            shuffle=False,
+            prefetch=0,
+            split_by="samples",
+        )
+        n = min(loader.batches_per_epoch(0), 8)
+        for batch in itertools.islice(iter(loader), n):
+            with torch.no_grad():
+                loss = model(batch[:, :-1], batch[:, 1:], loops=4, h0=torch.zeros(8, 32, model.cfg.d_model))
+            total += float(loss) * batch[:, 1:].numel()
+            count += batch[:, 1:].numel()
+    assert abs(total / count - val) < 1e-4
+    missing = subprocess.run(
+        [*parcae_cmd(), "export", str(tmp_path / "nowhere"), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 1 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def run_variant(tmp_path, shards, name, steps, extra):
+    run_dir = tmp_path / name
+    cmd = train_cmd(shards, run_dir, steps) + [f"--set={o}" for o in extra]
+    proc = start(cmd, tmp_path / f"{name}.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_accumulation_and_stage2(tmp_path, shards):
+    records = run_variant(tmp_path, shards, "accum", 30, ["training.gradient_accumulation_steps=2", "zero.stage=2"])
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert steps[-1]["tokens_seen"] == 30 * 2 * 8 * 2 * 32  # steps x accumulation x micro x ranks x seq_len
+    assert sum(r["loss"] for r in steps[-5:]) / 5 < sum(r["loss"] for r in steps[:5]) / 5 - 0.5
+
+
+def test_spike_guard_skips_and_replaces_micro_batches(tmp_path, shards):
+    # A flat loss (tiny lr) and a strict guard: about half the micro-batches count as spikes after the warm-up.
+    records = run_variant(tmp_path, shards, "spikes", 26, ["optimizer.lr=1e-7", "training.spike_zscore=0.01"])
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 27))  # every step still gets its micro-batches
+    assert steps[-1]["spikes_skipped"] > 0
+    assert all(r["loss"] <= max(x["loss"] for x in steps[:20]) for r in steps[20:])
+
+
+def test_muon_with_auxiliary_adamw(tmp_path, shards):
+    records = run_variant(
+        tmp_path, shards, "muon", 12, ["optimizer.name=muon", "optimizer.lr=0.02", "optimizer.adam_lr=0.003"]
+    )
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 12 and all(math.isfinite(r["loss"]) for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
