@@ -44,7 +44,7 @@ def main() -> None:
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
     from model import build_model, loop_generator, sample_loop_counts
     from pipeline.data import train_loader
-    from pipeline.spec import load_spec
+    from pipeline.jobspec import load_spec
     from pipeline.training.engine import param_groups
     from pipeline.training.schedule import lr_multiplier
 

@@ -49,7 +49,7 @@ def overrides(args: argparse.Namespace, gather_unit: str) -> list[str]:
 def run_variant(args: argparse.Namespace) -> dict[str, float]:
     """One variant, in this process: mean ms per phase over the steps after 5 warm-up steps."""
     from model import build_model, loop_generator, sample_loop_counts
-    from pipeline.spec import load_spec
+    from pipeline.jobspec import load_spec
 
     way, draws = args.variant.split(":")
     unit = "module" if way == "module" else "block"

@@ -1,1 +1,2 @@
-"""Job specs, the DeepSpeed engine, the streaming loader, the training loop and the CLI."""
+"""The pipeline, in layers (each imports only those below it; tests/test_layering.py holds the order):
+jobspec < data < evaluation < training < jobs < cli."""

@@ -27,11 +27,9 @@ def parcae_cmd() -> list[str]:
 
 
 def free_port() -> int:
-    import socket
+    from pipeline.training.distributed import free_port as pick
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return pick()
 
 
 class S3Server:
@@ -55,29 +53,12 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    import shutil
-    import subprocess
-    import time
-    import urllib.request
+    """The demo's own local S3 endpoint (`pipeline.jobs.demo.start_local_s3`), once per session."""
+    from pipeline.jobs.demo import start_local_s3
 
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
     env_before = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-            time.sleep(0.1)
+    proc, endpoint = start_local_s3()
     try:
         yield S3Server(endpoint)
     finally:
@@ -116,3 +97,48 @@ def tokenizer(tmp_path_factory, corpus_jsonl) -> Path:
     docs = iter_documents(CorpusSpec((str(corpus_jsonl),)), Problems())
     train_tokenizer(docs, TokenizerSettings(vocab_size=512, max_sample_chars=300_000), out)
     return Path(f"{out}.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
+    """Train and val shards of 32-token rows (about 40 kB a shard, 5% validation) for the tiny runs."""
+    from data_prep.shards import ShardSettings, build_shards
+
+    out = tmp_path_factory.mktemp("tiny-shards")
+    build_shards(
+        [str(corpus_jsonl)],
+        str(tokenizer),
+        str(out),
+        ShardSettings(seq_len=32, shard_bytes=40_000, val_fraction=0.05),
+        workers=0,
+    )
+    return out
+
+
+def tiny_run(shards: str | Path, run_dir: str | Path, steps: int, **settings: object) -> list[str]:
+    """``--set`` overrides of configs/demo-tiny.yaml for a short run on `tiny_shards` (local or s3://):
+    checkpoints every 5 steps, evaluation at 1 and 4 loops every 10, metrics every 5; ``settings``
+    (dotted keys with "__" for ".", e.g. ``eval__interval_steps=6``) replace or add overrides."""
+    values: dict[str, object] = {
+        "data.train_url": f"{shards}/train",
+        "data.val_url": f"{shards}/val",
+        "data.seq_len": 32,
+        "run_dir": run_dir,
+        "training.total_steps": steps,
+        "checkpoint.interval_steps": 5,
+        "eval.interval_steps": 10,
+        "eval.loop_counts": "[1, 4]",
+        "logging.log_interval": 5,
+    }
+    values.update({key.replace("__", "."): value for key, value in settings.items()})
+    return [f"--set={key}={value}" for key, value in values.items()]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step from a run's metrics.jsonl (the last occurrence wins: a resumed run rewrites steps)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out

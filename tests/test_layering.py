@@ -4,7 +4,7 @@ and by importing the packages in a fresh interpreter:
 - model/ imports torch, its own files and the error root only; data_prep/ neither model/ nor pipeline/;
   only pipeline/ imports deepspeed; `parcae_errors` imports nothing of the project.
 - inside pipeline/ the subpackages form layers, each importing only those below it:
-  spec < data < evaluation < training < jobs < cli (and no file imports another that imports it back).
+  jobspec < data < evaluation < training < jobs < cli (and no file imports another that imports it back).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ FORBIDDEN = {
     "model": {"deepspeed", "pipeline", "data_prep", "webdataset", "boto3"},
     "data_prep": {"deepspeed", "pipeline", "model", "torch"},
 }
-PIPELINE_LAYERS = ["spec", "data", "evaluation", "training", "jobs", "cli"]
+PIPELINE_LAYERS = ["jobspec", "data", "evaluation", "training", "jobs", "cli"]
 
 
 def imports(path: Path) -> set[str]:

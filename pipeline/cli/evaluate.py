@@ -31,7 +31,7 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.jobs.evaluate import load_source, run_eval
-    from pipeline.spec import load_spec
+    from pipeline.jobspec import load_spec
 
     given = load_spec(args.spec, args.overrides).spec if args.spec else None
     run_eval(

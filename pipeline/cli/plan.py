@@ -38,7 +38,7 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.jobs.plan import DEFAULT_PEAK, check_positive, isoflop_points, plan, refit
-    from pipeline.spec import load_spec
+    from pipeline.jobspec import load_spec
 
     spec = load_spec(args.spec, args.overrides).spec
     if args.isoflop:

@@ -8,7 +8,7 @@ from typing import Any
 
 from model.config import count_params, flops_per_token
 from pipeline.cli.args import add_spec_args
-from pipeline.spec import JobSpec, load_spec
+from pipeline.jobspec import JobSpec, load_spec
 from pipeline.training.ds_config import build_ds_config, load_base_config
 
 

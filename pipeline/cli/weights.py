@@ -33,7 +33,7 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from model import WeightsError
-    from pipeline.spec import load_spec
+    from pipeline.jobspec import load_spec
     from pipeline.training.weights import import_weights
 
     cfg = load_spec(args.spec, args.overrides).spec.model.build()

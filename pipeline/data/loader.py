@@ -33,7 +33,7 @@ import torch
 from data_prep.inspect import iter_samples, read_manifest
 from data_prep.storage import S3Options, StorageError, open_store
 from parcae_errors import ParcaeError
-from pipeline.spec import DataSpec
+from pipeline.jobspec import DataSpec
 
 log = logging.getLogger(__name__)
 

@@ -31,15 +31,16 @@ def _step(n: int, text: str) -> None:
     print(f"\n[{n}/4] {text}", flush=True)
 
 
-def _start_s3(log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_local_s3(log_path: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """A real S3 endpoint (moto's standalone server) on a free loopback port: (process, endpoint URL).
+    The demo streams its shards from it; the test suite's S3 tests share it."""
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
     if not Path(exe).exists():
         raise ParcaeError("the demo needs moto's S3 server (moto_server); run `make setup` (installs the dev extra)")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log_path.open("w"), stderr=subprocess.STDOUT
-    )
+    out = log_path.open("w") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -78,7 +79,7 @@ def run_demo(workdir: str) -> int:
     )
     print(f"      {root / 'tokenizer' / 'demo.model'}: trained on {card['sample']['documents_sampled']} documents")
 
-    s3, endpoint = _start_s3(root / "s3-server.log")
+    s3, endpoint = start_local_s3(root / "s3-server.log")
     try:
         _step(2, f"shards: rows of 65 tokens into s3://{BUCKET}/shards on the local S3 endpoint {endpoint}")
         import boto3

@@ -27,7 +27,7 @@ from pipeline.evaluation.curves import CurveFit, plot_loop_curve
 from pipeline.evaluation.losses import loss_sums
 from pipeline.evaluation.report import fit_results, loop_results, print_table, write_tensorboard
 from pipeline.evaluation.token_bytes import TokenBytes
-from pipeline.spec import JobSpec, load_spec
+from pipeline.jobspec import JobSpec, load_spec
 from pipeline.training import checkpoint
 from pipeline.training.weights import load_checkpoint_model
 
@@ -102,10 +102,9 @@ def run_eval(
     data = data or (spec.data.val_url if spec else None)
     if not data:
         raise ParcaeError("no validation data: pass --data (a shard directory or s3:// prefix with manifest.json)")
-    if spec:
-        options = S3Options.from_env(
-            endpoint_url or spec.storage.endpoint_url, spec.storage.region, spec.storage.max_retries
-        )
+    if spec:  # the spec's storage, with --endpoint-url taking precedence
+        storage = spec.storage.model_copy(update={"endpoint_url": endpoint_url or spec.storage.endpoint_url})
+        options = storage.s3_options()
     else:
         options = S3Options.from_env(endpoint_url)
     manifest = read_manifest(open_store(data, options))

@@ -25,7 +25,7 @@ import numpy as np
 
 from model.config import flops_per_token
 from parcae_errors import ParcaeError
-from pipeline.spec import JobSpec
+from pipeline.jobspec import JobSpec
 
 LOOPS_EXPONENT = 0.40  # the paper's fit for the optimal mean recurrence (PARCAE.md, section 7)
 TOKENS_EXPONENT = 0.78  # the paper's fit for the optimal token budget

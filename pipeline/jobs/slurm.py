@@ -17,7 +17,7 @@ from string import Template
 
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError
 from pipeline.jobs.sweep_record import is_sweep, metrics_records, point_run_dir
-from pipeline.spec import ClusterSpec, LoadedSpec, load_spec
+from pipeline.jobspec import ClusterSpec, LoadedSpec, load_spec
 from pipeline.training import checkpoint
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import yaml
 from parcae_errors import ParcaeError
 from pipeline.jobs import slurm
 from pipeline.jobs.sweep_record import exit_code, write_exit_code, write_record
-from pipeline.spec import SpecError, load_spec
+from pipeline.jobspec import SpecError, load_spec
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:

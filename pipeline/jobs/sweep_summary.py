@@ -13,7 +13,7 @@ from model.config import flops_per_token
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
 from pipeline.evaluation.losses import try_fit
 from pipeline.jobs.sweep_record import exit_code, metrics_records, read_points
-from pipeline.spec import load_spec
+from pipeline.jobspec import load_spec
 
 
 def _finite(x: Any) -> bool:

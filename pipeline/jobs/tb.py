@@ -16,7 +16,7 @@ from pathlib import Path
 
 from data_prep.storage import S3Options, StorageError, is_s3, open_store
 from parcae_errors import ParcaeError
-from pipeline.spec import load_spec
+from pipeline.jobspec import load_spec
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from data_prep.storage import S3Options, is_s3, open_store
 from parcae_errors import ParcaeError
-from pipeline.spec import CheckpointSpec
+from pipeline.jobspec import CheckpointSpec
 
 log = logging.getLogger(__name__)
 

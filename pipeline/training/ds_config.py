@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from parcae_errors import UsageError
-from pipeline.spec import OptimizerSpec, TrainingSpec, ZeroSpec
+from pipeline.jobspec import OptimizerSpec, TrainingSpec, ZeroSpec
 
 
 class ConfigError(UsageError):

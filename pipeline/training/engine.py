@@ -15,7 +15,7 @@ import torch
 
 from model import ParcaeConfig, ParcaeLM
 from model.parcae import INIT_TYPES
-from pipeline.spec import OptimizerSpec, ZeroSpec
+from pipeline.jobspec import OptimizerSpec, ZeroSpec
 
 log = logging.getLogger(__name__)
 

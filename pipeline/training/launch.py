@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from parcae_errors import ParcaeError
-from pipeline.spec import load_spec
+from pipeline.jobspec import load_spec
 from pipeline.training.distributed import RankInfo, export_rank_env, free_port, launch_local, rank_info
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.spec import LoggingSpec
+from pipeline.jobspec import LoggingSpec
 from pipeline.training.step import Progress, StepResult
 
 log = logging.getLogger(__name__)

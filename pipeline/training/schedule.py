@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.spec import ScheduleSpec
+from pipeline.jobspec import ScheduleSpec
 
 
 def lr_multiplier(step: int, total_steps: int, spec: ScheduleSpec) -> float:

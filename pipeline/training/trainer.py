@@ -22,7 +22,7 @@ import torch
 from model import flops_per_token
 from parcae_errors import REQUEUE_EXIT_CODE
 from pipeline.data import train_loader
-from pipeline.spec import JobSpec, LoadedSpec
+from pipeline.jobspec import JobSpec, LoadedSpec
 from pipeline.training.checkpoint import Checkpointer
 from pipeline.training.distributed import (
     RankInfo,

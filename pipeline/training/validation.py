@@ -11,7 +11,7 @@ from data_prep.storage import S3Options
 from model import ParcaeConfig
 from pipeline.data import rows_loader
 from pipeline.evaluation.losses import loss_sums, validation_metrics
-from pipeline.spec import EvalSpec
+from pipeline.jobspec import EvalSpec
 
 
 class Validator:

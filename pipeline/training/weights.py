@@ -13,7 +13,7 @@ from data_prep.storage import is_s3
 from model import ParcaeConfig, ParcaeLM, count_params, load_pretrained, save_reference
 from model.weights import from_reference
 from parcae_errors import ParcaeError
-from pipeline.spec import JobSpec, load_spec
+from pipeline.jobspec import JobSpec, load_spec
 from pipeline.training import checkpoint
 
 

@@ -15,8 +15,7 @@ import pytest
 
 from data_prep.shards import ShardSettings, build_shards
 from data_prep.storage import S3Options
-from tests.conftest import CONFIGS, REPO, parcae_cmd
-from tests.pipeline.training.test_train_resume import losses
+from tests.conftest import CONFIGS, REPO, parcae_cmd, step_losses, tiny_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
@@ -65,23 +64,7 @@ def s3_shards(s3_server, corpus_jsonl, tokenizer):
 
 def overrides(shards, run_dir: Path, steps: int) -> list[str]:
     url, endpoint = shards
-    return [
-        f"--set={o}"
-        for o in (
-            "cluster.nodes=2",
-            "cluster.procs_per_node=1",
-            f"data.train_url={url}/train",
-            f"data.val_url={url}/val",
-            "data.seq_len=32",
-            f"storage.endpoint_url={endpoint}",
-            f"run_dir={run_dir}",
-            f"training.total_steps={steps}",
-            "checkpoint.interval_steps=5",
-            "eval.interval_steps=10",
-            "eval.loop_counts=[1, 4]",
-            "logging.log_interval=5",
-        )
-    ]
+    return tiny_run(url, run_dir, steps, cluster__nodes=2, cluster__procs_per_node=1, storage__endpoint_url=endpoint)
 
 
 def parcae(*args, timeout=300):
@@ -125,7 +108,7 @@ def uninterrupted(slurm, s3_shards, tmp_path_factory):
 def test_two_node_job_trains_from_s3_and_logs(uninterrupted):
     run_dir, job, log = uninterrupted
     assert "ZeRO stage 3, fp32, world size 2" in log and "training finished: 24 steps" in log
-    assert sorted(losses(run_dir)) == list(range(1, 25))
+    assert sorted(step_losses(run_dir)) == list(range(1, 25))
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     status = parcae("status", str(run_dir))
     assert status.returncode == 0
@@ -133,11 +116,11 @@ def test_two_node_job_trains_from_s3_and_logs(uninterrupted):
 
 
 def test_warning_signal_checkpoints_requeues_and_resumes_exactly(uninterrupted, s3_shards, tmp_path):
-    expected = losses(uninterrupted[0])
+    expected = step_losses(uninterrupted[0])
     run_dir = tmp_path / "run"
     job = submit(s3_shards, run_dir, 24)
     deadline = time.monotonic() + 300
-    while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 7):
+    while not ((run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= 7):
         assert time.monotonic() < deadline and job_state(job) in ("PENDING", "RUNNING", "CONFIGURING")
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
@@ -151,7 +134,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(uninterrupted, 
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
     log = (run_dir / "slurm" / f"{job}.out").read_text()
     assert "preempted: requeueing" in log and f"resuming at step {stopped_at}" in log
-    after = losses(run_dir)
+    after = step_losses(run_dir)
     for step in range(stopped_at + 1, 25):
         assert after[step] == expected[step], (step, after[step], expected[step])
 
@@ -206,7 +189,7 @@ def test_sweep_runs_as_one_job_array(slurm, s3_shards, tmp_path):
         log = directory / "slurm" / f"{job}_{task}.out"
         assert state == "COMPLETED", log.read_text()[-3000:] if log.exists() else state
     for name in ("lr1e-3", "lr3e-3"):
-        assert sorted(losses(directory / name)) == list(range(1, 9)), name
+        assert sorted(step_losses(directory / name)) == list(range(1, 9)), name
     summary = parcae("sweep", "summary", str(directory))
     assert summary.returncode == 0, summary.stderr
     assert "lr1e-3" not in summary.stderr and "1e-3" in summary.stdout and "3e-3" in summary.stdout

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from data_prep.shards import ShardSettings, build_shards
 from data_prep.tokenizer import EOS_ID, load_tokenizer
 from model import ParcaeConfig, build_model, save_reference
 from model.weights import reference_state_dict
@@ -23,10 +22,8 @@ CFG = ParcaeConfig(vocab_size=512, d_model=64, n_head=2, n_prelude=1, n_core=1, 
 
 
 @pytest.fixture(scope="module")
-def val_shards(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
-    out = tmp_path_factory.mktemp("eval-shards")
-    build_shards([str(corpus_jsonl)], str(tokenizer), str(out), ShardSettings(seq_len=32, val_fraction=0.05), workers=0)
-    return out / "val"
+def val_shards(tiny_shards) -> Path:
+    return tiny_shards / "val"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

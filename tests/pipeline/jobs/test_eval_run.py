@@ -15,35 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.shards import ShardSettings, build_shards
-from tests.conftest import CONFIGS, REPO, free_port, parcae_cmd
+from tests.conftest import CONFIGS, REPO, free_port, parcae_cmd, tiny_run
 from tests.pipeline.jobs.test_eval import event_scalars
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
+def trained_run(tmp_path_factory, tiny_shards) -> Path:
     root = tmp_path_factory.mktemp("eval-run")
-    build_shards(
-        [str(corpus_jsonl)],
-        str(tokenizer),
-        str(root / "shards"),
-        ShardSettings(seq_len=32, shard_bytes=40_000, val_fraction=0.05),
-        workers=0,
-    )
-    overrides = [
-        f"data.train_url={root / 'shards' / 'train'}",
-        f"data.val_url={root / 'shards' / 'val'}",
-        "data.seq_len=32",
-        f"run_dir={root / 'run'}",
-        "training.total_steps=12",
-        "checkpoint.interval_steps=6",
-        "eval.interval_steps=6",
-        "eval.loop_counts=[1, 2, 4]",
-        "logging.log_interval=3",
-    ]
-    cmd = [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *[f"--set={o}" for o in overrides]]
+    intervals = {"checkpoint__interval_steps": 6, "eval__interval_steps": 6, "logging__log_interval": 3}
+    overrides = tiny_run(tiny_shards, root / "run", 12, eval__loop_counts="[1, 2, 4]", **intervals)
+    cmd = [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *overrides]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "run"

@@ -12,7 +12,7 @@ import pytest
 from model.config import flops_per_token
 from parcae_errors import ParcaeError
 from pipeline.jobs.plan import plan, refit
-from pipeline.spec import load_spec
+from pipeline.jobspec import load_spec
 from tests.conftest import CONFIGS, REPO, parcae_cmd
 
 SPEC = load_spec(CONFIGS / "parcae-140m.yaml").spec

@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 
-from data_prep.shards import ShardSettings, build_shards
 from parcae_errors import ParcaeError
 from pipeline.jobs.sweep import expand, parse_grid
 from tests.conftest import CONFIGS, REPO, parcae_cmd
@@ -51,9 +50,8 @@ def test_every_invalid_point_is_reported_before_anything_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_sweep_trains_skips_finished_points_and_summarises(tmp_path, corpus_jsonl, tokenizer):
-    shards = tmp_path / "shards"
-    build_shards([str(corpus_jsonl)], str(tokenizer), str(shards), ShardSettings(seq_len=32, val_fraction=0.05), 0)
+def test_local_sweep_trains_skips_finished_points_and_summarises(tmp_path, tiny_shards):
+    shards = tiny_shards
     directory = tmp_path / "sweep"
     common = [
         f"--set=data.train_url={shards / 'train'}", f"--set=data.val_url={shards / 'val'}", "--set=data.seq_len=32",

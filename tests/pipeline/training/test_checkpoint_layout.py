@@ -12,7 +12,7 @@ import pytest
 from data_prep.storage import S3Options
 from model import build_model
 from parcae_errors import ParcaeError
-from pipeline.spec import CheckpointSpec
+from pipeline.jobspec import CheckpointSpec
 from pipeline.training import checkpoint
 from tests.model.test_parcae import TINY
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pipeline.spec import JobSpec
+from pipeline.jobspec import JobSpec
 from pipeline.training.ds_config import (
     BASE_OFFLOAD_KEYS,
     BASE_TOP_KEYS,

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from pipeline.spec import ScheduleSpec
+from pipeline.jobspec import ScheduleSpec
 from pipeline.training.schedule import lr_multiplier
 
 

@@ -13,36 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.shards import ShardSettings, build_shards
 from parcae_errors import REQUEUE_EXIT_CODE
-from tests.conftest import CONFIGS, REPO, parcae_cmd
+from tests.conftest import CONFIGS, REPO, parcae_cmd, step_losses, tiny_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
-    out = tmp_path_factory.mktemp("train-shards")
-    settings = ShardSettings(seq_len=32, shard_bytes=40_000, val_fraction=0.05)
-    build_shards([str(corpus_jsonl)], str(tokenizer), str(out), settings, workers=0)
-    return out
+def shards(tiny_shards) -> Path:
+    return tiny_shards
 
 
 def train_cmd(shards: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
-    overrides = [
-        f"data.train_url={shards / 'train'}",
-        f"data.val_url={shards / 'val'}",
-        "data.seq_len=32",
-        f"run_dir={run_dir}",
-        f"training.total_steps={steps}",
-        "checkpoint.interval_steps=5",
-        "eval.interval_steps=10",
-        "eval.loop_counts=[1, 4]",
-        "logging.log_interval=5",
-        "data.prefetch_batches=1",
-        *extra,
-    ]
-    return [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *[f"--set={o}" for o in overrides]]
+    overrides = [*tiny_run(shards, run_dir, steps, data__prefetch_batches=1), *[f"--set={o}" for o in extra]]
+    return [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *overrides]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -52,20 +36,11 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
     )
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]  # the last occurrence wins (a resumed run rewrites steps)
-    return out
-
-
 def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the run ended before it could be interrupted"
-        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
+        if (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
             return
         time.sleep(0.1)
     raise AssertionError(f"no step {step} within {timeout} s")
@@ -80,7 +55,7 @@ def expected(shards, tmp_path_factory) -> dict[int, float]:
     tmp_path = tmp_path_factory.mktemp("reference")
     reference = start(train_cmd(shards, tmp_path / "reference", STEPS), tmp_path / "reference.log")
     assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
-    result = losses(tmp_path / "reference")
+    result = step_losses(tmp_path / "reference")
     assert sorted(result) == list(range(1, STEPS + 1))
     assert result[STEPS] < result[1] - 0.5  # it learns
     return result
@@ -98,7 +73,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, shards, expected):
     resumed = start(train_cmd(shards, run_dir, steps), tmp_path / "resumed.log")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert "resuming at step 10" in (tmp_path / "resumed.log").read_text()
-    after = losses(run_dir)
+    after = step_losses(run_dir)
     for step in range(11, steps + 1):
         assert after[step] == expected[step], (step, after[step], expected[step])
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
@@ -135,7 +110,7 @@ def test_checkpoints_on_s3_resume_to_the_same_losses(tmp_path, shards, expected,
     resumed = start(train_cmd(shards, run_dir, STEPS, *extra), tmp_path / "resumed.log")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert "resuming at step 10" in (tmp_path / "resumed.log").read_text()
-    after = losses(run_dir)
+    after = step_losses(run_dir)
     for step in range(11, STEPS + 1):
         assert after[step] == expected[step], (step, after[step], expected[step])
     assert sorted({k.split("/")[0] for k in keys() if k.startswith("step-")}) == ["step-00000020", "step-00000024"]
@@ -154,7 +129,7 @@ def test_sigusr1_checkpoints_exits_for_requeue_and_resumes(tmp_path, shards):
     wait_for_step(run_dir, proc, 3)
     os.kill(proc.pid, signal.SIGUSR1)  # what Slurm's --signal=B:USR1 sends to the batch step
     assert proc.wait(timeout=300) == REQUEUE_EXIT_CODE, (tmp_path / "first.log").read_text()[-3000:]
-    stopped_at = max(losses(run_dir))
+    stopped_at = max(step_losses(run_dir))
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == f"step-{stopped_at:08d}"
     again = start(train_cmd(shards, run_dir, 200), tmp_path / "second.log")
     wait_for_step(run_dir, again, stopped_at + 1)
@@ -168,20 +143,20 @@ def test_export_gives_the_trained_model(tmp_path, shards):
 
     import torch
 
+    from data_prep.storage import S3Options
     from model import load_pretrained
-    from pipeline.data import ShardLoader
+    from pipeline.data import rows_loader
 
     run_dir = tmp_path / "run"
     proc = start(train_cmd(shards, run_dir, 10), tmp_path / "train.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
     out = tmp_path / "model.safetensors"
-    result = subprocess.run(
-        [*parcae_cmd(), "export", str(run_dir / "checkpoints"), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def export(checkpoints: Path) -> subprocess.CompletedProcess:
+        cmd = [*parcae_cmd(), "export", str(checkpoints), "--out", str(out)]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    result = export(run_dir / "checkpoints")
     assert result.returncode == 0, result.stderr[-2000:]
     model = load_pretrained(None, out)
     # The exported weights reproduce the validation loss the run logged at its last step (h_0 = 0, 4 loops).
@@ -189,18 +164,7 @@ def test_export_gives_the_trained_model(tmp_path, shards):
     val = [r for r in logged if "val_loss_loops_4" in r][-1]["val_loss_loops_4"]
     total = count = 0.0
     for rank in range(2):
-        loader = ShardLoader(
-            str(shards / "val"),
-            rank=rank,
-            world_size=2,
-            micro_batch_size=8,
-            seq_len=32,
-            seed=1337,
-            shuffle_buffer=0,
-            shuffle=False,
-            prefetch=0,
-            split_by="samples",
-        )
+        loader = rows_loader(str(shards / "val"), S3Options(), rank=rank, world_size=2, batch_size=8, seq_len=32)
         n = min(loader.batches_per_epoch(0), 8)
         for batch in itertools.islice(iter(loader), n):
             with torch.no_grad():
@@ -208,13 +172,7 @@ def test_export_gives_the_trained_model(tmp_path, shards):
             total += float(loss) * batch[:, 1:].numel()
             count += batch[:, 1:].numel()
     assert abs(total / count - val) < 1e-4
-    missing = subprocess.run(
-        [*parcae_cmd(), "export", str(tmp_path / "nowhere"), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    missing = export(tmp_path / "nowhere")
     assert missing.returncode == 1 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model import build_model
-from pipeline.spec import JobSpec
+from pipeline.jobspec import JobSpec
 from pipeline.training.distributed import free_port
 from pipeline.training.engine import param_groups
 from pipeline.training.schedule import lr_multiplier

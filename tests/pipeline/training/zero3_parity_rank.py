@@ -49,7 +49,7 @@ class GradientRecorder:
 def main() -> None:
     from deepspeed.utils import safe_get_full_fp32_param, z3_leaf_module
 
-    from pipeline.spec import JobSpec
+    from pipeline.jobspec import JobSpec
     from pipeline.training.distributed import init_distributed
     from pipeline.training.guard import LossGuard
     from pipeline.training.step import DepthSampler, Progress, train_step

@@ -2,7 +2,7 @@
 
 Each component receives its own sub-spec, never the whole job. Every model forbids unknown keys;
 rules that span fields raise `RuleViolations`, which name each offending field so that the loader
-(`pipeline.spec.load`) can report every problem with its dotted path at once.
+(`pipeline.jobspec.load`) can report every problem with its dotted path at once.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from model.config import ParcaeConfig, count_params
-from pipeline.spec import ModelSpec, load_spec
+from pipeline.jobspec import ModelSpec, load_spec
 from tests.conftest import CONFIGS
 
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))

@@ -4,8 +4,8 @@ The bottom layer of `pipeline/`: it imports `model.config` (the model's fields a
 once) and `data_prep.storage` (what a `StorageSpec` builds), nothing else of the pipeline.
 """
 
-from pipeline.spec.load import LoadedSpec, SpecError, load_spec
-from pipeline.spec.schema import (
+from pipeline.jobspec.load import LoadedSpec, SpecError, load_spec
+from pipeline.jobspec.schema import (
     CheckpointSpec,
     ClusterSpec,
     DataSpec,

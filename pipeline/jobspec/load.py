@@ -20,7 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from parcae_errors import UsageError
-from pipeline.spec.schema import JobSpec, RuleViolations, find_spec_class
+from pipeline.jobspec.schema import JobSpec, RuleViolations, find_spec_class
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 SECRET_NAME = re.compile(r"(^|_)(KEY|SECRET|TOKEN|PASSWORD|PASSWD|PASS|CREDENTIALS?)(_|$)", re.IGNORECASE)

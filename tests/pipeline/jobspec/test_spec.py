@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.spec import JobSpec, SpecError, load_spec
+from pipeline.jobspec import JobSpec, SpecError, load_spec
 
 MINIMAL = """
 name: t
