@@ -27,3 +27,12 @@ class UsageError(ParcaeError):
     """A command-line argument or configuration value that cannot work (exit code 2, like argparse)."""
 
     exit_code = 2
+
+
+class ReportedElsewhere(ParcaeError):
+    """An error another process has already reported (rank 0, or the launcher): this process exits with
+    the same code and prints nothing, so the user reads the message once."""
+
+    def __init__(self, exit_code: int):
+        super().__init__("")
+        self.exit_code = exit_code

@@ -112,10 +112,12 @@ def resolve_sources(spec: CorpusSpec, options: S3Options | None = None) -> list[
                 matches = sorted(str(p) for p in path.rglob("*") if p.is_file() and _kind(p.name))
             elif any(ch in source for ch in "*?["):
                 matches = sorted(glob.glob(source, recursive=True))
-            else:
+            elif path.exists():
                 matches = [source]
+            else:
+                raise CorpusError(f"--input {source}: no such file or directory")
             if not matches:
-                raise CorpusError(f"{source}: matches no file")
+                raise CorpusError(f"--input {source}: matches no file (looked for {', '.join(SUFFIXES)})")
             files += matches
     return files
 

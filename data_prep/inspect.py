@@ -30,9 +30,26 @@ def read_manifest(store: Store) -> dict[str, Any]:
         manifest = json.loads(store.get_bytes(MANIFEST))
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{store.child_url(MANIFEST)}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    where = store.child_url(MANIFEST)
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{where}: not a shard manifest (a JSON object is expected)")
     missing = [k for k in ("format", "seq_len", "dtype", "shards", "tokenizer") if k not in manifest]
     if missing:
-        raise ManifestError(f"{store.child_url(MANIFEST)}: not a shard manifest (missing {', '.join(missing)})")
+        raise ManifestError(f"{where}: not a shard manifest (missing {', '.join(missing)})")
+    if not isinstance(manifest["seq_len"], int) or manifest["seq_len"] < 1:
+        raise ManifestError(f"{where}: seq_len must be a positive integer, got {manifest['seq_len']!r}")
+    if not isinstance(manifest["tokenizer"], dict):
+        raise ManifestError(f"{where}: tokenizer must be an object (path, sha256, vocab_size)")
+    if not isinstance(manifest["shards"], list):
+        raise ManifestError(f"{where}: shards must be a list")
+    for i, entry in enumerate(manifest["shards"]):
+        fields = {"name": str, "samples": int, "sha256": str}
+        bad = [k for k, kind in fields.items() if not isinstance(entry, dict) or not isinstance(entry.get(k), kind)]
+        if bad:
+            raise ManifestError(
+                f"{where}: shards[{i}] lacks {', '.join(bad)} (every shard needs name, samples and sha256); "
+                "rewrite the manifest with `parcae prep shards`"
+            )
     return manifest
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from data_prep.corpus import (
     BUILTIN,
+    CorpusError,
     CorpusSpec,
     Document,
     Problems,
@@ -50,7 +51,7 @@ from data_prep.corpus import (
     resolve_sources,
 )
 from data_prep.errors import PrepError
-from data_prep.storage import S3Options, Store, open_store
+from data_prep.storage import S3Options, Store, check_writable, open_store
 from data_prep.tokenizer import file_sha256, load_tokenizer
 
 FORMAT = "parcae-shards/1"
@@ -311,6 +312,7 @@ def build_shards(
     corpus = CorpusSpec(tuple(sources), settings.text_field, settings.txt_mode)  # type: ignore[arg-type]
     files = resolve_sources(corpus, options)
     store = open_store(out, options)
+    check_writable(store)  # an output that cannot be written is found now, not after the first shard
     fingerprint = {
         "format": FORMAT,
         "sources": files,
@@ -348,6 +350,12 @@ def build_shards(
     builder.finish()
     seconds = time.perf_counter() - started
     show.close()
+    if not any(state.documents for state in builder.splits.values()):
+        report = "; ".join(problems.report()) or "the inputs hold no text"
+        raise CorpusError(
+            f"no documents in the inputs ({', '.join(files[:5])}{' ...' if len(files) > 5 else ''}): {report}. "
+            "Nothing was written; check --input (and --text-field for JSON Lines)"
+        )
     summary: dict[str, Any] = {
         "out": out,
         "seconds": seconds,

@@ -8,10 +8,13 @@ are retried by botocore ("standard" mode, exponential backoff with jitter); uplo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import shutil
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
@@ -83,18 +86,10 @@ class LocalStore:
         return self.root / name
 
     def put_file(self, local: Path, name: str) -> None:
-        target = self._path(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".partial")
-        shutil.copyfile(local, tmp)
-        tmp.replace(target)
+        write_atomic(self._path(name), lambda tmp: shutil.copyfile(local, tmp))
 
     def put_bytes(self, data: bytes, name: str) -> None:
-        target = self._path(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".partial")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        write_atomic(self._path(name), lambda tmp: tmp.write_bytes(data))
 
     def get_bytes(self, name: str) -> bytes:
         try:
@@ -120,7 +115,10 @@ class LocalStore:
         return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
 
     def delete(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
+        try:
+            self._path(name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{self.child_url(name)}: cannot delete: {exc.strerror or exc}") from None
 
     def child_url(self, name: str) -> str:
         return str(self._path(name))
@@ -217,6 +215,91 @@ class S3Store:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
         except Exception as exc:
             raise self._fail("delete", name, exc) from None
+
+    def get_with_etag(self, name: str) -> tuple[bytes, str] | None:
+        """The object and its ETag, or None when there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+            return response["Body"].read(), response["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._fail("read", name, exc) from None
+        except Exception as exc:
+            raise self._fail("read", name, exc) from None
+
+    def put_if(self, data: bytes, name: str, etag: str | None) -> str | None:
+        """Write only if the object is still the one with ``etag`` (None: only if there is none): S3's
+        conditional writes (AWS, MinIO, Ceph). Returns the new ETag, or None when the condition failed."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data, **condition)["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return None
+            raise self._fail("write", name, exc) from None
+        except Exception as exc:
+            raise self._fail("write", name, exc) from None
+
+
+def write_atomic(target: Path, write: Callable[[Path], object]) -> None:
+    """Write ``target`` through a temporary file in its own folder, renamed over it when complete: a
+    reader never sees a partial file, and on failure nothing partial remains. The file gets the usual
+    permissions (0666 less the umask). Failures name the path: `StorageError`."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        if target.is_dir():
+            raise IsADirectoryError(21, "is a directory; name a file inside it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        tmp.replace(target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise StorageError(f"{target}: cannot write: {exc.strerror or exc}") from None
+
+
+def write_text(target: Path, text: str) -> None:
+    """`write_atomic` for a text file (specs, reports, records)."""
+    write_atomic(target, lambda tmp: tmp.write_text(text))
+
+
+def make_dir(directory: Path) -> Path:
+    """``mkdir -p``, failing with a `StorageError` that names the folder (a path through a file, no permission)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{directory}: cannot create the folder: {exc.strerror or exc}") from None
+    return directory
+
+
+def check_writable(store: Store) -> None:
+    """Find an output location that cannot work before any work is done. An S3 prefix: write and delete a
+    small object. A local directory: creates nothing; the directory (or the nearest existing folder above
+    it, which the run would create it in) must be a writable folder, which a small file proves."""
+    if isinstance(store, LocalStore):
+        existing = store.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StorageError(f"{store.url}: cannot write: {existing} is a file, not a folder")
+        probe = existing / f".parcae-write-check-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(f"{store.url}: cannot write in {existing}: {exc.strerror or exc}") from None
+        return
+    name = f".parcae-write-check-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    store.put_bytes(b"", name)
+    store.delete(name)
 
 
 def sha256_stream(stream: IO[bytes]) -> tuple[str, int]:

@@ -17,6 +17,7 @@ from typing import Literal
 
 from data_prep.corpus import Document
 from data_prep.errors import PrepError
+from data_prep.storage import LocalStore, check_writable, write_atomic
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIALS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
@@ -46,6 +47,7 @@ def train_tokenizer(
     import sentencepiece as spm
 
     out_prefix = Path(out_prefix)
+    check_writable(LocalStore(str(out_prefix.parent)))  # before minutes of training, not after
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(settings.seed)
     stats = {"documents_seen": 0, "documents_sampled": 0, "documents_truncated": 0, "sample_chars": 0}
@@ -109,7 +111,8 @@ def train_tokenizer(
         "settings": asdict(settings),
         "sample": stats,
     }
-    Path(f"{out_prefix}.json").write_text(json.dumps(card, indent=2) + "\n")
+    card_text = json.dumps(card, indent=2) + "\n"
+    write_atomic(Path(f"{out_prefix}.json"), lambda tmp: tmp.write_text(card_text))
     return card
 
 

@@ -21,12 +21,14 @@ Injection = Literal["diagonal", "add", "concat"]
 H0Init = Literal["like_init", "zeros"]
 
 VE_GATE_CHANNELS = 32  # value-embedding gate reads the first 32 channels of the block input
+MAX_LOOPS = 1024  # loop counts (mean recurrence, backprop depth, test-time loops) beyond this make no sense
 VOCAB_MULTIPLE = 64
 
 
 def _field(default: Any, doc: str = "", **bounds: float) -> Any:
-    """A config field with its description and numeric bounds (``gt``/``ge``) as metadata: the job spec's
-    ``ModelSpec`` derives its fields, types, defaults, bounds and descriptions from these."""
+    """A config field with its description and numeric bounds (``gt``/``ge``/``le``) as metadata: the job
+    spec's ``ModelSpec`` derives its fields, types, defaults, bounds and descriptions from these. Upper
+    bounds are what the code can represent and what makes sense (a Poisson draw of mean 1e23 overflows)."""
     return field(default=default, metadata={"doc": doc, **bounds})
 
 
@@ -41,22 +43,22 @@ class ConfigProblem(NamedTuple):
 @dataclass(frozen=True)
 class ParcaeConfig:
     arch: Arch = _field("parcae")
-    vocab_size: int = _field(32768, gt=0)
-    d_model: int = _field(768, gt=0)
-    n_head: int = _field(6, gt=0)
-    n_prelude: int = _field(2, ge=0)
-    n_core: int = _field(2, gt=0)
-    n_coda: int = _field(2, ge=0)
-    n_layers: int = _field(12, "Unique layers of the GPT baseline (arch=gpt only).", gt=0)
-    max_seq_len: int = _field(2048, "Context length (RoPE tables are built for it).", gt=0)
+    vocab_size: int = _field(32768, gt=0, le=2**22)
+    d_model: int = _field(768, gt=0, le=65536)
+    n_head: int = _field(6, gt=0, le=1024)
+    n_prelude: int = _field(2, ge=0, le=1024)
+    n_core: int = _field(2, gt=0, le=1024)
+    n_coda: int = _field(2, ge=0, le=1024)
+    n_layers: int = _field(12, "Unique layers of the GPT baseline (arch=gpt only).", gt=0, le=1024)
+    max_seq_len: int = _field(2048, "Context length (RoPE tables are built for it).", gt=0, le=2**20)
     injection: Injection = _field("diagonal", "diagonal = Parcae's stable injection; add / concat = RDM baselines.")
-    mean_recurrence: int = _field(8, "Mean of the per-sequence Poisson loop count.", gt=0)
-    mean_backprop_depth: int = _field(4, "Loops run with gradients (truncated backprop).", gt=0)
+    mean_recurrence: int = _field(8, "Mean of the per-sequence Poisson loop count.", gt=0, le=MAX_LOOPS)
+    mean_backprop_depth: int = _field(4, "Loops run with gradients (truncated backprop).", gt=0, le=MAX_LOOPS)
     h0_init: H0Init = _field("like_init")
     activation_checkpointing: bool = _field(True, "Checkpoint each loop iteration.")
     value_embeddings: bool = _field(True)
-    rope_base: float = _field(50000.0, gt=0)
-    norm_eps: float = _field(1e-5, gt=0)
+    rope_base: float = _field(50000.0, gt=0, le=1e12)
+    norm_eps: float = _field(1e-5, gt=0, le=1.0)
 
     def problems(self) -> list[ConfigProblem]:
         """Every rule across fields this config breaks (bounds of single fields are in the metadata)."""

@@ -19,8 +19,10 @@ A notebook loads released weights like this::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -64,14 +66,27 @@ def reference_state_dict(model: ParcaeLM) -> dict[str, torch.Tensor]:
 
 
 def save_reference(model: ParcaeLM, path: str | Path) -> Path:
-    """Write the model's weights (fp32 unless they are already another float type) and config."""
+    """Write the model's weights (fp32 unless they are already another float type) and config.
+
+    Written to a temporary name in the destination folder and renamed when complete (nothing partial
+    is ever left), with the usual permissions (0666 less the umask); failures name the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in reference_state_dict(model).items()}
     metadata = {"format": FORMAT, "config": json.dumps(dataclasses.asdict(model.cfg))}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory; name a .safetensors file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        tmp.replace(path)
+    except (OSError, SafetensorError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise WeightsError(f"{path}: cannot write: {getattr(exc, 'strerror', None) or exc}") from None
     return path
 
 
@@ -119,6 +134,12 @@ def load_reference(model: ParcaeLM, path: str | Path) -> None:
         for k in sorted(set(tensors) & set(expected))
         if tensors[k].shape != expected[k].shape
     ]
+    not_float = [f"{k}: {t.dtype}" for k, t in sorted(tensors.items()) if not t.is_floating_point()]
+    if not_float:
+        raise WeightsError(
+            f"{path}: weights must be floating point (fp32, bf16 or fp16); "
+            f"{', '.join(not_float[:8])}{' ...' if len(not_float) > 8 else ''}"
+        )
     if missing or unexpected or wrong:
         lines = [f"{path}: does not fit the model ({model.cfg.arch}, d_model {model.cfg.d_model})"]
         if missing:

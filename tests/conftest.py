@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,43 @@ def step_losses(run_dir: Path) -> dict[int, float]:
         if "loss" in record:
             out[record["step"]] = record["loss"]
     return out
+
+
+def train_cmd(shards: Path | str, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    """`parcae train` of the tiny spec on `tiny_shards` (or the same shards elsewhere); ``extra``: more overrides."""
+    overrides = [*tiny_run(shards, run_dir, steps, data__prefetch_batches=1), *[f"--set={o}" for o in extra]]
+    return [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *overrides]
+
+
+def start_run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a command in its own process group (so a test can kill the whole run), output in ``log``."""
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        if (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+REFERENCE_STEPS = 24
+
+
+@pytest.fixture(scope="session")
+def reference_losses(tiny_shards, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of an uninterrupted 2-rank run of REFERENCE_STEPS steps: what every interrupted and
+    resumed run must reproduce exactly."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    reference = start_run(train_cmd(tiny_shards, tmp_path / "reference", REFERENCE_STEPS), tmp_path / "reference.log")
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    result = step_losses(tmp_path / "reference")
+    assert sorted(result) == list(range(1, REFERENCE_STEPS + 1))
+    assert result[REFERENCE_STEPS] < result[1] - 0.5  # it learns
+    return result

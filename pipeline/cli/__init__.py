@@ -13,11 +13,20 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from data_prep.cli import add_prep_parser
-from parcae_errors import ParcaeError
+from parcae_errors import ParcaeError, ReportedElsewhere
 from pipeline.cli import demo, evaluate, plan, slurm, sweep, tb, train, validate, weights
+from pipeline.jobspec.secrets import redact
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Every log line passes through `redact`: no secret reaches a log, whatever a message interpolates."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 class _RankFilter(logging.Filter):
@@ -35,11 +44,13 @@ class _RankFilter(logging.Filter):
 def configure_logging(verbose: bool = False, all_ranks: bool = False) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_RedactingFormatter("%(asctime)s [rank %(rank)s] %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_RankFilter(rank, all_ranks))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for chatty in ("botocore", "boto3", "urllib3", "s3transfer"):  # their INFO lines are not the user's business
+        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,14 +80,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(verbose=args.verbose, all_ranks=args.all_ranks)
     try:
         return int(args.func(args) or 0)
+    except ReportedElsewhere as exc:
+        return exc.exit_code
     except ParcaeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(redact(f"error: {exc}"), file=sys.stderr)
         for note in getattr(exc, "__notes__", ()):
-            print(note, file=sys.stderr)
+            print(redact(note), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `parcae ... | head`: the reader is gone; nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        from pipeline.training.distributed import lost_a_peer
+
+        if lost_a_peer(exc):  # another rank failed and said why; this one stops quietly
+            logging.getLogger(__name__).debug("stopped: another rank is gone (%s)", exc)
+            return 1
+        # a bug, not a user mistake: the traceback, with secrets hidden
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,10 +15,15 @@ def add_parsers(sub: Any) -> None:
         "Slurm/torchrun; resumes from the run's newest checkpoint",
     )
     add_spec_args(p)
+    p.add_argument(
+        "--resume-from",
+        metavar="TAG",
+        help="resume from this checkpoint (e.g. step-00001000) instead of the newest, e.g. when the newest is damaged",
+    )
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.training.launch import run_train
 
-    return run_train(args.spec, args.overrides)
+    return run_train(args.spec, args.overrides, args.resume_from)

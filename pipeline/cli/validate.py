@@ -24,8 +24,16 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.training.preflight import PreflightError, data_problems
+
     loaded = load_spec(args.spec, args.overrides)
     summary = spec_summary(loaded.spec)
+    problems, unreadable = data_problems(loaded.spec)
+    if problems:
+        raise PreflightError(problems)
+    summary["data"] = "shards fit the model" + (
+        f"; not checked (unreadable here): {'; '.join(unreadable)}" if unreadable else ""
+    )
     if args.json:
         print(loaded.redact(json.dumps(summary, indent=2)))
     else:

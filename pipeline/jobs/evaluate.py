@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from data_prep.inspect import read_manifest
-from data_prep.storage import S3Options, is_s3, open_store
+from data_prep.storage import LocalStore, S3Options, check_writable, is_s3, make_dir, open_store, write_text
 from data_prep.tokenizer import TokenizerError
 from model import ParcaeLM, load_pretrained
 from model.weights import read_config
@@ -58,24 +58,40 @@ def load_source(source: str, given: JobSpec | None, tag: str | None) -> Source:
             )
         model = load_pretrained(given.model.build() if given else cfg, path)
         return Source(model, given, path.name, 0, path.with_name(path.stem + "-eval"), None)
+    run_dir: Path | None = None  # the run directory as given here (it may be a copy of the one that trained)
     if is_s3(source):  # an s3:// checkpoint directory
         ckpt_dir = source
     elif not path.is_dir():
         raise ParcaeError(f"{path}: no such file or directory (a run directory, checkpoint directory or .safetensors)")
     elif (path / checkpoint.LATEST).is_file() or tag:
         ckpt_dir = str(path)
+        if (path.parent / "spec.yaml").is_file() and path.name == "checkpoints":
+            run_dir = path.parent
     elif (path / "spec.yaml").is_file():
-        ckpt_dir = load_spec(path / "spec.yaml").spec.checkpoint.dir or str(path / "checkpoints")
+        saved = load_spec(path / "spec.yaml").spec
+        run_dir = path
+        ckpt_dir = rebase(saved.checkpoint.dir or "checkpoints", saved.run_dir, path)
     else:
         raise ParcaeError(
             f"{path}: neither a run directory (spec.yaml) nor a checkpoint directory ({checkpoint.LATEST})"
         )
     model, spec, tag = load_checkpoint_model(ckpt_dir, tag)
     step = int(tag.split("-")[-1]) if tag.split("-")[-1].isdigit() else 0
-    run_dir = Path(spec.run_dir or ".")
-    return Source(
-        model, given or spec, f"{run_dir.name}/{tag}", step, run_dir / "eval" / tag, spec.logging.tensorboard_dir
-    )
+    tensorboard = spec.logging.tensorboard_dir
+    if run_dir is not None:
+        tensorboard = rebase(tensorboard, spec.run_dir, run_dir) if tensorboard else None
+    else:
+        run_dir = Path(spec.run_dir or ".")
+    return Source(model, given or spec, f"{run_dir.name}/{tag}", step, run_dir / "eval" / tag, tensorboard)
+
+
+def rebase(location: str, old_root: str | None, new_root: Path) -> str:
+    """A location inside the run directory that wrote the spec, moved to the run directory given here (a
+    copied or moved run reads and writes its own files); locations elsewhere (s3://, shared) stay."""
+    old = (old_root or "").rstrip("/")
+    if old and (location == old or location.startswith(old + "/")):
+        return str(new_root / location[len(old) :].lstrip("/"))
+    return location
 
 
 def run_eval(
@@ -96,6 +112,8 @@ def run_eval(
         raise ParcaeError(f"--loops: loop counts must be >= 1, got {loops}")
     if batch_size < 1 or max_batches < 1:
         raise ParcaeError("--batch-size and --max-batches must be >= 1")
+    out_dir = Path(out or source.out_dir)
+    check_writable(LocalStore(str(out_dir)))  # before the evaluation, not after
     model, spec = source.model, source.spec
     model.eval()
     cfg = model.cfg
@@ -130,8 +148,7 @@ def run_eval(
         sums = loss_sums(model, batches, counts, cfg.d_model)
     results = loop_results(counts, sums, n_bytes)
     fit, fit_error = fit_results(results)
-    out_dir = Path(out or source.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     report = {
         "source": source_name,
         "label": source.label,
@@ -145,7 +162,7 @@ def run_eval(
         "fit": fit,
         "fit_error": fit_error,
     }
-    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     print_table(report)
     figure = None
     if counts:

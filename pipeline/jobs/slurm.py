@@ -15,10 +15,13 @@ import sys
 from pathlib import Path
 from string import Template
 
+from data_prep.storage import make_dir, write_text
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError
 from pipeline.jobs.sweep_record import is_sweep, metrics_records, point_run_dir
 from pipeline.jobspec import ClusterSpec, LoadedSpec, load_spec
 from pipeline.training import checkpoint
+from pipeline.training.distributed import die_with_parent
+from pipeline.training.preflight import PREFLIGHT_ENV, PreflightError, data_problems, preflight
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +112,14 @@ def submit(spec_path: str, overrides: list[str], dry_run: bool) -> int:
         print(script, end="")
         return 0
     check_against_cluster(loaded.spec.cluster)
-    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    problems, _ = data_problems(loaded.spec)  # data the login node cannot read is checked by the job
+    if problems:
+        raise PreflightError(problems)
+    make_dir(run_dir / "slurm")
     loaded.spec.run_dir = str(run_dir)
     loaded.save(run_dir / "spec.yaml")
     path = run_dir / "slurm" / "job.sbatch"
-    path.write_text(script)
+    write_text(path, script)
     job_id = sbatch(path)
     with (run_dir / "slurm" / "jobs.txt").open("a") as f:
         f.write(job_id + "\n")
@@ -186,8 +192,10 @@ def slurm_job(run_dir: str) -> int:
         run_dir = str(point_run_dir(Path(run_dir), int(env.get("SLURM_ARRAY_TASK_ID", "-1"))))
     spec = Path(run_dir) / "spec.yaml"
     loaded = load_spec(spec)
+    preflight(loaded.spec)  # once, here, before any rank starts: one clear message in the job log
+    rank_env[PREFLIGHT_ENV] = "done"
     cmd = ["srun", "--kill-on-bad-exit=1", sys.executable, "-m", "pipeline", "train", str(spec)]
-    proc = subprocess.Popen(cmd, env=rank_env)
+    proc = subprocess.Popen(cmd, env=rank_env, preexec_fn=die_with_parent)
 
     forwarded: list[int] = []
 

@@ -21,10 +21,12 @@ from typing import Any
 
 import yaml
 
+from data_prep.storage import make_dir, write_text
 from parcae_errors import ParcaeError
 from pipeline.jobs import slurm
 from pipeline.jobs.sweep_record import exit_code, write_exit_code, write_record
 from pipeline.jobspec import SpecError, load_spec
+from pipeline.jobspec.load import YamlProblem, load_yaml
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
@@ -46,7 +48,10 @@ def read_points_file(path: str) -> list[dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise ParcaeError(f"--points {file}: no such file")
-    data = yaml.safe_load(file.read_text())
+    try:
+        data = load_yaml(file.read_bytes(), str(file))
+    except YamlProblem as exc:
+        raise ParcaeError(f"--points {file}: {exc}") from None
     if not isinstance(data, list) or not all(isinstance(p, dict) and p for p in data):
         raise ParcaeError(f"{file}: expected a YAML list of mappings, e.g. - {{name: small, model.d_model: 256}}")
     return data
@@ -122,7 +127,7 @@ def plan_sweep(
 
 def run_locally(spec_path: str, directory: Path, points: list[dict[str, Any]]) -> list[str]:
     """Train the points one after another, each its own `parcae train`; returns the failed points' names."""
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dir(directory)
     write_record(directory, spec_path, points)
     failed = []
     for i, point in enumerate(points, 1):
@@ -130,7 +135,7 @@ def run_locally(spec_path: str, directory: Path, points: list[dict[str, Any]]) -
         if exit_code(run_dir) == 0:
             print(f"[{i}/{len(points)}] {point['name']}: finished before, skipped")
             continue
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(run_dir)
         print(f"[{i}/{len(points)}] {point['name']}: training (log {run_dir / 'train.log'})", flush=True)
         cmd = [sys.executable, "-m", "pipeline", "train", spec_path, *[f"--set={o}" for o in point["overrides"]]]
         with (run_dir / "train.log").open("a") as log:
@@ -155,13 +160,12 @@ def submit_array(spec_path: str, directory: Path, points: list[dict[str, Any]]) 
     """Submit one Slurm job array, a task per point; returns (job id, batch script path)."""
     script = array_script(directory, points)
     slurm.check_against_cluster(points[0]["loaded"].spec.cluster)
-    (directory / "slurm").mkdir(parents=True, exist_ok=True)
+    make_dir(directory / "slurm")
     write_record(directory, spec_path, points)
     for point in points:  # every task reads its own resolved spec, as `parcae submit` writes it
-        Path(point["run_dir"]).mkdir(parents=True, exist_ok=True)
         point["loaded"].save(Path(point["run_dir"]) / "spec.yaml")
     path = directory / "slurm" / "job.sbatch"
-    path.write_text(script)
+    write_text(path, script)
     job = slurm.sbatch(path, f"--array=0-{len(points) - 1}")
     with (directory / "slurm" / "jobs.txt").open("a") as f:
         f.write(job + "\n")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_prep.storage import write_text
 from parcae_errors import ParcaeError
 
 SWEEP_FILE = "sweep.json"
@@ -18,7 +19,7 @@ POINT_KEYS = ("name", "values", "overrides", "run_dir")
 
 def write_record(directory: Path, spec: str, points: list[dict[str, Any]]) -> None:
     record = {"spec": str(Path(spec).resolve()), "points": [{k: p[k] for k in POINT_KEYS} for p in points]}
-    (directory / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_text(directory / SWEEP_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def read_points(directory: Path) -> list[dict[str, Any]]:
@@ -47,7 +48,7 @@ def exit_code(run_dir: Path) -> int | None:
 
 
 def write_exit_code(run_dir: Path, code: int) -> None:
-    (run_dir / STATUS_FILE).write_text(json.dumps({"exit_code": code}) + "\n")
+    write_text(run_dir / STATUS_FILE, json.dumps({"exit_code": code}) + "\n")
 
 
 def metrics_records(run_dir: Path) -> list[dict[str, Any]]:

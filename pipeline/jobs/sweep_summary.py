@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from data_prep.storage import write_text
 from model.config import flops_per_token
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
 from pipeline.evaluation.losses import try_fit
@@ -95,7 +96,7 @@ def summarize(directory: Path) -> tuple[list[dict[str, Any]], list[str]]:
     also the grid's keys (the table's first columns)."""
     points = read_points(directory)
     runs = [summarize_run(p) for p in points]
-    (directory / "summary.json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    write_text(directory / "summary.json", json.dumps({"runs": runs}, indent=2) + "\n")
     _plot(directory, runs)
     return runs, list(points[0]["values"]) if points else []
 

@@ -2,7 +2,11 @@
 
 Values taken from environment variables whose names have a secret-looking part (``_KEY``,
 ``SECRET``, ``TOKEN``, ``PASSWORD``, ``CREDENTIALS``...: ``AWS_SECRET_ACCESS_KEY`` but not
-``PARCAE_TOKENIZER``) never leave this module in clear: error messages and saved specs show ``${NAME}`` instead.
+``PARCAE_TOKENIZER``) never leave the process in clear (`pipeline.jobspec.secrets`): error messages,
+log lines and saved specs show ``${NAME}`` instead.
+
+A spec file must be UTF-8 YAML whose mappings have no repeated key (YAML would let a second ``model:``
+replace the first wholesale); `load_yaml` refuses both with the line numbers.
 """
 
 from __future__ import annotations
@@ -19,11 +23,54 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from data_prep.storage import write_text
 from parcae_errors import UsageError
 from pipeline.jobspec.schema import JobSpec, RuleViolations, find_spec_class
+from pipeline.jobspec.secrets import is_secret_name, redact, remember
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-SECRET_NAME = re.compile(r"(^|_)(KEY|SECRET|TOKEN|PASSWORD|PASSWD|PASS|CREDENTIALS?)(_|$)", re.IGNORECASE)
+
+
+class YamlProblem(ValueError):
+    """A YAML text that cannot be read as intended: the message starts with the line."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (merge keys ``<<`` excepted)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise YamlProblem(
+                    f"line {line}: key {key!r} appears twice in one mapping (first at line {first[key]}); "
+                    "the second would silently replace the first: merge them into one"
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(data: bytes | str, source: str) -> Any:
+    """Parse UTF-8 YAML; raise `YamlProblem` naming the line (or byte) and what is wrong."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise YamlProblem(
+                f"line {line} (byte {exc.start}): not UTF-8 ({exc.reason}); save {source} as UTF-8"
+            ) from None
+    try:
+        return yaml.load(data, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise YamlProblem(f"{where}not valid YAML: {problem}") from None
 
 
 class SpecError(UsageError):
@@ -50,22 +97,12 @@ class LoadedSpec:
     def to_yaml(self) -> str:
         """The resolved spec as YAML, with secret values put back as ``${NAME}`` placeholders."""
         data = self.spec.model_dump(mode="json")
-        return self.redact(yaml.safe_dump(data, sort_keys=False))
+        return redact(yaml.safe_dump(data, sort_keys=False), self.secrets, url_passwords=False)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
-        return path
-
-
-def redact(text: str, secrets: Mapping[str, str]) -> str:
-    for value, placeholder in sorted(secrets.items(), key=lambda kv: -len(kv[0])):
-        if value:
-            text = text.replace(value, placeholder)
-    return text
+        """The resolved spec (secrets as placeholders), written atomically."""
+        write_text(Path(path), self.to_yaml())
+        return Path(path)
 
 
 def load_spec(
@@ -77,16 +114,13 @@ def load_spec(
     environ = os.environ if environ is None else environ
     source = str(path)
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise SpecError(source, [f"cannot read the spec file: {exc.strerror or exc}"]) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(source, [f"{where}not valid YAML: {problem}"]) from None
+        data = load_yaml(raw, source)
+    except YamlProblem as exc:
+        raise SpecError(source, [str(exc)]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -241,8 +275,9 @@ def interpolate(
         name, default = match.group(1), match.group(2)
         if name in environ:
             resolved = environ[name]
-            if SECRET_NAME.search(name) and resolved:
+            if is_secret_name(name) and resolved:
                 secrets[resolved] = f"${{{name}}}"
+                remember(resolved, f"${{{name}}}")
         elif default is not None:
             resolved = default
         else:
@@ -266,7 +301,46 @@ def format_error(err: Any) -> str:
         section = find_spec_class(loc)
         is_section = section is not None and _is_section(section, str(loc[-1]))
         return f"{where}: required {'section' if is_section else 'key'} is missing"
-    return f"{where}: {err['msg']} (got {_show(err.get('input'))})"
+    accepted = _accepted_range(loc) if kind in _BOUND_ERRORS else None
+    hint = f"; accepted: {accepted}" if accepted else ""
+    return f"{where}: {err['msg']}{hint} (got {_show(err.get('input'))})"
+
+
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+
+
+def _accepted_range(loc: tuple[Any, ...]) -> str | None:
+    """The field's whole accepted range from its schema, e.g. ``1 to 256`` or ``> 0 and <= 10``."""
+    path = _field_path(tuple(str(p) for p in loc))
+    cls = find_spec_class(path)
+    if cls is None or path[-1] not in cls.model_fields:
+        return None
+    schema = cls.model_json_schema()["properties"].get(path[-1], {})
+    options = [schema, *schema.get("anyOf", [])]
+    if len(path) < len(loc):  # an item of a list
+        options = [o.get("items", {}) for o in options]
+    numeric = next((o for o in options if o.get("type") in ("integer", "number")), None)
+    if numeric is None:
+        return None
+    integer = numeric["type"] == "integer"
+    low = numeric.get("minimum")
+    if "exclusiveMinimum" in numeric:
+        low = numeric["exclusiveMinimum"] + 1 if integer else None
+    high = numeric.get("maximum")
+    if "exclusiveMaximum" in numeric:
+        high = numeric["exclusiveMaximum"] - 1 if integer else None
+    if low is not None and high is not None:
+        return f"{low:g} to {high:g}" if not integer else f"{low} to {high}"
+    parts = []
+    if "exclusiveMinimum" in numeric and low is None:
+        parts.append(f"> {numeric['exclusiveMinimum']:g}")
+    elif low is not None:
+        parts.append(f">= {low:g}")
+    if "exclusiveMaximum" in numeric and high is None:
+        parts.append(f"< {numeric['exclusiveMaximum']:g}")
+    elif high is not None:
+        parts.append(f"<= {high:g}")
+    return " and ".join(parts) or None
 
 
 def _suggest(loc: tuple[Any, ...]) -> str:

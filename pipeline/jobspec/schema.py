@@ -8,6 +8,7 @@ rules that span fields raise `RuleViolations`, which name each offending field s
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
@@ -15,8 +16,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
-    PositiveInt,
     create_model,
     field_validator,
     model_serializer,
@@ -24,12 +23,15 @@ from pydantic import (
 )
 
 from data_prep.storage import S3Options
-from model.config import ParcaeConfig
+from model.config import MAX_LOOPS, ParcaeConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Slurm --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or UNLIMITED/INFINITE
 SLURM_TIME_PATTERN = r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}|\d+-\d{1,2}:\d{1,2}|\d+-\d{1,2}:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$"  # noqa: E501
-NonNegInt = Annotated[int, Field(ge=0)]
+# Upper bounds: what the code can represent and what makes sense; every numeric field has one.
+Count = Annotated[int, Field(gt=0, le=10**9)]  # steps, intervals: a billion is beyond any run
+Size = Annotated[int, Field(gt=0, le=2**40)]  # bytes and element counts
+Fraction = Annotated[float, Field(ge=0, lt=1)]
 SafeLine = Annotated[str, Field(pattern=r"^[^\n\r\x00]*$")]
 
 
@@ -52,7 +54,7 @@ class RuleViolations(ValueError):
 
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     # Keys that were renamed: the old key is refused with a message naming the new one.
     RENAMED: ClassVar[dict[str, str]] = {}
@@ -130,9 +132,11 @@ class DataSpec(Spec):
 
     train_url: str = Field(description="Local directory or s3:// prefix holding manifest.json and shards.")
     val_url: str | None = Field(None, description="Validation shard set (same layout), optional.")
-    seq_len: PositiveInt = Field(2048, description="Tokens per training sequence.")
-    shuffle_buffer: NonNegInt = Field(1000, description="Samples held in memory for shuffling.")
-    prefetch_batches: NonNegInt = Field(
+    seq_len: Annotated[int, Field(gt=0, le=2**20)] = Field(2048, description="Tokens per training sequence.")
+    shuffle_buffer: Annotated[int, Field(ge=0, le=10**7)] = Field(
+        1000, description="Samples held in memory for shuffling."
+    )
+    prefetch_batches: Annotated[int, Field(ge=0, le=64)] = Field(
         1,
         description="Read-ahead depth in batches of each rank's one reader thread (0: read inside the training "
         "step). One reader per rank streams its share of the shards; pre-tokenised rows need kilobytes per second.",
@@ -146,23 +150,27 @@ class OptimizerSpec(Spec):
     """AdamW, or Muon for the blocks' matrices with an auxiliary AdamW (the reference recipe)."""
 
     name: Literal["adamw", "muon"] = "adamw"
-    lr: PositiveFloat = Field(8e-3, description="Learning rate (Muon's for the matrices when name=muon).")
-    adam_lr: PositiveFloat | None = Field(None, description="Auxiliary AdamW lr with Muon (default: lr).")
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.8, 0.95)
-    eps: PositiveFloat = 1e-10
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    muon_weight_decay: Annotated[float, Field(ge=0)] = 0.2
-    muon_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.95
-    muon_momentum_warmup_start: Annotated[float, Field(ge=0, lt=1)] = 0.85
-    muon_momentum_warmup_steps: NonNegInt = 300
-    grad_clip: Annotated[float, Field(ge=0)] = Field(1.0, description="Global gradient norm clip; 0 = off.")
+    lr: Annotated[float, Field(gt=0, le=1e4)] = Field(
+        8e-3, description="Learning rate (Muon's for the matrices when name=muon)."
+    )
+    adam_lr: Annotated[float, Field(gt=0, le=1e4)] | None = Field(
+        None, description="Auxiliary AdamW lr with Muon (default: lr)."
+    )
+    betas: tuple[Fraction, Fraction] = (0.8, 0.95)
+    eps: Annotated[float, Field(gt=0, le=1)] = 1e-10
+    weight_decay: Annotated[float, Field(ge=0, le=100)] = 0.0
+    muon_weight_decay: Annotated[float, Field(ge=0, le=100)] = 0.2
+    muon_momentum: Fraction = 0.95
+    muon_momentum_warmup_start: Fraction = 0.85
+    muon_momentum_warmup_steps: Annotated[int, Field(ge=0, le=10**9)] = 300
+    grad_clip: Annotated[float, Field(ge=0, le=1e6)] = Field(1.0, description="Global gradient norm clip; 0 = off.")
 
 
 class ScheduleSpec(Spec):
     """Learning-rate shape: warmup, then constant / cosine / linear decay, or trapezoid."""
 
     kind: Literal["constant", "cosine", "linear", "trapezoid"] = "trapezoid"
-    warmup_steps: NonNegInt = 0
+    warmup_steps: Annotated[int, Field(ge=0, le=10**9)] = 0
     decay_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
         0.5, description="trapezoid: fraction of the steps spent decaying linearly to min_lr_ratio."
     )
@@ -172,17 +180,21 @@ class ScheduleSpec(Spec):
 class TrainingSpec(Spec):
     """Batch sizes in sequences; the run length in steps or tokens."""
 
-    micro_batch_size: PositiveInt | None = Field(None, description="Sequences per rank per micro-step.")
-    global_batch_size: PositiveInt | None = Field(None, description="Sequences per optimizer step.")
-    gradient_accumulation_steps: PositiveInt | None = None
-    total_steps: PositiveInt | None = None
-    total_tokens: PositiveInt | None = None
-    seed: NonNegInt = 1337
+    micro_batch_size: Annotated[int, Field(gt=0, le=2**16)] | None = Field(
+        None, description="Sequences per rank per micro-step."
+    )
+    global_batch_size: Annotated[int, Field(gt=0, le=2**24)] | None = Field(
+        None, description="Sequences per optimizer step."
+    )
+    gradient_accumulation_steps: Annotated[int, Field(gt=0, le=2**16)] | None = None
+    total_steps: Count | None = None
+    total_tokens: Annotated[int, Field(gt=0, le=10**16)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 1337
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
-    max_nonfinite_steps: PositiveInt = Field(
+    max_nonfinite_steps: Annotated[int, Field(gt=0, le=10**6)] = Field(
         5, description="Stop (with a checkpoint) after this many non-finite micro-batch losses in a row."
     )
-    spike_zscore: PositiveFloat | None = Field(
+    spike_zscore: Annotated[float, Field(gt=0, le=1e3)] | None = Field(
         None, description="Skip micro-batches whose loss exceeds the recent mean by this many standard deviations."
     )
 
@@ -202,9 +214,9 @@ class ZeroSpec(Spec):
     offload_optimizer: bool = False
     offload_params: bool = False
     base_config: str = Field("zero3", description="ds_configs/<name>.json or a path to a JSON file.")
-    reduce_bucket_size: PositiveInt | None = None
-    prefetch_bucket_size: PositiveInt | None = None
-    param_persistence_threshold: NonNegInt | None = None
+    reduce_bucket_size: Size | None = None
+    prefetch_bucket_size: Size | None = None
+    param_persistence_threshold: Annotated[int, Field(ge=0, le=2**40)] | None = None
     gather_unit: Literal["block", "module"] = Field(
         "block",
         description="Stage 3: what ZeRO gathers as one unit. block: each prelude/coda block, and the whole "
@@ -230,23 +242,25 @@ class CheckpointSpec(Spec):
         description="With an s3:// dir: where DeepSpeed writes a checkpoint before it is uploaded, and where a "
         "resume downloads it (node-local or shared; default <run_dir>/checkpoint-staging).",
     )
-    interval_steps: PositiveInt = 1000
-    keep_last: PositiveInt = 3
+    interval_steps: Count = 1000
+    keep_last: Annotated[int, Field(gt=0, le=10**6)] = 3
 
 
 class LoggingSpec(Spec):
     tensorboard_dir: str | None = Field(None, description="Default: <run_dir>/tensorboard.")
-    log_interval: PositiveInt = 10
+    log_interval: Count = 10
     all_ranks: bool = Field(False, description="Log from every rank, not only rank 0.")
-    peak_flops_per_device: PositiveFloat | None = Field(
+    peak_flops_per_device: Annotated[float, Field(gt=0, le=1e18)] | None = Field(
         None, description="For MFU; default: 989e12 (H100 bf16) on GPU, none on CPU."
     )
 
 
 class EvalSpec(Spec):
-    interval_steps: PositiveInt = 1000
-    loop_counts: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
-    max_batches: PositiveInt = 50
+    interval_steps: Count = 1000
+    loop_counts: list[Annotated[int, Field(gt=0, le=MAX_LOOPS)]] = Field(
+        default_factory=lambda: [1, 2, 4, 8], min_length=1, max_length=64
+    )
+    max_batches: Annotated[int, Field(gt=0, le=10**6)] = 50
 
 
 class StorageSpec(Spec):
@@ -254,12 +268,16 @@ class StorageSpec(Spec):
 
     endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:9000 for MinIO; None = AWS.")
     region: str = "us-east-1"
-    max_retries: NonNegInt = 5
+    max_retries: Annotated[int, Field(ge=0, le=100)] = 5
 
     @field_validator("endpoint_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
-        return None if value == "" else value
+        if value == "" or value is None:
+            return None
+        if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:9000")
+        return value
 
     def s3_options(self) -> S3Options:
         """What boto3 is given: this endpoint and region, else AWS_ENDPOINT_URL(_S3) / AWS_DEFAULT_REGION."""
@@ -269,10 +287,12 @@ class StorageSpec(Spec):
 class ClusterSpec(Spec):
     """Where the ranks run: one machine or a Slurm allocation."""
 
-    nodes: PositiveInt = 1
-    procs_per_node: PositiveInt = Field(1, description="Ranks (GPUs) per node.")
-    cpus_per_task: PositiveInt | None = None
-    gpus_per_node: PositiveInt | None = Field(None, description="GPUs to request per node (GPU clusters).")
+    nodes: Annotated[int, Field(gt=0, le=10**5)] = 1
+    procs_per_node: Annotated[int, Field(gt=0, le=1024)] = Field(1, description="Ranks (GPUs) per node.")
+    cpus_per_task: Annotated[int, Field(gt=0, le=4096)] | None = None
+    gpus_per_node: Annotated[int, Field(gt=0, le=64)] | None = Field(
+        None, description="GPUs to request per node (GPU clusters)."
+    )
     partition: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     account: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     qos: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
@@ -281,8 +301,12 @@ class ClusterSpec(Spec):
         None, description="Slurm --time, e.g. 2-00:00:00 or 90 (minutes)."
     )
     requeue: bool = True
-    max_requeues: NonNegInt = Field(3, description="Requeues allowed after failures that are not preemption.")
-    signal_seconds: PositiveInt = Field(120, description="Warning signal USR1 this long before the limit.")
+    max_requeues: Annotated[int, Field(ge=0, le=1000)] = Field(
+        3, description="Requeues allowed after failures that are not preemption."
+    )
+    signal_seconds: Annotated[int, Field(gt=0, le=86400)] = Field(
+        120, description="Warning signal USR1 this long before the limit."
+    )
     extra_sbatch: list[Annotated[str, Field(pattern=r"^--[A-Za-z][A-Za-z-]*(=[^\n\r\x00]*)?$")]] = Field(
         default_factory=list, description="Extra sbatch options, one per line, e.g. --exclusive or --mem=0."
     )

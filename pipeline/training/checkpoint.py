@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,21 @@ def fetch(directory: str, tag: str, destination: Path, options: S3Options | None
     return destination
 
 
+class CheckpointError(ParcaeError):
+    """A checkpoint that cannot be read: names the file and the newest complete earlier checkpoint."""
+
+
+class LayoutMismatch(CheckpointError):
+    """The checkpoint holds another model's parameters (found the same way on every rank)."""
+
+
 def _check_layout(store: Any, tag: str, where: str, current: list[str]) -> None:
     """Refuse, before DeepSpeed reads anything, a checkpoint whose parameters are not this model's."""
     saved = json.loads(store.get_bytes(f"{tag}/{LAYOUT}")) if store.exists(f"{tag}/{LAYOUT}") else None
     if saved == current:
         return
     if saved is None:
-        raise ParcaeError(
+        raise LayoutMismatch(
             f"{where}: written before checkpoints recorded their parameter layout (before the recurrence became "
             "one module); it cannot be resumed safely by this version. Start a new run_dir, or export its "
             "weights with `parcae export` and import them"
@@ -96,10 +105,41 @@ def _check_layout(store: Any, tag: str, where: str, current: list[str]) -> None:
     )
     theirs = saved[first] if first < len(saved) else "nothing"
     ours = current[first] if first < len(current) else "nothing"
-    raise ParcaeError(
+    raise LayoutMismatch(
         f"{where}: parameter layout differs from this model's (first difference at #{first}: checkpoint "
         f"{theirs}, model {ours}); the model section of the spec must match the run that wrote it"
     )
+
+
+def complete_tags(directory: str, options: S3Options | None = None) -> list[str]:
+    """Tags of complete checkpoints (their spec.yaml is written last), oldest first."""
+    names = _store(directory, options).list()
+    return sorted({n.split("/")[0] for n in names if n.startswith("step-") and n.endswith("/spec.yaml")})
+
+
+def corrupt_file(tag_dir: Path) -> Path | None:
+    """The first of a checkpoint's files that does not read back (DeepSpeed's files are zip archives
+    whose every member carries a CRC), or None."""
+    for file in sorted(tag_dir.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                if archive.testzip() is None:
+                    continue
+        except (OSError, zipfile.BadZipFile, EOFError):
+            pass
+        return file
+    return None
+
+
+def unreadable(where: str, tag_dir: Path, exc: Exception, earlier: list[str], how: str) -> CheckpointError:
+    """The error for a checkpoint that failed to load: which file, why, and what to do instead."""
+    file = corrupt_file(tag_dir)
+    what = f"{file.name} is corrupt or truncated" if file else f"{type(exc).__name__}: {str(exc)[:200]}"
+    if earlier:
+        advice = f"the newest complete earlier checkpoint is {earlier[-1]}: {how.format(tag=earlier[-1])}"
+    else:
+        advice = "there is no earlier complete checkpoint"
+    return CheckpointError(f"{where}: cannot be loaded ({what}); {advice}")
 
 
 class Checkpointer:
@@ -113,9 +153,16 @@ class Checkpointer:
         if self.remote and not self.staging:
             raise ParcaeError(f"checkpoint.dir: {self.dir}: an s3:// destination needs checkpoint.staging_dir")
 
-    def load(self, engine: Any, local_rank: int = 0) -> dict[str, Any] | None:
-        """Load the newest complete checkpoint into the engine; its client state, or None if there is none."""
-        tag = latest_tag(self.dir, self.options)
+    def load(self, engine: Any, local_rank: int = 0, tag: str | None = None) -> dict[str, Any] | None:
+        """Load the newest complete checkpoint (or ``tag``) into the engine; its client state, or None if
+        there is none. A checkpoint that fails to load is named, with the earlier one to use instead;
+        nothing falls back on its own."""
+        if tag is not None and tag not in complete_tags(self.dir, self.options):
+            available = ", ".join(complete_tags(self.dir, self.options)) or "none"
+            raise CheckpointError(
+                f"--resume-from {tag}: no complete checkpoint of that name in {self.dir} ({available})"
+            )
+        tag = tag or latest_tag(self.dir, self.options)
         if tag is None:
             return None
         where = f"{self.dir.rstrip('/')}/{tag}"
@@ -127,7 +174,12 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
                 fetch(self.dir, tag, path, self.options)
             dist.barrier()
-        loaded, client_state = engine.load_checkpoint(str(path), tag=tag)
+        try:
+            loaded, client_state = engine.load_checkpoint(str(path), tag=tag)
+        except Exception as exc:  # torch's zip reader, pickle, DeepSpeed: whatever a damaged file raises
+            earlier = [t for t in complete_tags(self.dir, self.options) if t < tag]
+            how = "resume from it with `parcae train SPEC --resume-from {tag}` (or write {tag} into LATEST)"
+            raise unreadable(where, path / tag, exc, earlier, how) from None
         if loaded is None:
             raise ParcaeError(f"{where}: DeepSpeed could not load this checkpoint")
         if self.remote:
@@ -141,7 +193,14 @@ class Checkpointer:
         """Write step ``step``, then mark it newest (``LATEST``) and drop all but the newest ``keep_last``."""
         tag = tag_for(step)
         path = Path(self.staging) if self.remote else Path(self.dir)
-        engine.save_checkpoint(str(path), tag=tag, client_state=client_state, save_latest=False)
+        try:
+            engine.save_checkpoint(str(path), tag=tag, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as exc:  # a full or failing disk: say where, and what is still there
+            previous = latest_tag(self.dir, self.options)
+            kept = f"the newest complete checkpoint, {previous}, is intact" if previous else "no checkpoint is complete"
+            free = shutil.disk_usage(path).free if path.is_dir() else None
+            why = f"no space left: {free / 2**20:.1f} MB free there" if free is not None and free < 64 << 20 else exc
+            raise CheckpointError(f"{path / tag}: cannot write the checkpoint of step {step} ({why}); {kept}") from None
         dist.barrier()
         rank = dist.get_rank()
         store = _store(self.dir, self.options)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
+
 log = logging.getLogger(__name__)
 
 
@@ -84,11 +86,23 @@ def cpu_threads_per_rank(ranks_on_node: int) -> int:
     return max(1, allowed // max(1, ranks_on_node))
 
 
+def die_with_parent() -> None:
+    """In a child, before exec: the kernel kills it (SIGKILL) when its parent dies, however the parent
+    dies, so no rank outlives its launcher as an orphan racing a rerun (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
 def launch_local(argv: list[str], world_size: int, env: dict[str, str] | None = None) -> int:
     """Start ``world_size`` ranks of ``python -m pipeline ARGV`` on this machine (loopback rendezvous).
 
     Signals to the launcher are passed on to every rank (so a Slurm warning or Ctrl-C reaches them);
-    when one rank fails the others are stopped. Returns the first non-zero exit code, or 0.
+    the ranks die with the launcher; when one rank fails the others are stopped (they stay quiet: the
+    failed rank says why). Returns the first non-zero exit code, or 0.
     """
     port = free_port()
     procs = []
@@ -102,7 +116,9 @@ def launch_local(argv: list[str], world_size: int, env: dict[str, str] | None = 
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
         }
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", *argv], env=rank_env))
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "pipeline", *argv], env=rank_env, preexec_fn=die_with_parent)
+        )
 
     def forward(signum, _frame):
         for p in procs:
@@ -113,10 +129,11 @@ def launch_local(argv: list[str], world_size: int, env: dict[str, str] | None = 
     try:
         code, failed_at = 0, None
         while any(p.poll() is None for p in procs):
-            failed = [p for p in procs if p.poll() not in (None, 0)]
+            # a rank that exits 75 was asked to stop and has checkpointed: let the others finish theirs
+            failed = [p for p in procs if p.poll() not in (None, 0, REQUEUE_EXIT_CODE)]
             if failed and code == 0:
                 code, failed_at = failed[0].returncode, time.monotonic()
-                log.error("rank %d exited with %d; stopping the other ranks", procs.index(failed[0]), code)
+                log.debug("rank %d exited with %d; stopping the other ranks", procs.index(failed[0]), code)
                 for p in procs:
                     if p.poll() is None:
                         p.terminate()
@@ -168,3 +185,28 @@ def memory_metrics(device_type: str) -> dict[str, float]:
     if device_type == "cpu":
         return {"memory_max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return {"memory_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout", "Timed out")
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """True for the error a rank gets from a collective when another rank has died (that rank reports
+    its own error; this one should stop without adding a traceback to it)."""
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        return False
+    text = f"{type(exc).__name__}: {exc}"
+    return "DistBackendError" in text or "DistNetworkError" in text or any(p in text for p in PEER_GONE)
+
+
+def agree_on_failure(failure: Exception | None) -> None:
+    """A collective after a check that one rank ran: every rank raises. The rank whose check failed raises
+    its error; the others raise `ReportedElsewhere` with the same exit code, and stay quiet."""
+    import torch.distributed as dist
+
+    code = torch.tensor([failure.exit_code if isinstance(failure, ParcaeError) else 0], dtype=torch.int64)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    if failure is not None:
+        raise failure
+    if int(code):
+        raise ReportedElsewhere(int(code))

@@ -10,10 +10,12 @@ import torch
 from parcae_errors import ParcaeError
 from pipeline.jobspec import load_spec
 from pipeline.training.distributed import RankInfo, export_rank_env, free_port, launch_local, rank_info
+from pipeline.training.preflight import PREFLIGHT_ENV, preflight
 
 
-def run_train(spec_path: str, overrides: list[str]) -> int:
-    """Train the spec (with ``--set`` overrides) to the end; returns the exit code (75: run me again)."""
+def run_train(spec_path: str, overrides: list[str], resume_from: str | None = None) -> int:
+    """Train the spec (with ``--set`` overrides) to the end; returns the exit code (75: run me again).
+    ``resume_from`` names the checkpoint to resume from instead of the newest."""
     loaded = load_spec(spec_path, overrides)
     spec = loaded.spec
     info = rank_info()
@@ -24,8 +26,10 @@ def run_train(spec_path: str, overrides: list[str]) -> int:
                     f"cluster.nodes={spec.cluster.nodes}: a multi-node run starts one process per rank under Slurm "
                     "(parcae submit) or torchrun; `parcae train` alone starts ranks on this machine only"
                 )
+            preflight(spec)  # one clear message before any rank starts
             args = ["train", spec_path, *[f"--set={o}" for o in overrides]]
-            return launch_local(args, spec.world_size)
+            args += ["--resume-from", resume_from] if resume_from else []
+            return launch_local(args, spec.world_size, {PREFLIGHT_ENV: "done"})
         info = RankInfo(0, 0, 1, "127.0.0.1", free_port())
     if info.world_size != spec.world_size:
         raise ParcaeError(
@@ -38,4 +42,4 @@ def run_train(spec_path: str, overrides: list[str]) -> int:
         os.environ["DS_ACCELERATOR"] = "cpu"
     from pipeline.training.trainer import Trainer
 
-    return Trainer(loaded, info).run()
+    return Trainer(loaded, info, resume_from).run()

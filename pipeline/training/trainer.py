@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from model import flops_per_token
-from parcae_errors import REQUEUE_EXIT_CODE
+from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
 from pipeline.data import train_loader
 from pipeline.jobspec import JobSpec, LoadedSpec
-from pipeline.training.checkpoint import Checkpointer
+from pipeline.training.checkpoint import Checkpointer, LayoutMismatch
 from pipeline.training.distributed import (
     RankInfo,
     accelerator_device,
+    agree_on_failure,
     cpu_threads_per_rank,
     init_distributed,
     memory_metrics,
@@ -34,7 +35,9 @@ from pipeline.training.distributed import (
 from pipeline.training.ds_config import build_ds_config, load_base_config
 from pipeline.training.engine import build_engine, engine_metrics
 from pipeline.training.guard import LossGuard
+from pipeline.training.lock import RunLock
 from pipeline.training.metrics import MetricsLogger
+from pipeline.training.preflight import PREFLIGHT_ENV, preflight
 from pipeline.training.schedule import lr_multiplier
 from pipeline.training.step import DepthSampler, Progress, TrainingHalted, train_step
 from pipeline.training.validation import Validator
@@ -72,27 +75,35 @@ class StopSignal:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank got the signal (a collective: every rank calls it each step)."""
+    def agreed(self, lost_lease: bool = False) -> bool:
+        """True on every rank if any rank got the signal (a collective: every rank calls it each step).
+        A lost lease (another run took the checkpoint directory over) stops every rank without a save."""
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        flag = torch.tensor([2.0 if lost_lease else 1.0 if self.received is not None else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 2:
+            raise ParcaeError(
+                "checkpoint.dir: another run took over this run's lease (was this run stalled for over a "
+                "minute?); stopping without writing so the two do not mix checkpoints"
+            )
         if flag.item() > 0 and self.received is None:
             self.received = signal.SIGTERM
         return flag.item() > 0
 
 
 class Trainer:
-    def __init__(self, loaded: LoadedSpec, info: RankInfo):
+    def __init__(self, loaded: LoadedSpec, info: RankInfo, resume_from: str | None = None):
         spec = self.spec = loaded.spec
-        self.info = info
+        self.info, self.resume_from = info, resume_from
         self.device, device_type = accelerator_device(info.local_rank)
         if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             threads = cpu_threads_per_rank(spec.cluster.procs_per_node)
             torch.set_num_threads(threads)
             log.info("CPU: %d intra-op thread(s) per rank (set OMP_NUM_THREADS to choose)", threads)
         init_distributed(device_type)
+        self.lock = self.claim_run(spec) if info.rank == 0 else None
+        agree_on_failure(self.claim_failure)
         torch.manual_seed(spec.training.seed)
         t, cfg = spec.training, spec.model.build()
         assert t.micro_batch_size is not None and t.gradient_accumulation_steps is not None
@@ -130,7 +141,28 @@ class Trainer:
         self.stop = StopSignal()
         self.loaded = loaded
 
+    claim_failure: ParcaeError | None = None
+
+    def claim_run(self, spec: JobSpec) -> RunLock | None:
+        """Rank 0, before anything is built or written: the checks (unless the launcher ran them), then
+        the run's lock. A failure is kept for `agree_on_failure`, so every rank stops together."""
+        try:
+            if os.environ.get(PREFLIGHT_ENV) != "done":
+                preflight(spec)
+            assert spec.run_dir and spec.checkpoint.dir
+            return RunLock(spec.run_dir, spec.checkpoint.dir, spec.storage.s3_options()).acquire()
+        except ParcaeError as exc:
+            self.claim_failure = exc
+            return None
+
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> int:
         import torch.distributed as dist
 
         progress = self.resume()
@@ -151,7 +183,7 @@ class Trainer:
                 self.metrics.log_step(progress, result, step_start, last, self.details)
                 if self.validator and self.validator.due(progress.step, last):
                     self.metrics.write({"step": progress.step, **self.validator.run(self.engine)})
-                stop = self.stop.agreed()
+                stop = self.stop.agreed(lost_lease=self.lock is not None and self.lock.lost)
                 if progress.step % self.spec.checkpoint.interval_steps == 0 or last or stop:
                     self.save(progress)
                 if stop:
@@ -198,7 +230,10 @@ class Trainer:
         return {**engine_metrics(self.engine), **memory_metrics(self.device_type)}
 
     def resume(self) -> Progress:
-        state = self.checkpointer.load(self.engine, local_rank=self.info.local_rank)
+        try:
+            state = self.checkpointer.load(self.engine, local_rank=self.info.local_rank, tag=self.resume_from)
+        except LayoutMismatch as exc:  # every rank finds it; rank 0 says it
+            raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
         if state is None:
             return Progress()
         progress = Progress(

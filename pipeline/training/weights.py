@@ -55,7 +55,12 @@ def load_checkpoint_model(checkpoint_dir: str, tag: str | None = None) -> tuple[
     if not spec_file.is_file():
         raise ParcaeError(f"{spec_file}: missing; this does not look like a checkpoint written by `parcae train`")
     spec = load_spec(spec_file).spec
-    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    except Exception as exc:  # a damaged file: name it, and the checkpoint to use instead
+        earlier = [t for t in checkpoint.complete_tags(checkpoint_dir) if t < tag]
+        where = f"{checkpoint_dir}/{tag}"
+        raise checkpoint.unreadable(where, Path(checkpoint_dir) / tag, exc, earlier, "pass --tag {tag}") from None
     with torch.device("meta"):
         model = ParcaeLM(spec.model.build())
     model.to_empty(device="cpu")

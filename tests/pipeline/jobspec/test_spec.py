@@ -166,7 +166,7 @@ def test_gpt_rejects_loop_settings(tmp_path):
 
 def test_loop_counts_must_be_positive(tmp_path):
     found = problems(tmp_path, MINIMAL + "eval: {loop_counts: [1, -2]}\n")
-    assert found == ["eval.loop_counts.1: Input should be greater than 0 (got -2)"]
+    assert found == ["eval.loop_counts.1: Input should be greater than 0; accepted: 1 to 1024 (got -2)"]
 
 
 def test_overrides_are_validated_like_the_file(tmp_path):

@@ -8,15 +8,17 @@ import math
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from parcae_errors import REQUEUE_EXIT_CODE
-from tests.conftest import CONFIGS, REPO, parcae_cmd, step_losses, tiny_run
+from tests.conftest import REFERENCE_STEPS, REPO, parcae_cmd, start_run, step_losses, train_cmd, wait_for_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+STEPS = REFERENCE_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -24,53 +26,21 @@ def shards(tiny_shards) -> Path:
     return tiny_shards
 
 
-def train_cmd(shards: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
-    overrides = [*tiny_run(shards, run_dir, steps, data__prefetch_batches=1), *[f"--set={o}" for o in extra]]
-    return [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *overrides]
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        if (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no step {step} within {timeout} s")
-
-
-STEPS = 24
-
-
 @pytest.fixture(scope="module")
-def expected(shards, tmp_path_factory) -> dict[int, float]:
-    """Per-step losses of an uninterrupted run."""
-    tmp_path = tmp_path_factory.mktemp("reference")
-    reference = start(train_cmd(shards, tmp_path / "reference", STEPS), tmp_path / "reference.log")
-    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
-    result = step_losses(tmp_path / "reference")
-    assert sorted(result) == list(range(1, STEPS + 1))
-    assert result[STEPS] < result[1] - 0.5  # it learns
-    return result
+def expected(reference_losses) -> dict[int, float]:
+    return reference_losses
 
 
 def test_killed_run_resumes_to_the_same_losses(tmp_path, shards, expected):
     steps = STEPS
 
     run_dir = tmp_path / "killed"
-    proc = start(train_cmd(shards, run_dir, steps), tmp_path / "killed.log")
+    proc = start_run(train_cmd(shards, run_dir, steps), tmp_path / "killed.log")
     wait_for_step(run_dir, proc, 12)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step-00000010"
-    resumed = start(train_cmd(shards, run_dir, steps), tmp_path / "resumed.log")
+    resumed = start_run(train_cmd(shards, run_dir, steps), tmp_path / "resumed.log")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert "resuming at step 10" in (tmp_path / "resumed.log").read_text()
     after = step_losses(run_dir)
@@ -79,7 +49,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, shards, expected):
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert kept == ["step-00000020", "step-00000024"]  # keep_last 2
     # the same run dir with another model: refused by name before DeepSpeed reads the checkpoint
-    other = start(train_cmd(shards, run_dir, STEPS + 5, "model.injection=concat"), tmp_path / "other.log")
+    other = start_run(train_cmd(shards, run_dir, STEPS + 5, "model.injection=concat"), tmp_path / "other.log")
     assert other.wait(timeout=300) != 0
     log = (tmp_path / "other.log").read_text()
     assert "parameter layout differs" in log and "Traceback" not in log, log[-3000:]
@@ -92,7 +62,7 @@ def test_checkpoints_on_s3_resume_to_the_same_losses(tmp_path, shards, expected,
     url = f"s3://{bucket}/runs/x"
     extra = (f"checkpoint.dir={url}", f"storage.endpoint_url={s3_server.endpoint}")
     run_dir = tmp_path / "killed"
-    proc = start(train_cmd(shards, run_dir, STEPS, *extra), tmp_path / "killed.log")
+    proc = start_run(train_cmd(shards, run_dir, STEPS, *extra), tmp_path / "killed.log")
     wait_for_step(run_dir, proc, 12)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
@@ -107,7 +77,7 @@ def test_checkpoints_on_s3_resume_to_the_same_losses(tmp_path, shards, expected,
     names = [k for k in keys() if k.startswith("step-00000010/")]
     assert "step-00000010/spec.yaml" in names
     assert sum("zero_pp_rank_0_" in k for k in names) >= 1 and sum("zero_pp_rank_1_" in k for k in names) >= 1
-    resumed = start(train_cmd(shards, run_dir, STEPS, *extra), tmp_path / "resumed.log")
+    resumed = start_run(train_cmd(shards, run_dir, STEPS, *extra), tmp_path / "resumed.log")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert "resuming at step 10" in (tmp_path / "resumed.log").read_text()
     after = step_losses(run_dir)
@@ -125,13 +95,14 @@ def test_checkpoints_on_s3_resume_to_the_same_losses(tmp_path, shards, expected,
 
 def test_sigusr1_checkpoints_exits_for_requeue_and_resumes(tmp_path, shards):
     run_dir = tmp_path / "preempted"
-    proc = start(train_cmd(shards, run_dir, 200), tmp_path / "first.log")
+    proc = start_run(train_cmd(shards, run_dir, 200), tmp_path / "first.log")
     wait_for_step(run_dir, proc, 3)
     os.kill(proc.pid, signal.SIGUSR1)  # what Slurm's --signal=B:USR1 sends to the batch step
     assert proc.wait(timeout=300) == REQUEUE_EXIT_CODE, (tmp_path / "first.log").read_text()[-3000:]
+    assert " ERROR " not in (tmp_path / "first.log").read_text()  # a normal preemption is not an error
     stopped_at = max(step_losses(run_dir))
     assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == f"step-{stopped_at:08d}"
-    again = start(train_cmd(shards, run_dir, 200), tmp_path / "second.log")
+    again = start_run(train_cmd(shards, run_dir, 200), tmp_path / "second.log")
     wait_for_step(run_dir, again, stopped_at + 1)
     os.killpg(again.pid, signal.SIGKILL)
     again.wait(timeout=60)
@@ -148,7 +119,7 @@ def test_export_gives_the_trained_model(tmp_path, shards):
     from pipeline.data import rows_loader
 
     run_dir = tmp_path / "run"
-    proc = start(train_cmd(shards, run_dir, 10), tmp_path / "train.log")
+    proc = start_run(train_cmd(shards, run_dir, 10), tmp_path / "train.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
     out = tmp_path / "model.safetensors"
 
@@ -179,7 +150,7 @@ def test_export_gives_the_trained_model(tmp_path, shards):
 def run_variant(tmp_path, shards, name, steps, extra):
     run_dir = tmp_path / name
     cmd = train_cmd(shards, run_dir, steps) + [f"--set={o}" for o in extra]
-    proc = start(cmd, tmp_path / f"{name}.log")
+    proc = start_run(cmd, tmp_path / f"{name}.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -1,0 +1,124 @@
+"""What must hold before the expensive part starts, checked in one place and reported all at once.
+
+Data: every shard set the spec names has a manifest whose rows fit ``data.seq_len``, whose tokenizer
+fits the model's vocabulary (and is the spec's tokenizer file, when the spec names one), and enough
+shards for the ranks. Outputs: the run directory, the TensorBoard directory and the checkpoint
+directory (local, or an s3:// bucket) can be written. `parcae train` runs both before the engine is
+built; `parcae validate` and `parcae submit` run the data checks whenever the data is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from data_prep.inspect import read_manifest
+from data_prep.storage import LocalStore, StorageError, check_writable, open_store
+from parcae_errors import ParcaeError, UsageError
+from pipeline.jobspec import JobSpec
+
+log = logging.getLogger(__name__)
+
+# Set for the ranks by the process that started them (our launcher, the Slurm job wrapper) once it has
+# run the checks: rank 0 then does not repeat them.
+PREFLIGHT_ENV = "PARCAE_PREFLIGHT"
+
+
+class PreflightError(UsageError):
+    """The spec cannot train on this data or into these outputs; ``problems`` has one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"cannot train ({count}):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def data_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
+    """(problems, unreadable): what is wrong with the shard sets, and which could not be read at all (from
+    a login node the data may live where only the cluster reaches it)."""
+    problems: list[str] = []
+    unreadable: list[str] = []
+    options = spec.storage.s3_options()
+    tokenizer_sha = None
+    if spec.tokenizer.path:
+        parent, _, name = spec.tokenizer.path.rpartition("/")
+        try:
+            tokenizer_sha = hashlib.sha256(open_store(parent or ".", options).get_bytes(name)).hexdigest()
+        except StorageError as exc:  # training does not read it: a note, not a reason to stop
+            log.warning("tokenizer.path: %s (the shards' tokenizer is not checked against it)", exc)
+    for key, url in (("data.train_url", spec.data.train_url), ("data.val_url", spec.data.val_url)):
+        if not url:
+            continue
+        try:
+            manifest = read_manifest(open_store(url, options))
+        except ParcaeError as exc:
+            unreadable.append(f"{key}: {exc}")
+            continue
+        problems += _manifest_problems(key, url, manifest, spec, tokenizer_sha)
+        rows = sum(shard["samples"] for shard in manifest["shards"])
+        micro = spec.training.micro_batch_size or 1
+        if rows // spec.world_size < micro:
+            problems.append(
+                f"{key}: {url} holds {rows} rows, fewer than one batch of {micro} (training.micro_batch_size) "
+                f"for each of the {spec.world_size} ranks"
+            )
+        if key == "data.train_url" and len(manifest["shards"]) < spec.world_size:
+            problems.append(
+                f"{key}: {url} holds {len(manifest['shards'])} shard(s), fewer than the {spec.world_size} ranks "
+                "(cluster.nodes x procs_per_node) that each read their own; write smaller shards (--shard-size)"
+            )
+    return problems, unreadable
+
+
+def _manifest_problems(
+    key: str, url: str, manifest: dict[str, Any], spec: JobSpec, tokenizer_sha: str | None
+) -> list[str]:
+    problems = []
+    if manifest["seq_len"] != spec.data.seq_len:
+        problems.append(
+            f"{key}: {url} holds rows of seq_len {manifest['seq_len']}, but data.seq_len is {spec.data.seq_len}; "
+            "prepare shards with --seq-len matching the spec, or set data.seq_len to the shards'"
+        )
+    vocab = manifest["tokenizer"].get("vocab_size")
+    if isinstance(vocab, int) and vocab > spec.model.vocab_size:
+        problems.append(
+            f"{key}: {url} was tokenized with a {vocab}-token vocabulary, larger than model.vocab_size "
+            f"{spec.model.vocab_size}: token ids would fall outside the embedding; set model.vocab_size >= {vocab} "
+            "or prepare the shards with the model's tokenizer"
+        )
+    made_with = manifest["tokenizer"].get("sha256")
+    if tokenizer_sha and made_with and made_with != tokenizer_sha:
+        problems.append(
+            f"{key}: {url} was made with another tokenizer (sha256 {made_with[:12]}...) than tokenizer.path "
+            f"{spec.tokenizer.path} (sha256 {tokenizer_sha[:12]}...)"
+        )
+    return problems
+
+
+def output_problems(spec: JobSpec) -> list[str]:
+    """Every output location that cannot be written (each is probed with a small file, then cleaned up)."""
+    options = spec.storage.s3_options()
+    assert spec.run_dir and spec.logging.tensorboard_dir and spec.checkpoint.dir
+    places = [
+        ("run_dir", spec.run_dir),
+        ("logging.tensorboard_dir", spec.logging.tensorboard_dir),
+        ("checkpoint.dir", spec.checkpoint.dir),
+    ]
+    if spec.checkpoint.staging_dir:
+        places.append(("checkpoint.staging_dir", spec.checkpoint.staging_dir))
+    problems = []
+    for key, url in places:
+        try:
+            check_writable(open_store(url, options) if url.startswith("s3://") else LocalStore(url))
+        except StorageError as exc:
+            problems.append(f"{key}: {exc}")
+    return problems
+
+
+def preflight(spec: JobSpec) -> None:
+    """Before training: refuse, with every problem at once, what cannot work."""
+    problems, unreadable = data_problems(spec)
+    problems += unreadable + output_problems(spec)
+    if problems:
+        raise PreflightError(problems)

@@ -1,0 +1,277 @@
+"""Fault injection on real 2-rank ZeRO-3 runs: kill -9 of the launcher, of one rank, of the S3 endpoint (during
+steps, during checkpoint uploads); two runs on one run directory; a full and a read-only output location; a
+corrupt shard; a corrupt checkpoint. Every fault is survived, or reported by name before work is lost, and
+a rerun of the same command ends with exactly the per-step losses of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import ShardLoader
+from pipeline.jobspec import load_spec
+from tests.conftest import (
+    CONFIGS,
+    REFERENCE_STEPS,
+    REPO,
+    free_port,
+    parcae_cmd,
+    start_run,
+    step_losses,
+    train_cmd,
+    wait_for_step,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+STEPS = REFERENCE_STEPS
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def finish_and_compare(cmd: list[str], run_dir: Path, log: Path, expected: dict[int, float], resumed_at: int) -> None:
+    """Rerun the same command to the end: it resumes at ``resumed_at`` with the uninterrupted run's losses."""
+    again = start_run(cmd, log)
+    assert again.wait(timeout=600) == 0, log.read_text()[-3000:]
+    assert f"resuming at step {resumed_at}" in log.read_text(), log.read_text()[-3000:]
+    after = step_losses(run_dir)
+    for step in range(resumed_at + 1, STEPS + 1):
+        assert after[step] == expected[step], (step, after[step], expected[step])
+
+
+def test_killed_launcher_takes_its_ranks_with_it(tmp_path, tiny_shards, reference_losses):
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(tiny_shards, run_dir, STEPS)
+    proc = start_run(cmd, tmp_path / "first.log")
+    wait_for_step(run_dir, proc, 12)
+    ranks = children(proc.pid)
+    assert len(ranks) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, not its process group
+    proc.wait(timeout=30)
+    wait_until(lambda: not any(alive(r) for r in ranks), 15, "the ranks die with their launcher")
+    finish_and_compare(cmd, run_dir, tmp_path / "again.log", reference_losses, 10)
+
+
+def test_killed_rank_stops_the_run_quietly(tmp_path, tiny_shards, reference_losses):
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(tiny_shards, run_dir, STEPS)
+    proc = start_run(cmd, tmp_path / "first.log")
+    wait_for_step(run_dir, proc, 12)
+    os.kill(children(proc.pid)[1], signal.SIGKILL)
+    assert proc.wait(timeout=60) != 0
+    assert "Traceback" not in (tmp_path / "first.log").read_text(), (tmp_path / "first.log").read_text()[-3000:]
+    finish_and_compare(cmd, run_dir, tmp_path / "again.log", reference_losses, 10)
+
+
+def test_one_run_directory_has_one_owner(tmp_path, tiny_shards, reference_losses):
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(tiny_shards, run_dir, STEPS)
+    first = start_run(cmd, tmp_path / "first.log")
+    wait_for_step(run_dir, first, 7)
+    os.killpg(first.pid, signal.SIGSTOP)  # the owner holds the run (paused, so the test can take its time)
+    second = start_run(cmd, tmp_path / "second.log")
+    assert second.wait(timeout=120) == 3
+    log = (tmp_path / "second.log").read_text()
+    assert "is in use by pid" in log and "Traceback" not in log and log.count("error: ") == 1, log[-3000:]
+    assert step_losses(run_dir) == {k: v for k, v in reference_losses.items() if k <= max(step_losses(run_dir))}
+    os.killpg(first.pid, signal.SIGKILL)  # a dead owner's lock is free at once
+    first.wait(timeout=60)
+    finish_and_compare(cmd, run_dir, tmp_path / "third.log", reference_losses, 5)
+
+
+@pytest.fixture
+def proxy(s3_server):
+    """The S3 endpoint behind a proxy process the test can kill -9 and restart on the same port."""
+    port, target = free_port(), int(s3_server.endpoint.rsplit(":", 1)[1])
+    script = [sys.executable, str(REPO / "tests" / "fault_proxy.py"), str(port), str(target)]
+
+    class Proxy:
+        endpoint = f"http://127.0.0.1:{port}"
+        proc: subprocess.Popen | None = None
+
+        def start(self) -> None:
+            self.proc = subprocess.Popen(script, stdout=subprocess.PIPE, text=True)
+            assert self.proc.stdout.readline().strip() == "ready"
+
+        def kill(self) -> None:
+            self.proc.kill()
+            self.proc.wait()
+
+    p = Proxy()
+    p.start()
+    yield p
+    p.kill()
+
+
+def upload(s3_server, shards: Path) -> str:
+    bucket = s3_server.new_bucket("faults")
+    client = s3_server.client()
+    for path in shards.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"ds/{path.relative_to(shards)}")
+    return f"s3://{bucket}/ds"
+
+
+def test_s3_endpoint_outages(tmp_path, tiny_shards, reference_losses, s3_server, proxy):
+    through = (f"storage.endpoint_url={proxy.endpoint}", "storage.max_retries=2")
+    data = upload(s3_server, tiny_shards)
+    # a short outage while shards stream: survived (retries with backoff), the losses unchanged
+    run_dir = tmp_path / "short"
+    proc = start_run(train_cmd(data, run_dir, STEPS, *through), tmp_path / "short.log")
+    wait_for_step(run_dir, proc, 3)
+    proxy.kill()
+    time.sleep(1.5)
+    proxy.start()
+    assert proc.wait(timeout=600) == 0, (tmp_path / "short.log").read_text()[-3000:]
+    assert step_losses(run_dir) == reference_losses
+    # a long outage while checkpoints upload (data local): the save fails, named; the previous one is intact
+    bucket = s3_server.new_bucket("ckpt")
+    run_dir = tmp_path / "upload"
+    cmd = train_cmd(tiny_shards, run_dir, STEPS, *through, f"checkpoint.dir=s3://{bucket}/run")
+    proc = start_run(cmd, tmp_path / "upload.log")
+    wait_for_step(run_dir, proc, 6)
+    proxy.kill()
+    assert proc.wait(timeout=300) != 0
+    log = (tmp_path / "upload.log").read_text()
+    assert f"s3://{bucket}/run" in log and "Traceback" not in log, log[-3000:]
+    proxy.start()
+    finish_and_compare(cmd, run_dir, tmp_path / "upload-again.log", reference_losses, 5)
+    # a long outage while shards stream: the run stops naming the shard it could not read
+    run_dir = tmp_path / "stream"
+    cmd = train_cmd(data, run_dir, STEPS, *through)
+    proc = start_run(cmd, tmp_path / "stream.log")
+    wait_for_step(run_dir, proc, 6)
+    proxy.kill()
+    assert proc.wait(timeout=300) != 0
+    log = (tmp_path / "stream.log").read_text()
+    assert "unreadable after 3 attempts" in log and "Traceback" not in log, log[-3000:]
+    proxy.start()
+    finish_and_compare(cmd, run_dir, tmp_path / "stream-again.log", reference_losses, 5)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small file system of our own (root can mount tmpfs here and in CI): full, then grown, then read-only."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    # one checkpoint of the tiny run (about 5.6 MB) fits, a second does not
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a tmpfs: {done.stderr.decode()}")
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_full_and_read_only_output_locations(tmp_path, tiny_shards, reference_losses, tmpfs):
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(tiny_shards, run_dir, STEPS, f"checkpoint.dir={tmpfs}/ckpt")
+    proc = start_run(cmd, tmp_path / "full.log")
+    assert proc.wait(timeout=600) != 0
+    log = (tmp_path / "full.log").read_text()
+    assert "cannot write the checkpoint of step 10" in log and "step-00000005, is intact" in log, log[-3000:]
+    assert "no space left" in log
+    assert "Traceback" not in log
+    assert (tmpfs / "ckpt" / "LATEST").read_text().strip() == "step-00000005"
+    subprocess.run(["mount", "-o", "remount,size=64M", str(tmpfs)], check=True)
+    finish_and_compare(cmd, run_dir, tmp_path / "grown.log", reference_losses, 5)
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    refused = subprocess.run(
+        train_cmd(tiny_shards, tmpfs / "run", 4), capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert refused.returncode == 2 and "run_dir:" in refused.stderr and "Read-only file system" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_corrupt_shard_is_named_once(tmp_path, tiny_shards):
+    """The first shard rank 1 reads has a flipped byte: rank 1 names it; rank 0 stops without a word."""
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    seed = load_spec(CONFIGS / "demo-tiny.yaml").spec.training.seed
+    loader = ShardLoader(
+        str(shards / "train"), rank=1, world_size=2, micro_batch_size=8, seq_len=32, seed=seed, shuffle_buffer=0
+    )
+    victim = shards / "train" / loader.shards[loader.rank_shards(0)[0]]["name"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 1
+    victim.write_bytes(bytes(data))
+    result = subprocess.run(
+        train_cmd(shards, tmp_path / "run", STEPS), capture_output=True, text=True, cwd=REPO, timeout=600
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count(f"{victim.name}: corrupt") == 1, result.stderr[-3000:]
+    assert result.stderr.count("error: ") == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-3000:]
+
+
+def test_corrupt_checkpoint_is_named_with_the_one_to_use(tmp_path, tiny_shards, reference_losses):
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(tiny_shards, run_dir, 12)
+    assert start_run(cmd, tmp_path / "first.log").wait(timeout=600) == 0
+    latest = run_dir / "checkpoints" / "step-00000012"
+    victim = sorted(latest.glob("*optim_states.pt"))[-1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    longer = train_cmd(tiny_shards, run_dir, STEPS)
+    refused = subprocess.run(longer, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert f"{victim.name} is corrupt or truncated" in refused.stderr
+    assert "--resume-from step-00000010" in refused.stderr and "Traceback" not in refused.stderr
+    export = subprocess.run(
+        [*parcae_cmd(), "export", str(run_dir / "checkpoints"), "--out", str(tmp_path / "m.safetensors")],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert export.returncode == 1 and victim.name in export.stderr and "--tag step-00000010" in export.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+    finish_and_compare(
+        [*longer, "--resume-from", "step-00000010"], run_dir, tmp_path / "again.log", reference_losses, 10
+    )
+
+
+def test_eval_of_a_copied_run_reads_and_writes_the_copy(tmp_path, tiny_shards):
+    run_dir = tmp_path / "original"
+    assert start_run(train_cmd(tiny_shards, run_dir, 5), tmp_path / "train.log").wait(timeout=600) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(run_dir / "checkpoints")  # the copy must not need the original's files
+    result = subprocess.run(
+        [*parcae_cmd(), "eval", str(copy), "--loops", "1", "2", "--max-batches", "2"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (copy / "eval" / "step-00000005" / "eval.json").is_file() and not (run_dir / "eval").exists()
+    assert "copy/step-00000005" in result.stdout
