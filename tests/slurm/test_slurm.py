@@ -172,6 +172,29 @@ def test_cancel(slurm, s3_shards, tmp_path):
     assert missing.returncode == 1 and "no Slurm job was submitted" in missing.stderr
 
 
+def test_killed_job_wrapper_takes_the_ranks_with_it(slurm, s3_shards, tmp_path):
+    """kill -9 of `parcae slurm-job` (the ranks' launcher under Slurm): no rank is left training."""
+    run_dir = tmp_path / "run"
+    job = submit(s3_shards, run_dir, 100000)
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= 3):
+        assert time.monotonic() < deadline and job_state(job) in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.2)
+    spec = str(run_dir / "spec.yaml")
+
+    def pids(pattern: str) -> list[str]:
+        return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+
+    assert len(pids(f"pipeline train {spec}")) >= 2
+    for pid in pids(f"pipeline slurm-job {run_dir}"):
+        os.kill(int(pid), 9)
+    deadline = time.monotonic() + 120
+    while pids(f"pipeline train {spec}"):
+        assert time.monotonic() < deadline, "ranks outlived their launcher"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], capture_output=True)
+
+
 def test_sweep_runs_as_one_job_array(slurm, s3_shards, tmp_path):
     """Two points of a learning-rate grid as one job array (a task per point, one node each)."""
     directory = tmp_path / "sweep"
