@@ -189,7 +189,7 @@ class S3Store:
             self.client.head_object(Bucket=self.bucket, Key=self._key(name))
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _not_found(exc):
                 return False
             raise self._fail("check", name, exc) from None
         except Exception as exc:
@@ -224,7 +224,7 @@ class S3Store:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
             return response["Body"].read(), response["ETag"]
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _not_found(exc):
                 return None
             raise self._fail("read", name, exc) from None
         except Exception as exc:
@@ -244,6 +244,10 @@ class S3Store:
             raise self._fail("write", name, exc) from None
         except Exception as exc:
             raise self._fail("write", name, exc) from None
+
+
+def _not_found(exc: Exception) -> bool:
+    return getattr(exc, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
 def write_atomic(target: Path, write: Callable[[Path], object]) -> None:
