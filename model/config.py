@@ -6,8 +6,10 @@ model field is declared: its default, its bounds and description (field metadata
 fields (`problems`). The pipeline's `ModelSpec` derives its fields from it and reports its problems
 with dotted paths; the model itself only asserts there are none (`check`).
 
-Counting (`count_params`, `flops_per_token`) is analytic and exact for the architecture in
-``model/parcae.py``; a test compares it with the parameters of the real module built on the meta device.
+Counting (`count_params`, `paper_flops_per_token`, `hardware_flops_per_token`) is analytic and exact for the
+architecture in ``model/parcae.py``; a test compares it with the parameters of the real module built on the
+meta device. The two FLOP counts differ on purpose: the paper's convention (planning, sweeps, anything
+compared with the paper's fits) and what the devices compute (MFU).
 """
 
 from __future__ import annotations
@@ -111,10 +113,11 @@ class ParcaeConfig:
         return math.sqrt(2.0 / (5.0 * self.d_model))
 
     def has_value_embedding(self, layer: int) -> bool:
-        """Value embeddings on every other unique layer (1, 3, 5, ...), the last one always included."""
+        """The reference's rule: the unique layers with the last one's parity own a value embedding
+        (``layer % 2 == (n - 1) % 2``: 1, 3, 5, ... for an even count, 0, 2, 4, ... for an odd one)."""
         if not self.value_embeddings:
             return False
-        return layer % 2 == 1 or layer == self.num_unique_layers - 1
+        return layer % 2 == (self.num_unique_layers - 1) % 2
 
     def value_embedding_layers(self) -> list[int]:
         return [i for i in range(self.num_unique_layers) if self.has_value_embedding(i)]
@@ -161,27 +164,66 @@ def count_params(cfg: ParcaeConfig) -> dict[str, int]:
     }
 
 
-def flops_per_token(
+def _loop_means(cfg: ParcaeConfig, mean_recurrence: float | None, mean_backprop_depth: float | None):
+    mean_rec = cfg.mean_recurrence if mean_recurrence is None else mean_recurrence
+    mean_bwd = cfg.mean_backprop_depth if mean_backprop_depth is None else mean_backprop_depth
+    return mean_rec, mean_bwd
+
+
+def _attention_flops(cfg: ParcaeConfig, seq_len: int, mean_rec: float, mean_bwd: float) -> float:
+    """Attention scores and mixing per token: 4 d seq_len per layer forward (QK^T and AV, without causal
+    savings, as nanochat and PaLM count), twice that backward; core layers once per loop forward and
+    twice per backpropagated loop."""
+    attn_fwd = 4 * cfg.d_model * seq_len
+    outside = cfg.num_unique_layers - (cfg.n_core if cfg.looped else 0)
+    flops = 3 * attn_fwd * outside
+    if cfg.looped:
+        flops += (mean_rec + 2 * mean_bwd) * attn_fwd * cfg.n_core
+    return float(flops)
+
+
+def _core_block_params(cfg: ParcaeConfig) -> int:
+    return sum(_block_params(cfg, i) for i in cfg.core_layers)
+
+
+def paper_flops_per_token(
     cfg: ParcaeConfig,
     seq_len: int,
     mean_recurrence: float | None = None,
     mean_backprop_depth: float | None = None,
 ) -> float:
-    """Training FLOPs per token (forward + backward), the brief's formula.
+    """Training FLOPs per token in the paper's convention (its cost script: the basis of its isoFLOP sweeps
+    and scaling-law fits). Use it for planning and anything compared with the paper.
 
-    6 N_other + (2 mean_rec + 4 mean_bwd) N_core + attention. N excludes the embedding and value
-    embedding tables (lookups, not matmuls) but includes the tied LM head, which is a matmul.
-    Attention per layer and token: 4 d seq_len forward (QK^T and AV, counted without causal
-    savings, as nanochat and PaLM do) and twice that backward.
+    6 N_other + (2 mean_rec + 4 mean_bwd) N_core_blocks + attention, where N_other = all parameters -
+    the token embedding - the core blocks (value embeddings, the injection, C and the norms included; the
+    tied head not counted separately). About 1.36 GFLOP/token for parcae-140m.
     """
-    mean_rec = cfg.mean_recurrence if mean_recurrence is None else mean_recurrence
-    mean_bwd = cfg.mean_backprop_depth if mean_backprop_depth is None else mean_backprop_depth
+    mean_rec, mean_bwd = _loop_means(cfg, mean_recurrence, mean_backprop_depth)
+    counts = count_params(cfg)
+    core_blocks = _core_block_params(cfg)
+    n_other = counts["total"] - counts["embedding"] - core_blocks
+    flops = 6 * n_other + (2 * mean_rec + 4 * mean_bwd) * core_blocks if cfg.looped else 6 * n_other
+    return float(flops) + _attention_flops(cfg, seq_len, mean_rec, mean_bwd)
+
+
+def hardware_flops_per_token(
+    cfg: ParcaeConfig,
+    seq_len: int,
+    mean_recurrence: float | None = None,
+    mean_backprop_depth: float | None = None,
+) -> float:
+    """Training FLOPs per token the chips compute (forward + backward, recomputation not counted): for MFU.
+
+    6 N_other + (2 mean_rec + 4 mean_bwd) N_core + attention, where N excludes the embedding and value
+    embedding tables (lookups, not matmuls) but includes the tied LM head (a matmul); the core (blocks and
+    injection) runs forward on every loop (2 N) and backward on the backpropagated ones (4 N).
+    About 1.07 GFLOP/token for parcae-140m.
+    """
+    mean_rec, mean_bwd = _loop_means(cfg, mean_recurrence, mean_backprop_depth)
     counts = count_params(cfg)
     head = cfg.padded_vocab_size * cfg.d_model
-    attn_fwd = 4 * cfg.d_model * seq_len
-    n_other = counts["other"] + head
-    flops = 6 * n_other + 3 * attn_fwd * (cfg.num_unique_layers - (cfg.n_core if cfg.looped else 0))
+    flops = 6 * (counts["other"] + head)
     if cfg.looped:
         flops += (2 * mean_rec + 4 * mean_bwd) * counts["core"]
-        flops += (mean_rec + 2 * mean_bwd) * attn_fwd * cfg.n_core
-    return float(flops)
+    return float(flops) + _attention_flops(cfg, seq_len, mean_rec, mean_bwd)

@@ -11,7 +11,7 @@ Design choices:
 - Pre-norm blocks: RMSNorm (learnable weight, fp32, eps 1e-5); causal attention without biases, RoPE
   (base 50,000, interleaved pairs) then a parameter-free RMS QK-norm, both in fp32, softmax scale
   1/sqrt(head_dim); MLP d -> 4d -> d with 0.5 * relu(x)^2.
-- Value embeddings (nanochat): layers 1, 3, 5, ... (and the last) own a vocab x d table; there
+- Value embeddings (nanochat): the unique layers with the last one's parity own a vocab x d table; there
   v += 2 * sigmoid(ve_gate(x[..., :32])) * ve(ids), one gate per head. The core reuses its own on every loop.
 - Injection: ``diagonal`` (Parcae) keeps the spectral radius max(A_bar) < 1 by construction; ``add``
   (h + e) and ``concat`` (Linear(2d -> d)) are the RDM baselines.
@@ -317,10 +317,10 @@ class ParcaeLM(nn.Module):
         | c_q, c_k, c_v, mlp.fc, C, wte (tied)    | orthogonal, entry std sigma = sqrt(2 / (5 d))   |
         | c_proj, mlp.proj                        | zeros (every block starts as the identity)     |
         | value embeddings                        | N(0, 1)                                        |
-        | ve_gate                                 | zeros (gate 2 * sigmoid(0) = 1)                |
+        | ve_gate                                 | PyTorch's Linear default, U(+-1/sqrt(32))       |
         | RMSNorm weights                         | ones                                           |
         | diagonal injection                      | A_log 0, Delta = ln(5) / 2 so A_bar = 0.447; B = I |
-        | concat injection                        | orthogonal, entry std sigma                    |
+        | concat injection                        | truncated normal, std sigma, cut at 3 sigma    |
 
         Each module is initialised by `init_module`, so a sharded run can gather one module at a time.
         """
@@ -345,8 +345,9 @@ class ParcaeLM(nn.Module):
             for w in (module.c_q.weight, module.c_k.weight, module.c_v.weight):
                 orthogonal(w)
             nn.init.zeros_(module.c_proj.weight)
-            if module.ve_gate is not None:
-                nn.init.zeros_(module.ve_gate.weight)
+            if module.ve_gate is not None:  # the reference keeps nn.Linear's default: gates start near, not at, 1
+                bound = 1.0 / math.sqrt(VE_GATE_CHANNELS)
+                nn.init.uniform_(module.ve_gate.weight, -bound, bound, generator=generator)
         elif isinstance(module, MLP):
             orthogonal(module.fc.weight)
             nn.init.zeros_(module.proj.weight)
@@ -355,7 +356,9 @@ class ParcaeLM(nn.Module):
             delta = 0.5 * math.log(5.0)  # -ln(sqrt(1/5)): A_bar = exp(-delta) = sqrt(1/5) ~ 0.447
             module.dt_bias.fill_(math.log(math.expm1(delta)))
             nn.init.eye_(module.B)
-        elif isinstance(module, (ConcatInjection, Readout)):
+        elif isinstance(module, ConcatInjection):
+            nn.init.trunc_normal_(module.weight, 0.0, sigma, -3 * sigma, 3 * sigma, generator=generator)
+        elif isinstance(module, Readout):
             orthogonal(module.weight)
 
     # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--anchor-tokens", type=float, help="optimal tokens at the reference compute")
     p.add_argument("--from-sweep", help="refit both exponents from a sweep directory's summary.json")
     p.add_argument(
+        "--backprop-depth",
+        type=int,
+        help="loops with gradients at the planned recurrence R (default (R + 1) // 2, the reference's sweeps)",
+    )
+    p.add_argument(
         "--isoflop",
         metavar="R1,R2,...",
         help="print `parcae sweep run --points` YAML: one point per mean recurrence, each spending --flops",
@@ -50,7 +55,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise ParcaeError(f"--isoflop: comma-separated integers, got {args.isoflop!r}") from None
         import yaml
 
-        print(yaml.safe_dump(isoflop_points(spec, args.flops, recurrences), sort_keys=False), end="")
+        print(
+            yaml.safe_dump(isoflop_points(spec, args.flops, recurrences, args.backprop_depth), sort_keys=False), end=""
+        )
         return 0
     loops_exponent, tokens_exponent = args.loops_exponent, args.tokens_exponent
     refitted = None
@@ -70,7 +77,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if any(a is not None for a in anchor_args) and not all(a is not None for a in anchor_args):
         raise ParcaeError("--anchor-flops, --anchor-recurrence and --anchor-tokens go together (all three or none)")
     anchor = anchor_args if all(a is not None for a in anchor_args) else None
-    result = plan(spec, flops, anchor, loops_exponent, tokens_exponent, peak, args.mfu)
+    result = plan(spec, flops, anchor, loops_exponent, tokens_exponent, peak, args.mfu, args.backprop_depth)
     if refitted:
         result["refit"] = refitted
     if args.json:
@@ -92,7 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"tokens                {result['tokens']:.4g} -> {result['steps']} steps of {result['tokens_per_step']}")
     print(
         f"FLOPs of this plan    {result['plan_flops']:.4g} ({result['plan_flops_over_budget']:.2f}x the budget; "
-        f"{result['flops_per_token']:.4g} per token)"
+        f"{result['flops_per_token']:.4g} per token, the paper's convention)"
     )
     print(
         f"wall clock            {result['wall_clock_hours']:.3g} h on {result['devices']} device(s) at "

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from model.config import count_params, flops_per_token
+from model.config import count_params, hardware_flops_per_token, paper_flops_per_token
 from pipeline.cli.args import add_spec_args
 from pipeline.jobspec import JobSpec, load_spec
 from pipeline.training.ds_config import build_ds_config, load_base_config
@@ -64,7 +64,8 @@ def spec_summary(spec: JobSpec) -> dict[str, Any]:
     build_ds_config(spec.training, spec.optimizer, spec.zero, base, spec.world_size)
     cfg = spec.model.build()
     params = count_params(cfg)
-    fpt = flops_per_token(cfg, spec.data.seq_len)
+    fpt = paper_flops_per_token(cfg, spec.data.seq_len)
+    hardware = hardware_flops_per_token(cfg, spec.data.seq_len)
     steps = spec.total_steps
     t = spec.training
     model = f"{cfg.arch}, injection {cfg.injection}" if cfg.looped else "gpt (fixed depth)"
@@ -84,8 +85,8 @@ def spec_summary(spec: JobSpec) -> dict[str, Any]:
         "tokens_per_step": spec.tokens_per_step,
         "total_steps": steps,
         "total_tokens": _human(steps * spec.tokens_per_step),
-        "flops_per_token": _human(fpt),
-        "total_flops": _human(fpt * steps * spec.tokens_per_step),
+        "flops_per_token": f"{_human(fpt)} (the paper's convention; the devices compute {_human(hardware)}: MFU)",
+        "total_flops": _human(fpt * steps * spec.tokens_per_step) + " (the paper's convention)",
         "zero": f"stage {spec.zero.stage}, base {spec.zero.base_config}, offload optimizer "
         f"{spec.zero.offload_optimizer}, params {spec.zero.offload_params}",
         "optimizer": f"{spec.optimizer.name}, lr {spec.optimizer.lr:g}, clip {spec.optimizer.grad_clip:g}",

@@ -9,7 +9,8 @@ to be a good point), or an explicit ``--anchor-flops/--anchor-recurrence/--ancho
 
 so doubling C multiplies the recurrence by 2^a and the tokens by 2^b exactly. The plan also reports
 the steps at the spec's batch, the FLOPs the rounded plan really costs with the model's
-FLOPs-per-token formula (the two laws need not agree with it: a + b is not 1), and the wall clock at
+FLOPs-per-token formula (the paper's convention, `model.config.paper_flops_per_token`; the two laws
+need not agree with it: a + b is not 1), and the wall clock at
 a peak FLOP/s per device, an MFU and the spec's device count. ``--from-sweep`` refits a and b from a
 finished sweep's summary (the best run per compute budget, least squares in log-log).
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from model.config import flops_per_token
+from model.config import paper_flops_per_token
 from parcae_errors import ParcaeError
 from pipeline.jobspec import JobSpec
 
@@ -46,8 +47,10 @@ def plan(
     tokens_exponent: float = TOKENS_EXPONENT,
     peak_flops: float = DEFAULT_PEAK,
     mfu: float = DEFAULT_MFU,
+    backprop_depth: int | None = None,
 ) -> dict[str, Any]:
-    """The plan for ``flops`` of training compute; ``anchor`` = (C0, R0, D0), default from the spec."""
+    """The plan for ``flops`` of training compute (the paper's FLOP convention); ``anchor`` = (C0, R0, D0),
+    default from the spec; the backprop depth is ``backprop_depth`` or the reference's sweeps' (R + 1) // 2."""
     cfg = spec.model.build()
     if not cfg.looped:
         raise ParcaeError("model.arch: gpt has no recurrence to plan; plan a Parcae spec (model.arch: parcae)")
@@ -60,7 +63,7 @@ def plan(
     seq_len = spec.data.seq_len
     if anchor is None:
         tokens0 = float(spec.total_steps * spec.tokens_per_step)
-        anchor = (flops_per_token(cfg, seq_len) * tokens0, float(cfg.mean_recurrence), tokens0)
+        anchor = (paper_flops_per_token(cfg, seq_len) * tokens0, float(cfg.mean_recurrence), tokens0)
         anchor_source = "the spec (its mean recurrence and token budget)"
     else:
         anchor_source = "--anchor-*"
@@ -71,10 +74,10 @@ def plan(
     recurrence = r0 * scale**loops_exponent
     tokens = d0 * scale**tokens_exponent
     rounded = max(1, round(recurrence))
-    depth = min(cfg.mean_backprop_depth, rounded)
+    depth = depth_for(rounded, backprop_depth)
     steps = max(1, math.ceil(tokens / spec.tokens_per_step))
     planned_tokens = steps * spec.tokens_per_step
-    fpt = flops_per_token(cfg, seq_len, mean_recurrence=rounded, mean_backprop_depth=depth)
+    fpt = paper_flops_per_token(cfg, seq_len, mean_recurrence=rounded, mean_backprop_depth=depth)
     cost = fpt * planned_tokens
     devices = spec.world_size
     return {
@@ -102,7 +105,18 @@ def plan(
     }
 
 
-def isoflop_points(spec: JobSpec, flops: float, recurrences: list[int]) -> list[dict[str, Any]]:
+def depth_for(mean_recurrence: int, backprop_depth: int | None = None) -> int:
+    """The backprop depth at a mean recurrence: the one given (capped at the recurrence), else the
+    reference's isoFLOP sweeps' rule, (R + 1) // 2."""
+    if backprop_depth is not None:
+        check_positive("--backprop-depth", backprop_depth)
+        return min(backprop_depth, mean_recurrence)
+    return (mean_recurrence + 1) // 2
+
+
+def isoflop_points(
+    spec: JobSpec, flops: float, recurrences: list[int], backprop_depth: int | None = None
+) -> list[dict[str, Any]]:
     """Sweep points spending ``flops`` each: for every mean recurrence, the steps that budget buys.
     Written as `parcae sweep run --points` input (an isoFLOP design); `--from-sweep` refits from it."""
     cfg = spec.model.build()
@@ -113,8 +127,8 @@ def isoflop_points(spec: JobSpec, flops: float, recurrences: list[int]) -> list[
         raise ParcaeError(f"--isoflop: mean recurrences must be integers >= 1, got {recurrences}")
     points = []
     for r in sorted(set(recurrences)):
-        depth = min(cfg.mean_backprop_depth, r)
-        fpt = flops_per_token(cfg, spec.data.seq_len, mean_recurrence=r, mean_backprop_depth=depth)
+        depth = depth_for(r, backprop_depth)
+        fpt = paper_flops_per_token(cfg, spec.data.seq_len, mean_recurrence=r, mean_backprop_depth=depth)
         steps = max(1, round(flops / fpt / spec.tokens_per_step))
         points.append(
             {

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.storage import write_text
-from model.config import flops_per_token
+from model.config import paper_flops_per_token
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
 from pipeline.evaluation.losses import try_fit
 from pipeline.jobs.sweep_record import exit_code, metrics_records, read_points
@@ -64,7 +64,7 @@ def summarize_run(point: dict[str, Any]) -> dict[str, Any]:
     tokens = max((r.get("tokens_seen", 0) for r in records), default=0)
     flops = None
     if spec is not None and tokens:
-        flops = flops_per_token(spec.model.build(), spec.data.seq_len) * tokens
+        flops = paper_flops_per_token(spec.model.build(), spec.data.seq_len) * tokens  # the paper's convention
     return {
         "name": point["name"],
         "values": point["values"],

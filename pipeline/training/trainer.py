@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from model import flops_per_token
+from model.config import hardware_flops_per_token
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
 from pipeline.data import train_loader
 from pipeline.jobspec import JobSpec, LoadedSpec
@@ -134,7 +134,7 @@ class Trainer:
             self.run_dir,
             seq_len=spec.data.seq_len,
             tokens_per_step=spec.tokens_per_step,
-            flops_per_token=flops_per_token(cfg, spec.data.seq_len),
+            flops_per_token=hardware_flops_per_token(cfg, spec.data.seq_len),
             device_type=device_type,
             **ranks,
         )

@@ -181,6 +181,40 @@ def test_init_matches_the_brief():
     assert torch.equal(build_model(cfg, seed=3).transformer.C.weight, model.transformer.C.weight)
 
 
+def test_value_embedding_gates_keep_the_linear_default_init():
+    """The reference leaves ve_gate at nn.Linear's default, U(-1/sqrt(32), 1/sqrt(32)): gates near, not at, 1."""
+    model = build_model(dataclasses.replace(TINY, d_model=128, n_head=4), seed=5)
+    gates = [b.attn.ve_gate.weight for b in model.modules() if hasattr(b, "attn") and b.attn.ve_gate is not None]
+    assert gates
+    bound = 1 / math.sqrt(32)
+    values = torch.cat([g.flatten() for g in gates])
+    assert values.abs().max() <= bound and values.abs().max() > 0.9 * bound
+    assert abs(values.std().item() - bound / math.sqrt(3)) < 0.2 * bound / math.sqrt(3)  # uniform's std
+
+
+@pytest.mark.parametrize(
+    "layers, owners",
+    [((2, 2, 2), [1, 3, 5]), ((4, 4, 4), [1, 3, 5, 7, 9, 11]), ((1, 1, 1), [0, 2]), ((1, 2, 2), [0, 2, 4])],
+)
+def test_value_embeddings_on_the_layers_with_the_last_ones_parity(layers, owners):
+    """The reference's rule, layer % 2 == (n_unique - 1) % 2 (for an even count: 1, 3, 5, ...)."""
+    cfg = dataclasses.replace(TINY, n_prelude=layers[0], n_core=layers[1], n_coda=layers[2])
+    assert cfg.value_embedding_layers() == owners
+    model = ParcaeLM(cfg)
+    built = sorted(int(k) for k in [*model.value_embeds, *model.transformer.recurrence.value_embeds])
+    assert built == owners
+    gpt = dataclasses.replace(TINY, arch="gpt", n_layers=5)
+    assert gpt.value_embedding_layers() == [0, 2, 4]
+
+
+def test_concat_projection_is_a_truncated_normal():
+    cfg = dataclasses.replace(TINY, d_model=128, n_head=2, injection="concat")
+    w = build_model(cfg, seed=2).transformer.recurrence.adapter.weight
+    sigma = cfg.sigma
+    # cut at 3 sigma (an orthogonal matrix of this size has ~90 entries beyond it), std of N(0,1) cut at 3
+    assert w.abs().max() <= 3 * sigma and abs(w.std().item() - 0.9866 * sigma) / sigma < 0.03
+
+
 def test_h0_like_init_is_a_fresh_truncated_normal_and_zeros_is_deterministic():
     model = tiny()
     e = torch.zeros(64, 16, TINY.d_model)

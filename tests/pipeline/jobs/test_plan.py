@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from model.config import flops_per_token
+from model.config import paper_flops_per_token as flops_per_token
 from parcae_errors import ParcaeError
 from pipeline.jobs.plan import plan, refit
 from pipeline.jobspec import load_spec
@@ -42,7 +42,7 @@ def test_the_spec_is_the_default_anchor_and_the_plan_is_costed():
     assert anchored["tokens"] == pytest.approx(2e9 * 8**0.78)
     r = anchored["mean_recurrence_rounded"]
     expected = (
-        flops_per_token(cfg, SPEC.data.seq_len, r, min(cfg.mean_backprop_depth, r))
+        flops_per_token(cfg, SPEC.data.seq_len, r, (r + 1) // 2)  # the reference's sweeps' backprop depth
         * anchored["steps"]
         * (SPEC.tokens_per_step)
     )
@@ -122,7 +122,7 @@ def test_isoflop_points_spend_the_budget(tmp_path):
         )
         spent = flops_per_token(cfg, SPEC.data.seq_len, r, depth) * steps * SPEC.tokens_per_step
         one_step = flops_per_token(cfg, SPEC.data.seq_len, r, depth) * SPEC.tokens_per_step
-        assert abs(spent - budget) <= one_step / 2 and depth <= min(r, cfg.mean_backprop_depth)
+        assert abs(spent - budget) <= one_step / 2 and depth == (r + 1) // 2
     assert [p["training.total_steps"] for p in points] == sorted(
         (p["training.total_steps"] for p in points), reverse=True
     )

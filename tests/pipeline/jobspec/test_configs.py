@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
-from model.config import ParcaeConfig, count_params
+from model import ParcaeLM
+from model.config import ParcaeConfig, count_params, hardware_flops_per_token, paper_flops_per_token
 from pipeline.jobspec import ModelSpec, load_spec
 from tests.conftest import CONFIGS
 
@@ -49,3 +51,35 @@ def test_model_spec_and_model_config_have_the_same_fields():
     assert spec_fields == config_fields
     defaults = ModelSpec().build()
     assert defaults == ParcaeConfig()
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_flops_per_token_of_every_shipped_config(path):
+    """The paper's convention, computed here from the real module's parameters: 6 N_other + (2 R + 4 B) x the
+    core blocks + attention (4 d L per layer forward, x3 outside the core, (R + 2 B) x inside it), N_other =
+    all parameters - the token embedding - the core blocks. The hardware count adds the head's matmul and
+    leaves the embedding tables out."""
+    spec = load_spec(path, environ={}).spec
+    cfg = spec.model.build()
+    with torch.device("meta"):
+        model = ParcaeLM(cfg)
+    total = sum(p.numel() for p in model.parameters())  # the tied head counted once
+    embedding = model.transformer.wte.weight.numel()
+    tables = sum(p.numel() for n, p in model.named_parameters() if "value_embeds" in n)
+    attention = 4 * cfg.d_model * spec.data.seq_len
+    if cfg.looped:
+        r, b = cfg.mean_recurrence, cfg.mean_backprop_depth
+        core = sum(p.numel() for p in model.transformer.recurrence.core_block.parameters())
+        injection = sum(p.numel() for p in model.transformer.recurrence.adapter.parameters())
+        outside, inside = cfg.num_unique_layers - cfg.n_core, cfg.n_core
+        paper = 6 * (total - embedding - core) + (2 * r + 4 * b) * core
+        paper += 3 * attention * outside + (r + 2 * b) * attention * inside
+        hardware = 6 * (total - tables - core - injection) + (2 * r + 4 * b) * (core + injection)
+        hardware += 3 * attention * outside + (r + 2 * b) * attention * inside
+    else:
+        paper = 6 * (total - embedding) + 3 * attention * cfg.n_layers
+        hardware = 6 * (total - tables) + 3 * attention * cfg.n_layers
+    assert paper_flops_per_token(cfg, spec.data.seq_len) == pytest.approx(paper, rel=1e-12)
+    assert hardware_flops_per_token(cfg, spec.data.seq_len) == pytest.approx(hardware, rel=1e-12)
+    if path.stem == "parcae-140m":
+        assert paper == pytest.approx(1.36e9, rel=0.01) and hardware == pytest.approx(1.07e9, rel=0.01)
