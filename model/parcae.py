@@ -329,16 +329,23 @@ class ParcaeLM(nn.Module):
 
     @torch.no_grad()
     def init_module(self, module: nn.Module, generator: torch.Generator | None = None) -> None:
-        """Initialise the parameters ``module`` is responsible for (see `INIT_TYPES`; others: nothing)."""
+        """Initialise the parameters ``module`` is responsible for (see `INIT_TYPES`; others: nothing).
+        Random values are drawn in fp32 and then stored in the parameter's dtype, so a bf16 model starts
+        from the same (rounded) values as an fp32 one (and bf16 has no QR for the orthogonal init)."""
         sigma = self.cfg.sigma
 
+        def drawn(w: torch.Tensor, init: Callable[[torch.Tensor], object]) -> None:
+            values = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+            init(values)
+            w.copy_(values)
+
         def orthogonal(w: torch.Tensor) -> None:
-            nn.init.orthogonal_(w, gain=sigma * math.sqrt(max(w.shape)), generator=generator)
+            drawn(w, lambda t: nn.init.orthogonal_(t, gain=sigma * math.sqrt(max(w.shape)), generator=generator))
 
         if isinstance(module, TiedEmbedding):
             orthogonal(module.weight)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, 1.0, generator=generator)
+            drawn(module.weight, lambda t: nn.init.normal_(t, 0.0, 1.0, generator=generator))
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, Attention):
@@ -347,7 +354,7 @@ class ParcaeLM(nn.Module):
             nn.init.zeros_(module.c_proj.weight)
             if module.ve_gate is not None:  # the reference keeps nn.Linear's default: gates start near, not at, 1
                 bound = 1.0 / math.sqrt(VE_GATE_CHANNELS)
-                nn.init.uniform_(module.ve_gate.weight, -bound, bound, generator=generator)
+                drawn(module.ve_gate.weight, lambda t: nn.init.uniform_(t, -bound, bound, generator=generator))
         elif isinstance(module, MLP):
             orthogonal(module.fc.weight)
             nn.init.zeros_(module.proj.weight)
@@ -357,7 +364,10 @@ class ParcaeLM(nn.Module):
             module.dt_bias.fill_(math.log(math.expm1(delta)))
             nn.init.eye_(module.B)
         elif isinstance(module, ConcatInjection):
-            nn.init.trunc_normal_(module.weight, 0.0, sigma, -3 * sigma, 3 * sigma, generator=generator)
+            drawn(
+                module.weight,
+                lambda t: nn.init.trunc_normal_(t, 0.0, sigma, -3 * sigma, 3 * sigma, generator=generator),
+            )
         elif isinstance(module, Readout):
             orthogonal(module.weight)
 
@@ -400,7 +410,7 @@ class ParcaeLM(nn.Module):
         for block in self.transformer.prelude:
             x = block(x, rope, self._value_embedding(block, idx))
         e = self.transformer.ln_prelude(x)
-        h = self.initial_state(e, generator) if h0 is None else h0
+        h = self.initial_state(e, generator) if h0 is None else h0.to(e.dtype)  # the state lives in e's dtype
         counts = self._loop_counts(loops, b)
         recurrence = self.transformer.recurrence
         h = recurrence(h, e, idx, rope, counts, skip_finished_rows, min_iterations, loop_stats is not None)

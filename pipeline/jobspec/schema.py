@@ -190,7 +190,11 @@ class TrainingSpec(Spec):
     total_steps: Count | None = None
     total_tokens: Annotated[int, Field(gt=0, le=10**16)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 1337
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
+        "auto",
+        description="bf16-mixed: the reference's (fp32 weights under autocast: bf16 matmuls, fp32 residual stream "
+        "and loop state); bf16: everything bf16 (fp32 master weights); auto: bf16-mixed on GPU, fp32 on CPU.",
+    )
     max_nonfinite_steps: Annotated[int, Field(gt=0, le=10**6)] = Field(
         5, description="Stop (with a checkpoint) after this many non-finite micro-batch losses in a row."
     )

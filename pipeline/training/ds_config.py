@@ -75,6 +75,7 @@ SPEC_OWNED = {
     "scheduler": "schedule",
     "fp16": "training.precision",
     "amp": "training.precision",
+    "torch_autocast": "training.precision",
     "tensorboard": "logging (the pipeline writes its own TensorBoard events)",
 }
 
@@ -137,8 +138,9 @@ def _check_section(value: Any, where: str, known: set[str], owned: dict[str, str
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
+    """``auto``: the reference's bf16 mixed precision on accelerators, fp32 on CPU."""
     if precision == "auto":
-        return "fp32" if device_type == "cpu" else "bf16"
+        return "fp32" if device_type == "cpu" else "bf16-mixed"
     return precision
 
 
@@ -169,7 +171,13 @@ def build_ds_config(
     config["gradient_clipping"] = float(optimizer.grad_clip)
     config["zero_optimization"] = _zero_section(config.get("zero_optimization", {}), zero)
     precision = resolve_precision(training.precision, device_type)
+    # bf16: DeepSpeed's bf16 mode (bf16 parameters and activations, fp32 master weights in the optimizer).
+    # bf16-mixed (the reference's): fp32 parameters under torch.autocast, so matmuls and attention run in
+    # bf16 while the residual stream, e, the loop state h and the injection stay fp32; DeepSpeed reduces
+    # the Linear layers' gradients in bf16.
     config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
+    if precision == "bf16-mixed":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     config["fp16"] = {"enabled": False}
     config["tensorboard"] = {"enabled": False}
     config["optimizer"] = _optimizer_section(optimizer, device_type, zero)

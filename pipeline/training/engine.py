@@ -112,6 +112,8 @@ def build_engine(
         lr_scheduler=scheduler,
     )
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
+    if ds_config.get("torch_autocast", {}).get("enabled"):
+        precision = "bf16-mixed (fp32 weights under autocast)"
     log.info(
         "DeepSpeed engine: ZeRO stage %d, %s, world size %d, device %s",
         zero.stage,

@@ -401,3 +401,45 @@ def test_min_iterations_run_the_core_on_no_rows_and_change_nothing():
     plain = model(x_ids, x_ids, loops=loops, h0=h0)
     torch.testing.assert_close(padded, plain, atol=0, rtol=0)
     padded.backward()
+
+
+def test_mixed_precision_keeps_the_loop_state_in_fp32():
+    """Under autocast (fp32 weights, the reference's bf16 mixed precision) matmuls run in bf16, while the
+    injected signal e, the state h and the injection stay fp32 on every loop; in a bf16 model everything is
+    bf16. Over 16 loops the mixed state stays closer to fp32's than the bf16 one does."""
+    cfg = dataclasses.replace(TINY, h0_init="zeros")
+    model = build_model(cfg, seed=1)
+    x_ids = ids()
+    seen: dict[str, list[torch.dtype]] = {"adapter": [], "recurrence": [], "c_q": []}
+    hooks = [
+        model.transformer.recurrence.adapter.register_forward_hook(lambda m, i, o: seen["adapter"].append(o.dtype)),
+        model.transformer.recurrence.register_forward_hook(lambda m, i, o: seen["recurrence"].append(o.dtype)),
+        model.transformer.recurrence.core_block[0].attn.c_q.register_forward_hook(
+            lambda m, i, o: seen["c_q"].append(o.dtype)
+        ),
+    ]
+    states = {}
+    with torch.no_grad():
+        states["fp32"] = _final_state(model, x_ids, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            states["mixed"] = _final_state(model, x_ids, 16)
+    assert seen["adapter"][-16:] == [torch.float32] * 16 and seen["recurrence"][-1] == torch.float32
+    assert seen["c_q"][-1] == torch.bfloat16  # the matmuls themselves in bf16
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        states["bf16"] = _final_state(model.to(torch.bfloat16), x_ids, 16)
+    assert states["bf16"].dtype == torch.bfloat16 and states["mixed"].dtype == torch.float32
+
+    def drift(h: torch.Tensor) -> float:
+        return float((h.float() - states["fp32"]).norm() / states["fp32"].norm())
+
+    assert drift(states["mixed"]) < drift(states["bf16"])
+
+
+def _final_state(model: ParcaeLM, x_ids: torch.Tensor, loops: int) -> torch.Tensor:
+    captured = []
+    hook = model.transformer.recurrence.register_forward_hook(lambda m, i, o: captured.append(o))
+    model(x_ids, loops=loops)
+    hook.remove()
+    return captured[-1]

@@ -46,12 +46,17 @@ def test_batch_fields_clipping_and_precision():
     assert cfg["gradient_accumulation_steps"] == 3
     assert cfg["train_batch_size"] == 24
     assert cfg["gradient_clipping"] == 0.5
-    assert cfg["bf16"]["enabled"] is True and cfg["fp16"]["enabled"] is False
+    # auto on an accelerator: the reference's bf16 mixed precision (fp32 weights under autocast)
+    assert cfg["bf16"]["enabled"] is False and cfg["fp16"]["enabled"] is False
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    pure = build(job(training={"precision": "bf16", "gradient_accumulation_steps": 3}, cluster={"procs_per_node": 2}))
+    assert pure["bf16"]["enabled"] is True and "torch_autocast" not in pure
     assert cfg["tensorboard"]["enabled"] is False
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["optimizer"]["type"] == "AdamW" and "torch_adam" not in cfg["optimizer"]["params"]
     cpu = build(spec, device="cpu")
     assert cpu["bf16"]["enabled"] is False and cpu["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_autocast" not in cpu
 
 
 def test_clipping_is_always_written_even_when_off():

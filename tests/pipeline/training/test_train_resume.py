@@ -179,3 +179,16 @@ def test_muon_with_auxiliary_adamw(tmp_path, shards):
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 12 and all(math.isfinite(r["loss"]) for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
+def test_bf16_precisions_train_and_evaluate_under_zero3(tmp_path, shards, precision):
+    """The GPU paths, run on CPU: the reference's bf16 mixed precision (fp32 weights under DeepSpeed's
+    torch_autocast) and DeepSpeed's bf16 mode, through training, periodic evaluation and a checkpoint."""
+    records = run_variant(tmp_path, shards, precision, 10, [f"training.precision={precision}"])
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss_loops_4" in r]
+    assert len(steps) == 10 and all(math.isfinite(r["loss"]) for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3 and evals and math.isfinite(evals[-1]["val_loss_loops_4"])
+    log = (tmp_path / f"{precision}.log").read_text()
+    assert f"ZeRO stage 3, {precision}" in log
