@@ -110,7 +110,7 @@ class ParcaeConfig:
     @property
     def sigma(self) -> float:
         """Entry std of every initialised matrix and of h_0: sqrt(2 / (5 d))."""
-        return math.sqrt(2.0 / (5.0 * self.d_model))
+        return init_std(self.d_model)
 
     def has_value_embedding(self, layer: int) -> bool:
         """The reference's rule: the unique layers with the last one's parity own a value embedding
@@ -121,6 +121,11 @@ class ParcaeConfig:
 
     def value_embedding_layers(self) -> list[int]:
         return [i for i in range(self.num_unique_layers) if self.has_value_embedding(i)]
+
+
+def init_std(d_model: int) -> float:
+    """sqrt(2 / (5 d)): the entry std of the initialised matrices and of a like-init h_0."""
+    return math.sqrt(2.0 / (5.0 * d_model))
 
 
 def _block_params(cfg: ParcaeConfig, layer: int) -> int:

@@ -26,6 +26,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", help="output directory (default: RUN/eval/TAG, or WEIGHTS-eval/ next to a file)")
     p.add_argument("--tensorboard", help="TensorBoard log dir (default: the run's; 'none' to skip)")
     p.add_argument("--endpoint-url", help="S3 endpoint for s3:// data (default: the spec's, or AWS_ENDPOINT_URL)")
+    p.add_argument(
+        "--protocol",
+        default="pipeline",
+        help="pipeline (default): packed rows, h0 = 0, reproducible; paper: the reference's evaluation, one "
+        "held-out document per row, like-init h0 averaged over --h0-seeds seeds with the spread",
+    )
+    p.add_argument("--documents", type=int, default=1000, help="paper protocol: documents to score (default 1000)")
+    p.add_argument("--h0-seeds", type=int, default=3, help="paper protocol: like-init h0 seeds (default 3)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -45,5 +53,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tensorboard=args.tensorboard,
         endpoint_url=args.endpoint_url,
         source_name=str(args.source),
+        protocol=args.protocol,
+        documents=args.documents,
+        h0_seeds=args.h0_seeds,
     )
     return 0

@@ -4,6 +4,7 @@ as a table, and as TensorBoard scalars and the plot."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,31 @@ def loop_results(loop_counts: Sequence[int] | None, sums: torch.Tensor, n_bytes:
     return results
 
 
+def seed_results(loop_counts: Sequence[int] | None, per_seed: list[torch.Tensor], n_bytes: int) -> list[dict[str, Any]]:
+    """`loop_results` averaged over h_0 seeds (the paper's protocol), with each value's spread (standard
+    deviation over the seeds) and the per-seed losses; one seed gives the plain results."""
+    runs = [loop_results(loop_counts, sums, n_bytes) for sums in per_seed]
+    if len(runs) == 1:
+        return runs[0]
+    merged = []
+    for rows in zip(*runs, strict=True):
+        losses = [r["loss"] for r in rows]
+        bits = [r["bits_per_byte"] for r in rows]
+        loss = statistics.fmean(losses)
+        merged.append(
+            {
+                "loops": rows[0]["loops"],
+                "loss": loss,
+                "loss_std": statistics.stdev(losses),
+                "perplexity": math.exp(loss) if loss < 700 else math.inf,
+                "bits_per_byte": statistics.fmean(bits),
+                "bits_per_byte_std": statistics.stdev(bits),
+                "loss_per_seed": losses,
+            }
+        )
+    return merged
+
+
 def fit_results(results: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
     """The fitted L(T) as a dict, or why there is none (None, None for the non-looped baseline)."""
     if results[0]["loops"] is None:
@@ -37,13 +63,19 @@ def fit_results(results: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, s
 
 
 def print_table(report: dict[str, Any]) -> None:
+    protocol = report.get("protocol", {"name": "pipeline", "h0": "zeros", "rows": "the packed token stream"})
     print(
-        f"{report['label']}: {report['rows']} rows, {report['tokens']} target tokens, {report['bytes']} bytes, h0 = 0"
+        f"{report['label']}: {report['rows']} rows, {report['tokens']} target tokens, {report['bytes']} bytes; "
+        f"protocol {protocol['name']}: h0 {protocol['h0']}, rows {protocol['rows']}"
     )
-    print(f"  {'loops':>5}  {'loss':>8}  {'ppl':>10}  {'bits/byte':>9}")
+    spread = "loss_std" in report["results"][0]
+    print(f"  {'loops':>5}  {'loss':>8}  {'ppl':>10}  {'bits/byte':>9}" + ("  (± over h0 seeds)" if spread else ""))
     for r in report["results"]:
         loops = "-" if r["loops"] is None else r["loops"]
-        print(f"  {loops:>5}  {r['loss']:8.4f}  {r['perplexity']:10.3f}  {r['bits_per_byte']:9.4f}")
+        line = f"  {loops:>5}  {r['loss']:8.4f}  {r['perplexity']:10.3f}  {r['bits_per_byte']:9.4f}"
+        if spread:
+            line += f"  ± {r['loss_std']:.4f} nats, ± {r['bits_per_byte_std']:.4f} bits/byte"
+        print(line)
     fit = report["fit"]
     if fit:
 
@@ -61,21 +93,24 @@ def print_table(report: dict[str, Any]) -> None:
 
 def write_tensorboard(directory: str, step: int, report: dict[str, Any], figure: Any) -> None:
     """``eval/{loss,perplexity,bits_per_byte}_loops_T``, ``eval/fit_*``, the curve against T as
-    ``eval_curve_step_S/loss_vs_loops``, and the plot as an image."""
+    ``eval_curve_step_S/loss_vs_loops``, and the plot as an image (``eval_paper/...`` for the paper's
+    protocol, with the spread over h_0 seeds as ``loss_std_loops_T``)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    group = "eval" if report.get("protocol", {}).get("name", "pipeline") == "pipeline" else "eval_paper"
     writer = SummaryWriter(log_dir=directory)
     try:
         for r in report["results"]:
             suffix = "" if r["loops"] is None else f"_loops_{r['loops']}"
-            for key in ("loss", "perplexity", "bits_per_byte"):
-                writer.add_scalar(f"eval/{key}{suffix}", r[key], step)
+            for key in ("loss", "perplexity", "bits_per_byte", "loss_std"):
+                if key in r:
+                    writer.add_scalar(f"{group}/{key}{suffix}", r[key], step)
             if r["loops"] is not None:
-                writer.add_scalar(f"eval_curve_step_{step}/loss_vs_loops", r["loss"], r["loops"])
+                writer.add_scalar(f"{group}_curve_step_{step}/loss_vs_loops", r["loss"], r["loops"])
         if report["fit"]:
             for key in ("l_inf", "k", "z"):
-                writer.add_scalar(f"eval/fit_{key}", report["fit"][key], step)
+                writer.add_scalar(f"{group}/fit_{key}", report["fit"][key], step)
         if figure is not None:
-            writer.add_figure("eval/loss_vs_loops", figure, step)
+            writer.add_figure(f"{group}/loss_vs_loops", figure, step)
     finally:
         writer.close()

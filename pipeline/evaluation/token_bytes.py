@@ -30,6 +30,13 @@ class TokenBytes:
         self.dummy_prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
         self.eos = EOS_ID
 
+    def document_bytes(self, tokens: np.ndarray) -> int:
+        """Bytes of one whole document's tokens (no special tokens): its text's UTF-8 length."""
+        total = int(self.sizes[tokens].sum())
+        if self.dummy_prefix and len(tokens) and self.space_led[tokens[0]]:
+            total -= 1
+        return total
+
     def count(self, rows: np.ndarray) -> int:
         """Bytes of ``rows[:, 1:]`` (the targets of rows of seq_len + 1 tokens)."""
         targets, previous = rows[:, 1:], rows[:, :-1]

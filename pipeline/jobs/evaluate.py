@@ -18,20 +18,22 @@ import torch
 
 from data_prep.inspect import read_manifest
 from data_prep.storage import LocalStore, S3Options, check_writable, is_s3, make_dir, open_store, write_text
-from data_prep.tokenizer import TokenizerError
+from data_prep.tokenizer import BOS_ID, EOS_ID, TokenizerError
 from model import ParcaeLM, load_pretrained
 from model.weights import read_config
 from parcae_errors import ParcaeError
 from pipeline.data import rows_loader
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
+from pipeline.evaluation.documents import document_batches, documents_from_rows
 from pipeline.evaluation.losses import loss_sums
-from pipeline.evaluation.report import fit_results, loop_results, print_table, write_tensorboard
+from pipeline.evaluation.report import fit_results, print_table, seed_results, write_tensorboard
 from pipeline.evaluation.token_bytes import TokenBytes
 from pipeline.jobspec import JobSpec, load_spec
 from pipeline.training import checkpoint
 from pipeline.training.weights import load_checkpoint_model
 
 DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32)
+PROTOCOLS = ("pipeline", "paper")
 
 
 @dataclass
@@ -106,8 +108,20 @@ def run_eval(
     tensorboard: str | None,
     endpoint_url: str | None,
     source_name: str,
+    protocol: str = "pipeline",
+    documents: int = 1000,
+    h0_seeds: int = 3,
 ) -> Path:
-    """Evaluate, print the table, write the outputs; returns the output directory."""
+    """Evaluate, print the table, write the outputs; returns the output directory.
+
+    ``protocol`` "pipeline": rows of the packed token stream (at most ``max_batches``), h_0 = 0 (the
+    numbers are identical run to run). "paper": the reference's evaluation, ``documents`` held-out
+    documents one per row (truncated to the context, bytes without special tokens), h_0 the like-init
+    truncated normal averaged over ``h0_seeds`` seeds, each result with its spread over the seeds."""
+    if protocol not in PROTOCOLS:
+        raise ParcaeError(f"--protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+    if documents < 1 or h0_seeds < 1:
+        raise ParcaeError("--documents and --h0-seeds must be >= 1")
     if loops and min(loops) < 1:
         raise ParcaeError(f"--loops: loop counts must be >= 1, got {loops}")
     if batch_size < 1 or max_batches < 1:
@@ -138,15 +152,33 @@ def run_eval(
         exc.add_note("pass --tokenizer with the model the shards were made with")
         raise
     loader = rows_loader(data, options, rank=0, world_size=1, batch_size=batch_size, seq_len=seq_len)
-    n_batches = min(loader.batches_per_epoch(0), max_batches)
-    batches = [b for _, b in zip(range(n_batches), loader, strict=False)]
-    n_bytes = sum(counter.count(b.numpy()) for b in batches)
+    counts = sorted(set(loops or DEFAULT_LOOPS)) if cfg.looped else None
+    if protocol == "paper":
+        rows_in_order = (
+            row for _, b in zip(range(loader.batches_per_epoch(0)), loader, strict=False) for row in b.numpy()
+        )
+        docs = [d[: cfg.max_seq_len] for d in documents_from_rows(rows_in_order, EOS_ID, documents)]
+        batches = document_batches(docs, batch_size, cfg.max_seq_len, BOS_ID)
+        n_bytes = sum(counter.document_bytes(d) for d in docs)
+        seeds = range(h0_seeds) if cfg.looped else range(1)
+        described = {
+            "name": "paper",
+            "h0": f"like-init, {len(seeds)} seed(s)",
+            "rows": f"one document per row ({len(docs)} documents, truncated to {cfg.max_seq_len} tokens)",
+            "bytes": "the documents' text, special tokens excluded",
+        }
+    else:
+        n_batches = min(loader.batches_per_epoch(0), max_batches)
+        batches = [b for _, b in zip(range(n_batches), loader, strict=False)]
+        n_bytes = sum(counter.count(b.numpy()) for b in batches)
+        seeds = [None]
+        described = {"name": "pipeline", "h0": "zeros", "rows": "the packed token stream", "bytes": "target tokens"}
     if n_bytes == 0:
         raise ParcaeError(f"{data}: the evaluated tokens decode to no bytes; is --tokenizer the shards' tokenizer?")
-    counts = sorted(set(loops or DEFAULT_LOOPS)) if cfg.looped else None
     with torch.no_grad():
-        sums = loss_sums(model, batches, counts, cfg.d_model)
-    results = loop_results(counts, sums, n_bytes)
+        per_seed = [loss_sums(model, batches, counts, cfg.d_model, h0_seed=seed) for seed in seeds]
+    results = seed_results(counts, per_seed, n_bytes)
+    sums = per_seed[0]
     fit, fit_error = fit_results(results)
     make_dir(out_dir)
     report = {
@@ -154,10 +186,11 @@ def run_eval(
         "label": source.label,
         "step": source.step,
         "data": data,
-        "rows": int(sum(b.shape[0] for b in batches)),
+        "rows": int(sum((b[0] if isinstance(b, tuple) else b).shape[0] for b in batches)),
         "tokens": int(sums[0, 1]),
         "bytes": n_bytes,
-        "h0": "zeros",
+        "h0": described["h0"],
+        "protocol": described,
         "results": results,
         "fit": fit,
         "fit_error": fit_error,

@@ -264,7 +264,16 @@ class EvalSpec(Spec):
     loop_counts: list[Annotated[int, Field(gt=0, le=MAX_LOOPS)]] = Field(
         default_factory=lambda: [1, 2, 4, 8], min_length=1, max_length=64
     )
-    max_batches: Annotated[int, Field(gt=0, le=10**6)] = 50
+    max_batches: Annotated[int, Field(gt=0, le=10**6)] = Field(
+        50, description="pipeline protocol: at most this many batches."
+    )
+    protocol: Literal["pipeline", "paper"] = Field(
+        "pipeline",
+        description="pipeline: packed rows, h0 = 0 (reproducible); paper: the reference's, one held-out document "
+        "per row, like-init h0 averaged over h0_seeds seeds (val_loss_loops_T_std is the spread).",
+    )
+    h0_seeds: Annotated[int, Field(gt=0, le=64)] = Field(3, description="paper protocol: like-init h0 seeds.")
+    documents: Annotated[int, Field(gt=0, le=10**6)] = Field(1000, description="paper protocol: documents scored.")
 
 
 class StorageSpec(Spec):

@@ -1,5 +1,7 @@
-"""The training loop's periodic validation: the loss at every ``eval.loop_counts`` T (h_0 = 0), every rank
-its share of the validation rows, the sums reduced over ranks, and the fitted L(T)."""
+"""The training loop's periodic validation: the loss at every ``eval.loop_counts`` T, every rank its share
+of the validation rows, the sums reduced over ranks, and the fitted L(T). ``eval.protocol`` pipeline:
+packed rows, h_0 = 0; paper: the reference's, one held-out document per row, like-init h_0 averaged over
+``eval.h0_seeds`` seeds (each loop count's spread over the seeds logged as ``val_loss_loops_T_std``)."""
 
 from __future__ import annotations
 
@@ -8,15 +10,17 @@ from typing import Any
 import torch
 
 from data_prep.storage import S3Options
+from data_prep.tokenizer import BOS_ID, EOS_ID
 from model import ParcaeConfig
 from pipeline.data import rows_loader
-from pipeline.evaluation.losses import loss_sums, validation_metrics
+from pipeline.evaluation.documents import document_batches, documents_from_rows
+from pipeline.evaluation.losses import Batch, loss_sums, seed_metrics
 from pipeline.jobspec import EvalSpec
 
 
 class Validator:
     """Built at start-up, so a validation set that cannot work fails then, not at the first evaluation.
-    The rows are read once, at the first evaluation, and kept on the device (at most ``max_batches``)."""
+    The rows (or documents) are read once, at the first evaluation, and kept on the device."""
 
     def __init__(
         self,
@@ -31,13 +35,17 @@ class Validator:
         seq_len: int,
         device: torch.device,
     ):
+        self.spec, self.cfg = spec, cfg
         self.interval, self.max_batches = spec.interval_steps, spec.max_batches
         self.loop_counts = list(spec.loop_counts) if cfg.looped else None
         self.d_model, self.device = cfg.d_model, device
-        self.loader = rows_loader(
-            url, options, rank=rank, world_size=world_size, batch_size=batch_size, seq_len=seq_len
-        )
-        self.batches: list[torch.Tensor] | None = None
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        # the paper's protocol: every rank reads the (small) set whole, then takes its share of the documents
+        ranks = {"rank": 0, "world_size": 1} if spec.protocol == "paper" else {"rank": rank, "world_size": world_size}
+        self.loader = rows_loader(url, options, batch_size=batch_size, seq_len=seq_len, **ranks)
+        self.batches: list[Batch] | None = None
+        paper_seeds = spec.protocol == "paper" and cfg.looped
+        self.seeds: list[int | None] = list(range(spec.h0_seeds)) if paper_seeds else [None]
 
     def due(self, step: int, last_step: bool) -> bool:
         return step % self.interval == 0 or last_step
@@ -48,13 +56,25 @@ class Validator:
         import torch.distributed as dist
 
         if self.batches is None:
-            n = min(self.loader.batches_per_epoch(0), self.max_batches)
-            self.batches = [b.to(self.device) for _, b in zip(range(n), self.loader, strict=False)]
+            self.batches = self._read()
         was_training = engine.training
         engine.eval()
         try:
-            sums = loss_sums(engine, self.batches, self.loop_counts, self.d_model)
+            per_seed = [loss_sums(engine, self.batches, self.loop_counts, self.d_model, seed) for seed in self.seeds]
         finally:
             engine.train(was_training)
-        dist.all_reduce(sums)
-        return validation_metrics(self.loop_counts, sums)
+        for sums in per_seed:
+            dist.all_reduce(sums)
+        return seed_metrics(self.loop_counts, per_seed)
+
+    def _read(self) -> list[Batch]:
+        epoch = self.loader.batches_per_epoch(0)
+        if self.spec.protocol != "paper":
+            n = min(epoch, self.max_batches)
+            return [b.to(self.device) for _, b in zip(range(n), self.loader, strict=False)]
+        rows = (row for _, b in zip(range(epoch), self.loader, strict=False) for row in b.numpy())
+        docs = documents_from_rows(rows, EOS_ID, self.spec.documents)
+        docs = docs[: len(docs) - len(docs) % self.world_size]  # the same count on every rank: the same forwards
+        mine = docs[self.rank :: self.world_size]
+        batches = document_batches(mine, self.batch_size, self.cfg.max_seq_len, BOS_ID)
+        return [(i.to(self.device), t.to(self.device)) for i, t in batches]

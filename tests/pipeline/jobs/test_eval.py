@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from data_prep.tokenizer import EOS_ID, load_tokenizer
@@ -125,3 +126,28 @@ def test_gpt_baseline_has_one_row_and_no_fit(tmp_path, val_shards):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert [r["loops"] for r in report["results"]] == [None] and report["fit"] is None
+
+
+def test_documents_come_back_whole_from_packed_rows(tokenizer, builtin_docs, tiny_shards):
+    """Rows cut from the token stream, read in order and cut at <eos>, give the val documents back; each
+    becomes one row (<bos> as context, every document token a target), and its bytes are its text's."""
+    from data_prep.storage import S3Options
+    from data_prep.tokenizer import BOS_ID
+    from pipeline.data import rows_loader
+    from pipeline.evaluation.documents import IGNORE, document_batches, documents_from_rows
+
+    loader = rows_loader(str(tiny_shards / "val"), S3Options(), rank=0, world_size=1, batch_size=4, seq_len=32)
+    rows = (row for _, b in zip(range(loader.batches_per_epoch(0)), loader, strict=False) for row in b.numpy())
+    docs = documents_from_rows(rows, EOS_ID, 20)
+    sp = load_tokenizer(tokenizer)
+    texts = {sp.decode(d.tolist()) for d in docs}
+    assert len(docs) == 20 and texts <= set(builtin_docs[:2000])
+    counter = TokenBytes(str(tokenizer), 512)
+    for doc in docs:
+        assert counter.document_bytes(doc) == len(sp.decode(doc.tolist()).encode("utf-8"))
+    batches = document_batches(docs, 8, 24, BOS_ID)
+    inputs, targets = batches[0]
+    first = docs[min(range(len(docs)), key=lambda i: (-min(len(docs[i]), 24), i))]  # longest first, then in order
+    assert inputs[0, 0] == BOS_ID and torch.equal(targets[0, : min(len(first), 24)], torch.tensor(first[:24]))
+    assert torch.equal(inputs[0, 1 : min(len(first), 24)], torch.tensor(first[: min(len(first), 24) - 1]))
+    assert sum(int((t != IGNORE).sum()) for _, t in batches) == sum(min(len(d), 24) for d in docs)

@@ -124,3 +124,25 @@ def test_tb_refuses_what_it_cannot_serve(tmp_path, s3_server):
         text=True,
     )
     assert empty.returncode != 0 and "no TensorBoard event files" in empty.stderr
+
+
+def test_paper_protocol_of_a_run_directory(trained_run, tmp_path):
+    """The reference's evaluation: held-out documents one per row, like-init h0 over seeds, the spread."""
+    args = ["eval", str(trained_run), "--loops", "1", "2", "4", "--protocol", "paper", "--documents", "40"]
+    result = subprocess.run(
+        [*parcae_cmd(), *args, "--h0-seeds", "3", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["protocol"]["name"] == "paper" and "40 documents" in report["protocol"]["rows"]
+    assert report["rows"] == 40 and "protocol paper" in result.stdout and "± over h0 seeds" in result.stdout
+    for row in report["results"]:
+        assert len(set(row["loss_per_seed"])) == 3 and row["loss_std"] > 0
+        assert abs(sum(row["loss_per_seed"]) / 3 - row["loss"]) < 1e-9
+    subprocess.run(
+        [*parcae_cmd(), *args, "--h0-seeds", "3", "--out", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["results"] == report["results"]  # seeded

@@ -192,3 +192,10 @@ def test_bf16_precisions_train_and_evaluate_under_zero3(tmp_path, shards, precis
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3 and evals and math.isfinite(evals[-1]["val_loss_loops_4"])
     log = (tmp_path / f"{precision}.log").read_text()
     assert f"ZeRO stage 3, {precision}" in log
+
+
+def test_periodic_evaluation_with_the_papers_protocol(tmp_path, shards):
+    extra = ["eval.protocol=paper", "eval.h0_seeds=2", "eval.documents=40", "eval.interval_steps=5"]
+    records = run_variant(tmp_path, shards, "paper", 5, extra)
+    evals = [r for r in records if "val_loss_loops_4" in r]
+    assert evals and evals[-1]["val_loss_loops_4_std"] > 0 and math.isfinite(evals[-1]["val_loss_loops_1"])
