@@ -147,9 +147,11 @@ class DataSpec(Spec):
 
 
 class OptimizerSpec(Spec):
-    """AdamW, or Muon for the blocks' matrices with an auxiliary AdamW (the reference recipe)."""
+    """AdamW, or Muon for the blocks' matrices with an auxiliary AdamW. ``muon`` is the Parcae reference's
+    variant (Polar Express, per-neuron normalisation, cautious decaying weight decay); ``muon-deepspeed``
+    is DeepSpeed's plain Muon (Newton-Schulz, plain weight decay, clipping on the orthogonalised update)."""
 
-    name: Literal["adamw", "muon"] = "adamw"
+    name: Literal["adamw", "muon", "muon-deepspeed"] = "adamw"
     lr: Annotated[float, Field(gt=0, le=1e4)] = Field(
         8e-3, description="Learning rate (Muon's for the matrices when name=muon)."
     )
@@ -163,6 +165,7 @@ class OptimizerSpec(Spec):
     muon_momentum: Fraction = 0.95
     muon_momentum_warmup_start: Fraction = 0.85
     muon_momentum_warmup_steps: Annotated[int, Field(ge=0, le=10**9)] = 300
+    muon_beta2: Fraction = Field(0.95, description="muon: EMA rate of the per-neuron second moment.")
     grad_clip: Annotated[float, Field(ge=0, le=1e6)] = Field(1.0, description="Global gradient norm clip; 0 = off.")
 
 
@@ -365,6 +368,13 @@ class JobSpec(Spec):
             message = f"exceeds the model's context model.max_seq_len={self.model.max_seq_len}"
             deps = ("data.seq_len", "model.max_seq_len")
             problems.append(Problem("data.seq_len", self.data.seq_len, message, deps))
+        if self.optimizer.name == "muon" and (self.zero.stage in (1, 2) or self.zero.offload_optimizer):
+            message = (
+                "the reference's Muon runs under zero.stage 3 (or 0) without optimizer offload; "
+                "muon-deepspeed (DeepSpeed's plain Muon) runs under stages 1-3"
+            )
+            deps = ("optimizer.name", "zero.stage", "zero.offload_optimizer")
+            problems.append(Problem("optimizer.name", self.optimizer.name, message, deps))
         if problems:
             raise RuleViolations(problems)
         if self.run_dir is None:

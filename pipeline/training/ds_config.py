@@ -180,9 +180,12 @@ def build_ds_config(
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     config["fp16"] = {"enabled": False}
     config["tensorboard"] = {"enabled": False}
-    config["optimizer"] = _optimizer_section(optimizer, device_type, zero)
+    if optimizer.name == "muon":  # the reference's variant: our own optimizer, passed to deepspeed.initialize
+        config["zero_allow_untested_optimizer"] = True
+    else:
+        config["optimizer"] = _optimizer_section(optimizer, device_type, zero)
     config.setdefault("steps_per_print", 10**9)
-    if optimizer.name == "muon":
+    if optimizer.name == "muon-deepspeed":
         config["zero_allow_untested_optimizer"] = True
         # DeepSpeed's ZeRO Muon needs whole gradients per parameter: "Muon and reduce scatter cannot be used together"
         config["zero_optimization"]["reduce_scatter"] = False

@@ -16,6 +16,7 @@ import torch
 from model import ParcaeConfig, ParcaeLM
 from model.parcae import INIT_TYPES
 from pipeline.jobspec import OptimizerSpec, ZeroSpec
+from pipeline.training.muon_optimizer import MuonAdamW
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,13 @@ def param_groups(model: ParcaeLM, optimizer: OptimizerSpec) -> list[dict[str, An
         (no_decay if is_no_decay(name, p) else decay).append(p)
         # Muon for the blocks' 2-D matrices; AdamW for everything in the no-decay set (the recipe).
         p.use_muon = not is_no_decay(name, p)
-    if optimizer.name == "muon":
+    if optimizer.name == "muon":  # the reference's variant: `MuonAdamW`'s groups
+        adam = {"lr": optimizer.adam_lr or optimizer.lr, "betas": optimizer.betas, "eps": optimizer.eps}
+        return [
+            {"params": decay, "kind": "muon", "lr": optimizer.lr, "weight_decay": optimizer.muon_weight_decay},
+            {"params": no_decay, "kind": "adamw", **adam, "weight_decay": optimizer.weight_decay},
+        ]
+    if optimizer.name == "muon-deepspeed":
         return [
             {"params": decay, "name": "matrices"},
             {"params": no_decay, "name": "adamw", "weight_decay": optimizer.weight_decay},
@@ -93,11 +100,14 @@ def build_engine(
     optimizer: OptimizerSpec,
     zero: ZeroSpec,
     lr_multiplier: Callable[[int], float],
+    total_steps: int,
     seed: int,
     rank: int,
 ) -> Any:
     """The DeepSpeed engine (``engine.module`` is the model) for a config built by `build_ds_config`;
-    ``lr_multiplier(step)`` scales the optimizer's learning rates."""
+    ``lr_multiplier(step)`` scales the optimizer's learning rates. ``optimizer.name: muon`` (the
+    reference's variant) is our `MuonAdamW`, handed to DeepSpeed as a client optimizer and told ZeRO-3's
+    partition layout; the others are DeepSpeed's own, from the config."""
     import deepspeed
 
     model = build_model_sharded(cfg, ds_config, zero, seed, rank)
@@ -105,12 +115,26 @@ def build_engine(
     def scheduler(torch_optimizer):
         return torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_multiplier)
 
+    groups = param_groups(model, optimizer)
+    client = None
+    if optimizer.name == "muon":
+        client = MuonAdamW(
+            groups,
+            total_steps=total_steps,
+            momentum_start=optimizer.muon_momentum_warmup_start,
+            momentum_end=optimizer.muon_momentum,
+            momentum_warmup_steps=optimizer.muon_momentum_warmup_steps,
+            beta2=optimizer.muon_beta2,
+        )
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, optimizer),
+        model_parameters=None if client else groups,
+        optimizer=client,
         config=ds_config,
         lr_scheduler=scheduler,
     )
+    if client is not None and zero.stage == 3:
+        client.bind_zero3(engine.optimizer)
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
     if ds_config.get("torch_autocast", {}).get("enabled"):
         precision = "bf16-mixed (fp32 weights under autocast)"

@@ -57,6 +57,7 @@ def engine_for_job(spec: JobSpec, world_size: int, rank: int, device_type: str) 
         optimizer=spec.optimizer,
         zero=spec.zero,
         lr_multiplier=functools.partial(lr_multiplier, total_steps=spec.total_steps, spec=spec.schedule),
+        total_steps=spec.total_steps,
         seed=t.seed,
         rank=rank,
     )

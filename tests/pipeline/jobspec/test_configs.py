@@ -83,3 +83,22 @@ def test_flops_per_token_of_every_shipped_config(path):
     assert hardware_flops_per_token(cfg, spec.data.seq_len) == pytest.approx(hardware, rel=1e-12)
     if path.stem == "parcae-140m":
         assert paper == pytest.approx(1.36e9, rel=0.01) and hardware == pytest.approx(1.07e9, rel=0.01)
+
+
+RELEASED_OPTIMIZER = {  # the released runs (issue 21): Muon lr, AdamW lr
+    "140m": (8e-3, 8e-3),
+    "370m": (8e-3, 8e-3),
+    "770m": (8e-3, 6e-3),
+    "1.3b": (8e-3, 6e-3),
+}
+
+
+@pytest.mark.parametrize("size", sorted(RELEASED_OPTIMIZER))
+@pytest.mark.parametrize("arch", ["parcae", "gpt"])
+def test_shipped_optimizers_are_the_released_recipe(arch, size):
+    opt = load_spec(CONFIGS / f"{arch}-{size}.yaml", environ={}).spec.optimizer
+    muon_lr, adam_lr = RELEASED_OPTIMIZER[size]
+    assert opt.name == "muon" and opt.lr == muon_lr and opt.adam_lr == adam_lr
+    assert (opt.betas, opt.eps, opt.weight_decay) == ((0.8, 0.95), 1e-10, 0.0)  # AdamW: no decay
+    assert (opt.muon_weight_decay, opt.muon_momentum, opt.muon_beta2) == (0.2, 0.95, 0.95)
+    assert (opt.muon_momentum_warmup_start, opt.muon_momentum_warmup_steps, opt.grad_clip) == (0.85, 300, 1.0)

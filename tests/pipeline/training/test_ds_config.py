@@ -100,11 +100,14 @@ def test_spec_bucket_sizes_override_the_base():
 
 
 def test_muon_optimizer_section():
-    cfg = build(job(optimizer={"name": "muon", "lr": 0.01, "adam_lr": 0.002, "muon_weight_decay": 0.2}))
+    cfg = build(job(optimizer={"name": "muon-deepspeed", "lr": 0.01, "adam_lr": 0.002, "muon_weight_decay": 0.2}))
     assert cfg["optimizer"]["type"] == "Muon"
     params = cfg["optimizer"]["params"]
     assert params["muon_lr"] == 0.01 and params["adam_lr"] == 0.002 and params["weight_decay"] == 0.2
     assert cfg["zero_optimization"]["reduce_scatter"] is False  # DeepSpeed refuses Muon with reduce-scatter
+    # the reference's Muon is our own optimizer (given to deepspeed.initialize), not a config section
+    reference = build(job(optimizer={"name": "muon"}))
+    assert "optimizer" not in reference and reference["zero_allow_untested_optimizer"] is True
 
 
 @pytest.mark.parametrize(

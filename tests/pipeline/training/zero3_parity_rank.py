@@ -66,14 +66,20 @@ def main() -> None:
     sampler = DepthSampler.for_model(
         spec.model.build(), seed=t.seed, micro_batch_size=t.micro_batch_size, world_size=world, rank=rank
     )
-    micro, guard, progress, losses = t.micro_batch_size, LossGuard(None), Progress(), []
-    for step in range(int(os.environ.get("STEPS", "20"))):
+    micro, guard, losses = t.micro_batch_size, LossGuard(None), []
+    first, checkpoint = int(os.environ.get("STEP_FROM", "0")), os.environ.get("CHECKPOINT")
+    if checkpoint and first:  # the second half of a run interrupted after step `first`
+        engine.load_checkpoint(checkpoint, tag="mid")
+    progress = Progress(step=first)
+    for step in range(first, int(os.environ.get("STEPS", "20"))):
         rows = iter([batches(spec, step)[rank * micro : (rank + 1) * micro]])
         result = train_step(
             recorder, rows, sampler, guard, progress, accumulation=1, max_nonfinite=1, device=torch.device("cpu")
         )
         losses.append(result.loss)
         progress.step += 1
+    if checkpoint and not first:
+        engine.save_checkpoint(checkpoint, tag="mid")
     weights = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
     if rank == 0:
         torch.save({"grads": recorder.grads, "weights": weights, "losses": losses}, sys.argv[2])
