@@ -24,10 +24,17 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-OPTIMIZERS = ("muon", "muon-deepspeed", "adamw")
+# label -> (optimizer.name, more overrides); DeepSpeed's Muon clips on the orthogonalised update's norm
+OPTIMIZERS = {
+    "muon": ("muon", []),
+    "muon-deepspeed": ("muon-deepspeed", []),
+    "muon-deepspeed, no clip": ("muon-deepspeed", ["optimizer.grad_clip=0"]),
+    "adamw": ("adamw", []),
+}
 
 
-def overrides(shards: Path, name: str, args: argparse.Namespace) -> list[str]:
+def overrides(shards: Path, label: str, args: argparse.Namespace) -> list[str]:
+    name, extra = OPTIMIZERS[label]
     lr = args.adam_lr if name == "adamw" else args.muon_lr
     return [
         f"data.train_url={shards / 'train'}",
@@ -44,6 +51,7 @@ def overrides(shards: Path, name: str, args: argparse.Namespace) -> list[str]:
         "eval.loop_counts=[1, 4]",
         "checkpoint.interval_steps=1000000",
         "logging.log_interval=20",
+        *extra,
     ]
 
 
@@ -102,7 +110,7 @@ def main() -> None:
         build_shards([BUILTIN], str(root / "t.model"), str(root / "s"), settings, workers=2, progress=False)
         quality = {}
         for name in OPTIMIZERS:
-            run_dir = root / f"run-{name}"
+            run_dir = root / f"run-{name.replace(' ', '').replace(',', '-')}"
             sets = [*overrides(root / "s", name, args), f"run_dir={run_dir}"]
             cmd = [sys.executable, "-m", "pipeline", "train", str(REPO / "configs" / "demo-tiny.yaml")]
             done = subprocess.run(
@@ -125,12 +133,12 @@ def main() -> None:
     rates = f"Muon lr {args.muon_lr}, AdamW lr {args.adam_lr}"
     print(f"tiny Parcae (configs/demo-tiny.yaml), ZeRO-3, {args.steps} steps, {rates}")
     header = f"{'val loss T=1':>12} {'val loss T=4':>12} {'train (last 10)':>16} {'opt step':>10} {'share':>7}"
-    print(f"  {'optimizer':<16} {header}")
+    print(f"  {'optimizer':<24} {header}")
     for name in OPTIMIZERS:
         step = statistics.median(r["optimizer_step"] for r in rounds[name])
         whole = statistics.median(r["optimizer_step"] + r["forward_backward"] for r in rounds[name])
         v1, v4, tr = quality[name]
-        print(f"  {name:<16} {v1:12.4f} {v4:12.4f} {tr:16.4f} {1000 * step:8.1f}ms {step / whole:7.1%}")
+        print(f"  {name:<24} {v1:12.4f} {v4:12.4f} {tr:16.4f} {1000 * step:8.1f}ms {step / whole:7.1%}")
 
 
 if __name__ == "__main__":

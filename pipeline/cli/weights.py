@@ -11,11 +11,17 @@ from pipeline.cli.args import add_overrides
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "import",
-        help="check reference-format weights (e.g. released Parcae safetensors) against a spec's model and "
-        "write them with the model config, ready to load",
+        help="check released Parcae weights (a reference model directory, or reference-named safetensors) and "
+        "write them with their model config, ready to load, and the job spec's model section",
     )
-    p.add_argument("weights", help="safetensors file in the reference naming")
-    p.add_argument("--spec", required=True, help="job spec whose model section describes the weights")
+    p.add_argument(
+        "weights",
+        help="a released model directory (config.json + model.pt or pytorch_model.bin; local or s3://), or a "
+        "safetensors / torch file in the reference naming",
+    )
+    p.add_argument(
+        "--spec", help="job spec whose model section describes the weights (needed without a config; else checked)"
+    )
     add_overrides(p)
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--loops", type=int, default=4, help="loop count of the smoke forward (default 4)")
@@ -36,11 +42,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pipeline.jobspec import load_spec
     from pipeline.training.weights import import_weights
 
-    cfg = load_spec(args.spec, args.overrides).spec.model.build()
+    cfg = load_spec(args.spec, args.overrides).spec.model.build() if args.spec else None
     try:
         print(import_weights(args.weights, cfg, args.out, args.loops))
     except WeightsError as exc:
-        exc.add_note(f"(the model comes from {args.spec}: model section)")
+        if args.spec:
+            exc.add_note(f"(the model comes from {args.spec}: model section)")
         raise
     return 0
 

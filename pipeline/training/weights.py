@@ -1,30 +1,35 @@
-"""Weights in and out of runs: reference-format weights checked and written with their config (`parcae
-import`), a run's sharded DeepSpeed checkpoint consolidated into one model (`parcae export`, `eval`)."""
+"""Weights in and out of runs: released or reference-format weights checked and written with their config
+(`parcae import`), a run's sharded DeepSpeed checkpoint consolidated into one model (`parcae export`, `eval`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
-from data_prep.storage import is_s3
+from data_prep.storage import S3Options, is_s3, open_store, write_text
 from model import ParcaeConfig, ParcaeLM, count_params, load_pretrained, save_reference
 from model.weights import from_reference
 from parcae_errors import ParcaeError
-from pipeline.jobspec import JobSpec, load_spec
+from pipeline.jobspec import JobSpec, ModelSpec, load_spec
 from pipeline.training import checkpoint
 
 
-def import_weights(weights: str, cfg: ParcaeConfig, out: str, loops: int) -> str:
-    """Load reference-format ``weights`` into the model ``cfg`` describes, check a forward with ``loops``
-    loops is finite, and write them with the config; returns a one-line summary."""
-    if not Path(weights).is_file():
-        raise ParcaeError(f"{weights}: no such weights file")
+def import_weights(weights: str, cfg: ParcaeConfig | None, out: str, loops: int) -> str:
+    """Load weights (a released model directory of the reference implementation, local or s3://; a
+    safetensors file; a torch state dict file) into the model their config describes (or ``cfg``, which
+    must then agree with it), check a forward with ``loops`` loops is finite, and write them with their
+    config, and beside them ``OUT.model.yaml``, the job spec's model section. Returns a summary line."""
     if loops < 1:
         raise ParcaeError(f"--loops must be >= 1, got {loops}")
-    model = load_pretrained(cfg, weights)
+    with tempfile.TemporaryDirectory(prefix="parcae-import-") as tmp:
+        local = _local_copy(weights, Path(tmp))
+        model = load_pretrained(cfg, local) if cfg is not None else load_pretrained(local)
+    cfg = model.cfg
     ids = torch.arange(16).remainder(cfg.vocab_size).unsqueeze(0)
     with torch.no_grad():
         kwargs = {"loops": loops, "h0": torch.zeros(1, 16, cfg.d_model)} if cfg.looped else {}
@@ -32,8 +37,36 @@ def import_weights(weights: str, cfg: ParcaeConfig, out: str, loops: int) -> str
     if not torch.isfinite(logits).all():
         raise ParcaeError(f"{weights}: a forward with {loops} loops gives non-finite logits; refusing to import")
     save_reference(model, out)
+    fields = ModelSpec.model_construct(**dataclasses.asdict(cfg)).model_dump(mode="json")  # only what applies
+    section = yaml.safe_dump({"model": fields}, sort_keys=False)
+    model_yaml = Path(out).with_suffix(".model.yaml")
+    write_text(model_yaml, section)
     total = count_params(cfg)["total"]
-    return f"imported {weights} -> {out}: {total / 1e6:.1f}M parameters, smoke forward with {loops} loops finite"
+    return (
+        f"imported {weights} -> {out}: {total / 1e6:.1f}M parameters, smoke forward with {loops} loops finite; "
+        f"the job spec's model section: {model_yaml}"
+    )
+
+
+def _local_copy(source: str, tmp: Path) -> Path:
+    """``source`` itself, or for an s3:// prefix (a released directory) or object its download into ``tmp``."""
+    if not is_s3(source):
+        path = Path(source)
+        if not path.exists():
+            raise ParcaeError(f"{source}: no such weights file or directory")
+        return path
+    store = open_store(source, S3Options.from_env())
+    names = store.list()
+    if not names:  # a single object: its parent prefix and name
+        parent, _, name = source.rstrip("/").rpartition("/")
+        target = tmp / name
+        target.write_bytes(open_store(parent, S3Options.from_env()).get_bytes(name))
+        return target
+    for name in names:
+        target = tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(store.get_bytes(name))
+    return tmp
 
 
 def load_checkpoint_model(checkpoint_dir: str, tag: str | None = None) -> tuple[ParcaeLM, JobSpec, str]:

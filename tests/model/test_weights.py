@@ -100,3 +100,114 @@ def test_untied_head_and_garbage_are_refused(tmp_path):
     save_file({"transformer.wte.weight": torch.zeros(256, 64)}, str(tmp_path / "noconfig.safetensors"))
     with pytest.raises(WeightsError, match="holds no model config"):
         load_pretrained(None, tmp_path / "noconfig.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference implementation's released directories
+
+
+def released_config(cfg, **changes) -> dict:
+    """config.json as the reference's save_pretrained writes it: its field names, its class name, and the
+    fields that do not change the computation."""
+    d = cfg.d_model
+    config = {
+        "_class_name": "ParcaeConfig",
+        "name": "parcae-test",
+        "n_embd": d,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_head,
+        "intermediate_size": 4 * d,
+        "recurrent_embedding_dimension": d,
+        "recurrent_intermediation_embedding_dimension": d,
+        "n_layers_in_prelude": cfg.n_prelude,
+        "n_layers_in_recurrent_block": cfg.n_core,
+        "n_layers_in_coda": cfg.n_coda,
+        "vocab_size": cfg.vocab_size,
+        "padding_multiple": 64,
+        "padded_vocab_size": cfg.padded_vocab_size,
+        "block_size": cfg.max_seq_len,
+        "injection_type": cfg.injection,
+        "state_init": "like-init",
+        "prelude_norm": True,
+        "qk_norm": True,
+        "nonlin_name": "ReLU2",
+        "norm_eps": cfg.norm_eps,
+        "tie_embeddings": True,
+        "bias": False,
+        "logit_softcap": None,
+        "mean_recurrence": cfg.mean_recurrence,
+        "mean_backprop_depth": cfg.mean_backprop_depth,
+        "sampling_scheme": "poisson-truncated-full",
+        "recurrent_iteration_method": "per-sequence",
+        "rope_settings": {"rope_base": 50000},
+        "attn_impl": "sdpa",
+        "init_strategy": "scaled",
+        "hf_config": {"org": "x", "name": "parcae-test"},
+    }
+    config.update(changes)
+    return config
+
+
+def write_released(directory, model, weights_file="model.pt", **changes):
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(released_config(model.cfg, **changes)))
+    state = dict(reference_state_dict(model))
+    state["lm_head.weight"] = state["transformer.wte.weight"].clone()
+    state["freqs_cis"] = torch.randn(model.cfg.max_seq_len, model.cfg.head_dim // 2, 2)
+    torch.save(state, directory / weights_file)
+    return directory
+
+
+@pytest.mark.parametrize("weights_file", ["model.pt", "pytorch_model.bin"])
+def test_a_released_directory_loads_with_its_own_config(tmp_path, weights_file):
+    model = randomize(build_model(TINY, seed=3), seed=9)
+    directory = write_released(tmp_path / "parcae-test", model, weights_file)
+    loaded = load_pretrained(directory)  # no config argument: config.json gives it
+    assert loaded.cfg == TINY
+    x = ids()
+    with torch.no_grad():
+        zeros = torch.zeros(*x.shape, TINY.d_model)
+        assert torch.equal(loaded(x, loops=5, h0=zeros), model(x, loops=5, h0=zeros))
+    with pytest.raises(WeightsError, match="its config differs from the one given: d_model"):
+        load_pretrained(dataclasses.replace(TINY, d_model=128, n_head=4), directory)
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("num_key_value_heads", 1, "no grouped-query attention"),
+        ("intermediate_size", 100, "4 x n_embd"),
+        ("bias", True, "no biases"),
+        ("tie_embeddings", False, "the LM head is the embedding"),
+        ("logit_softcap", 15.0, "no logit soft-cap"),
+        ("nonlin_name", "SwiGLU", "ReLU^2"),
+        ("recurrent_iteration_method", "per-token", "not per-token"),
+        ("injection_type", "gated", "concat, diagonal"),
+        ("recurrent_embedding_dimension", 128, "the state has the model's width"),
+        ("qk_norm", False, "RMS-normed queries and keys"),
+        ("prelude_norm", False, "the normed injected signal"),
+        ("padding_multiple", 128, "supports 64"),
+        ("state_init", "random", "like-init or zero"),
+        ("_class_name", "LlamaConfig", "ParcaeConfig or GPTConfig"),
+    ],
+)
+def test_every_field_this_model_cannot_run_is_refused_by_name(tmp_path, field, value, needle):
+    directory = write_released(tmp_path / "m", build_model(TINY), **{field: value})
+    with pytest.raises(WeightsError) as info:
+        load_pretrained(directory)
+    assert f"{field}: {value!r}" in str(info.value) and needle in str(info.value)
+
+
+def test_an_untied_head_and_a_missing_weights_file_are_refused(tmp_path):
+    model = build_model(TINY)
+    directory = write_released(tmp_path / "m", model)
+    state = torch.load(directory / "model.pt", weights_only=True)
+    state["lm_head.weight"] = state["lm_head.weight"] + 1
+    torch.save(state, directory / "model.pt")
+    with pytest.raises(WeightsError, match="lm_head.weight differs from transformer.wte.weight"):
+        load_pretrained(directory)
+    (directory / "model.pt").unlink()
+    with pytest.raises(WeightsError, match="no weights file"):
+        load_pretrained(directory)

@@ -54,3 +54,28 @@ def test_import_reference_weights(tmp_path):
     assert not (tmp_path / "x.st").exists()
     missing = run("import", str(tmp_path / "nope.st"), "--spec", str(spec), "--out", str(tmp_path / "y.st"))
     assert missing.returncode == 1 and "no such weights file" in missing.stderr
+
+
+def test_import_a_released_directory_without_a_spec(tmp_path):
+    import yaml
+
+    from pipeline.jobspec import ModelSpec
+    from tests.model.test_parcae import TINY, randomize
+    from tests.model.test_weights import write_released
+
+    model = randomize(build_model(TINY, seed=2), seed=5)
+    directory = write_released(tmp_path / "parcae-tiny", model, "pytorch_model.bin")
+    result = run("import", str(directory), "--out", str(tmp_path / "tiny.safetensors"))
+    assert result.returncode == 0, result.stderr
+    loaded = load_pretrained(tmp_path / "tiny.safetensors")
+    assert loaded.cfg == TINY and torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+    section = yaml.safe_load((tmp_path / "tiny.model.yaml").read_text())["model"]
+    assert ModelSpec(**section).build() == TINY  # ready to paste into a job spec
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)  # another model: the directory's config.json disagrees with it, named field by field
+    refused = run("import", str(directory), "--spec", str(spec), "--out", str(tmp_path / "x.safetensors"))
+    assert (
+        refused.returncode == 1
+        and "its config differs from the one given: n_core: 2 in the weights, 1 given" in refused.stderr
+    )
+    assert "Traceback" not in refused.stderr and not (tmp_path / "x.safetensors").exists()
