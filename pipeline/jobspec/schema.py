@@ -251,6 +251,12 @@ class CheckpointSpec(Spec):
     )
     interval_steps: Count = 1000
     keep_last: Annotated[int, Field(gt=0, le=10**6)] = 3
+    init_from: str | None = Field(
+        None,
+        description="Weights to start from at step 0 (a released model directory, our or reference-named "
+        "safetensors, an exported file; local or s3://): model weights only, a fresh optimizer; refused when they "
+        "are not this spec's model. Once the run has checkpoints of its own, resuming takes precedence.",
+    )
 
 
 class LoggingSpec(Spec):

@@ -64,8 +64,17 @@ def gather_units(model: ParcaeLM) -> list[torch.nn.Module]:
     return [*tr.prelude, tr.recurrence, *tr.coda]
 
 
-def build_model_sharded(cfg: ParcaeConfig, ds_config: dict[str, Any], zero: ZeroSpec, seed: int, rank: int) -> ParcaeLM:
-    """The model, initialised as `model.build_model` would: partitioned at construction under ZeRO-3."""
+def build_model_sharded(
+    cfg: ParcaeConfig,
+    ds_config: dict[str, Any],
+    zero: ZeroSpec,
+    seed: int,
+    rank: int,
+    initial: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> ParcaeLM:
+    """The model, initialised as `model.build_model` would, or from ``initial()`` (a state dict in our
+    naming; under ZeRO-3 only rank 0 calls it): partitioned at construction under ZeRO-3. Weights are set
+    before DeepSpeed copies them into its fp32 master partitions, so the optimizer starts from them."""
     import deepspeed
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -74,12 +83,19 @@ def build_model_sharded(cfg: ParcaeConfig, ds_config: dict[str, Any], zero: Zero
         remote = "cpu" if zero.offload_params else None
         with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=remote):
             model = ParcaeLM(cfg)
-        for module in model.modules():
-            if not isinstance(module, INIT_TYPES):
-                continue
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-                if rank == 0:
-                    model.init_module(module, generator)
+        if initial is not None:
+            state = initial() if rank == 0 else {}
+            for name, param in model.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+                    if rank == 0:
+                        param.copy_(state[name])
+        else:
+            for module in model.modules():
+                if not isinstance(module, INIT_TYPES):
+                    continue
+                with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                    if rank == 0:
+                        model.init_module(module, generator)
         if zero.gather_unit == "block":
             from deepspeed.utils import set_z3_leaf_module
 
@@ -89,7 +105,10 @@ def build_model_sharded(cfg: ParcaeConfig, ds_config: dict[str, Any], zero: Zero
     with torch.device("meta"):
         model = ParcaeLM(cfg)
     model.to_empty(device="cpu")
-    model.init_weights(generator)
+    if initial is not None:
+        model.load_state_dict(initial(), strict=True)
+    else:
+        model.init_weights(generator)
     return model
 
 
@@ -103,6 +122,7 @@ def build_engine(
     total_steps: int,
     seed: int,
     rank: int,
+    initial: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> Any:
     """The DeepSpeed engine (``engine.module`` is the model) for a config built by `build_ds_config`;
     ``lr_multiplier(step)`` scales the optimizer's learning rates. ``optimizer.name: muon`` (the
@@ -110,7 +130,7 @@ def build_engine(
     partition layout; the others are DeepSpeed's own, from the config."""
     import deepspeed
 
-    model = build_model_sharded(cfg, ds_config, zero, seed, rank)
+    model = build_model_sharded(cfg, ds_config, zero, seed, rank, initial)
 
     def scheduler(torch_optimizer):
         return torch.optim.lr_scheduler.LambdaLR(torch_optimizer, lr_multiplier)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 from data_prep.inspect import read_manifest
@@ -47,6 +48,9 @@ def data_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
             tokenizer_sha = hashlib.sha256(open_store(parent or ".", options).get_bytes(name)).hexdigest()
         except StorageError as exc:  # training does not read it: a note, not a reason to stop
             log.warning("tokenizer.path: %s (the shards' tokenizer is not checked against it)", exc)
+    source = spec.checkpoint.init_from
+    if source and not source.startswith("s3://") and not Path(source).exists():
+        problems.append(f"checkpoint.init_from: {source}: no such weights file or directory")
     for key, url in (("data.train_url", spec.data.train_url), ("data.val_url", spec.data.val_url)):
         if not url:
             continue

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from model.config import hardware_flops_per_token
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
 from pipeline.data import train_loader
 from pipeline.jobspec import JobSpec, LoadedSpec
-from pipeline.training.checkpoint import Checkpointer, LayoutMismatch
+from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, latest_tag
 from pipeline.training.distributed import (
     RankInfo,
     accelerator_device,
@@ -41,13 +42,21 @@ from pipeline.training.preflight import PREFLIGHT_ENV, preflight
 from pipeline.training.schedule import lr_multiplier
 from pipeline.training.step import DepthSampler, Progress, TrainingHalted, train_step
 from pipeline.training.validation import Validator
+from pipeline.training.weights import initial_weights
 
 log = logging.getLogger(__name__)
 
 
-def engine_for_job(spec: JobSpec, world_size: int, rank: int, device_type: str) -> Any:
-    """The engine `parcae train` trains: the DeepSpeed config built from the spec's sections, the model,
-    its optimizer and learning-rate schedule (the one place that composes them from a whole job)."""
+def engine_for_job(
+    spec: JobSpec,
+    world_size: int,
+    rank: int,
+    device_type: str,
+    initial: Callable[[], dict[str, torch.Tensor]] | None = None,
+) -> Any:
+    """The engine `parcae train` trains: the DeepSpeed config built from the spec's sections, the model
+    (from ``initial()`` when given), its optimizer and learning-rate schedule (the one place that composes
+    them from a whole job)."""
     t = spec.training
     base = load_base_config(spec.zero.base_config)
     ds_config = build_ds_config(t, spec.optimizer, spec.zero, base, world_size, device_type)
@@ -60,6 +69,7 @@ def engine_for_job(spec: JobSpec, world_size: int, rank: int, device_type: str) 
         total_steps=spec.total_steps,
         seed=t.seed,
         rank=rank,
+        initial=initial,
     )
 
 
@@ -103,13 +113,22 @@ class Trainer:
             torch.set_num_threads(threads)
             log.info("CPU: %d intra-op thread(s) per rank (set OMP_NUM_THREADS to choose)", threads)
         init_distributed(device_type)
+        # checkpoint.init_from counts only for a run without checkpoints of its own (every rank reads LATEST)
+        self.start_from = (
+            spec.checkpoint.init_from if latest_tag(spec.checkpoint.dir, spec.storage.s3_options()) is None else None
+        )
+        self.initial: dict[str, torch.Tensor] | None = None
         self.lock = self.claim_run(spec) if info.rank == 0 else None
         agree_on_failure(self.claim_failure)
         torch.manual_seed(spec.training.seed)
         t, cfg = spec.training, spec.model.build()
         assert t.micro_batch_size is not None and t.gradient_accumulation_steps is not None
         self.total_steps = spec.total_steps
-        self.engine = engine_for_job(spec, info.world_size, info.rank, device_type)
+        initial = (lambda: self.initial) if self.start_from else None  # only rank 0 reads it
+        self.engine = engine_for_job(spec, info.world_size, info.rank, device_type, initial)
+        self.initial = None
+        if self.start_from:
+            log.info("weights from %s (checkpoint.init_from), a fresh optimizer", self.start_from)
         self.device_type = device_type
         options = spec.storage.s3_options()
         ranks = {"rank": info.rank, "world_size": info.world_size}
@@ -151,7 +170,10 @@ class Trainer:
             if os.environ.get(PREFLIGHT_ENV) != "done":
                 preflight(spec)
             assert spec.run_dir and spec.checkpoint.dir
-            return RunLock(spec.run_dir, spec.checkpoint.dir, spec.storage.s3_options()).acquire()
+            lock = RunLock(spec.run_dir, spec.checkpoint.dir, spec.storage.s3_options()).acquire()
+            if self.start_from:  # read and checked here, so a wrong file stops every rank before the engine
+                self.initial = initial_weights(self.start_from, spec.model.build())
+            return lock
         except ParcaeError as exc:
             self.claim_failure = exc
             return None

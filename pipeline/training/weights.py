@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from data_prep.storage import S3Options, is_s3, open_store, write_text
-from model import ParcaeConfig, ParcaeLM, count_params, load_pretrained, save_reference
-from model.weights import from_reference
+from model import ParcaeConfig, ParcaeLM, WeightsError, count_params, load_pretrained, save_reference
+from model.weights import config_differences, from_reference, load_state, read_weights
 from parcae_errors import ParcaeError
 from pipeline.jobspec import JobSpec, ModelSpec, load_spec
 from pipeline.training import checkpoint
@@ -46,6 +46,28 @@ def import_weights(weights: str, cfg: ParcaeConfig | None, out: str, loops: int)
         f"imported {weights} -> {out}: {total / 1e6:.1f}M parameters, smoke forward with {loops} loops finite; "
         f"the job spec's model section: {model_yaml}"
     )
+
+
+def initial_weights(source: str, cfg: ParcaeConfig) -> dict[str, torch.Tensor]:
+    """``checkpoint.init_from``: the weights at ``source`` (any form `parcae import` reads, local or s3://)
+    as a state dict of the model ``cfg`` describes, refused by name when they are another model's."""
+    with tempfile.TemporaryDirectory(prefix="parcae-init-") as tmp:
+        local = _local_copy(source, Path(tmp))
+        stored, tensors = read_weights(local)
+        if stored is not None and stored != cfg:
+            raise ParcaeError(
+                f"checkpoint.init_from: {source} holds another model than this spec's model section: "
+                f"{config_differences(stored, cfg)}"
+            )
+        with torch.device("meta"):
+            model = ParcaeLM(cfg)
+        model.to_empty(device="cpu")
+        try:
+            load_state(model, tensors, source)
+        except WeightsError as exc:
+            exc.add_note("(checkpoint.init_from must be weights of this spec's model section)")
+            raise
+    return model.state_dict()
 
 
 def _local_copy(source: str, tmp: Path) -> Path:

@@ -199,3 +199,55 @@ def test_periodic_evaluation_with_the_papers_protocol(tmp_path, shards):
     records = run_variant(tmp_path, shards, "paper", 5, extra)
     evals = [r for r in records if "val_loss_loops_4" in r]
     assert evals and evals[-1]["val_loss_loops_4_std"] > 0 and math.isfinite(evals[-1]["val_loss_loops_1"])
+
+
+def test_continued_pretraining_starts_from_the_given_weights(tmp_path, shards):
+    """checkpoint.init_from: the step-1 loss of a run started from weights (a released-format directory)
+    is the loss those weights give, computed here in plain PyTorch, on the same rows with the same loop
+    counts and h_0 draws; the run's own checkpoints then take precedence; another model is refused."""
+    import torch
+
+    from data_prep.storage import S3Options
+    from model import ParcaeConfig, build_model
+    from pipeline.data import train_loader
+    from pipeline.jobspec import load_spec
+    from pipeline.training.step import DepthSampler
+    from tests.model.test_parcae import randomize
+    from tests.model.test_weights import write_released
+
+    base = train_cmd(shards, tmp_path / "run", 6)
+    spec = load_spec(base[4], [a.removeprefix("--set=") for a in base[5:]]).spec
+    cfg = spec.model.build()
+    weights = randomize(build_model(cfg, seed=7), seed=8)
+    released = write_released(tmp_path / "released", weights)
+    proc = start_run([*base, f"--set=checkpoint.init_from={released}"], tmp_path / "init.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "init.log").read_text()[-3000:]
+    expected = 0.0
+    for rank in range(2):
+        ranks = {"rank": rank, "world_size": 2}
+        loader = train_loader(spec.data, S3Options(), micro_batch_size=8, seed=spec.training.seed, **ranks)
+        batch = next(iter(loader))
+        sampler = DepthSampler.for_model(cfg, seed=spec.training.seed, micro_batch_size=8, world_size=2, rank=rank)
+        n_nograd, n_grad, _ = sampler.loop_counts(0, 0)
+        with torch.no_grad():
+            loss = weights(
+                batch[:, :-1],
+                batch[:, 1:],
+                loops=(n_nograd, n_grad),
+                generator=sampler.h0_generator(0, 0, torch.device("cpu")),
+            )
+        expected += float(loss) / 2
+    assert step_losses(tmp_path / "run")[1] == pytest.approx(expected, abs=1e-5)
+    again = start_run(
+        [*base, f"--set=checkpoint.init_from={released}", "--set=training.total_steps=8"], tmp_path / "again.log"
+    )
+    assert again.wait(timeout=600) == 0 and "resuming at step 6" in (tmp_path / "again.log").read_text()
+    other = write_released(
+        tmp_path / "other", build_model(ParcaeConfig(**{**cfg.__dict__, "d_model": 128, "n_head": 4}))
+    )
+    refused = start_run(
+        [*train_cmd(shards, tmp_path / "fresh", 2), f"--set=checkpoint.init_from={other}"], tmp_path / "other.log"
+    )
+    assert refused.wait(timeout=300) == 1
+    log = (tmp_path / "other.log").read_text()
+    assert "holds another model than this spec's model section: d_model: 128" in log and "Traceback" not in log
