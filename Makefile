@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml Makefile
 		$(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet --disable-pip-version-check "setuptools>=64" wheel
 	# DeepSpeed builds from source against the torch above (no isolated build env that could pull another torch).
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[dev,parquet]"
-	$(BIN)/python -c "import torch, deepspeed, webdataset, sentencepiece, tensorboard, pydantic, boto3; \
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[dev,parquet,hf]"
+	$(BIN)/python -c "import torch, deepspeed, webdataset, sentencepiece, tensorboard, pydantic, boto3, transformers, lm_eval; \
 		print('set-up ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
 	touch $@
 

@@ -29,11 +29,20 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser(
         "export",
-        help="consolidate a run's sharded DeepSpeed checkpoint into one fp32 safetensors file in the reference naming",
+        help="a run's sharded DeepSpeed checkpoint as one fp32 safetensors file in the reference naming, or "
+        "(--format hf) any model `parcae eval` reads as a Hugging Face remote-code model directory",
     )
-    p.add_argument("checkpoint_dir", help="the run's checkpoint.dir (e.g. runs/NAME/checkpoints)")
-    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument(
+        "source",
+        help="safetensors: the run's checkpoint.dir (e.g. runs/NAME/checkpoints); hf: a run directory, checkpoint "
+        "directory, safetensors file or released model directory",
+    )
+    p.add_argument("--out", required=True, help="output .safetensors path (hf: a directory)")
+    p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors", help="default safetensors")
     p.add_argument("--tag", help="which checkpoint (default: the newest complete one, named by LATEST)")
+    p.add_argument("--tokenizer", help="hf: the tokenizer to ship (default: the run's tokenizer.path)")
+    p.add_argument("--loops", type=int, help="hf: the forward's default loop count (default: the mean recurrence)")
+    p.add_argument("--h0", default="zeros", help="hf: initial state, zeros (default) or like_init")
     p.set_defaults(func=cmd_export)
 
 
@@ -53,7 +62,35 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.training.weights import export_checkpoint
+    if args.format == "safetensors":
+        from pipeline.training.weights import export_checkpoint
 
-    print(export_checkpoint(args.checkpoint_dir, args.out, args.tag))
+        print(export_checkpoint(args.source, args.out, args.tag))
+        return 0
+    from pathlib import Path
+
+    from parcae_errors import ParcaeError
+    from pipeline.jobs.evaluate import load_source
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ParcaeError(
+            "--format hf needs transformers: install the project's [hf] extra (make setup does)"
+        ) from None
+    from pipeline.jobs.hf_export import check_loads, export_hf
+
+    source = load_source(args.source, None, args.tag)
+    tokenizer = args.tokenizer or (source.spec.tokenizer.path if source.spec else None)
+    if tokenizer and not args.tokenizer and not Path(tokenizer).is_file():
+        tokenizer = None  # the run's tokenizer is not here: export without one, and say so
+    out = export_hf(source.model, Path(args.out), tokenizer, args.loops, args.h0)
+    loops = args.loops or source.model.cfg.mean_recurrence
+    difference = check_loads(out, source.model, loops)
+    if difference > 1e-4:
+        raise ParcaeError(f"{out}: transformers' logits differ from the model's by {difference:.2e} (relative)")
+    print(
+        f"exported {args.source} -> {out}: transformers loads it (trust_remote_code) and its logits at {loops} "
+        f"loops equal ours to {difference:.1e}; " + (f"tokenizer {tokenizer}" if tokenizer else "no tokenizer")
+    )
     return 0

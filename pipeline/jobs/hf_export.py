@@ -1,0 +1,97 @@
+"""`parcae export SOURCE --format hf --out DIR`: a model the Hugging Face ecosystem loads with
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`.
+
+DIR holds ``config.json`` (the model config, ``loops`` and ``h0`` for a forward, ``auto_map`` naming the
+two remote-code files), ``configuration_parcae.py`` and ``modeling_parcae.py`` (self-contained: torch and
+transformers only, copied from ``hf_template/``), ``model.safetensors`` (fp32, our parameter names) and
+the tokenizer: a SentencePiece model as ``tokenizer.model`` with a ``tokenizer_config.json`` that
+`AutoTokenizer` reads, or a Hugging Face ``tokenizer.json`` as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from data_prep.storage import make_dir, write_atomic, write_text
+from data_prep.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from model import ParcaeLM
+from parcae_errors import ParcaeError
+
+TEMPLATE = Path(__file__).resolve().parent / "hf_template"
+REMOTE_CODE = ("configuration_parcae.py", "modeling_parcae.py")
+
+
+def export_hf(model: ParcaeLM, out: Path, tokenizer: str | None, loops: int | None = None, h0: str = "zeros") -> Path:
+    """Write ``out``; ``loops`` is the exported forward's default loop count (the mean recurrence if None)."""
+    if out.exists() and not out.is_dir():
+        raise ParcaeError(f"--out {out}: a file; name a directory")
+    if h0 not in ("zeros", "like_init"):
+        raise ParcaeError(f"--h0 {h0!r}: zeros or like_init")
+    cfg = model.cfg
+    make_dir(out)
+    config = {
+        **dataclasses.asdict(cfg),
+        "loops": loops or cfg.mean_recurrence,
+        "h0": h0,
+        "model_type": "parcae",
+        "architectures": ["ParcaeForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_parcae.ParcaeHFConfig",
+            "AutoModelForCausalLM": "modeling_parcae.ParcaeForCausalLM",
+        },
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "torch_dtype": "float32",
+        "tie_word_embeddings": False,
+        "use_cache": False,
+    }
+    write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    for name in REMOTE_CODE:
+        write_text(out / name, (TEMPLATE / name).read_text())
+    tensors = {name: t.detach().float().contiguous().cpu() for name, t in model.state_dict().items()}
+    write_atomic(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    if tokenizer:
+        _tokenizer_files(Path(tokenizer), out)
+    return out
+
+
+def _tokenizer_files(tokenizer: Path, out: Path) -> None:
+    if not tokenizer.is_file():
+        raise ParcaeError(f"--tokenizer {tokenizer}: no such file")
+    if tokenizer.suffix == ".json":  # a Hugging Face tokenizer: PreTrainedTokenizerFast reads it as it is
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
+        settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    else:  # SentencePiece (ours: <pad> 0, <unk> 1, <bos> 2, <eos> 3); transformers' Llama tokenizer reads it
+        shutil.copyfile(tokenizer, out / "tokenizer.model")
+        settings = {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": "<bos>",
+            "eos_token": "<eos>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "legacy": False,
+        }
+    write_text(out / "tokenizer_config.json", json.dumps(settings, indent=2) + "\n")
+
+
+def check_loads(out: Path, model: ParcaeLM, loops: int) -> float:
+    """Load ``out`` with transformers in this process and return the largest relative logit difference
+    from ``model`` at ``loops`` loops (h_0 = 0) on a short sequence: the export's own check."""
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+    ids = torch.arange(1, 17).remainder(model.cfg.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        theirs = exported(ids, loops=loops).logits
+        kwargs = {"loops": loops, "h0": torch.zeros(1, 16, model.cfg.d_model)} if model.cfg.looped else {}
+        ours = model(ids, **kwargs)[..., : model.cfg.vocab_size]
+    return float((theirs - ours).abs().max() / ours.abs().max())
