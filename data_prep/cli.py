@@ -111,7 +111,7 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser("shards", help="tokenize, pack into rows of seq_len + 1 and write WebDataset shards")
     _corpus_args(p)
-    p.add_argument("--tokenizer", required=True, help="the SentencePiece .model file")
+    p.add_argument("--tokenizer", required=True, help="a SentencePiece .model or a Hugging Face tokenizer.json")
     p.add_argument("--out", required=True, help="local directory or s3://bucket/prefix (gets train/ and val/)")
     p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per training sequence (rows hold one more)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("256MB"), help="target shard size (256MB)")
@@ -129,7 +129,7 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("url", help="a shard set: directory or s3:// prefix holding manifest.json (e.g. OUT/train)")
     p.add_argument("--samples", type=int, default=3, help="samples to decode (default 3)")
     p.add_argument("--shard", type=int, default=0, help="which shard to decode from")
-    p.add_argument("--tokenizer", help="the .model file (default: the path recorded in the manifest)")
+    p.add_argument("--tokenizer", help="the .model or tokenizer.json (default: the path recorded in the manifest)")
     p.add_argument("--verify", action="store_true", help="check every shard's presence, size and sha256; name extras")
     _s3_args(p)
     p.set_defaults(func=cmd_inspect)

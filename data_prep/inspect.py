@@ -105,13 +105,13 @@ def verify(url: str, options: S3Options | None = None) -> list[str]:
 def decode_samples(
     url: str, tokenizer_path: str | None, count: int, options: S3Options | None = None, shard: int = 0
 ) -> list[str]:
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer import TextTokenizer
 
     store = open_store(url, options)
     manifest = read_manifest(store)
     if not manifest["shards"]:
         return []
-    sp = load_tokenizer(tokenizer_path or manifest["tokenizer"]["path"])
+    sp = TextTokenizer(tokenizer_path or manifest["tokenizer"]["path"])
     entry = manifest["shards"][min(shard, len(manifest["shards"]) - 1)]
     texts = []
     with store.open(entry["name"]) as stream:

@@ -52,7 +52,7 @@ from data_prep.corpus import (
 )
 from data_prep.errors import PrepError
 from data_prep.storage import S3Options, Store, check_writable, open_store
-from data_prep.tokenizer import file_sha256, load_tokenizer
+from data_prep.tokenizer import TextTokenizer, file_sha256
 
 FORMAT = "parcae-shards/1"
 SPLITS = ("train", "val")
@@ -98,12 +98,12 @@ class SplitState:
     shards: list[dict[str, Any]] = field(default_factory=list)
 
 
-_SP: Any = None  # the worker's SentencePiece processor
+_TOKENIZER: Any = None  # the worker's tokenizer (SentencePiece or a tokenizer.json)
 
 
 def _worker_init(model_path: str) -> None:
-    global _SP
-    _SP = load_tokenizer(model_path)
+    global _TOKENIZER
+    _TOKENIZER = TextTokenizer(model_path)
 
 
 def _encode_chunk(
@@ -124,8 +124,8 @@ def _encode_chunk(
                     texts.append(text)
         else:
             texts.append(unit.text)
-    # one thread per worker process (the workers are the parallelism); <eos> appended by SentencePiece
-    encoded = _SP.encode(texts, num_threads=1, add_eos=True)
+    # one thread per worker process (the workers are the parallelism); framed by the tokenizer's specials
+    encoded = _TOKENIZER.documents(texts)
     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
     tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum()))
     is_val = np.fromiter((_text_hash(t) < val_threshold for t in texts), dtype=bool, count=len(texts))
@@ -305,8 +305,8 @@ def build_shards(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Run the whole preparation; return a summary. Raises ShardError / CorpusError on user mistakes."""
-    sp = load_tokenizer(tokenizer_path)
-    vocab = sp.get_piece_size()
+    tokenizer = TextTokenizer(tokenizer_path)
+    vocab = tokenizer.vocab_size
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     tokenizer_sha = file_sha256(Path(tokenizer_path))
     corpus = CorpusSpec(tuple(sources), settings.text_field, settings.txt_mode)  # type: ignore[arg-type]
@@ -368,7 +368,15 @@ def build_shards(
         manifest = {
             "format": FORMAT,
             "split": state.name,
-            "tokenizer": {"path": str(tokenizer_path), "sha256": tokenizer_sha, "vocab_size": vocab},
+            "tokenizer": {
+                "path": str(tokenizer_path),
+                "sha256": tokenizer_sha,
+                "vocab_size": vocab,
+                "kind": tokenizer.kind,
+                "bos_id": tokenizer.bos_id,
+                "eos_id": tokenizer.eos_id,
+                "pad_id": tokenizer.pad_id,
+            },
             "seq_len": settings.seq_len,
             "row_len": state.row_len,
             "dtype": state.dtype.name,

@@ -135,3 +135,114 @@ def load_tokenizer(path: str | Path):
     if actual != SPECIALS:
         raise TokenizerError(f"{path}: special ids {actual} differ from the pipeline's {SPECIALS}")
     return sp
+
+
+# ------------------------------------------------------------------------------------------------
+# Any tokenizer a shard set may be made with: ours (SentencePiece) or a Hugging Face tokenizer.json
+BOS_NAMES = ("<|bos|>", "<bos>", "<s>", "<|begin_of_text|>")
+EOS_NAMES = ("<|eos|>", "<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>")
+PAD_NAMES = ("<|pad|>", "<pad>")
+
+
+class TextTokenizer:
+    """What the pipeline needs of a tokenizer, whatever its kind: plain ids of texts, documents framed by
+    the tokenizer's own special tokens, decoding, and the UTF-8 bytes each piece stands for.
+
+    ``kind`` "sentencepiece" (ours: documents end with ``<eos>``) or "huggingface" (a ``tokenizer.json``;
+    documents start with its BOS token when it has one, and end with its EOS token)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TokenizerError(
+                f"{path}: no such tokenizer model (train one with `parcae prep tokenizer`, or give a tokenizer.json)"
+            )
+        head = self.path.read_bytes()[:1].lstrip()
+        if head == b"{":
+            self._hf_init()
+        else:
+            self.kind = "sentencepiece"
+            self.sp = load_tokenizer(self.path)
+            self.vocab_size = self.sp.get_piece_size()
+            self.bos_id, self.eos_id, self.pad_id = None, EOS_ID, PAD_ID  # our shards: no <bos>, <eos> after each
+
+    def _hf_init(self) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise TokenizerError(f"{self.path}: a tokenizer.json needs the `tokenizers` library ([hf] extra)") from None
+        try:
+            self.hf = Tokenizer.from_file(str(self.path))
+        except Exception as exc:  # the library raises its own Exception type for a file it cannot read
+            raise TokenizerError(f"{self.path}: not a Hugging Face tokenizer.json: {exc}") from None
+        self.kind = "huggingface"
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        vocab = self.hf.get_vocab(with_added_tokens=True)
+
+        def special(names: tuple[str, ...]) -> int | None:
+            return next((vocab[n] for n in names if n in vocab), None)
+
+        self.bos_id, self.eos_id, self.pad_id = special(BOS_NAMES), special(EOS_NAMES), special(PAD_NAMES)
+        if self.eos_id is None:
+            raise TokenizerError(
+                f"{self.path}: no end-of-document token (one of {', '.join(EOS_NAMES)}); documents are packed with it"
+            )
+        self.special_ids = {i for i, token in self.hf.get_added_tokens_decoder().items() if token.special}
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Plain ids of each text (no special tokens)."""
+        if self.kind == "sentencepiece":
+            return self.sp.encode(texts, num_threads=1)
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def documents(self, texts: list[str]) -> list[list[int]]:
+        """Each text as a packed document: ``[<bos>] + ids + [<eos>]`` (<bos> when the tokenizer has one
+        and is not ours)."""
+        head = [self.bos_id] if self.bos_id is not None else []
+        return [[*head, *ids, self.eos_id] for ids in self.encode(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        if self.kind == "sentencepiece":
+            return self.sp.decode(ids)
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def piece_bytes(self) -> tuple[list[int], list[bool], bool]:
+        """(bytes per id, whether the piece starts with a word-initial space marker, whether a document's
+        first word gets a marker that is not in its text): special tokens count no bytes."""
+        if self.kind == "sentencepiece":
+            sizes, space_led = [0] * self.vocab_size, [False] * self.vocab_size
+            for i in range(self.vocab_size):
+                if self.sp.is_control(i) or self.sp.is_unknown(i):
+                    continue
+                piece = self.sp.id_to_piece(i)
+                sizes[i] = 1 if self.sp.is_byte(i) else len(piece.replace("\u2581", " ").encode("utf-8"))
+                space_led[i] = piece.startswith("\u2581")
+            return sizes, space_led, self.sp.encode("a", out_type=str)[0].startswith("\u2581")
+        sizes = [0] * self.vocab_size
+        byte_level = "ByteLevel" in type(self.hf.decoder).__name__ or "ByteLevel" in str(self.hf.decoder)
+        to_byte = {c: b for b, c in _byte_level_alphabet().items()}
+        for i in range(self.vocab_size):
+            token = self.hf.id_to_token(i)
+            if i in self.special_ids or token is None:
+                continue
+            if byte_level and all(c in to_byte for c in token):  # a piece of a UTF-8 sequence counts its bytes
+                sizes[i] = len(token)
+            else:
+                sizes[i] = len(self.hf.decode([i], skip_special_tokens=False).encode("utf-8"))
+        return sizes, [False] * self.vocab_size, False
+
+
+def tokenizer_kind(path: str | Path) -> str:
+    return TextTokenizer(path).kind
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as one printable character (byte-level BPE token strings are
+    made of these, one character per byte)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping

@@ -40,20 +40,20 @@ def document_batches(
     documents: list[np.ndarray], batch_size: int, context: int, bos: int, pad: int = 0
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets) batches, one document per row: inputs ``<bos> d_0 .. d_{n-2}``, targets
-    ``d_0 .. d_{n-1}`` (n at most ``context``), longest documents first to keep padding small."""
-    order = sorted(range(len(documents)), key=lambda i: (-min(len(documents[i]), context), i))
+    ``d_0 .. d_{n-1}`` (n at most ``context``; a document that already starts with ``<bos>``, as the
+    shards of a tokenizer with one hold them, is not given a second), longest first to keep padding small."""
+    rows = [d if len(d) and d[0] == bos else np.concatenate([[bos], d]).astype(d.dtype) for d in documents]
+    rows = [r[: context + 1] for r in rows if len(r) > 1]
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
     batches = []
     for first in range(0, len(order), batch_size):
-        chunk = [documents[i][:context] for i in order[first : first + batch_size] if len(documents[i])]
-        if not chunk:
-            continue
-        width = max(len(d) for d in chunk)
+        chunk = [rows[i] for i in order[first : first + batch_size]]
+        width = max(len(r) for r in chunk) - 1
         inputs = torch.full((len(chunk), width), pad, dtype=torch.long)
         targets = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
-        for row, doc in enumerate(chunk):
-            tokens = torch.from_numpy(doc.astype(np.int64))
-            inputs[row, 0] = bos
-            inputs[row, 1 : len(doc)] = tokens[:-1]
-            targets[row, : len(doc)] = tokens
+        for i, row in enumerate(chunk):
+            tokens = torch.from_numpy(row.astype(np.int64))
+            inputs[i, : len(row) - 1] = tokens[:-1]
+            targets[i, : len(row) - 1] = tokens[1:]
         batches.append((inputs, targets))
     return batches

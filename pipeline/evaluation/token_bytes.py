@@ -2,38 +2,48 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from data_prep.tokenizer import EOS_ID, load_tokenizer
+from data_prep.tokenizer import BOS_ID, EOS_ID, TextTokenizer
+
+
+def special_ids(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(the token a document row starts from, eos) of the tokenizer a shard set was made with: its BOS; ours
+    (SentencePiece, also manifests from before tokenizer.json support) has <bos> 2 though shards carry none;
+    a tokenizer without one starts from its EOS, as GPT-2's does."""
+    info = manifest["tokenizer"]
+    eos = info.get("eos_id", EOS_ID)
+    if info.get("bos_id") is not None:
+        return info["bos_id"], eos
+    return (BOS_ID if info.get("kind", "sentencepiece") == "sentencepiece" else eos), eos
 
 
 class TokenBytes:
     """UTF-8 bytes the target tokens of packed rows decode to.
 
-    Each token counts the bytes of its piece ("▁" is a space, a byte-fallback piece one byte, control
-    and unknown tokens none). SentencePiece puts a "▁" before every document's first word that is not
+    Each token counts the bytes of its piece ("▁" is a space, a byte-fallback or byte-level piece its
+    bytes, special tokens none). SentencePiece puts a "▁" before every document's first word that is not
     in the text (its dummy prefix); documents end with <eos>, so a space-led token right after <eos>
     counts one byte less. Counted this way, a document's bytes are exactly its text's UTF-8 length.
     """
 
-    def __init__(self, tokenizer_path: str, vocab: int):
-        sp = load_tokenizer(tokenizer_path)
-        n = max(vocab, sp.get_piece_size())
+    def __init__(self, tokenizer_path: str, vocab: int, eos: int = EOS_ID):
+        tokenizer = TextTokenizer(tokenizer_path)
+        sizes, space_led, self.dummy_prefix = tokenizer.piece_bytes()
+        n = max(vocab, len(sizes))
         self.sizes = np.zeros(n, dtype=np.int64)
         self.space_led = np.zeros(n, dtype=bool)
-        for i in range(sp.get_piece_size()):
-            if sp.is_control(i) or sp.is_unknown(i):
-                continue
-            piece = sp.id_to_piece(i)
-            self.sizes[i] = 1 if sp.is_byte(i) else len(piece.replace("\u2581", " ").encode("utf-8"))
-            self.space_led[i] = piece.startswith("\u2581")
-        self.dummy_prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
-        self.eos = EOS_ID
+        self.sizes[: len(sizes)] = sizes
+        self.space_led[: len(space_led)] = space_led
+        self.eos = eos
 
     def document_bytes(self, tokens: np.ndarray) -> int:
         """Bytes of one whole document's tokens (no special tokens): its text's UTF-8 length."""
         total = int(self.sizes[tokens].sum())
-        if self.dummy_prefix and len(tokens) and self.space_led[tokens[0]]:
+        first = tokens[self.sizes[tokens] > 0][:1]  # a leading <bos> counts nothing
+        if self.dummy_prefix and len(first) and self.space_led[first[0]]:
             total -= 1
         return total
 

@@ -18,16 +18,16 @@ import torch
 
 from data_prep.inspect import read_manifest
 from data_prep.storage import LocalStore, S3Options, check_writable, is_s3, make_dir, open_store, write_text
-from data_prep.tokenizer import BOS_ID, EOS_ID, TokenizerError
+from data_prep.tokenizer import TokenizerError
 from model import ParcaeLM, load_pretrained
 from model.weights import read_config
 from parcae_errors import ParcaeError
 from pipeline.data import rows_loader
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
-from pipeline.evaluation.documents import document_batches, documents_from_rows
+from pipeline.evaluation.documents import IGNORE, document_batches, documents_from_rows
 from pipeline.evaluation.losses import loss_sums
 from pipeline.evaluation.report import fit_results, print_table, seed_results, write_tensorboard
-from pipeline.evaluation.token_bytes import TokenBytes
+from pipeline.evaluation.token_bytes import TokenBytes, special_ids
 from pipeline.jobspec import JobSpec, load_spec
 from pipeline.training import checkpoint
 from pipeline.training.weights import load_checkpoint_model
@@ -146,8 +146,9 @@ def run_eval(
     vocab_in_data = int(manifest["tokenizer"].get("vocab_size", cfg.vocab_size))
     if vocab_in_data > cfg.vocab_size:
         raise ParcaeError(f"{data}: tokenizer vocabulary {vocab_in_data} is larger than the model's {cfg.vocab_size}")
+    bos, eos = special_ids(manifest)
     try:
-        counter = TokenBytes(tokenizer or manifest["tokenizer"]["path"], cfg.padded_vocab_size)
+        counter = TokenBytes(tokenizer or manifest["tokenizer"]["path"], cfg.padded_vocab_size, eos)
     except TokenizerError as exc:
         exc.add_note("pass --tokenizer with the model the shards were made with")
         raise
@@ -157,9 +158,9 @@ def run_eval(
         rows_in_order = (
             row for _, b in zip(range(loader.batches_per_epoch(0)), loader, strict=False) for row in b.numpy()
         )
-        docs = [d[: cfg.max_seq_len] for d in documents_from_rows(rows_in_order, EOS_ID, documents)]
-        batches = document_batches(docs, batch_size, cfg.max_seq_len, BOS_ID)
-        n_bytes = sum(counter.document_bytes(d) for d in docs)
+        docs = documents_from_rows(rows_in_order, eos, documents)
+        batches = document_batches(docs, batch_size, cfg.max_seq_len, bos)
+        n_bytes = sum(counter.document_bytes(t[t != IGNORE].numpy()) for _, targets in batches for t in targets)
         seeds = range(h0_seeds) if cfg.looped else range(1)
         described = {
             "name": "paper",

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from data_prep.storage import make_dir, write_atomic, write_text
-from data_prep.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from data_prep.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer, TokenizerError
 from model import ParcaeLM
 from parcae_errors import ParcaeError
 
@@ -34,6 +34,12 @@ def export_hf(model: ParcaeLM, out: Path, tokenizer: str | None, loops: int | No
     if h0 not in ("zeros", "like_init"):
         raise ParcaeError(f"--h0 {h0!r}: zeros or like_init")
     cfg = model.cfg
+    text_tokenizer = _read_tokenizer(Path(tokenizer)) if tokenizer else None
+    bos, eos, pad = (
+        (text_tokenizer.bos_id, text_tokenizer.eos_id, text_tokenizer.pad_id)
+        if text_tokenizer
+        else (BOS_ID, EOS_ID, PAD_ID)
+    )
     make_dir(out)
     config = {
         **dataclasses.asdict(cfg),
@@ -45,9 +51,9 @@ def export_hf(model: ParcaeLM, out: Path, tokenizer: str | None, loops: int | No
             "AutoConfig": "configuration_parcae.ParcaeHFConfig",
             "AutoModelForCausalLM": "modeling_parcae.ParcaeForCausalLM",
         },
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
         "torch_dtype": "float32",
         "tie_word_embeddings": False,
         "use_cache": False,
@@ -57,19 +63,31 @@ def export_hf(model: ParcaeLM, out: Path, tokenizer: str | None, loops: int | No
         write_text(out / name, (TEMPLATE / name).read_text())
     tensors = {name: t.detach().float().contiguous().cpu() for name, t in model.state_dict().items()}
     write_atomic(out / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    if tokenizer:
-        _tokenizer_files(Path(tokenizer), out)
+    if text_tokenizer:
+        _tokenizer_files(text_tokenizer, out)
     return out
 
 
-def _tokenizer_files(tokenizer: Path, out: Path) -> None:
-    if not tokenizer.is_file():
-        raise ParcaeError(f"--tokenizer {tokenizer}: no such file")
-    if tokenizer.suffix == ".json":  # a Hugging Face tokenizer: PreTrainedTokenizerFast reads it as it is
-        shutil.copyfile(tokenizer, out / "tokenizer.json")
+def _read_tokenizer(path: Path) -> TextTokenizer:
+    try:
+        return TextTokenizer(path)
+    except TokenizerError as exc:
+        raise ParcaeError(f"--tokenizer {exc}") from None
+
+
+def _tokenizer_files(tokenizer: TextTokenizer, out: Path) -> None:
+    if tokenizer.kind == "huggingface":  # PreTrainedTokenizerFast reads it as it is; name its specials
+        shutil.copyfile(tokenizer.path, out / "tokenizer.json")
         settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        for key, token_id in (
+            ("bos_token", tokenizer.bos_id),
+            ("eos_token", tokenizer.eos_id),
+            ("pad_token", tokenizer.pad_id),
+        ):
+            if token_id is not None:
+                settings[key] = tokenizer.hf.id_to_token(token_id)
     else:  # SentencePiece (ours: <pad> 0, <unk> 1, <bos> 2, <eos> 3); transformers' Llama tokenizer reads it
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
+        shutil.copyfile(tokenizer.path, out / "tokenizer.model")
         settings = {
             "tokenizer_class": "LlamaTokenizer",
             "bos_token": "<bos>",

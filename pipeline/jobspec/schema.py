@@ -121,10 +121,14 @@ class ModelSpec(_ModelFields):  # type: ignore[misc, valid-type]
 
 
 class TokenizerSpec(Spec):
-    """The SentencePiece model the shards were made with."""
+    """The tokenizer the shards were made with (their manifests record its kind, specials and sha256)."""
 
-    kind: Literal["sentencepiece"] = "sentencepiece"
-    path: str | None = Field(None, description="Local path or s3:// URL of the .model file.")
+    kind: Literal["sentencepiece", "huggingface"] | None = Field(
+        None, description="sentencepiece (a .model) or huggingface (a tokenizer.json); checked against the shards."
+    )
+    path: str | None = Field(
+        None, description="Local path or s3:// URL of the .model or tokenizer.json; checked against the shards."
+    )
 
 
 class DataSpec(Spec):

@@ -91,6 +91,12 @@ def _manifest_problems(
             f"{spec.model.vocab_size}: token ids would fall outside the embedding; set model.vocab_size >= {vocab} "
             "or prepare the shards with the model's tokenizer"
         )
+    kind = manifest["tokenizer"].get("kind", "sentencepiece")
+    if spec.tokenizer.kind and spec.tokenizer.kind != kind:
+        problems.append(
+            f"{key}: {url} was made with a {kind} tokenizer, but tokenizer.kind is {spec.tokenizer.kind}; "
+            f"set tokenizer.kind: {kind} (or leave it out)"
+        )
     made_with = manifest["tokenizer"].get("sha256")
     if tokenizer_sha and made_with and made_with != tokenizer_sha:
         problems.append(

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 
 from data_prep.storage import S3Options
-from data_prep.tokenizer import BOS_ID, EOS_ID
 from model import ParcaeConfig
 from pipeline.data import rows_loader
 from pipeline.evaluation.documents import document_batches, documents_from_rows
 from pipeline.evaluation.losses import Batch, loss_sums, seed_metrics
+from pipeline.evaluation.token_bytes import special_ids
 from pipeline.jobspec import EvalSpec
 
 
@@ -73,8 +73,9 @@ class Validator:
             n = min(epoch, self.max_batches)
             return [b.to(self.device) for _, b in zip(range(n), self.loader, strict=False)]
         rows = (row for _, b in zip(range(epoch), self.loader, strict=False) for row in b.numpy())
-        docs = documents_from_rows(rows, EOS_ID, self.spec.documents)
+        bos, eos = special_ids(self.loader.manifest)
+        docs = documents_from_rows(rows, eos, self.spec.documents)
         docs = docs[: len(docs) - len(docs) % self.world_size]  # the same count on every rank: the same forwards
         mine = docs[self.rank :: self.world_size]
-        batches = document_batches(mine, self.batch_size, self.cfg.max_seq_len, BOS_ID)
+        batches = document_batches(mine, self.batch_size, self.cfg.max_seq_len, bos)
         return [(i.to(self.device), t.to(self.device)) for i, t in batches]

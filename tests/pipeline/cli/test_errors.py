@@ -87,6 +87,9 @@ def test_shards_of_a_larger_vocabulary_are_refused_before_training(tmp_path, sha
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing started
     wrong_tokenizer = tiny(shards, tmp_path / "run", f"tokenizer.path={TINY}")
     assert_one_clean_error(run("validate", *wrong_tokenizer), 2, "was made with another tokenizer")
+    wrong_kind = tiny(shards, tmp_path / "run", "tokenizer.kind=huggingface")
+    needle = "was made with a sentencepiece tokenizer, but tokenizer.kind is huggingface"
+    assert_one_clean_error(run("validate", *wrong_kind), 2, needle)
 
 
 def test_outputs_that_cannot_be_written_are_found_before_training(tmp_path, shards, s3_server):
