@@ -81,8 +81,11 @@ def _local_copy(source: str, tmp: Path) -> Path:
     names = store.list()
     if not names:  # a single object: its parent prefix and name
         parent, _, name = source.rstrip("/").rpartition("/")
+        store = open_store(parent, S3Options.from_env())
+        if not store.exists(name):
+            raise ParcaeError(f"{source}: no such weights object or prefix (a released directory or a weights file)")
         target = tmp / name
-        target.write_bytes(open_store(parent, S3Options.from_env()).get_bytes(name))
+        target.write_bytes(store.get_bytes(name))
         return target
     for name in names:
         target = tmp / name

@@ -117,21 +117,27 @@ def test_eval_scores_bits_per_byte_of_the_text(tmp_path, hf_shards):
             assert r["bits_per_byte"] == pytest.approx(r["loss"] / math.log(2) * tokens / n_bytes, rel=1e-9)
 
 
-def test_export_carries_the_tokenizer_json_and_its_specials(tmp_path, hf_tokenizer, builtin_docs):
-    from transformers import AutoTokenizer
+def test_export_carries_the_tokenizer_json_and_generates_with_it(tmp_path, hf_tokenizer, builtin_docs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from model import ParcaeConfig, build_model
     from parcae_errors import ParcaeError
     from pipeline.jobs.hf_export import export_hf
 
     cfg = ParcaeConfig(vocab_size=600, d_model=32, n_head=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=32)
-    out = export_hf(build_model(cfg, seed=0), tmp_path / "hf", str(hf_tokenizer))
+    model = build_model(cfg, seed=0).eval()
+    out = export_hf(model, tmp_path / "hf", str(hf_tokenizer))
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 1, 2)
     theirs = AutoTokenizer.from_pretrained(str(out))
     assert (theirs.bos_token, theirs.eos_token, theirs.pad_token) == tuple(SPECIALS)
     text = builtin_docs[3]
     assert theirs(text, add_special_tokens=False)["input_ids"] == TextTokenizer(hf_tokenizer).encode([text])[0]
+    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    prompt = theirs("def f(x):", return_tensors="pt")["input_ids"]
+    generated = hf.generate(prompt, max_new_tokens=5, do_sample=False, loops=2)
+    assert generated.tolist() == model.generate(prompt, 5, loops=2).tolist()
+    assert theirs.decode(generated[0]).startswith("def f(x):")
     with pytest.raises(ParcaeError, match="--tokenizer .*missing.json: no such tokenizer"):
         export_hf(build_model(cfg, seed=0), tmp_path / "hf2", str(tmp_path / "missing.json"))
     assert not (tmp_path / "hf2").exists()  # checked before anything is written

@@ -79,3 +79,27 @@ def test_import_a_released_directory_without_a_spec(tmp_path):
         and "its config differs from the one given: n_core: 2 in the weights, 1 given" in refused.stderr
     )
     assert "Traceback" not in refused.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_import_a_released_directory_from_s3(tmp_path, s3_server):
+    """The released directory on a real S3 endpoint (moto's server on loopback), read through boto3."""
+    import os
+
+    from tests.model.test_parcae import TINY, randomize
+    from tests.model.test_weights import write_released
+
+    model = randomize(build_model(TINY, seed=2), seed=6)
+    directory = write_released(tmp_path / "parcae-tiny", model, "model.pt")
+    bucket = s3_server.new_bucket("released")
+    for path in directory.iterdir():
+        s3_server.client().upload_file(str(path), bucket, f"models/parcae-tiny/{path.name}")
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": s3_server.endpoint}
+    cmd = [*parcae_cmd(), "import", f"s3://{bucket}/models/parcae-tiny", "--out", str(tmp_path / "t.safetensors")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    loaded = load_pretrained(tmp_path / "t.safetensors")
+    assert loaded.cfg == TINY and torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
+    cmd[cmd.index("import") + 1] = f"s3://{bucket}/models/no-such-model"
+    missing = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+    assert missing.returncode == 1 and "no-such-model: no such weights object or prefix" in missing.stderr
+    assert "Traceback" not in missing.stderr
