@@ -82,6 +82,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     source = load_source(args.source, None, args.tag)
     tokenizer = args.tokenizer or (source.spec.tokenizer.path if source.spec else None)
+    if not tokenizer and (Path(args.source) / "tokenizer.json").is_file():  # a released directory ships its own
+        tokenizer = str(Path(args.source) / "tokenizer.json")
     if tokenizer and not args.tokenizer and not Path(tokenizer).is_file():
         tokenizer = None  # the run's tokenizer is not here: export without one, and say so
     out = export_hf(source.model, Path(args.out), tokenizer, args.loops, args.h0)

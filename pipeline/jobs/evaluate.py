@@ -49,8 +49,9 @@ class Source:
 
 
 def load_source(source: str, given: JobSpec | None, tag: str | None) -> Source:
-    """A run directory, checkpoint directory (local or s3://) or safetensors file; ``given`` describes the
-    model of reference-format weights (and overrides a run's spec for data and storage)."""
+    """A run directory, checkpoint directory (local or s3://), released model directory (config.json) or
+    safetensors file; ``given`` describes the model of reference-format weights (and overrides a run's spec
+    for data and storage)."""
     path = Path(source)
     if path.is_file():
         cfg = read_config(path)
@@ -64,18 +65,25 @@ def load_source(source: str, given: JobSpec | None, tag: str | None) -> Source:
     if is_s3(source):  # an s3:// checkpoint directory
         ckpt_dir = source
     elif not path.is_dir():
-        raise ParcaeError(f"{path}: no such file or directory (a run directory, checkpoint directory or .safetensors)")
+        raise ParcaeError(
+            f"{path}: no such file or directory (a run directory, checkpoint directory, released model directory "
+            "or .safetensors)"
+        )
     elif (path / checkpoint.LATEST).is_file() or tag:
         ckpt_dir = str(path)
         if (path.parent / "spec.yaml").is_file() and path.name == "checkpoints":
             run_dir = path.parent
+    elif (path / "config.json").is_file():  # a released model directory (the reference's save_pretrained)
+        model = load_pretrained(given.model.build(), path) if given else load_pretrained(path)
+        return Source(model, given, path.name, 0, path.with_name(path.name + "-eval"), None)
     elif (path / "spec.yaml").is_file():
         saved = load_spec(path / "spec.yaml").spec
         run_dir = path
         ckpt_dir = rebase(saved.checkpoint.dir or "checkpoints", saved.run_dir, path)
     else:
         raise ParcaeError(
-            f"{path}: neither a run directory (spec.yaml) nor a checkpoint directory ({checkpoint.LATEST})"
+            f"{path}: neither a run directory (spec.yaml), a checkpoint directory ({checkpoint.LATEST}) nor a "
+            "released model directory (config.json)"
         )
     model, spec, tag = load_checkpoint_model(ckpt_dir, tag)
     step = int(tag.split("-")[-1]) if tag.split("-")[-1].isdigit() else 0

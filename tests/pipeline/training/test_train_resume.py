@@ -145,6 +145,10 @@ def test_export_gives_the_trained_model(tmp_path, shards):
     assert abs(total / count - val) < 1e-4
     missing = export(tmp_path / "nowhere")
     assert missing.returncode == 1 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
+    # the run directory as a Hugging Face model: the command checks transformers' logits against ours
+    cmd = [*parcae_cmd(), "export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]
+    hf = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert hf.returncode == 0 and "transformers loads it" in hf.stdout, hf.stderr[-2000:]
 
 
 def run_variant(tmp_path, shards, name, steps, extra):
