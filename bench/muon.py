@@ -58,7 +58,7 @@ def overrides(shards: Path, label: str, args: argparse.Namespace) -> list[str]:
 def time_phases(shards: Path, name: str, args: argparse.Namespace) -> dict[str, float]:
     """In this process: 1 rank, ZeRO-3, mean seconds per phase over 20 steps after 5 warm-up steps."""
     from pipeline.jobspec import load_spec
-    from pipeline.training.distributed import RankInfo, export_rank_env, free_port, init_distributed
+    from pipeline.training.distributed import RankInfo, close_distributed, export_rank_env, free_port, init_distributed
     from pipeline.training.trainer import engine_for_job
 
     spec = load_spec(
@@ -82,6 +82,7 @@ def time_phases(shards: Path, name: str, args: argparse.Namespace) -> dict[str, 
         if i >= 5:
             totals["forward_backward"] += (t1 - t0) / 20
             totals["optimizer_step"] += (t2 - t1) / 20
+    close_distributed()
     return totals
 
 

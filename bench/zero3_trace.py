@@ -81,7 +81,13 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
     else:
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
-        from pipeline.training.distributed import RankInfo, export_rank_env, free_port, init_distributed
+        from pipeline.training.distributed import (
+            RankInfo,
+            close_distributed,
+            export_rank_env,
+            free_port,
+            init_distributed,
+        )
         from pipeline.training.trainer import engine_for_job
 
         original = PartitionedParameterCoordinator._invalidate_trace
@@ -119,6 +125,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
         for k, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
             totals[k] += dt
     fwd, bwd, opt = (1000 * t / args.steps for t in totals)
+    if way != "bare":
+        close_distributed()
     return {"forward": fwd, "backward": bwd, "step": opt, "invalidations": invalidations[0] / args.steps}
 
 

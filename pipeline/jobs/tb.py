@@ -9,7 +9,9 @@ needs no S3 support of its own and a live run's new events show up.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -82,8 +84,10 @@ def serve(
             dirs[name], remote[arg] = local, local
         else:
             dirs[name] = _local_logdir(arg)
+    stop = threading.Event()
+    syncer = threading.Thread(target=_keep_synced, args=(remote, options, sync_interval, stop), daemon=True)
     if remote:
-        threading.Thread(target=_keep_synced, args=(remote, options, sync_interval), daemon=True).start()
+        syncer.start()
     from tensorboard import program
 
     tb = program.TensorBoard()
@@ -99,12 +103,28 @@ def serve(
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        return 0
+        _exit_now(stop, syncer)
+    return 0
 
 
-def _keep_synced(remote: dict[str, Path], options, interval: float) -> None:
-    while True:
-        time.sleep(interval)
+def _exit_now(stop: threading.Event, syncer: threading.Thread) -> None:
+    """Ctrl-C: stop syncing, then leave at once with 0. TensorBoard's server, its reloader and an S3 sync
+    are daemon threads that may be mid-request; the interpreter's own shutdown around them was seen to
+    hang, and a foreground server has nothing left to save."""
+    from tensorboard import manager
+
+    stop.set()
+    if syncer.is_alive():
+        syncer.join(timeout=10)
+    manager.remove_info_file()
+    print("TensorBoard stopped", flush=True)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _keep_synced(remote: dict[str, Path], options, interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
         for url, cache in remote.items():
             try:
                 sync_s3(url, cache, options)

@@ -9,7 +9,14 @@ import torch
 
 from parcae_errors import ParcaeError
 from pipeline.jobspec import load_spec
-from pipeline.training.distributed import RankInfo, export_rank_env, free_port, launch_local, rank_info
+from pipeline.training.distributed import (
+    RankInfo,
+    close_distributed,
+    export_rank_env,
+    free_port,
+    launch_local,
+    rank_info,
+)
 from pipeline.training.preflight import PREFLIGHT_ENV, preflight
 
 
@@ -42,4 +49,7 @@ def run_train(spec_path: str, overrides: list[str], resume_from: str | None = No
         os.environ["DS_ACCELERATOR"] = "cpu"
     from pipeline.training.trainer import Trainer
 
-    return Trainer(loaded, info, resume_from).run()
+    try:
+        return Trainer(loaded, info, resume_from).run()
+    finally:
+        close_distributed()

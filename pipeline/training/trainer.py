@@ -232,8 +232,7 @@ class Trainer:
                 progress.tokens,
                 self.spec.logging.tensorboard_dir,
             )
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # every rank is done with the group; run_train tears it down
         return code
 
     def train_step(self, batches, progress: Progress):

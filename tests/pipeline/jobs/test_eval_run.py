@@ -111,7 +111,8 @@ def test_tensorboard_serves_a_run_locally_and_from_s3(trained_run, tmp_path, s3_
         assert f"http://127.0.0.1:{port}" in (tmp_path / "tb.log").read_text()
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
+        code = proc.wait(timeout=30)
+    assert code == 0 and "TensorBoard stopped" in (tmp_path / "tb.log").read_text()
 
 
 def test_tb_refuses_what_it_cannot_serve(tmp_path, s3_server):

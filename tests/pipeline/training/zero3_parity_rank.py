@@ -50,7 +50,7 @@ def main() -> None:
     from deepspeed.utils import safe_get_full_fp32_param, z3_leaf_module
 
     from pipeline.jobspec import JobSpec
-    from pipeline.training.distributed import init_distributed
+    from pipeline.training.distributed import close_distributed, init_distributed
     from pipeline.training.guard import LossGuard
     from pipeline.training.step import DepthSampler, Progress, train_step
     from pipeline.training.trainer import engine_for_job
@@ -83,6 +83,8 @@ def main() -> None:
     weights = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
     if rank == 0:
         torch.save({"grads": recorder.grads, "weights": weights, "losses": losses}, sys.argv[2])
+    torch.distributed.barrier()
+    close_distributed()  # a group left to the interpreter's exit can abort the process
 
 
 if __name__ == "__main__":
