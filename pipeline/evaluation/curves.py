@@ -92,9 +92,12 @@ def fit_loop_curve(loops: list[int] | np.ndarray, losses: list[float] | np.ndarr
 
 
 def plot_loop_curve(
-    curves: dict[str, tuple[list[int], list[float], CurveFit | None]], title: str, path: str | Path | None = None
+    curves: dict[str, tuple[list[int], list[float], CurveFit | None]],
+    title: str,
+    path: str | Path | None = None,
+    ylabel: str = "validation loss (nats/token)",
 ):
-    """Loss against loops (points and fitted curve) for one or more labelled runs; saves a PNG if ``path``.
+    """Loss (or a score) against loops (points and fitted curve) for one or more labelled runs; saves a PNG if ``path``.
     Returns the matplotlib figure (for TensorBoard's add_figure)."""
     import matplotlib
 
@@ -120,7 +123,7 @@ def plot_loop_curve(
         ax.set_ylim(low - pad, high + pad)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("loops T (test time)")
-    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if many:

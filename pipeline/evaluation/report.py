@@ -114,3 +114,40 @@ def write_tensorboard(directory: str, step: int, report: dict[str, Any], figure:
             writer.add_figure(f"{group}/loss_vs_loops", figure, step)
     finally:
         writer.close()
+
+
+def write_downstream_tensorboard(directory: str, step: int, report: dict[str, Any], figure: Any) -> None:
+    """``downstream/{core,core_extended}_loops_T`` (with ``_std`` over few-shot seeds), each task's
+    ``downstream/centered/<task>_loops_T``, the curve against T as ``downstream_curve_step_S/core_vs_loops``,
+    and the plot as an image."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=directory)
+    try:
+        for name, value in downstream_scalars(report["results"]).items():
+            writer.add_scalar(name, value, step)
+        for r in report["results"]:
+            if r["loops"] is not None:
+                for name in report["aggregates"]:
+                    writer.add_scalar(f"downstream_curve_step_{step}/{name}_vs_loops", r[name], r["loops"])
+        for name, fit in report["fit"].items():
+            if fit:
+                for key in ("l_inf", "k", "z"):
+                    writer.add_scalar(f"downstream/{name}_fit_{key}", fit[key], step)
+        if figure is not None:
+            writer.add_figure("downstream/core_vs_loops", figure, step)
+    finally:
+        writer.close()
+
+
+def downstream_scalars(results: list[dict[str, Any]]) -> dict[str, float]:
+    """The scalars of downstream results, as training and `parcae eval` log them."""
+    scalars = {}
+    for r in results:
+        suffix = "" if r["loops"] is None else f"_loops_{r['loops']}"
+        for key in ("core", "core_std", "core_extended", "core_extended_std"):
+            if key in r:
+                scalars[f"downstream/{key}{suffix}"] = r[key]
+        for label, task in r["tasks"].items():
+            scalars[f"downstream/centered/{label}{suffix}"] = task["centered"]
+    return scalars

@@ -1,0 +1,305 @@
+"""`parcae eval SOURCE --tasks core|core-extended`: CORE and Core-Extended at test-time loop counts.
+
+The model is any source `parcae eval` reads; the tokenizer is ``--tokenizer``, else the spec's
+``tokenizer.path``, else a released directory's ``tokenizer.json``, else the one the run's shards were
+made with (their manifest). Items are split over the ranks (``--procs N`` starts N on this machine;
+under Slurm or torchrun the launched ranks take part) and gathered; rank 0 prints the table (tasks x
+loop counts) and writes ``downstream.json``, ``downstream.png`` (CORE against loops, with the fitted
+S(T) = S_inf + k exp(-z T) when there are three loop counts or more) and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_prep.inspect import read_manifest
+from data_prep.storage import (
+    LocalStore,
+    S3Options,
+    StorageError,
+    check_writable,
+    is_s3,
+    make_dir,
+    open_store,
+    write_text,
+)
+from data_prep.tokenizer import BOS_ID, TextTokenizer, TokenizerError
+from model import ParcaeLM
+from parcae_errors import ParcaeError, ReportedElsewhere
+from pipeline.evaluation.bundle import Bundle
+from pipeline.evaluation.curves import CurveFit, plot_loop_curve
+from pipeline.evaluation.downstream import DEFAULT_BATCH_TOKENS, DEFAULT_SEED, Suite, evaluate_downstream
+from pipeline.evaluation.losses import try_fit
+from pipeline.evaluation.report import write_downstream_tensorboard
+from pipeline.jobs.evaluate import Source
+from pipeline.training.distributed import (
+    accelerator_device,
+    close_distributed,
+    export_rank_env,
+    init_distributed,
+    launch_local,
+    rank_info,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOOPS = (1, 2, 4, 8, 16)
+LABELS = {"core": "CORE", "core_extended": "Core-Extended"}
+
+
+def prompt_start(tokenizer: TextTokenizer) -> int:
+    """The token every prompt starts with: the tokenizer's BOS; ours (SentencePiece) has <bos> though its
+    shards carry none (the paper's evaluation starts documents with it); a tokenizer without one, its EOS."""
+    if tokenizer.bos_id is not None:
+        return tokenizer.bos_id
+    return BOS_ID if tokenizer.kind == "sentencepiece" else tokenizer.eos_id
+
+
+def open_tokenizer(location: str, options: S3Options, tmp: Path) -> TextTokenizer:
+    """A tokenizer file, local or s3:// (copied into ``tmp``)."""
+    if is_s3(location):
+        parent, _, name = location.rpartition("/")
+        try:
+            data = open_store(parent, options).get_bytes(name)
+        except StorageError as exc:
+            raise ParcaeError(f"tokenizer {location}: {exc}") from None
+        (tmp / name).write_bytes(data)
+        location = str(tmp / name)
+    return TextTokenizer(location)
+
+
+def source_tokenizer(given: str | None, source: Source, source_arg: str, options: S3Options) -> str:
+    """Where the tokenizer of ``source`` is (see the module doc), or a clear error."""
+    spec = source.spec
+    if given:
+        return given
+    if spec and spec.tokenizer.path:
+        return spec.tokenizer.path
+    if (Path(source_arg) / "tokenizer.json").is_file():
+        return str(Path(source_arg) / "tokenizer.json")
+    for url in (spec.data.val_url, spec.data.url) if spec else ():
+        if url:
+            try:
+                return str(read_manifest(open_store(url, options))["tokenizer"]["path"])
+            except (ParcaeError, KeyError, OSError):
+                continue
+    raise ParcaeError(
+        f"{source_arg}: no tokenizer found for it; pass --tokenizer (a SentencePiece .model or tokenizer.json)"
+    )
+
+
+def forward_at(model: ParcaeLM):
+    """ids -> logits at T loops (h_0 = 0, reproducible), or the baseline's forward for T None."""
+    d = model.cfg.d_model
+
+    def at(loops: int | None):
+        if loops is None:
+            return lambda ids: model(ids)
+        return lambda ids: model(ids, loops=loops, h0=torch.zeros(*ids.shape, d, device=ids.device))
+
+    return at
+
+
+def run_downstream(
+    source: Source,
+    *,
+    source_arg: str,
+    bundle: str,
+    suites: Sequence[str],
+    loops: list[int] | None,
+    max_per_task: int | None,
+    seeds: list[int] | None,
+    tokenizer: str | None,
+    out: str | None,
+    tensorboard: str | None,
+    endpoint_url: str | None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+) -> dict[str, Any] | None:
+    """Score the suites; rank 0 reports and returns the report, the other ranks return None."""
+    if loops and min(loops) < 1:
+        raise ParcaeError(f"--loops: loop counts must be >= 1, got {loops}")
+    if max_per_task is not None and max_per_task < 1:
+        raise ParcaeError(f"--max-per-task: at least 1 item per task, got {max_per_task}")
+    if batch_tokens < 1:
+        raise ParcaeError(f"--batch-tokens: at least 1, got {batch_tokens}")
+    seeds = seeds or [DEFAULT_SEED]
+    if len(set(seeds)) != len(seeds):
+        raise ParcaeError(f"--seeds: each few-shot seed once, got {seeds}")
+    out_dir = Path(out or source.out_dir)
+    if rank == 0:
+        check_writable(LocalStore(str(out_dir)))  # before the evaluation, not after
+    if source.spec:
+        options = source.spec.storage.model_copy(
+            update={"endpoint_url": endpoint_url or source.spec.storage.endpoint_url}
+        ).s3_options()
+    else:
+        options = S3Options.from_env(endpoint_url)
+    model = source.model.to(device or torch.device("cpu"))
+    model.eval()
+    cfg = model.cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        location = source_tokenizer(tokenizer, source, source_arg, options)
+        try:
+            text = open_tokenizer(location, options, Path(tmp))
+        except TokenizerError as exc:
+            exc.add_note("pass --tokenizer with the model's tokenizer")
+            raise
+    if text.vocab_size > cfg.vocab_size:
+        raise ParcaeError(
+            f"tokenizer {location}: vocabulary {text.vocab_size} is larger than the model's {cfg.vocab_size}"
+        )
+    suite = Suite.load(Bundle(bundle, options), suites, max_per_task)
+    counts = sorted(set(loops or DEFAULT_LOOPS)) if cfg.looped else None
+    start = prompt_start(text)
+    with torch.no_grad():
+        scored = evaluate_downstream(
+            forward_at(model),
+            suite,
+            encode=text.encode,
+            prefix=start,
+            pad=start,
+            max_len=cfg.max_seq_len,
+            loop_counts=counts,
+            seeds=seeds,
+            device=device,
+            batch_tokens=batch_tokens,
+            rank=rank,
+            world_size=world_size,
+        )
+    if rank != 0:
+        return None
+    results = scored["results"]
+    fits = {name: curve_fit(results, name) for name in suite.aggregates}
+    report = {
+        "source": source_arg,
+        "label": source.label,
+        "step": source.step,
+        "bundle": bundle,
+        "suites": list(suites),
+        "tokenizer": location,
+        "seeds": seeds,
+        "max_per_task": max_per_task,
+        "h0": "zeros",
+        "ranks": world_size,
+        "rows": scored["rows"],
+        "cropped_items": scored["cropped_items"],
+        "tasks": [t.to_dict() for t in suite.tasks],
+        "aggregates": suite.aggregates,
+        "results": results,
+        "fit": {name: (fit.to_dict() if fit else None) for name, (fit, _) in fits.items()},
+        "fit_error": {name: error for name, (_, error) in fits.items()},
+    }
+    make_dir(out_dir)
+    write_text(out_dir / "downstream.json", json.dumps(report, indent=2) + "\n")
+    print_downstream(report)
+    figure = None
+    if counts:
+        curves = {
+            f"{source.label} {LABELS[name]}": (counts, [r[name] for r in results], fits[name][0])
+            for name in suite.aggregates
+        }
+        figure = plot_loop_curve(
+            curves,
+            f"{source.label}: downstream vs test-time loops",
+            out_dir / "downstream.png",
+            ylabel="centered accuracy",
+        )
+    tb_dir = None if tensorboard == "none" else (tensorboard or source.tensorboard_dir or str(out_dir / "tensorboard"))
+    if tb_dir:
+        write_downstream_tensorboard(tb_dir, source.step, report, figure)
+    print(
+        f"wrote {out_dir / 'downstream.json'}"
+        + (f", {out_dir / 'downstream.png'}" if counts else "")
+        + (f"; TensorBoard: {tb_dir}" if tb_dir else "")
+    )
+    return report
+
+
+def curve_fit(results: list[dict[str, Any]], name: str) -> tuple[CurveFit | None, str | None]:
+    if results[0]["loops"] is None:
+        return None, None
+    return try_fit([r["loops"] for r in results], [r[name] for r in results])
+
+
+def print_downstream(report: dict[str, Any]) -> None:
+    results = report["results"]
+    seeds = report["seeds"]
+    print(
+        f"{report['label']}: {', '.join(LABELS[a] for a in report['aggregates'])} from {report['bundle']}; "
+        f"{len(report['tasks'])} tasks, {report['rows']} scored rows, few-shot seed(s) {', '.join(map(str, seeds))}"
+        + (f", at most {report['max_per_task']} items per task" if report["max_per_task"] else "")
+        + (f"; {report['cropped_items']} prompt(s) cut to the context" if report["cropped_items"] else "")
+    )
+    heads = ["-" if r["loops"] is None else f"T={r['loops']}" for r in results]
+    print(f"  {'task':<34} {'type':<6} {'shots':>5}  " + "  ".join(f"{h:>13}" for h in heads))
+    kinds = {"multiple_choice": "mc", "schema": "schema", "language_modeling": "lm"}
+    for task in report["tasks"]:
+        cells = [
+            f"{100 * r['tasks'][task['label']]['accuracy']:5.1f} /{100 * r['tasks'][task['label']]['centered']:6.1f}"
+            for r in results
+        ]
+        print(
+            f"  {task['label'][:34]:<34} {kinds[task['type']]:<6} {task['num_fewshot']:>5}  "
+            + "  ".join(f"{c:>13}" for c in cells)
+        )
+    print("  (accuracy / centered accuracy, in %)")
+    for name in report["aggregates"]:
+        cells = []
+        for r in results:
+            cell = f"{100 * r[name]:.2f}"
+            if f"{name}_std" in r:
+                cell += f"±{100 * r[f'{name}_std']:.2f}"
+            cells.append(cell)
+        print(f"  {LABELS[name]:<47} " + "  ".join(f"{c:>13}" for c in cells))
+        fit = report["fit"].get(name)
+        if fit:
+            print(
+                f"  {LABELS[name]} fit S(T) = S_inf + k exp(-z T): S_inf {100 * fit['l_inf']:.2f}, "
+                f"k {100 * fit['k']:.2f}, z {fit['z']:.3g}"
+            )
+        elif report["fit_error"].get(name):
+            print(f"  {LABELS[name]}: no fit: {report['fit_error'][name]}")
+
+
+@contextlib.contextmanager
+def eval_ranks() -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world size, device) of this process: one process, or a rank started by `--procs`, Slurm or
+    torchrun (the process group is formed here and torn down after). An error on a rank other than 0 is
+    reported by rank 0 (every rank reads the same inputs), so it is said once."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    info = rank_info()
+    if info is None or info.world_size == 1:
+        yield 0, 1, accelerator_device(0)[0]
+        return
+    export_rank_env(info)
+    device, device_type = accelerator_device(info.local_rank)
+    init_distributed(device_type)
+    try:
+        yield info.rank, info.world_size, device
+    except ParcaeError as exc:
+        if info.rank == 0:
+            raise
+        raise ReportedElsewhere(exc.exit_code) from None
+    finally:
+        close_distributed()
+
+
+def launch_ranks(argv: list[str], procs: int) -> int | None:
+    """With ``procs`` > 1 and no ranks launched yet: start them on this machine and return the exit code."""
+    if procs < 1:
+        raise ParcaeError(f"--procs: at least 1, got {procs}")
+    if procs == 1 or rank_info() is not None:
+        return None
+    return launch_local(argv, procs)
