@@ -48,6 +48,10 @@ class BundleError(ParcaeError):
     """A bundle file that is missing or malformed (the message names the file and the field)."""
 
 
+class BundleUnreachable(BundleError):
+    """The bundle's storage could not be read (an outage, or a place only the cluster reaches)."""
+
+
 @dataclass(frozen=True)
 class Task:
     label: str
@@ -106,7 +110,7 @@ class Bundle:
                     raise BundleError(f"{self.where(name)}: no such file in the bundle")
                 data = self._store.get_bytes(name)
         except StorageError as exc:
-            raise BundleError(f"{self.where(name)}: cannot read: {exc}") from None
+            raise BundleUnreachable(f"{self.where(name)}: cannot read: {exc}") from None
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -115,7 +119,10 @@ class Bundle:
     def exists(self, name: str) -> bool:
         if self._zip is not None:
             return (f"{self._root}/{name}" if self._root else name) in self._zip.namelist()
-        return self._store.exists(name)
+        try:
+            return self._store.exists(name)
+        except StorageError as exc:
+            raise BundleUnreachable(f"{self.where(name)}: cannot read: {exc}") from None
 
     # ------------------------------------------------------------------------------------------------
     def baselines(self) -> dict[str, float]:

@@ -27,11 +27,15 @@ import random
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from data_prep.storage import S3Options, StorageError, is_s3, open_store
+from data_prep.tokenizer import BOS_ID, TextTokenizer
+from parcae_errors import ParcaeError
 from pipeline.evaluation.bundle import Bundle, Task
 
 SHUFFLE_SEED = 1337  # the task's items are shuffled once with it before any max_per_task cut (as nanochat)
@@ -79,6 +83,29 @@ def prepare_items(items: list[dict[str, Any]], max_per_task: int | None) -> list
     items = list(items)
     random.Random(SHUFFLE_SEED).shuffle(items)
     return items[:max_per_task] if max_per_task else items
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tokenizer
+def prompt_start(tokenizer: TextTokenizer) -> int:
+    """The token every prompt starts with: the tokenizer's BOS; ours (SentencePiece) has <bos> though its
+    shards carry none (the paper's evaluation starts documents with it); a tokenizer without one, its EOS."""
+    if tokenizer.bos_id is not None:
+        return tokenizer.bos_id
+    return BOS_ID if tokenizer.kind == "sentencepiece" else tokenizer.eos_id
+
+
+def open_tokenizer(location: str, options: S3Options, tmp: Path) -> TextTokenizer:
+    """A tokenizer file, local or s3:// (copied into ``tmp``)."""
+    if is_s3(location):
+        parent, _, name = location.rpartition("/")
+        try:
+            data = open_store(parent, options).get_bytes(name)
+        except StorageError as exc:
+            raise ParcaeError(f"tokenizer {location}: {exc}") from None
+        (tmp / name).write_bytes(data)
+        location = str(tmp / name)
+    return TextTokenizer(location)
 
 
 # --------------------------------------------------------------------------------------------------------

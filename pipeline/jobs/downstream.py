@@ -25,19 +25,24 @@ from data_prep.inspect import read_manifest
 from data_prep.storage import (
     LocalStore,
     S3Options,
-    StorageError,
     check_writable,
-    is_s3,
     make_dir,
     open_store,
     write_text,
 )
-from data_prep.tokenizer import BOS_ID, TextTokenizer, TokenizerError
+from data_prep.tokenizer import TokenizerError
 from model import ParcaeLM
 from parcae_errors import ParcaeError, ReportedElsewhere
 from pipeline.evaluation.bundle import Bundle
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
-from pipeline.evaluation.downstream import DEFAULT_BATCH_TOKENS, DEFAULT_SEED, Suite, evaluate_downstream
+from pipeline.evaluation.downstream import (
+    DEFAULT_BATCH_TOKENS,
+    DEFAULT_SEED,
+    Suite,
+    evaluate_downstream,
+    open_tokenizer,
+    prompt_start,
+)
 from pipeline.evaluation.losses import try_fit
 from pipeline.evaluation.report import write_downstream_tensorboard
 from pipeline.jobs.evaluate import Source
@@ -56,27 +61,6 @@ DEFAULT_LOOPS = (1, 2, 4, 8, 16)
 LABELS = {"core": "CORE", "core_extended": "Core-Extended"}
 
 
-def prompt_start(tokenizer: TextTokenizer) -> int:
-    """The token every prompt starts with: the tokenizer's BOS; ours (SentencePiece) has <bos> though its
-    shards carry none (the paper's evaluation starts documents with it); a tokenizer without one, its EOS."""
-    if tokenizer.bos_id is not None:
-        return tokenizer.bos_id
-    return BOS_ID if tokenizer.kind == "sentencepiece" else tokenizer.eos_id
-
-
-def open_tokenizer(location: str, options: S3Options, tmp: Path) -> TextTokenizer:
-    """A tokenizer file, local or s3:// (copied into ``tmp``)."""
-    if is_s3(location):
-        parent, _, name = location.rpartition("/")
-        try:
-            data = open_store(parent, options).get_bytes(name)
-        except StorageError as exc:
-            raise ParcaeError(f"tokenizer {location}: {exc}") from None
-        (tmp / name).write_bytes(data)
-        location = str(tmp / name)
-    return TextTokenizer(location)
-
-
 def source_tokenizer(given: str | None, source: Source, source_arg: str, options: S3Options) -> str:
     """Where the tokenizer of ``source`` is (see the module doc), or a clear error."""
     spec = source.spec
@@ -86,7 +70,7 @@ def source_tokenizer(given: str | None, source: Source, source_arg: str, options
         return spec.tokenizer.path
     if (Path(source_arg) / "tokenizer.json").is_file():
         return str(Path(source_arg) / "tokenizer.json")
-    for url in (spec.data.val_url, spec.data.url) if spec else ():
+    for url in (spec.data.val_url, spec.data.train_url) if spec else ():
         if url:
             try:
                 return str(read_manifest(open_store(url, options))["tokenizer"]["path"])

@@ -272,6 +272,24 @@ class LoggingSpec(Spec):
     )
 
 
+class DownstreamSpec(Spec):
+    """Downstream evaluation during training (CORE / Core-Extended of an eval bundle), off without a bundle."""
+
+    bundle: str | None = Field(
+        None,
+        description="Eval bundle: a folder, its .zip, or an s3:// prefix (core.yaml, eval_meta_data.csv, eval_data/).",
+    )
+    tasks: list[Literal["core", "core-extended"]] = Field(default_factory=lambda: ["core"], min_length=1, max_length=2)
+    interval_steps: Count = Field(5000, description="Steps between downstream evaluations (and at the last step).")
+    max_per_task: Annotated[int, Field(gt=0, le=10**7)] | None = Field(
+        100, description="Items per task (shuffled once with a fixed seed, then cut); None = all."
+    )
+    seeds: list[Annotated[int, Field(ge=0, le=2**31)]] = Field(
+        default_factory=lambda: [1234], min_length=1, max_length=16, description="Few-shot seeds."
+    )
+    batch_tokens: Annotated[int, Field(gt=0, le=2**24)] = Field(8192, description="Tokens per scoring forward.")
+
+
 class EvalSpec(Spec):
     interval_steps: Count = 1000
     loop_counts: list[Annotated[int, Field(gt=0, le=MAX_LOOPS)]] = Field(
@@ -287,6 +305,7 @@ class EvalSpec(Spec):
     )
     h0_seeds: Annotated[int, Field(gt=0, le=64)] = Field(3, description="paper protocol: like-init h0 seeds.")
     documents: Annotated[int, Field(gt=0, le=10**6)] = Field(1000, description="paper protocol: documents scored.")
+    downstream: DownstreamSpec = Field(default_factory=DownstreamSpec)
 
 
 class StorageSpec(Spec):

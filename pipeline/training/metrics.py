@@ -113,8 +113,10 @@ class MetricsLogger:
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                group = "val" if key.startswith("val_") else "train"
-                self.writer.add_scalar(f"{group}/{key}", value, step)
+                if "/" in key:  # already a tag (downstream/...)
+                    self.writer.add_scalar(key, value, step)
+                else:
+                    self.writer.add_scalar(f"{'val' if key.startswith('val_') else 'train'}/{key}", value, step)
         if loop_counts is not None:
             self.writer.add_histogram("train/sampled_loops", loop_counts, step)
         if "lr" in record:

@@ -72,7 +72,44 @@ def data_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
                 f"{key}: {url} holds {len(manifest['shards'])} shard(s), fewer than the {spec.world_size} ranks "
                 "(cluster.nodes x procs_per_node) that each read their own; write smaller shards (--shard-size)"
             )
+    downstream_problems(spec, problems, unreadable)
     return problems, unreadable
+
+
+def downstream_problems(spec: JobSpec, problems: list[str], unreadable: list[str]) -> None:
+    """eval.downstream: its bundle lists its suites' tasks with their baselines (the items are read by the
+    ranks), and the run has a tokenizer to write the prompts with."""
+    downstream = spec.eval.downstream
+    if not downstream.bundle:
+        return
+    from pipeline.evaluation.bundle import Bundle, BundleUnreachable
+
+    try:
+        bundle = Bundle(downstream.bundle, spec.storage.s3_options())
+        for suite in dict.fromkeys(downstream.tasks):
+            bundle.suite(suite)
+    except BundleUnreachable as exc:
+        unreadable.append(f"eval.downstream.bundle: {exc}")
+    except ParcaeError as exc:
+        problems.append(f"eval.downstream.bundle: {exc}")
+    location = spec.tokenizer.path
+    if not location:
+        try:
+            location = read_manifest(open_store(spec.data.train_url, spec.storage.s3_options()))["tokenizer"]["path"]
+        except (ParcaeError, KeyError):
+            return  # reported with the data
+    parent, _, name = str(location).rpartition("/")
+    try:
+        readable = open_store(parent or ".", spec.storage.s3_options()).exists(name)
+    except StorageError as exc:
+        unreadable.append(f"eval.downstream: the run's tokenizer {location}: {exc}")
+        return
+    if not readable:
+        where = "tokenizer.path" if spec.tokenizer.path else "the tokenizer the shards name"
+        problems.append(
+            f"eval.downstream: the prompts are written with the run's tokenizer, but {where} ({location}) does "
+            "not exist here; set tokenizer.path"
+        )
 
 
 def _manifest_problems(

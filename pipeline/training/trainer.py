@@ -41,7 +41,7 @@ from pipeline.training.metrics import MetricsLogger
 from pipeline.training.preflight import PREFLIGHT_ENV, preflight
 from pipeline.training.schedule import lr_multiplier
 from pipeline.training.step import DepthSampler, Progress, TrainingHalted, train_step
-from pipeline.training.validation import Validator
+from pipeline.training.validation import DownstreamEvaluator, Validator
 from pipeline.training.weights import initial_weights
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ class Trainer:
                 device=self.device,
                 **ranks,
             )
+        self.downstream = self.downstream_evaluator(spec, cfg, options, ranks)
         self.checkpointer = Checkpointer(spec.checkpoint, options, loaded.to_yaml())
         self.sampler = DepthSampler.for_model(cfg, seed=t.seed, micro_batch_size=t.micro_batch_size, **ranks)
         self.guard = LossGuard(t.spike_zscore)
@@ -206,6 +207,11 @@ class Trainer:
                 self.metrics.log_step(progress, result, step_start, last, self.details)
                 if self.validator and self.validator.due(progress.step, last):
                     self.metrics.write({"step": progress.step, **self.validator.run(self.engine)})
+                if self.downstream and self.downstream.due(progress.step, last):
+                    started = time.perf_counter()
+                    scores = self.downstream.run(self.engine)
+                    scores["downstream/seconds"] = time.perf_counter() - started
+                    self.metrics.write({"step": progress.step, **scores})
                 stop = self.stop.agreed(lost_lease=self.lock is not None and self.lock.lost)
                 if progress.step % self.spec.checkpoint.interval_steps == 0 or last or stop:
                     self.save(progress)
@@ -234,6 +240,19 @@ class Trainer:
             )
         dist.barrier()  # every rank is done with the group; run_train tears it down
         return code
+
+    def downstream_evaluator(self, spec: JobSpec, cfg, options, ranks: dict[str, int]) -> DownstreamEvaluator | None:
+        """``eval.downstream``, built (bundle and tokenizer read) on every rank; a problem, which every rank
+        finds, is said by rank 0."""
+        if not spec.eval.downstream.bundle:
+            return None
+        tokenizer = spec.tokenizer.path or self.loader.manifest["tokenizer"]["path"]
+        try:
+            return DownstreamEvaluator(
+                spec.eval.downstream, spec.eval.loop_counts, cfg, tokenizer, options, device=self.device, **ranks
+            )
+        except ParcaeError as exc:
+            raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
 
     def train_step(self, batches, progress: Progress):
         return train_step(

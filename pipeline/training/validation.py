@@ -1,21 +1,30 @@
-"""The training loop's periodic validation: the loss at every ``eval.loop_counts`` T, every rank its share
-of the validation rows, the sums reduced over ranks, and the fitted L(T). ``eval.protocol`` pipeline:
-packed rows, h_0 = 0; paper: the reference's, one held-out document per row, like-init h_0 averaged over
-``eval.h0_seeds`` seeds (each loop count's spread over the seeds logged as ``val_loss_loops_T_std``)."""
+"""The training loop's periodic evaluations.
+
+`Validator`: the loss at every ``eval.loop_counts`` T, every rank its share of the validation rows, the
+sums reduced over ranks, and the fitted L(T). ``eval.protocol`` pipeline: packed rows, h_0 = 0; paper: the
+reference's, one held-out document per row, like-init h_0 averaged over ``eval.h0_seeds`` seeds (each loop
+count's spread over the seeds logged as ``val_loss_loops_T_std``). `DownstreamEvaluator`: CORE and
+Core-Extended of ``eval.downstream.bundle`` at the same loop counts (`pipeline.evaluation.downstream`)."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from data_prep.storage import S3Options
 from model import ParcaeConfig
+from parcae_errors import ParcaeError
 from pipeline.data import rows_loader
+from pipeline.evaluation.bundle import Bundle
 from pipeline.evaluation.documents import document_batches, documents_from_rows
+from pipeline.evaluation.downstream import Suite, evaluate_downstream, open_tokenizer, prompt_start
 from pipeline.evaluation.losses import Batch, loss_sums, seed_metrics
+from pipeline.evaluation.report import downstream_scalars
 from pipeline.evaluation.token_bytes import special_ids
-from pipeline.jobspec import EvalSpec
+from pipeline.jobspec import DownstreamSpec, EvalSpec
 
 
 class Validator:
@@ -79,3 +88,69 @@ class Validator:
         mine = docs[self.rank :: self.world_size]
         batches = document_batches(mine, self.batch_size, self.cfg.max_seq_len, bos)
         return [(i.to(self.device), t.to(self.device)) for i, t in batches]
+
+
+class DownstreamEvaluator:
+    """``eval.downstream``: CORE (and Core-Extended) of an eval bundle at ``eval.loop_counts``, every rank
+    scoring its share of the batches through the engine (h_0 = 0). Built at start-up: the bundle's items
+    are read and the tokenizer loaded then, so a broken bundle fails before the first step."""
+
+    def __init__(
+        self,
+        spec: DownstreamSpec,
+        loop_counts: list[int],
+        cfg: ParcaeConfig,
+        tokenizer: str,
+        options: S3Options,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ):
+        self.spec, self.cfg, self.device = spec, cfg, device
+        self.rank, self.world_size = rank, world_size
+        self.loop_counts = sorted(set(loop_counts)) if cfg.looped else None
+        assert spec.bundle
+        self.suite = Suite.load(Bundle(spec.bundle, options), list(dict.fromkeys(spec.tasks)), spec.max_per_task)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.text = open_tokenizer(tokenizer, options, Path(tmp))
+        if self.text.vocab_size > cfg.vocab_size:
+            raise ParcaeError(
+                f"eval.downstream: tokenizer {tokenizer} has {self.text.vocab_size} tokens, more than model.vocab_size"
+            )
+        self.start = prompt_start(self.text)
+
+    def due(self, step: int, last_step: bool) -> bool:
+        return step % self.spec.interval_steps == 0 or last_step
+
+    @torch.no_grad()
+    def run(self, engine: Any) -> dict[str, float]:
+        """Every rank calls it: ``downstream/core_loops_T`` (and ``core_extended``, each task's centered
+        accuracy under ``downstream/centered/``), as `parcae eval` logs them."""
+        d = self.cfg.d_model
+
+        def forward_at(loops: int | None):
+            if loops is None:
+                return lambda ids: engine(ids)
+            return lambda ids: engine(ids, loops=loops, h0=torch.zeros(*ids.shape, d, device=ids.device))
+
+        was_training = engine.training
+        engine.eval()
+        try:
+            scored = evaluate_downstream(
+                forward_at,
+                self.suite,
+                encode=self.text.encode,
+                prefix=self.start,
+                pad=self.start,
+                max_len=self.cfg.max_seq_len,
+                loop_counts=self.loop_counts,
+                seeds=self.spec.seeds,
+                device=self.device,
+                batch_tokens=self.spec.batch_tokens,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+        finally:
+            engine.train(was_training)
+        return downstream_scalars(scored["results"])

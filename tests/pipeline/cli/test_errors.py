@@ -92,6 +92,24 @@ def test_shards_of_a_larger_vocabulary_are_refused_before_training(tmp_path, sha
     assert_one_clean_error(run("validate", *wrong_kind), 2, needle)
 
 
+def test_a_downstream_bundle_that_cannot_work_is_refused_before_training(tmp_path, shards, tokenizer):
+    from tests.icl_bundles import make_bundle
+
+    bundle = make_bundle(tmp_path / "bundle")
+    (bundle / "core.yaml").write_text((bundle / "core.yaml").read_text().replace("schema", "ranking"))
+    args = tiny(shards, tmp_path / "run", f"eval.downstream.bundle={bundle}", f"tokenizer.path={tokenizer}")
+    needle = "eval.downstream.bundle: " + str(bundle / "core.yaml") + ": icl_tasks[1] (pets): icl_task_type 'ranking'"
+    assert_one_clean_error(run("validate", *args), 2, needle)
+    result = run("train", *args, timeout=120)
+    assert_one_clean_error(result, 2, needle)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing started
+    extended = tiny(
+        shards, tmp_path / "run", f"eval.downstream.bundle={bundle}", "eval.downstream.tasks=[core-extended]"
+    )
+    (bundle / "core_extended.yaml").unlink()
+    assert_one_clean_error(run("validate", *extended), 2, "core_extended.yaml: no such file", "set tokenizer.path")
+
+
 def test_outputs_that_cannot_be_written_are_found_before_training(tmp_path, shards, s3_server):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -255,3 +255,40 @@ def test_continued_pretraining_starts_from_the_given_weights(tmp_path, shards):
     assert refused.wait(timeout=300) == 1
     log = (tmp_path / "other.log").read_text()
     assert "holds another model than this spec's model section: d_model: 128" in log and "Traceback" not in log
+
+
+def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, shards, tokenizer):
+    """eval.downstream: CORE and Core-Extended at the spec's loop counts, scored by the 2 ranks through the
+    ZeRO-3 engine, logged to metrics.jsonl and TensorBoard; at the last step they equal what `parcae eval`
+    scores from the run's last checkpoint on one rank."""
+    from tests.icl_bundles import make_bundle
+    from tests.pipeline.jobs.test_eval import event_scalars
+
+    bundle = make_bundle(tmp_path / "eval_bundle")
+    extra = [
+        f"eval.downstream.bundle={bundle}",
+        "eval.downstream.tasks=[core, core-extended]",
+        "eval.downstream.interval_steps=5",
+        "eval.downstream.max_per_task=8",
+        f"tokenizer.path={tokenizer}",
+    ]
+    records = run_variant(tmp_path, shards, "downstream", 10, extra)
+    scored = [r for r in records if "downstream/core_loops_4" in r]
+    assert [r["step"] for r in scored] == [5, 10]
+    last = scored[-1]
+    assert {"downstream/core_extended_loops_1", "downstream/centered/counting_long_loops_4"} <= last.keys()
+    assert last["downstream/seconds"] > 0
+    out = tmp_path / "eval"
+    cmd = [*parcae_cmd(), "eval", str(tmp_path / "downstream"), "--tasks", "core", "core-extended"]
+    cmd += ["--bundle", str(bundle), "--max-per-task", "8", "--loops", "1", "4", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "downstream.json").read_text())
+    assert report["step"] == 10
+    for result in report["results"]:
+        suffix = f"_loops_{result['loops']}"
+        assert last[f"downstream/core{suffix}"] == pytest.approx(result["core"], abs=1e-9)
+        assert last[f"downstream/core_extended{suffix}"] == pytest.approx(result["core_extended"], abs=1e-9)
+    scalars, _ = event_scalars(tmp_path / "downstream" / "tensorboard")
+    assert [s for s, _ in scalars["downstream/core_loops_1"]] == [5, 10, 10]  # the run's, then parcae eval's
+    assert "val/val_loss_loops_4" in scalars  # beside the validation loss
