@@ -141,3 +141,30 @@ def test_export_carries_the_tokenizer_json_and_generates_with_it(tmp_path, hf_to
     with pytest.raises(ParcaeError, match="--tokenizer .*missing.json: no such tokenizer"):
         export_hf(build_model(cfg, seed=0), tmp_path / "hf2", str(tmp_path / "missing.json"))
     assert not (tmp_path / "hf2").exists()  # checked before anything is written
+
+
+def test_downstream_eval_of_a_released_directory_with_its_tokenizer_json(tmp_path, hf_tokenizer):
+    """A released directory that carries its tokenizer.json is scored with it: prompts start with its BOS."""
+    import dataclasses
+    import shutil
+
+    from model import build_model
+    from pipeline.evaluation.bundle import Bundle
+    from pipeline.evaluation.downstream import Suite, prompt_items, prompt_start
+    from tests.icl_bundles import make_bundle
+    from tests.model.test_parcae import TINY, randomize
+    from tests.model.test_weights import write_released
+
+    text = TextTokenizer(hf_tokenizer)
+    assert prompt_start(text) == text.bos_id == 0
+    bundle = make_bundle(tmp_path / "bundle")
+    prompted = prompt_items(Suite.load(Bundle(str(bundle)), ["core"], 4), text.encode, 0, 10_000, 1234)
+    assert all(key[0][0] == 0 and key[0].count(0) == 1 for p in prompted for key in p.keys)
+    cfg = dataclasses.replace(TINY, vocab_size=640)
+    directory = write_released(tmp_path / "parcae-tiny", randomize(build_model(cfg, seed=2), seed=5))
+    shutil.copyfile(hf_tokenizer, directory / "tokenizer.json")
+    cmd = [*parcae_cmd(), "eval", str(directory), "--tasks", "core", "--bundle", str(bundle), "--loops", "1", "2"]
+    result = subprocess.run([*cmd, "--max-per-task", "4"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "parcae-tiny-eval" / "downstream.json").read_text())
+    assert report["tokenizer"] == str(directory / "tokenizer.json") and len(report["results"]) == 2

@@ -56,7 +56,7 @@ def score(model, suite, text, loops=(2,), seeds=(1234,), **kwargs):
             prefix=BOS_ID,
             pad=BOS_ID,
             max_len=CFG.max_seq_len,
-            loop_counts=list(loops),
+            loop_counts=list(loops) if loops else None,
             seeds=list(seeds),
             keep_items=True,
             **kwargs,
@@ -231,3 +231,10 @@ def test_bad_bundles_are_named_with_the_file_and_field(bundle, tmp_path):
     with pytest.raises(BundleError, match=r"--bundle .*nowhere: no such directory or .zip"):
         Bundle(str(tmp_path / "nowhere"))
     assert NUMBERS  # the counting items come from it
+
+
+def test_the_gpt_baseline_is_scored_once_without_loops(suite, text):
+    gpt = build_model(ParcaeConfig(arch="gpt", vocab_size=512, d_model=64, n_head=2, n_layers=2, max_seq_len=64))
+    report = score(gpt, suite, text, loops=None)
+    (result,) = report["results"]
+    assert result["loops"] is None and {"core", "core_extended"} <= result.keys() and "core_std" not in result
