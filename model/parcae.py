@@ -20,6 +20,8 @@ Design choices:
   costs nothing: each loop runs the core on the rows still looping only (gather, then index_copy back).
 - Activation checkpointing per loop iteration with torch's non-reentrant checkpoint; A_bar and the
   value-embedding lookups are computed inside the checkpointed step.
+- The loss is computed over chunks of positions (at most LOSS_CHUNK_ELEMENTS fp32 logits each, recomputed in
+  the backward), so its peak memory does not grow with batch x sequence x vocabulary.
 - Every parameter is used inside its own module's forward (the tied LM head is a mode of the embedding
   module), so ZeRO-3's gather hooks see every use. No DeepSpeed import here.
 - The looped part (injection, core blocks, their value embeddings) is one module, `Recurrence`, whose
@@ -281,11 +283,17 @@ class Recurrence(nn.Module):
         return u
 
 
+# The loss computes the fp32 logits of at most this many elements at a time (128 MiB): at vocab 32,768 that
+# is 1,024 positions per chunk; a batch of fewer positions is one chunk, as before.
+LOSS_CHUNK_ELEMENTS = 2**25
+
+
 class ParcaeLM(nn.Module):
     def __init__(self, cfg: ParcaeConfig):
         super().__init__()
         cfg.check()
         self.cfg = cfg
+        self.loss_chunk_rows: int | None = None  # positions per loss chunk (None: LOSS_CHUNK_ELEMENTS / vocab)
         d, v = cfg.d_model, cfg.padded_vocab_size
         if cfg.looped:
             self.transformer = nn.ModuleDict(
@@ -426,10 +434,28 @@ class ParcaeLM(nn.Module):
         return self.value_embeds[key](idx) if key in self.value_embeds else None
 
     def _head(self, x: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-        logits = self.transformer.wte(self.transformer.ln_f(x), as_head=True).float()
+        x = self.transformer.ln_f(x)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            return self.transformer.wte(x, as_head=True).float()
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        rows = self.loss_chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // self.cfg.padded_vocab_size)
+        if x.size(0) <= rows:
+            return self._chunk_loss(x, targets) / (targets != -100).sum()
+        # The fp32 logits of one chunk of positions at a time: the chunk's logits are recomputed in the
+        # backward (non-reentrant checkpoint), so peak memory holds one chunk's, not the whole batch's.
+        total = x.new_zeros((), dtype=torch.float32)
+        for start in range(0, x.size(0), rows):
+            part = slice(start, start + rows)
+            if torch.is_grad_enabled():
+                total = total + checkpoint(self._chunk_loss, x[part], targets[part], use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(x[part], targets[part])
+        return total / (targets != -100).sum()
+
+    def _chunk_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of rows of final-normed states against their targets (-100 ignored)."""
+        logits = self.transformer.wte(x, as_head=True).float()
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
 
     def initial_state(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.cfg.h0_init == "zeros":

@@ -308,6 +308,31 @@ def test_checkpointing_gives_the_same_loss_and_gradients(injection, draw):
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("arch", ["parcae", "gpt"])
+def test_the_chunked_loss_equals_the_whole_one(arch):
+    """The loss over chunks of positions (logits recomputed in the backward) against one cross-entropy over
+    the whole batch's logits: the same loss and gradients, ignored targets included, with or without grad."""
+    changes = {"arch": "gpt", "n_layers": 3} if arch == "gpt" else {}
+    model = randomize(tiny(**changes))
+    x_ids = ids(seed=4)
+    targets = x_ids.roll(-1, 1)
+    targets[0, :6] = -100
+    kwargs = {"loops": 3, "h0": torch.zeros(*x_ids.shape, TINY.d_model)} if arch == "parcae" else {}
+    logits = model(x_ids, **kwargs)
+    whole = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    whole.backward()
+    expected = grads(model)
+    model.zero_grad()
+    model.loss_chunk_rows = 7  # 64 positions: 10 chunks, the last one short
+    chunked = model(x_ids, targets, **kwargs)
+    chunked.backward()
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x_ids, targets, **kwargs), whole, atol=1e-6, rtol=1e-6)
+
+
 def test_every_parameter_gets_a_gradient():
     model = randomize(tiny())
     x_ids = ids()

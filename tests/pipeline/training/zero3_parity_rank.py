@@ -60,6 +60,8 @@ def main() -> None:
     init_distributed("cpu")
     t = spec.training
     engine = engine_for_job(spec, world, rank, "cpu")
+    if os.environ.get("LOSS_CHUNK_ROWS"):  # the loss over several chunks (recomputed in the backward)
+        engine.module.loss_chunk_rows = int(os.environ["LOSS_CHUNK_ROWS"])
     # the recurrence is gathered as one unit only when asked (it then has no per-module hooks of its own)
     assert z3_leaf_module(engine.module.transformer.recurrence) == (spec.zero.gather_unit == "block")
     recorder = GradientRecorder(engine)
