@@ -294,6 +294,7 @@ class ParcaeLM(nn.Module):
         cfg.check()
         self.cfg = cfg
         self.loss_chunk_rows: int | None = None  # positions per loss chunk (None: LOSS_CHUNK_ELEMENTS / vocab)
+        self.compiled_units = 0  # set by compile_units
         d, v = cfg.d_model, cfg.padded_vocab_size
         if cfg.looped:
             self.transformer = nn.ModuleDict(
@@ -428,6 +429,23 @@ class ParcaeLM(nn.Module):
         for block in self.transformer.coda:
             x = block(x, rope, self._value_embedding(block, idx))
         return self._head(x, targets)
+
+    def compile_units(self) -> int:
+        """``torch.compile`` the repeated units in place: every block outside the loop (every block of the
+        GPT baseline) and the loop body (injection + core blocks, one graph per loop). Only their
+        ``forward`` is replaced, so parameter names, state dicts and module hooks (a sharding wrapper's)
+        stay as they are. Shapes are compiled dynamic from the start: the loop body sees a batch of
+        however many rows still loop, and that must not recompile. Compilation happens at the first
+        forward. Returns the number of units."""
+        units: list[nn.Module] = list(self.transformer.h) if not self.cfg.looped else []
+        if self.cfg.looped:
+            units = [*self.transformer.prelude, *self.transformer.coda]
+            recurrence = self.transformer.recurrence
+            recurrence._core = torch.compile(recurrence._core, dynamic=True)
+        for block in units:
+            block.forward = torch.compile(block.forward, dynamic=True)
+        self.compiled_units = len(units) + int(self.cfg.looped)
+        return self.compiled_units
 
     def _value_embedding(self, block: Block, idx: torch.Tensor) -> torch.Tensor | None:
         key = str(block.layer)

@@ -34,8 +34,8 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument(
         "source",
-        help="safetensors: the run's checkpoint.dir (e.g. runs/NAME/checkpoints); hf: a run directory, checkpoint "
-        "directory, safetensors file or released model directory",
+        help="safetensors: a run directory or its checkpoint.dir (e.g. runs/NAME/checkpoints); hf: also a "
+        "safetensors file or released model directory",
     )
     p.add_argument("--out", required=True, help="output .safetensors path (hf: a directory)")
     p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors", help="default safetensors")
@@ -63,9 +63,16 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "safetensors":
+        from pathlib import Path
+
+        from pipeline.jobs.evaluate import run_checkpoint_dir
+        from pipeline.training.checkpoint import LATEST
         from pipeline.training.weights import export_checkpoint
 
-        print(export_checkpoint(args.source, args.out, args.tag))
+        source, run = args.source, Path(args.source)
+        if (run / "spec.yaml").is_file() and not (run / LATEST).is_file():  # a run directory
+            source = run_checkpoint_dir(run)
+        print(export_checkpoint(source, args.out, args.tag))
         return 0
     from pathlib import Path
 

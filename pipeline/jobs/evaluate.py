@@ -77,9 +77,7 @@ def load_source(source: str, given: JobSpec | None, tag: str | None) -> Source:
         model = load_pretrained(given.model.build(), path) if given else load_pretrained(path)
         return Source(model, given, path.name, 0, path.with_name(path.name + "-eval"), None)
     elif (path / "spec.yaml").is_file():
-        saved = load_spec(path / "spec.yaml").spec
-        run_dir = path
-        ckpt_dir = rebase(saved.checkpoint.dir or "checkpoints", saved.run_dir, path)
+        run_dir, ckpt_dir = path, run_checkpoint_dir(path)
     else:
         raise ParcaeError(
             f"{path}: neither a run directory (spec.yaml), a checkpoint directory ({checkpoint.LATEST}) nor a "
@@ -93,6 +91,12 @@ def load_source(source: str, given: JobSpec | None, tag: str | None) -> Source:
     else:
         run_dir = Path(spec.run_dir or ".")
     return Source(model, given or spec, f"{run_dir.name}/{tag}", step, run_dir / "eval" / tag, tensorboard)
+
+
+def run_checkpoint_dir(run_dir: Path) -> str:
+    """A run directory's checkpoint directory, as its spec.yaml names it (moved with a copied run)."""
+    saved = load_spec(run_dir / "spec.yaml").spec
+    return rebase(saved.checkpoint.dir or "checkpoints", saved.run_dir, run_dir)
 
 
 def rebase(location: str, old_root: str | None, new_root: Path) -> str:

@@ -202,12 +202,23 @@ class TrainingSpec(Spec):
         description="bf16-mixed: the reference's (fp32 weights under autocast: bf16 matmuls, fp32 residual stream "
         "and loop state); bf16: everything bf16 (fp32 master weights); auto: bf16-mixed on GPU, fp32 on CPU.",
     )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="torch.compile the repeated units (blocks outside the loop, the loop body); auto: on GPU, off on "
+        "CPU (a first compile there takes about a minute).",
+    )
     max_nonfinite_steps: Annotated[int, Field(gt=0, le=10**6)] = Field(
         5, description="Stop (with a checkpoint) after this many non-finite micro-batch losses in a row."
     )
     spike_zscore: Annotated[float, Field(gt=0, le=1e3)] | None = Field(
         None, description="Skip micro-batches whose loss exceeds the recent mean by this many standard deviations."
     )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        """YAML reads a bare on/off (and yes/no, true/false) as a boolean."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _length(self) -> TrainingSpec:

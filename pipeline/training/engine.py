@@ -123,11 +123,13 @@ def build_engine(
     seed: int,
     rank: int,
     initial: Callable[[], dict[str, torch.Tensor]] | None = None,
+    compile_units: bool = False,
 ) -> Any:
     """The DeepSpeed engine (``engine.module`` is the model) for a config built by `build_ds_config`;
     ``lr_multiplier(step)`` scales the optimizer's learning rates. ``optimizer.name: muon`` (the
     reference's variant) is our `MuonAdamW`, handed to DeepSpeed as a client optimizer and told ZeRO-3's
-    partition layout; the others are DeepSpeed's own, from the config."""
+    partition layout; the others are DeepSpeed's own, from the config. ``compile_units``: torch.compile
+    the model's repeated units (`ParcaeLM.compile_units`)."""
     import deepspeed
 
     model = build_model_sharded(cfg, ds_config, zero, seed, rank, initial)
@@ -155,6 +157,11 @@ def build_engine(
     )
     if client is not None and zero.stage == 3:
         client.bind_zero3(engine.optimizer)
+    if compile_units:  # after DeepSpeed's hooks are on the modules: only the units' forward is compiled
+        units = engine.module.compile_units()
+        log.info(
+            "torch.compile: %d units (blocks outside the loop, the loop body); the first steps compile them", units
+        )
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
     if ds_config.get("torch_autocast", {}).get("enabled"):
         precision = "bf16-mixed (fp32 weights under autocast)"

@@ -292,3 +292,22 @@ def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, sha
     scalars, _ = event_scalars(tmp_path / "downstream" / "tensorboard")
     assert [s for s, _ in scalars["downstream/core_loops_1"]] == [5, 10, 10]  # the run's, then parcae eval's
     assert "val/val_loss_loops_4" in scalars  # beside the validation loss
+
+
+def test_compiled_training_resumes_and_exports(tmp_path, shards, expected):
+    """training.compile on, 2 ranks under ZeRO-3: the log says what compiling cost, the losses are the eager
+    run's to fp32 round-off, a second start resumes from the checkpoint, and the export loads as before."""
+    run_dir = tmp_path / "run"
+    first = start_run(train_cmd(shards, run_dir, 6, "training.compile=on"), tmp_path / "first.log")
+    assert first.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    log = (tmp_path / "first.log").read_text()
+    assert "torch.compile: 3 units" in log and "torch.compile: the first step took" in log
+    again = start_run(train_cmd(shards, run_dir, 8, "training.compile=on"), tmp_path / "again.log")
+    assert again.wait(timeout=900) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    assert "resuming at step 6" in (tmp_path / "again.log").read_text()
+    losses = step_losses(run_dir)
+    assert sorted(losses) == list(range(1, 9))
+    assert losses == pytest.approx({s: expected[s] for s in losses}, rel=1e-3)
+    out = tmp_path / "model.safetensors"
+    done = subprocess.run([*parcae_cmd(), "export", str(run_dir), "--out", str(out)], cwd=REPO, capture_output=True)
+    assert done.returncode == 0 and out.stat().st_size > 0, done.stderr[-2000:]

@@ -1,0 +1,55 @@
+"""`ParcaeLM.compile_units`: the compiled model gives the eager one's loss and gradients to fp32 round-off,
+its parameter names do not change (state dicts, checkpoints and exports read as before), and per-row loop
+counts (a batch of however many rows still loop) stop adding graphs after the first steps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from model import build_model, load_pretrained, save_reference
+from tests.model.test_parcae import TINY, grads, ids, randomize
+
+pytestmark = pytest.mark.slow
+
+
+def test_compiled_units_match_eager_and_stop_compiling(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    # a unit that reached the recompile limit would quietly run eager from then on: here it fails instead
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+
+    cfg = dataclasses.replace(TINY, activation_checkpointing=True)
+    eager = randomize(build_model(cfg, seed=0))
+    compiled = randomize(build_model(cfg, seed=0))
+    names = list(compiled.state_dict())
+    assert compiled.compile_units() == cfg.n_prelude + cfg.n_coda + 1
+    assert list(compiled.state_dict()) == names and not any("_orig_mod" in n for n in names)
+    graphs, before = [], counters["stats"]["unique_graphs"]
+    for step in range(24):
+        g = torch.Generator().manual_seed(step)
+        loops = (torch.randint(0, 4, (4,), generator=g), torch.randint(1, 4, (4,), generator=g))
+        x = ids(seed=step)
+        h0 = torch.zeros(*x.shape, cfg.d_model)
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            loss = model(x, x.roll(-1, 1), loops=loops, h0=h0)
+            loss.backward()
+            results.append((loss.detach(), grads(model)))
+        torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+        for name, grad in results[0][1].items():
+            torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-3, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    # the loop body compiles once per grad mode and batch-size class (dynamo specialises sizes 0 and 1);
+    # after the first steps nothing new compiles
+    assert graphs[-1] == graphs[11], graphs
+    assert graphs[-1] <= 3 * (cfg.n_prelude + cfg.n_coda) + 8, graphs
+    path = save_reference(compiled, tmp_path / "compiled.safetensors")  # exports read back as eager models
+    back = load_pretrained(path)
+    with torch.no_grad():
+        x = ids(seed=99)
+        h0 = torch.zeros(*x.shape, cfg.d_model)
+        torch.testing.assert_close(back(x, loops=3, h0=h0), compiled(x, loops=3, h0=h0), atol=1e-5, rtol=1e-5)
