@@ -2,7 +2,8 @@
 (same model, batch, loop-count sampling, AdamW, clipping; no DeepSpeed), in one run, on local shards.
 
 Targets (issue 5): `parcae train` on 1 rank reaches at least 0.9x the bare loop's tokens/s; 2 ranks
-against 1 is reported (on a 2-core machine two ranks share the cores).
+against 1 is reported (on a 2-core machine two ranks share the cores). With --compile both sides compile
+(the bare model's `compile_units`, `training.compile=on`); the first 5 steps (the compile) are not timed.
 
     python bench/train_throughput.py [--steps 40] [--d-model 128] [--seq-len 128] [--micro-batch 8]
 """
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--set", dest="extra", action="append", default=[], help="more spec overrides (all runs)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="parcae train runs to make")
+    parser.add_argument("--compile", action="store_true", help="compile the bare model and training.compile=on")
     parser.add_argument(
         "--threads", type=int, help="intra-op threads of the bare loop and of every rank (OMP_NUM_THREADS); "
         "default: all CPUs for the bare loop, `parcae train`'s own choice (its share of the CPUs) for the ranks"
@@ -73,6 +75,7 @@ def main() -> None:
             "logging.log_interval=5",
             "checkpoint.interval_steps=100000",
             "training.gradient_accumulation_steps=1",
+            *(["training.compile=on"] if args.compile else []),
             *args.extra,
         ]
 
@@ -100,6 +103,8 @@ def main() -> None:
         def bare() -> float:
             spec = load_spec(REPO / "configs" / "demo-tiny.yaml", [*overrides, "cluster.procs_per_node=1"]).spec
             model = build_model(spec.model.build(), seed=spec.training.seed)
+            if args.compile:
+                model.compile_units()
             opt = spec.optimizer
             optimizer = torch.optim.AdamW(param_groups(model, opt), lr=opt.lr, betas=opt.betas, eps=opt.eps)
             schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -142,7 +147,7 @@ def main() -> None:
     base = results["bare PyTorch, 1 process"]
     for label, rate in results.items():
         print(f"  {label:<32} {rate:10.0f} tokens/s   {rate / base:5.2f}x bare")
-    print(f"settings: {' '.join(args.extra) or 'as configs/demo-tiny.yaml (ZeRO-3)'}")
+    print(f"settings: {' '.join(args.extra) or 'as configs/demo-tiny.yaml (ZeRO-3)'}" + (", compiled" * args.compile))
     one, two = results.get("parcae train, 1 rank"), results.get("parcae train, 2 ranks")
     if one:
         print(

@@ -35,12 +35,14 @@ class MetricsLogger:
         tokens_per_step: int,
         flops_per_token: float,
         device_type: str,
+        measured_peak: float | None = None,
     ):
         self.interval, self.tensorboard_dir = spec.log_interval, spec.tensorboard_dir
         self.run_dir, self.rank, self.world_size, self.seq_len = run_dir, rank, world_size, seq_len
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
-        self.peak = spec.peak_flops_per_device or (None if device_type == "cpu" else H100_BF16_PEAK)
+        # a CPU's peak is measured (`pipeline.training.peak`); a GPU's is the published one unless given
+        self.peak = spec.peak_flops_per_device or (measured_peak if device_type == "cpu" else H100_BF16_PEAK)
         self.writer: Any = None
         self._restart_window()
 

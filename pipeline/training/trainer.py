@@ -38,6 +38,7 @@ from pipeline.training.engine import build_engine, engine_metrics
 from pipeline.training.guard import LossGuard
 from pipeline.training.lock import RunLock
 from pipeline.training.metrics import MetricsLogger
+from pipeline.training.peak import gemm_peak
 from pipeline.training.preflight import PREFLIGHT_ENV, preflight
 from pipeline.training.schedule import lr_multiplier
 from pipeline.training.step import DepthSampler, Progress, TrainingHalted, train_step
@@ -158,6 +159,7 @@ class Trainer:
             tokens_per_step=spec.tokens_per_step,
             flops_per_token=hardware_flops_per_token(cfg, spec.data.seq_len),
             device_type=device_type,
+            measured_peak=self.cpu_peak(spec) if device_type == "cpu" else None,
             **ranks,
         )
         self.stop = StopSignal()
@@ -248,6 +250,22 @@ class Trainer:
             )
         dist.barrier()  # every rank is done with the group; run_train tears it down
         return code
+
+    def cpu_peak(self, spec: JobSpec) -> float | None:
+        """This rank's measured matmul peak (in the matmuls' dtype), the MFU denominator on CPU; every rank
+        measures at once, each on its own threads."""
+        if spec.logging.peak_flops_per_device:
+            return None
+        dtype = torch.bfloat16 if spec.training.precision in ("bf16", "bf16-mixed") else torch.float32
+        peak = gemm_peak(dtype)
+        if self.info.rank == 0:
+            log.info(
+                "CPU: %s matmul peak measured at %.1f GFLOP/s per rank; MFU is against it "
+                "(logging.peak_flops_per_device overrides)",
+                str(dtype).removeprefix("torch."),
+                peak / 1e9,
+            )
+        return peak
 
     def downstream_evaluator(self, spec: JobSpec, cfg, options, ranks: dict[str, int]) -> DownstreamEvaluator | None:
         """``eval.downstream``, built (bundle and tokenizer read) on every rank; a problem, which every rank

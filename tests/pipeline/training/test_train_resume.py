@@ -196,6 +196,13 @@ def test_bf16_precisions_train_and_evaluate_under_zero3(tmp_path, shards, precis
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3 and evals and math.isfinite(evals[-1]["val_loss_loops_4"])
     log = (tmp_path / f"{precision}.log").read_text()
     assert f"ZeRO stage 3, {precision}" in log
+    # MFU on CPU is against the measured bf16 matmul peak
+    assert "CPU: bfloat16 matmul peak measured at" in log and 0 < steps[-1]["mfu"] < 2
+    # the checkpoint round trip: a second start resumes from step 10 and goes on training
+    records = run_variant(tmp_path, shards, precision, 12, [f"training.precision={precision}"])
+    assert "resuming at step 10" in (tmp_path / f"{precision}.log").read_text()
+    resumed = [r for r in records if "loss" in r and r["step"] > 10]
+    assert [r["step"] for r in resumed] == [11, 12] and all(math.isfinite(r["loss"]) for r in resumed)
 
 
 def test_periodic_evaluation_with_the_papers_protocol(tmp_path, shards):

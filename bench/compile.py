@@ -1,0 +1,253 @@
+"""Compile, precision and the chunked loss on this CPU, side by side in one run (issue 15).
+
+1. Matmul peak: dense square matmuls at 1024/2048/4096, fp32 and bf16, GFLOP/s (the best size).
+2. Bare model, compiled (`ParcaeLM.compile_units`) against eager, the same batches and loop draws (mean
+   recurrence 8, backprop depth 4, per-row counts): tokens/s and MFU against the fp32 peak, at the tiny
+   config (d=64) and a wide one (d=512, 2/2/2 blocks, vocab 8192, 8 x 256 tokens); then where the compiled
+   wide step's time goes (torch.profiler, by op family).
+3. bf16-mixed (autocast, fp32 weights) against fp32, both compiled, wide config: tokens/s, and the training
+   loss of --loss-steps steps on the embedded corpus (the same rows and draws).
+4. Head + loss at vocab 32,768 (micro batch 8 x 2048, d=768): peak resident memory of its forward and
+   backward, whole against chunked (each in a fresh process), and the time of a whole training step of a
+   model with that head (d=512, 2/2/2, 4 x 1024 tokens), chunked against whole.
+
+    .venv/bin/python bench/compile.py [--steps 10] [--loss-steps 200] [--skip-loss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TINY = {"vocab_size": 2048, "d_model": 64, "n_head": 2, "n_prelude": 1, "n_core": 1, "n_coda": 1}
+WIDE = {"vocab_size": 8192, "d_model": 512, "n_head": 4, "n_prelude": 2, "n_core": 2, "n_coda": 2}
+
+
+def peaks() -> dict[str, float]:
+    from pipeline.training.peak import gemm_peak
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        out[str(dtype).removeprefix("torch.")] = max(gemm_peak(dtype, size, 1.0) for size in (1024, 2048, 4096))
+    return out
+
+
+def config(shape: dict, seq: int):
+    from model import ParcaeConfig
+
+    return ParcaeConfig(**shape, max_seq_len=seq, mean_recurrence=8, mean_backprop_depth=4)
+
+
+def draws(cfg, micro: int, steps: int, vocab: int, seq: int):
+    from model import loop_generator, sample_loop_counts
+
+    g = torch.Generator().manual_seed(0)
+    return [
+        (
+            torch.randint(0, vocab, (micro, seq + 1), generator=g),
+            sample_loop_counts(micro, cfg.mean_recurrence, cfg.mean_backprop_depth, loop_generator(0, -1, s, 0)),
+        )
+        for s in range(steps)
+    ]
+
+
+def train_rate(cfg, batches, compiled: bool, precision: str, warmup: int = 4, losses: list | None = None) -> float:
+    """Tokens/s of AdamW steps over ``batches`` after ``warmup`` steps (the compile happens in them)."""
+    from model import build_model
+
+    model = build_model(cfg, seed=0)
+    if compiled:
+        model.compile_units()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    start, tokens = 0.0, 0
+    for step, (rows, loops) in enumerate(batches):
+        if step == warmup:
+            start, tokens = time.perf_counter(), 0
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = model(rows[:, :-1], rows[:, 1:], loops=loops)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        tokens += rows[:, 1:].numel()
+        if losses is not None:
+            losses.append(float(loss))
+    return tokens / (time.perf_counter() - start)
+
+
+def profile_families(cfg, batches) -> list[tuple[str, float]]:
+    """Share of the compiled step's self CPU time per op family (3 profiled steps after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model import build_model
+
+    model = build_model(cfg, seed=0)
+    model.compile_units()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(rows, loops):
+        loss = model(rows[:, :-1], rows[:, 1:], loops=loops)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for rows, loops in batches[:4]:
+        step(rows, loops)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for rows, loops in batches[4:7]:
+            step(rows, loops)
+    families = {
+        "matmul (mm, addmm, bmm, linear)": ("mm", "addmm", "bmm", "matmul", "linear"),
+        "attention (sdpa)": ("scaled_dot_product", "attention", "flash"),
+        "fused kernels (inductor)": ("cpp_fused", "compiled", "inductor", "graph"),
+        "row selection (index, index_copy, nonzero)": ("index", "nonzero", "gather", "scatter", "where"),
+        "optimizer (adamw)": ("adam", "_foreach", "lerp", "addcdiv", "sqrt"),
+        "loss (cross entropy, log_softmax)": ("cross_entropy", "log_softmax", "nll_loss"),
+        "copies and casts": ("copy", "to", "clone", "cat", "contiguous", "empty", "zeros", "fill"),
+    }
+    totals = {name: 0.0 for name in families} | {"other": 0.0}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        family = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
+        totals[family] += event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return sorted(((k, v / whole) for k, v in totals.items()), key=lambda kv: -kv[1])
+
+
+def head_memory(chunked: bool) -> dict[str, float]:
+    """In this (fresh) process: the head and loss of micro batch 8 x 2048, d=768, vocab 32,768."""
+    from model import ParcaeConfig, ParcaeLM
+
+    cfg = ParcaeConfig(vocab_size=32768, d_model=768, n_head=6, n_prelude=1, n_core=1, n_coda=1, max_seq_len=2048)
+    with torch.device("meta"):
+        model = ParcaeLM(cfg)
+    model.to_empty(device="cpu")
+    torch.nn.init.normal_(model.transformer.wte.weight, std=0.02)
+    torch.nn.init.ones_(model.transformer.ln_f.weight)
+    model.loss_chunk_rows = None if chunked else 8 * 2048
+    x = torch.randn(8, 2048, 768, requires_grad=True)
+    targets = torch.randint(0, 32768, (8, 2048))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    start = time.perf_counter()
+    loss = model._head(x, targets)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"peak_gib": peak - base, "seconds": seconds}
+
+
+def step_time(chunked: bool, steps: int = 4) -> float:
+    from model import build_model
+
+    cfg = config({**WIDE, "vocab_size": 32768}, 1024)
+    model = build_model(cfg, seed=0)
+    model.loss_chunk_rows = None if chunked else 4 * 1024
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = draws(cfg, 4, steps + 1, 32768, 1024)
+    for i, (rows, loops) in enumerate(batches):
+        if i == 1:
+            start = time.perf_counter()
+        loss = model(rows[:, :-1], rows[:, 1:], loops=loops)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - start) / steps
+
+
+def corpus_batches(cfg, steps: int, micro: int, seq: int):
+    """Rows of the embedded corpus (tokenizer and shards made here) with the draws of `draws`."""
+    import tempfile
+
+    from data_prep.corpus import BUILTIN, CorpusSpec, Problems, iter_documents
+    from data_prep.shards import ShardSettings, build_shards
+    from data_prep.storage import S3Options
+    from data_prep.tokenizer import TokenizerSettings, train_tokenizer
+    from pipeline.data import rows_loader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        docs = iter_documents(CorpusSpec((BUILTIN,)), Problems())
+        train_tokenizer(docs, TokenizerSettings(vocab_size=4096), root / "t")
+        build_shards([BUILTIN], str(root / "t.model"), str(root / "s"), ShardSettings(seq_len=seq), workers=2)
+        loader = rows_loader(
+            str(root / "s" / "train"), S3Options(), rank=0, world_size=1, batch_size=micro, seq_len=seq
+        )
+        rows = [b.clone() for _, b in zip(range(steps), loader, strict=False)]
+    loops = [d[1] for d in draws(cfg, micro, steps, 8, seq)]
+    return list(zip(rows, loops, strict=False))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per variant (after 4 warm-up)")
+    parser.add_argument("--loss-steps", type=int, default=200)
+    parser.add_argument("--skip-loss", action="store_true", help="part 3 without the loss comparison")
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.part:  # a fresh process for one memory measurement
+        print(json.dumps(head_memory(args.part == "chunked")))
+        return
+    from model import hardware_flops_per_token
+
+    peak = peaks()
+    print(f"threads {torch.get_num_threads()}")
+    print("1. matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
+    print("2. bare model, compiled vs eager (the same batches and loop draws, mean recurrence 8, depth 4):")
+    for label, shape, micro, seq in (("tiny d=64", TINY, 8, 128), ("wide d=512", WIDE, 8, 256)):
+        cfg = config(shape, seq)
+        batches = draws(cfg, micro, args.steps + 4, cfg.vocab_size, seq)
+        flops = hardware_flops_per_token(cfg, seq)
+        rates = {c: train_rate(cfg, batches, c, "fp32") for c in (False, True)}
+        for compiled, rate in rates.items():
+            mfu = flops * rate / peak["float32"]
+            print(
+                f"   {label:<11} {'compiled' if compiled else 'eager':<9} {rate:9.0f} tokens/s   MFU {mfu:.2f} (fp32)"
+            )
+        print(f"   {label:<11} compiled / eager {rates[True] / rates[False]:.2f}x")
+    cfg = config(WIDE, 256)
+    batches = draws(cfg, 8, 8, cfg.vocab_size, 256)
+    print("   where the compiled wide step's time goes (self CPU time):")
+    for family, share in profile_families(cfg, batches):
+        print(f"     {family:<44} {100 * share:5.1f}%")
+    print("3. bf16-mixed vs fp32, compiled, wide d=512:")
+    batches = draws(cfg, 8, args.steps + 4, cfg.vocab_size, 256)
+    fp32 = train_rate(cfg, batches, True, "fp32")
+    bf16 = train_rate(cfg, batches, True, "bf16-mixed")
+    print(f"   fp32 {fp32:.0f} tokens/s, bf16-mixed {bf16:.0f} tokens/s: {bf16 / fp32:.2f}x")
+    if not args.skip_loss:
+        rows = corpus_batches(cfg, args.loss_steps, 8, 256)
+        curves = {}
+        for precision in ("fp32", "bf16-mixed"):
+            curves[precision] = []
+            train_rate(cfg, rows, True, precision, warmup=0, losses=curves[precision])
+        last = {p: sum(c[-20:]) / 20 for p, c in curves.items()}
+        spread = max(abs(a - b) for a, b in zip(curves["fp32"][-20:], curves["bf16-mixed"][-20:], strict=True))
+        print(
+            f"   loss over {args.loss_steps} steps of the embedded corpus, mean of the last 20: "
+            f"fp32 {last['fp32']:.4f}, bf16-mixed {last['bf16-mixed']:.4f} (largest step difference there {spread:.4f})"
+        )
+    print("4. head + loss at vocab 32,768 (8 x 2048 positions, d=768), forward and backward, fresh processes:")
+    measured = {}
+    for part in ("whole", "chunked"):
+        done = subprocess.run([sys.executable, __file__, f"--part={part}"], capture_output=True, text=True, check=True)
+        measured[part] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"   {part:<8} peak +{measured[part]['peak_gib']:.2f} GiB, {measured[part]['seconds']:.2f} s")
+    chunks = 8 * 2048 // (2**25 // 32768)
+    memory = measured["whole"]["peak_gib"] / measured["chunked"]["peak_gib"]
+    head = measured["chunked"]["seconds"] / measured["whole"]["seconds"]
+    print(f"   memory whole / chunked {memory:.1f}x ({chunks} chunks); head time chunked / whole {head:.2f}x")
+    whole, chunked = step_time(False), step_time(True)
+    print(f"   training step, d=512 2/2/2, 4 x 1024, vocab 32,768: chunked / whole {chunked / whole:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
