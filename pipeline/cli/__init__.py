@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from data_prep.cli import add_prep_parser
 from parcae_errors import ParcaeError, ReportedElsewhere
-from pipeline.cli import demo, evaluate, plan, slurm, sweep, tb, train, validate, weights
+from pipeline.cli import demo, evaluate, generate, plan, slurm, sweep, tb, train, validate, weights
 from pipeline.jobspec.secrets import redact
 
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_parsers(sub)
     weights.add_parsers(sub)
     evaluate.add_parsers(sub)
+    generate.add_parsers(sub)
     plan.add_parsers(sub)
     sweep.add_parsers(sub)
     tb.add_parsers(sub)

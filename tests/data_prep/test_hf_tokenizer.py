@@ -168,3 +168,17 @@ def test_downstream_eval_of_a_released_directory_with_its_tokenizer_json(tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "parcae-tiny-eval" / "downstream.json").read_text())
     assert report["tokenizer"] == str(directory / "tokenizer.json") and len(report["results"]) == 2
+    # parcae generate with the directory's tokenizer.json: its BOS first, the model's greedy tokens
+    import torch
+
+    from model import load_pretrained
+
+    cmd = [*parcae_cmd(), "generate", str(directory), "--prompt", "The river is", "--json", "--max-new-tokens", "5"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(done.stdout)
+    ids = torch.tensor([[text.bos_id, *text.encode(["The river is"])[0]]])
+    expected = load_pretrained(directory).generate(ids, 5, loops=row["loops"])[0, ids.shape[1] :].tolist()
+    if text.eos_id in expected:
+        expected = expected[: expected.index(text.eos_id)]
+    assert row["tokens"] == expected

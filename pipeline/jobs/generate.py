@@ -1,0 +1,158 @@
+"""`parcae generate SOURCE --prompt TEXT`: text from any model `parcae eval` reads, with its tokenizer.
+
+Every prompt starts with the token CORE prompts start with (`pipeline.evaluation.downstream.prompt_start`)
+and is prefilled in one forward; each new token then runs through the layers alone against the KV cache
+(a core layer once per loop), h_0 = 0. One prompt streams its completion as it is generated; several
+(``--prompt`` repeated, or ``--prompt-file`` with one per line) are generated as one left-padded batch.
+A completion ends at the tokenizer's end-of-document token or after ``--max-new-tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_prep.storage import S3Options
+from parcae_errors import ParcaeError
+from pipeline.evaluation.downstream import open_tokenizer, prompt_start
+from pipeline.jobs.downstream import source_tokenizer
+from pipeline.jobs.evaluate import Source
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
+    texts = list(prompts or [])
+    if prompt_file:
+        try:
+            lines = Path(prompt_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ParcaeError(f"--prompt-file {prompt_file}: cannot read it as UTF-8 text ({exc})") from None
+        texts += [line for line in lines if line.strip()]
+    if not texts:
+        raise ParcaeError("give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line)")
+    return texts
+
+
+def completion(text, prompt_ids: list[int], new: list[int]) -> str:
+    """The text the new tokens add to the prompt's (decoded together: a word-initial piece keeps its space)."""
+    prompt = text.decode(prompt_ids[1:])
+    return text.decode([*prompt_ids[1:], *new])[len(prompt) :]
+
+
+def run_generate(
+    source: Source,
+    *,
+    source_arg: str,
+    prompts: list[str],
+    loops: int | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    tokenizer: str | None,
+    endpoint_url: str | None,
+    as_json: bool,
+    use_cache: bool = True,
+) -> list[dict[str, Any]]:
+    if max_new_tokens < 1:
+        raise ParcaeError(f"--max-new-tokens: at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ParcaeError(f"--temperature: 0 (greedy) or more, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ParcaeError(f"--top-k: at least 1, got {top_k}")
+    model = source.model.eval()
+    cfg = model.cfg
+    if loops is not None and (loops < 1 or not cfg.looped):
+        raise ParcaeError(
+            f"--loops {loops}: " + ("at least 1" if cfg.looped else "the GPT baseline has no loops; leave it out")
+        )
+    options = source.spec.storage.s3_options() if source.spec else S3Options.from_env(endpoint_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        location = source_tokenizer(tokenizer, source, source_arg, options)
+        text = open_tokenizer(location, options, Path(tmp))
+    if text.vocab_size > cfg.vocab_size:
+        raise ParcaeError(
+            f"tokenizer {location}: vocabulary {text.vocab_size} is larger than the model's {cfg.vocab_size}"
+        )
+    start = prompt_start(text)
+    ids = [[start, *row] for row in text.encode(prompts)]
+    longest = max(len(row) for row in ids)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        if len(ids) > 1:
+            raise ParcaeError(
+                f"a prompt of {longest - 1} tokens + {max_new_tokens} new tokens exceeds the model's context "
+                f"({cfg.max_seq_len}); a batch of prompts must fit: shorten them or lower --max-new-tokens"
+            )
+        ids[0] = ids[0][-(cfg.max_seq_len - 1) :] if len(ids[0]) >= cfg.max_seq_len else ids[0]
+    lengths = [len(row) for row in ids]
+    batch = torch.full((len(ids), max(lengths)), start, dtype=torch.long)
+    for r, row in enumerate(ids):
+        batch[r, batch.shape[1] - len(row) :] = torch.tensor(row)
+    generator = torch.Generator().manual_seed(seed)
+    used = loops if loops is not None else (cfg.mean_recurrence if cfg.looped else None)
+    stream = model.stream(
+        batch,
+        max_new_tokens,
+        loops=used,
+        temperature=temperature,
+        top_k=top_k,
+        generator=generator,
+        use_cache=use_cache,
+        lengths=lengths if len(set(lengths)) > 1 else None,
+    )
+    live = len(ids) == 1 and not as_json
+    if live:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+    new: list[list[int]] = [[] for _ in ids]
+    done = [False] * len(ids)
+    started, shown = time.perf_counter(), ""
+    for step in stream:
+        for r, token in enumerate(step[:, 0].tolist()):
+            if not done[r]:
+                done[r] = token == text.eos_id
+                if not done[r]:
+                    new[r].append(token)
+        if live:
+            decoded = completion(text, ids[0], new[0])
+            sys.stdout.write(decoded[len(shown) :])
+            sys.stdout.flush()
+            shown = decoded
+        if all(done):
+            break
+    seconds = time.perf_counter() - started
+    results = []
+    for r, prompt in enumerate(prompts):
+        results.append(
+            {
+                "prompt": prompt,
+                "completion": completion(text, ids[r], new[r]),
+                "tokens": new[r],
+                "prompt_tokens": lengths[r],
+                "loops": used,
+                "ended": "eos" if done[r] else "max_new_tokens",
+            }
+        )
+    generated = sum(len(n) for n in new)
+    stats = {"seconds": seconds, "tokens_per_s": generated / max(seconds, 1e-9), "cache": use_cache}
+    if as_json:
+        for result in results:
+            print(json.dumps({**result, **stats}))
+    else:
+        if live:
+            print()
+        else:
+            for result in results:
+                print(f"{result['prompt']}{result['completion']}\n")
+        loops_text = f"{used} loops, " if used is not None else ""
+        print(
+            f"[{generated} tokens in {seconds:.2f} s, {stats['tokens_per_s']:.1f} tokens/s; {loops_text}"
+            f"{'KV cache' if use_cache else 'no cache'}; tokenizer {location}]",
+            file=sys.stderr,
+        )
+    return results
