@@ -6,7 +6,7 @@
    config (d=64) and a wide one (d=512, 2/2/2 blocks, vocab 8192, 8 x 256 tokens); then where the compiled
    wide step's time goes (torch.profiler, by op family).
 3. bf16-mixed (autocast, fp32 weights) against fp32, both compiled, wide config: tokens/s, and the training
-   loss of --loss-steps steps on the embedded corpus (the same rows and draws).
+   loss of --loss-steps steps (4 x 128 tokens) on the embedded corpus (the same rows and draws).
 4. Head + loss at vocab 32,768 (micro batch 8 x 2048, d=768): peak resident memory of its forward and
    backward, whole against chunked (each in a fresh process), and the time of a whole training step of a
    model with that head (d=512, 2/2/2, 4 x 1024 tokens), chunked against whole.
@@ -61,8 +61,9 @@ def draws(cfg, micro: int, steps: int, vocab: int, seq: int):
     ]
 
 
-def train_rate(cfg, batches, compiled: bool, precision: str, warmup: int = 4, losses: list | None = None) -> float:
-    """Tokens/s of AdamW steps over ``batches`` after ``warmup`` steps (the compile happens in them)."""
+def train_rate(cfg, batches, compiled: bool, precision: str, warmup: int = 8, losses: list | None = None) -> float:
+    """Tokens/s of AdamW steps over ``batches`` after ``warmup`` steps (the compiles happen in them: the loop
+    body's variants, grad modes x batch sizes 0, 1, n, appear in the first steps)."""
     from model import build_model
 
     model = build_model(cfg, seed=0)
@@ -100,10 +101,10 @@ def profile_families(cfg, batches) -> list[tuple[str, float]]:
         loss.backward()
         optimizer.step()
 
-    for rows, loops in batches[:4]:
+    for rows, loops in batches[:8]:
         step(rows, loops)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for rows, loops in batches[4:7]:
+        for rows, loops in batches[8:11]:
             step(rows, loops)
     families = {
         "matmul (mm, addmm, bmm, linear)": ("mm", "addmm", "bmm", "matmul", "linear"),
@@ -188,7 +189,7 @@ def corpus_batches(cfg, steps: int, micro: int, seq: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="measured steps per variant (after 4 warm-up)")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per variant (after 8 warm-up)")
     parser.add_argument("--loss-steps", type=int, default=200)
     parser.add_argument("--skip-loss", action="store_true", help="part 3 without the loss comparison")
     parser.add_argument("--part", help=argparse.SUPPRESS)
@@ -204,7 +205,7 @@ def main() -> None:
     print("2. bare model, compiled vs eager (the same batches and loop draws, mean recurrence 8, depth 4):")
     for label, shape, micro, seq in (("tiny d=64", TINY, 8, 128), ("wide d=512", WIDE, 8, 256)):
         cfg = config(shape, seq)
-        batches = draws(cfg, micro, args.steps + 4, cfg.vocab_size, seq)
+        batches = draws(cfg, micro, args.steps + 8, cfg.vocab_size, seq)
         flops = hardware_flops_per_token(cfg, seq)
         rates = {c: train_rate(cfg, batches, c, "fp32") for c in (False, True)}
         for compiled, rate in rates.items():
@@ -214,17 +215,17 @@ def main() -> None:
             )
         print(f"   {label:<11} compiled / eager {rates[True] / rates[False]:.2f}x")
     cfg = config(WIDE, 256)
-    batches = draws(cfg, 8, 8, cfg.vocab_size, 256)
+    batches = draws(cfg, 8, 11, cfg.vocab_size, 256)
     print("   where the compiled wide step's time goes (self CPU time):")
     for family, share in profile_families(cfg, batches):
         print(f"     {family:<44} {100 * share:5.1f}%")
     print("3. bf16-mixed vs fp32, compiled, wide d=512:")
-    batches = draws(cfg, 8, args.steps + 4, cfg.vocab_size, 256)
+    batches = draws(cfg, 8, args.steps + 8, cfg.vocab_size, 256)
     fp32 = train_rate(cfg, batches, True, "fp32")
     bf16 = train_rate(cfg, batches, True, "bf16-mixed")
     print(f"   fp32 {fp32:.0f} tokens/s, bf16-mixed {bf16:.0f} tokens/s: {bf16 / fp32:.2f}x")
     if not args.skip_loss:
-        rows = corpus_batches(cfg, args.loss_steps, 8, 256)
+        rows = corpus_batches(cfg, args.loss_steps, 4, 128)  # smaller steps: 200 of them in minutes
         curves = {}
         for precision in ("fp32", "bf16-mixed"):
             curves[precision] = []

@@ -448,6 +448,10 @@ class ParcaeLM(nn.Module):
         stay as they are. Shapes are compiled dynamic from the start: the loop body sees a batch of
         however many rows still loop, and that must not recompile. Compilation happens at the first
         forward. Returns the number of units."""
+        # The loop body's variants: grad off / on with the incoming state not yet or already requiring grad,
+        # times batch sizes 0, 1 and n (dynamo specialises 0 and 1): 9, above dynamo's default limit of 8
+        # per function, past which a unit silently runs eager. The reference raises it to 64 too.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         units: list[nn.Module] = list(self.transformer.h) if not self.cfg.looped else []
         if self.cfg.looped:
             units = [*self.transformer.prelude, *self.transformer.coda]
