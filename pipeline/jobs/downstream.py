@@ -45,7 +45,7 @@ from pipeline.evaluation.downstream import (
 )
 from pipeline.evaluation.losses import try_fit
 from pipeline.evaluation.report import write_downstream_tensorboard
-from pipeline.jobs.evaluate import Source
+from pipeline.jobs.evaluate import Source, say_written, tensorboard_dir
 from pipeline.training.distributed import (
     accelerator_device,
     close_distributed,
@@ -200,14 +200,10 @@ def run_downstream(
             out_dir / "downstream.png",
             ylabel="centered accuracy",
         )
-    tb_dir = None if tensorboard == "none" else (tensorboard or source.tensorboard_dir or str(out_dir / "tensorboard"))
+    tb_dir = tensorboard_dir(tensorboard, source, out_dir)
     if tb_dir:
         write_downstream_tensorboard(tb_dir, source.step, report, figure)
-    print(
-        f"wrote {out_dir / 'downstream.json'}"
-        + (f", {out_dir / 'downstream.png'}" if counts else "")
-        + (f"; TensorBoard: {tb_dir}" if tb_dir else "")
-    )
+    say_written(out_dir / "downstream.json", out_dir / "downstream.png" if counts else None, tb_dir)
     return report
 
 

@@ -216,12 +216,17 @@ def run_eval(
         figure = plot_loop_curve(
             {source.label: curve}, f"{source.label}: loss vs test-time loops", out_dir / "eval.png"
         )
-    tb_dir = None if tensorboard == "none" else (tensorboard or source.tensorboard_dir or str(out_dir / "tensorboard"))
+    tb_dir = tensorboard_dir(tensorboard, source, out_dir)
     if tb_dir:
         write_tensorboard(tb_dir, source.step, report, figure)
-    print(
-        f"wrote {out_dir / 'eval.json'}"
-        + (f", {out_dir / 'eval.png'}" if counts else "")
-        + (f"; TensorBoard: {tb_dir}" if tb_dir else "")
-    )
+    say_written(out_dir / "eval.json", out_dir / "eval.png" if counts else None, tb_dir)
     return out_dir
+
+
+def tensorboard_dir(given: str | None, source: Source, out_dir: Path) -> str | None:
+    """Where an evaluation's events go: ``--tensorboard`` (``none``: nowhere), the run's, or beside the output."""
+    return None if given == "none" else (given or source.tensorboard_dir or str(out_dir / "tensorboard"))
+
+
+def say_written(report: Path, figure: Path | None, tb_dir: str | None) -> None:
+    print(f"wrote {report}" + (f", {figure}" if figure else "") + (f"; TensorBoard: {tb_dir}" if tb_dir else ""))
