@@ -137,13 +137,27 @@ def head_memory(chunked: bool) -> dict[str, float]:
     model.loss_chunk_rows = None if chunked else 8 * 2048
     x = torch.randn(8, 2048, 768, requires_grad=True)
     targets = torch.randint(0, 32768, (8, 2048))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    import threading
+
+    def rss() -> float:  # resident GiB now (the high-water mark of getrusage may predate the head)
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**30
+
+    base, peak, done = rss(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
     start = time.perf_counter()
     loss = model._head(x, targets)
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"peak_gib": peak - base, "seconds": seconds}
+    done.set()
+    watcher.join()
+    return {"peak_gib": peak[0] - base, "seconds": seconds}
 
 
 def step_time(chunked: bool, steps: int = 4) -> float:
@@ -193,12 +207,15 @@ def main() -> None:
     parser.add_argument("--loss-steps", type=int, default=200)
     parser.add_argument("--skip-loss", action="store_true", help="part 3 without the loss comparison")
     parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--only-memory", action="store_true", help="part 4 only")
     args = parser.parse_args()
     if args.part:  # a fresh process for one memory measurement
         print(json.dumps(head_memory(args.part == "chunked")))
         return
     from model import hardware_flops_per_token
 
+    if args.only_memory:
+        return memory_part()
     peak = peaks()
     print(f"threads {torch.get_num_threads()}")
     print("1. matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
@@ -236,6 +253,10 @@ def main() -> None:
             f"   loss over {args.loss_steps} steps of the embedded corpus, mean of the last 20: "
             f"fp32 {last['fp32']:.4f}, bf16-mixed {last['bf16-mixed']:.4f} (largest step difference there {spread:.4f})"
         )
+    memory_part()
+
+
+def memory_part() -> None:
     print("4. head + loss at vocab 32,768 (8 x 2048 positions, d=768), forward and backward, fresh processes:")
     measured = {}
     for part in ("whole", "chunked"):
