@@ -568,6 +568,7 @@ class ParcaeLM(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         lengths: list[int] | None = None,
+        vocab: int | None = None,
     ) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation of idx (batch, seq) with ``loops`` loops (default:
         the mean recurrence); h_0 is zeros, so greedy generation is deterministic. Returns idx with the new
@@ -577,8 +578,9 @@ class ParcaeLM(nn.Module):
         the layers alone against a KV cache (`model.cache`), every core layer caching once per loop. Rows of
         different prompt lengths are left-padded in ``idx`` with ``lengths`` giving each row's real length.
         A generation longer than the context (prompt + new tokens > max_seq_len) runs the uncached way:
-        ``use_cache=False`` re-runs the last max_seq_len tokens for every new token."""
-        new = list(self.stream(idx, max_new_tokens, loops, temperature, top_k, generator, use_cache, lengths))
+        ``use_cache=False`` re-runs the last max_seq_len tokens for every new token. ``vocab``: only ids below
+        it are generated (a tokenizer smaller than the model's vocabulary; default the model's)."""
+        new = list(self.stream(idx, max_new_tokens, loops, temperature, top_k, generator, use_cache, lengths, vocab))
         return torch.cat((idx, *new), dim=1)
 
     @torch.no_grad()
@@ -592,8 +594,10 @@ class ParcaeLM(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         lengths: list[int] | None = None,
+        vocab: int | None = None,
     ) -> Iterator[torch.Tensor]:
         """`generate`, one step at a time: yields each step's new tokens, (batch, 1)."""
+        vocab = min(vocab or self.cfg.vocab_size, self.cfg.vocab_size)
         b, t = idx.shape
         if lengths is not None and (len(lengths) != b or not all(1 <= n <= t for n in lengths)):
             raise ValueError(f"lengths: one length in 1..{t} per row of idx, got {lengths}")
@@ -604,7 +608,7 @@ class ParcaeLM(nn.Module):
             cache = KVCache(real)
             logits = self.forward_cached(idx, cache, loops)
             for step in range(max_new_tokens):
-                next_id = self._pick(logits, temperature, top_k, generator)
+                next_id = self._pick(logits[:, :vocab], temperature, top_k, generator)
                 yield next_id
                 if step + 1 < max_new_tokens:
                     logits = self.forward_cached(next_id, cache, loops)
@@ -618,13 +622,12 @@ class ParcaeLM(nn.Module):
             if self.cfg.looped:
                 h0 = torch.zeros(*window.shape, self.cfg.d_model, device=idx.device)
             logits = self(window, loops=loops if self.cfg.looped else None, h0=h0)[:, -1]
-            next_id = self._pick(logits, temperature, top_k, generator)
+            next_id = self._pick(logits[:, :vocab], temperature, top_k, generator)
             idx = torch.cat((idx, next_id), dim=1)
             yield next_id
 
     def _pick(self, logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-        """The next token of each row (padded vocab entries are never generated)."""
-        logits = logits[:, : self.cfg.vocab_size]
+        """The next token of each row (``logits`` cut to the ids that may be generated)."""
         if temperature <= 0:
             return logits.argmax(-1, keepdim=True)
         logits = logits / temperature

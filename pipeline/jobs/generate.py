@@ -104,6 +104,7 @@ def run_generate(
         generator=generator,
         use_cache=use_cache,
         lengths=lengths if len(set(lengths)) > 1 else None,
+        vocab=text.vocab_size,
     )
     live = len(ids) == 1 and not as_json
     if live:

@@ -279,8 +279,13 @@ class LoggingSpec(Spec):
     log_interval: Count = 10
     all_ranks: bool = Field(False, description="Log from every rank, not only rank 0.")
     peak_flops_per_device: Annotated[float, Field(gt=0, le=1e18)] | None = Field(
-        None, description="For MFU; default: 989e12 (H100 bf16) on GPU, none on CPU."
+        None, description="For MFU; default: 989e12 (H100 bf16) on GPU, measured on CPU."
     )
+    sample_prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(
+        default_factory=list, max_length=16, description="Prompts continued greedily every sample_interval steps."
+    )
+    sample_interval: Count = Field(1000, description="Steps between text samples (and at the last step).")
+    sample_tokens: Annotated[int, Field(gt=0, le=1024)] = Field(32, description="New tokens per sample.")
 
 
 class DownstreamSpec(Spec):

@@ -106,6 +106,19 @@ class MetricsLogger:
             self._restart_window()
         self.write(record, result.loop_counts if due else None)
 
+    def write_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """Text samples to the log, metrics.jsonl and TensorBoard (``samples/prompt_N``); rank 0 only."""
+        if self.rank != 0:
+            return
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(
+                json.dumps({"step": step, "samples": [{"prompt": p, "continuation": c} for p, c in samples]}) + "\n"
+            )
+        for i, (prompt, continuation) in enumerate(samples):
+            log.info("sample at step %d: %s|%s", step, prompt, continuation)
+            self.writer.add_text(f"samples/prompt_{i}", f"**{prompt}**{continuation}", step)
+        self.writer.flush()
+
     def write(self, record: dict[str, Any], loop_counts: Any = None) -> None:
         """One record (``step`` and numbers) to metrics.jsonl and TensorBoard; rank 0 only."""
         if self.rank != 0:

@@ -73,6 +73,7 @@ def data_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
                 "(cluster.nodes x procs_per_node) that each read their own; write smaller shards (--shard-size)"
             )
     downstream_problems(spec, problems, unreadable)
+    tokenizer_problems(spec, problems, unreadable)
     return problems, unreadable
 
 
@@ -92,6 +93,12 @@ def downstream_problems(spec: JobSpec, problems: list[str], unreadable: list[str
         unreadable.append(f"eval.downstream.bundle: {exc}")
     except ParcaeError as exc:
         problems.append(f"eval.downstream.bundle: {exc}")
+
+
+def tokenizer_problems(spec: JobSpec, problems: list[str], unreadable: list[str]) -> None:
+    """eval.downstream and logging.sample_prompts write prompts with the run's tokenizer: it must be here."""
+    if not (spec.eval.downstream.bundle or spec.logging.sample_prompts):
+        return
     location = spec.tokenizer.path
     if not location:
         try:
@@ -102,13 +109,13 @@ def downstream_problems(spec: JobSpec, problems: list[str], unreadable: list[str
     try:
         readable = open_store(parent or ".", spec.storage.s3_options()).exists(name)
     except StorageError as exc:
-        unreadable.append(f"eval.downstream: the run's tokenizer {location}: {exc}")
+        unreadable.append(f"the run's tokenizer {location} (for prompts): {exc}")
         return
     if not readable:
         where = "tokenizer.path" if spec.tokenizer.path else "the tokenizer the shards name"
         problems.append(
-            f"eval.downstream: the prompts are written with the run's tokenizer, but {where} ({location}) does "
-            "not exist here; set tokenizer.path"
+            f"eval.downstream / logging.sample_prompts: prompts are written with the run's tokenizer, but {where} "
+            f"({location}) does not exist here; set tokenizer.path"
         )
 
 

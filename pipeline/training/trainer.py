@@ -42,7 +42,7 @@ from pipeline.training.peak import gemm_peak
 from pipeline.training.preflight import PREFLIGHT_ENV, preflight
 from pipeline.training.schedule import lr_multiplier
 from pipeline.training.step import DepthSampler, Progress, TrainingHalted, train_step
-from pipeline.training.validation import DownstreamEvaluator, Validator
+from pipeline.training.validation import DownstreamEvaluator, TextSamples, Validator
 from pipeline.training.weights import initial_weights
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,10 @@ class Trainer:
                 **ranks,
             )
         self.downstream = self.downstream_evaluator(spec, cfg, options, ranks)
+        self.samples = None
+        if spec.logging.sample_prompts:
+            tokenizer = spec.tokenizer.path or self.loader.manifest["tokenizer"]["path"]
+            self.samples = TextSamples(spec.logging, cfg, tokenizer, options, self.device)
         self.checkpointer = Checkpointer(spec.checkpoint, options, loaded.to_yaml())
         self.sampler = DepthSampler.for_model(cfg, seed=t.seed, micro_batch_size=t.micro_batch_size, **ranks)
         self.guard = LossGuard(t.spike_zscore)
@@ -222,6 +226,8 @@ class Trainer:
                     scores = self.downstream.run(self.engine)
                     scores["downstream/seconds"] = time.perf_counter() - started
                     self.metrics.write({"step": progress.step, **scores})
+                if self.samples and self.samples.due(progress.step, last):
+                    self.metrics.write_samples(progress.step, self.samples.run(self.engine))
                 stop = self.stop.agreed(lost_lease=self.lock is not None and self.lock.lost)
                 if progress.step % self.spec.checkpoint.interval_steps == 0 or last or stop:
                     self.save(progress)

@@ -24,7 +24,7 @@ from pipeline.evaluation.downstream import Suite, evaluate_downstream, open_toke
 from pipeline.evaluation.losses import Batch, loss_sums, seed_metrics
 from pipeline.evaluation.report import downstream_scalars
 from pipeline.evaluation.token_bytes import special_ids
-from pipeline.jobspec import DownstreamSpec, EvalSpec
+from pipeline.jobspec import DownstreamSpec, EvalSpec, LoggingSpec
 
 
 class Validator:
@@ -154,3 +154,42 @@ class DownstreamEvaluator:
         finally:
             engine.train(was_training)
         return downstream_scalars(scored["results"])
+
+
+class TextSamples:
+    """``logging.sample_prompts``: greedy continuations at the mean loop count (h_0 = 0) every
+    ``sample_interval`` steps. Every rank generates the same tokens through the model's own forward (under
+    ZeRO-3 each call gathers the parameters collectively, so the ranks must make the same calls); rank 0
+    returns the texts for the log and TensorBoard."""
+
+    def __init__(self, spec: LoggingSpec, cfg: ParcaeConfig, tokenizer: str, options: S3Options, device: torch.device):
+        self.spec, self.cfg, self.device = spec, cfg, device
+        with tempfile.TemporaryDirectory() as tmp:
+            self.text = open_tokenizer(tokenizer, options, Path(tmp))
+        self.start = prompt_start(self.text)
+        self.prompts = [[self.start, *ids][-(cfg.max_seq_len - 1) :] for ids in self.text.encode(spec.sample_prompts)]
+
+    def due(self, step: int, last_step: bool) -> bool:
+        return step % self.spec.sample_interval == 0 or last_step
+
+    @torch.no_grad()
+    def run(self, engine: Any) -> list[tuple[str, str]]:
+        """(prompt, continuation) per prompt."""
+        was_training = engine.training
+        engine.eval()
+        loops = self.cfg.mean_recurrence if self.cfg.looped else None
+        out = []
+        try:
+            for prompt, ids in zip(self.spec.sample_prompts, self.prompts, strict=True):
+                idx = torch.tensor([ids], device=self.device)
+                new = engine.module.generate(
+                    idx, self.spec.sample_tokens, loops=loops, use_cache=False, vocab=self.text.vocab_size
+                )[0, len(ids) :]
+                tokens = new.tolist()
+                if self.text.eos_id in tokens:
+                    tokens = tokens[: tokens.index(self.text.eos_id)]
+                whole = self.text.decode([*ids[1:], *tokens])
+                out.append((prompt, whole[len(self.text.decode(ids[1:])) :]))
+        finally:
+            engine.train(was_training)
+        return out

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -114,7 +116,8 @@ def load_checkpoint_model(checkpoint_dir: str, tag: str | None = None) -> tuple[
         raise ParcaeError(f"{spec_file}: missing; this does not look like a checkpoint written by `parcae train`")
     spec = load_spec(spec_file).spec
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its progress: stdout stays the command's
+            state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     except Exception as exc:  # a damaged file: name it, and the checkpoint to use instead
         earlier = [t for t in checkpoint.complete_tags(checkpoint_dir) if t < tag]
         where = f"{checkpoint_dir}/{tag}"

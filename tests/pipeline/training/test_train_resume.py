@@ -278,8 +278,19 @@ def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, sha
         "eval.downstream.interval_steps=5",
         "eval.downstream.max_per_task=8",
         f"tokenizer.path={tokenizer}",
+        "logging.sample_prompts=[The history of, one two three]",
+        "logging.sample_interval=5",
+        "logging.sample_tokens=8",
     ]
     records = run_variant(tmp_path, shards, "downstream", 10, extra)
+    samples = [r for r in records if "samples" in r]
+    assert [r["step"] for r in samples] == [5, 10] and samples[-1]["samples"][1]["prompt"] == "one two three"
+    assert "sample at step 10: The history of|" in (tmp_path / "downstream.log").read_text()
+    # the greedy continuation the ranks wrote through the ZeRO-3 engine is what parcae generate gives
+    generate = [*parcae_cmd(), "generate", str(tmp_path / "downstream"), "--prompt", "The history of", "--json"]
+    done = subprocess.run([*generate, "--max-new-tokens", "8"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["completion"] == samples[-1]["samples"][0]["continuation"]
     scored = [r for r in records if "downstream/core_loops_4" in r]
     assert [r["step"] for r in scored] == [5, 10]
     last = scored[-1]
@@ -299,6 +310,11 @@ def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, sha
     scalars, _ = event_scalars(tmp_path / "downstream" / "tensorboard")
     assert [s for s, _ in scalars["downstream/core_loops_1"]] == [5, 10, 10]  # the run's, then parcae eval's
     assert "val/val_loss_loops_4" in scalars  # beside the validation loss
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "downstream" / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert any(tag.startswith("samples/prompt_1") for tag in events.Tags()["tensors"]), events.Tags()
 
 
 def test_compiled_training_resumes_and_exports(tmp_path, shards, expected):
