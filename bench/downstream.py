@@ -37,8 +37,7 @@ def items_per_second(bundle: Path, tokenizer: Path, rounds: int) -> dict[str, fl
     from data_prep.tokenizer import TextTokenizer
     from model import build_model
     from pipeline.evaluation.bundle import Bundle
-    from pipeline.evaluation.downstream import Suite, evaluate_downstream, prompt_start
-    from pipeline.jobs.downstream import forward_at
+    from pipeline.evaluation.downstream import Suite, evaluate_downstream, forward_at, prompt_start
     from pipeline.jobspec import load_spec
 
     spec = load_spec(REPO / "configs" / "demo-tiny.yaml").spec
@@ -54,7 +53,7 @@ def items_per_second(bundle: Path, tokenizer: Path, rounds: int) -> dict[str, fl
             t0 = time.perf_counter()
             with torch.no_grad():
                 evaluate_downstream(
-                    forward_at(model),
+                    forward_at(model, model.cfg.d_model),
                     suite,
                     encode=text.encode,
                     prefix=start,

@@ -108,6 +108,25 @@ def open_tokenizer(location: str, options: S3Options, tmp: Path) -> TextTokenize
     return TextTokenizer(location)
 
 
+def completion(text: TextTokenizer, prompt_ids: list[int], new: list[int]) -> str:
+    """The text new tokens add to a prompt (``prompt_ids`` with its start token first), decoded together with
+    the prompt so a word-initial piece keeps its space."""
+    prompt = text.decode(prompt_ids[1:])
+    return text.decode([*prompt_ids[1:], *new])[len(prompt) :]
+
+
+def forward_at(forward: Callable[..., torch.Tensor], d_model: int):
+    """For a model or engine: T -> (ids -> logits at T loops, h_0 = 0, reproducible); T None: the
+    baseline's forward."""
+
+    def at(loops: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        if loops is None:
+            return lambda ids: forward(ids)
+        return lambda ids: forward(ids, loops=loops, h0=torch.zeros(*ids.shape, d_model, device=ids.device))
+
+    return at
+
+
 # --------------------------------------------------------------------------------------------------------
 # Prompts and spans
 def fewshot(items: list[dict[str, Any]], index: int, shots: int, seed: int) -> list[dict[str, Any]]:

@@ -31,7 +31,6 @@ from data_prep.storage import (
     write_text,
 )
 from data_prep.tokenizer import TokenizerError
-from model import ParcaeLM
 from parcae_errors import ParcaeError, ReportedElsewhere
 from pipeline.evaluation.bundle import Bundle
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
@@ -40,6 +39,7 @@ from pipeline.evaluation.downstream import (
     DEFAULT_SEED,
     Suite,
     evaluate_downstream,
+    forward_at,
     open_tokenizer,
     prompt_start,
 )
@@ -79,18 +79,6 @@ def source_tokenizer(given: str | None, source: Source, source_arg: str, options
     raise ParcaeError(
         f"{source_arg}: no tokenizer found for it; pass --tokenizer (a SentencePiece .model or tokenizer.json)"
     )
-
-
-def forward_at(model: ParcaeLM):
-    """ids -> logits at T loops (h_0 = 0, reproducible), or the baseline's forward for T None."""
-    d = model.cfg.d_model
-
-    def at(loops: int | None):
-        if loops is None:
-            return lambda ids: model(ids)
-        return lambda ids: model(ids, loops=loops, h0=torch.zeros(*ids.shape, d, device=ids.device))
-
-    return at
 
 
 def run_downstream(
@@ -149,7 +137,7 @@ def run_downstream(
     start = prompt_start(text)
     with torch.no_grad():
         scored = evaluate_downstream(
-            forward_at(model),
+            forward_at(model, cfg.d_model),
             suite,
             encode=text.encode,
             prefix=start,

@@ -20,7 +20,7 @@ import torch
 
 from data_prep.storage import S3Options
 from parcae_errors import ParcaeError
-from pipeline.evaluation.downstream import open_tokenizer, prompt_start
+from pipeline.evaluation.downstream import completion, open_tokenizer, prompt_start
 from pipeline.jobs.downstream import source_tokenizer
 from pipeline.jobs.evaluate import Source
 
@@ -36,12 +36,6 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
     if not texts:
         raise ParcaeError("give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line)")
     return texts
-
-
-def completion(text, prompt_ids: list[int], new: list[int]) -> str:
-    """The text the new tokens add to the prompt's (decoded together: a word-initial piece keeps its space)."""
-    prompt = text.decode(prompt_ids[1:])
-    return text.decode([*prompt_ids[1:], *new])[len(prompt) :]
 
 
 def run_generate(

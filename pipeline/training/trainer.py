@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from model.config import hardware_flops_per_token
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
 from pipeline.data import train_loader
+from pipeline.evaluation.downstream import open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec
 from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, latest_tag
 from pipeline.training.distributed import (
@@ -147,11 +149,7 @@ class Trainer:
                 device=self.device,
                 **ranks,
             )
-        self.downstream = self.downstream_evaluator(spec, cfg, options, ranks)
-        self.samples = None
-        if spec.logging.sample_prompts:
-            tokenizer = spec.tokenizer.path or self.loader.manifest["tokenizer"]["path"]
-            self.samples = TextSamples(spec.logging, cfg, tokenizer, options, self.device)
+        self.downstream, self.samples = self.prompted_evaluations(spec, cfg, options, ranks)
         self.checkpointer = Checkpointer(spec.checkpoint, options, loaded.to_yaml())
         self.sampler = DepthSampler.for_model(cfg, seed=t.seed, micro_batch_size=t.micro_batch_size, **ranks)
         self.guard = LossGuard(t.spike_zscore)
@@ -273,18 +271,30 @@ class Trainer:
             )
         return peak
 
-    def downstream_evaluator(self, spec: JobSpec, cfg, options, ranks: dict[str, int]) -> DownstreamEvaluator | None:
-        """``eval.downstream``, built (bundle and tokenizer read) on every rank; a problem, which every rank
-        finds, is said by rank 0."""
-        if not spec.eval.downstream.bundle:
-            return None
-        tokenizer = spec.tokenizer.path or self.loader.manifest["tokenizer"]["path"]
+    def prompted_evaluations(
+        self, spec: JobSpec, cfg, options, ranks: dict[str, int]
+    ) -> tuple[DownstreamEvaluator | None, TextSamples | None]:
+        """``eval.downstream`` and ``logging.sample_prompts``, built on every rank with the run's tokenizer
+        (opened once, for both); a problem, which every rank finds, is said by rank 0."""
+        if not (spec.eval.downstream.bundle or spec.logging.sample_prompts):
+            return None, None
+        location = spec.tokenizer.path or self.loader.manifest["tokenizer"]["path"]
         try:
-            return DownstreamEvaluator(
-                spec.eval.downstream, spec.eval.loop_counts, cfg, tokenizer, options, device=self.device, **ranks
-            )
+            with tempfile.TemporaryDirectory() as tmp:
+                text = open_tokenizer(location, options, Path(tmp))
+            if text.vocab_size > cfg.vocab_size:
+                raise ParcaeError(
+                    f"tokenizer {location}: {text.vocab_size} tokens, more than model.vocab_size {cfg.vocab_size}"
+                )
+            downstream = None
+            if spec.eval.downstream.bundle:
+                downstream = DownstreamEvaluator(
+                    spec.eval.downstream, spec.eval.loop_counts, cfg, text, options, device=self.device, **ranks
+                )
         except ParcaeError as exc:
             raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
+        samples = TextSamples(spec.logging, cfg, text, self.device) if spec.logging.sample_prompts else None
+        return downstream, samples
 
     def train_step(self, batches, progress: Progress):
         return train_step(

@@ -8,19 +8,17 @@ Core-Extended of ``eval.downstream.bundle`` at the same loop counts (`pipeline.e
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from data_prep.storage import S3Options
+from data_prep.tokenizer import TextTokenizer
 from model import ParcaeConfig
-from parcae_errors import ParcaeError
 from pipeline.data import rows_loader
 from pipeline.evaluation.bundle import Bundle
 from pipeline.evaluation.documents import document_batches, documents_from_rows
-from pipeline.evaluation.downstream import Suite, evaluate_downstream, open_tokenizer, prompt_start
+from pipeline.evaluation.downstream import Suite, completion, evaluate_downstream, forward_at, prompt_start
 from pipeline.evaluation.losses import Batch, loss_sums, seed_metrics
 from pipeline.evaluation.report import downstream_scalars
 from pipeline.evaluation.token_bytes import special_ids
@@ -100,7 +98,7 @@ class DownstreamEvaluator:
         spec: DownstreamSpec,
         loop_counts: list[int],
         cfg: ParcaeConfig,
-        tokenizer: str,
+        text: TextTokenizer,
         options: S3Options,
         *,
         rank: int,
@@ -112,13 +110,7 @@ class DownstreamEvaluator:
         self.loop_counts = sorted(set(loop_counts)) if cfg.looped else None
         assert spec.bundle
         self.suite = Suite.load(Bundle(spec.bundle, options), list(dict.fromkeys(spec.tasks)), spec.max_per_task)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.text = open_tokenizer(tokenizer, options, Path(tmp))
-        if self.text.vocab_size > cfg.vocab_size:
-            raise ParcaeError(
-                f"eval.downstream: tokenizer {tokenizer} has {self.text.vocab_size} tokens, more than model.vocab_size"
-            )
-        self.start = prompt_start(self.text)
+        self.text, self.start = text, prompt_start(text)
 
     def due(self, step: int, last_step: bool) -> bool:
         return step % self.spec.interval_steps == 0 or last_step
@@ -127,18 +119,11 @@ class DownstreamEvaluator:
     def run(self, engine: Any) -> dict[str, float]:
         """Every rank calls it: ``downstream/core_loops_T`` (and ``core_extended``, each task's centered
         accuracy under ``downstream/centered/``), as `parcae eval` logs them."""
-        d = self.cfg.d_model
-
-        def forward_at(loops: int | None):
-            if loops is None:
-                return lambda ids: engine(ids)
-            return lambda ids: engine(ids, loops=loops, h0=torch.zeros(*ids.shape, d, device=ids.device))
-
         was_training = engine.training
         engine.eval()
         try:
             scored = evaluate_downstream(
-                forward_at,
+                forward_at(engine, self.cfg.d_model),
                 self.suite,
                 encode=self.text.encode,
                 prefix=self.start,
@@ -162,11 +147,9 @@ class TextSamples:
     ZeRO-3 each call gathers the parameters collectively, so the ranks must make the same calls); rank 0
     returns the texts for the log and TensorBoard."""
 
-    def __init__(self, spec: LoggingSpec, cfg: ParcaeConfig, tokenizer: str, options: S3Options, device: torch.device):
+    def __init__(self, spec: LoggingSpec, cfg: ParcaeConfig, text: TextTokenizer, device: torch.device):
         self.spec, self.cfg, self.device = spec, cfg, device
-        with tempfile.TemporaryDirectory() as tmp:
-            self.text = open_tokenizer(tokenizer, options, Path(tmp))
-        self.start = prompt_start(self.text)
+        self.text, self.start = text, prompt_start(text)
         self.prompts = [[self.start, *ids][-(cfg.max_seq_len - 1) :] for ids in self.text.encode(spec.sample_prompts)]
 
     def due(self, step: int, last_step: bool) -> bool:
@@ -188,8 +171,7 @@ class TextSamples:
                 tokens = new.tolist()
                 if self.text.eos_id in tokens:
                     tokens = tokens[: tokens.index(self.text.eos_id)]
-                whole = self.text.decode([*ids[1:], *tokens])
-                out.append((prompt, whole[len(self.text.decode(ids[1:])) :]))
+                out.append((prompt, completion(self.text, ids, tokens)))
         finally:
             engine.train(was_training)
         return out

@@ -22,11 +22,11 @@ from pipeline.evaluation.downstream import (
     crop,
     evaluate_downstream,
     fewshot,
+    forward_at,
     prompt_items,
     render,
     spans,
 )
-from pipeline.jobs.downstream import forward_at
 from tests.icl_bundles import COLORS, NUMBERS, make_bundle, train_on_tasks
 
 CFG = ParcaeConfig(vocab_size=512, d_model=64, n_head=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=64)
@@ -50,7 +50,7 @@ def text(tokenizer) -> TextTokenizer:
 def score(model, suite, text, loops=(2,), seeds=(1234,), **kwargs):
     with torch.no_grad():
         return evaluate_downstream(
-            forward_at(model.eval()),
+            forward_at(model.eval(), CFG.d_model),
             suite,
             encode=text.encode,
             prefix=BOS_ID,
