@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.cache import KVCache, LayerKV
+from model import generation
+from model.cache import KVCache, LayerKV, RowsKV
 from model.config import VE_GATE_CHANNELS, ParcaeConfig
 
 LoopCounts = tuple[torch.Tensor, torch.Tensor]  # (no-grad loops, grad loops), each (batch,) int64 on CPU
@@ -83,7 +84,11 @@ class Attention(nn.Module):
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, cfg.n_head, bias=False) if has_value_embedding else None
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], ve: torch.Tensor | None, cache: LayerKV | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, ...],
+        ve: torch.Tensor | None,
+        cache: LayerKV | RowsKV | None = None,
     ) -> torch.Tensor:
         """Causal self-attention; with ``cache`` the new positions also attend to the cached ones (and are
         added to it), ``rope`` then holding the new positions' rows."""
@@ -126,7 +131,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg.d_model)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], ve: torch.Tensor | None, cache: LayerKV | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, ...],
+        ve: torch.Tensor | None,
+        cache: LayerKV | RowsKV | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), rope, ve, cache)
         return x + self.mlp(self.norm_2(x))
@@ -518,44 +527,24 @@ class ParcaeLM(nn.Module):
         return n_nograd, n_grad
 
     # ----------------------------------------------------------------------------------------------
-    # Generation (no KV cache: a full forward per token, for quick qualitative checks)
-    @torch.no_grad()
-    # ----------------------------------------------------------------------------------------------
-    # Inference
-    @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache, loops: int | None = None) -> torch.Tensor:
+    # Inference (model/generation.py)
+    def rope(self, t: int, device: torch.device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables of positions start..start+t-1."""
+        cos, sin = rotary_tables(start + t, self.cfg.head_dim, self.cfg.rope_base, device)
+        return cos[start:], sin[start:]
+
+    def forward_cached(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache,
+        loops: int | None = None,
+        adaptive: float | None = None,
+        loops_used: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """The next-token logits (batch, padded vocab) after ``idx`` (batch, t): the new positions go through
         every layer (each core layer once per loop, h_0 = 0) attending to what ``cache`` holds, and are
-        added to it. The loop is the training forward's with every row looping ``loops`` times."""
-        t = idx.shape[1]
-        start = cache.n
-        cos, sin = rotary_tables(start + t, self.cfg.head_dim, self.cfg.rope_base, idx.device)
-        rope = (cos[start:], sin[start:])
-        x = self.transformer.wte(idx)
-        if not self.cfg.looped:
-            for block in self.transformer.h:
-                x = block(x, rope, self._value_embedding(block, idx), cache.layer(("h", 0, block.layer)))
-        else:
-            loops = self.cfg.mean_recurrence if loops is None else loops
-            if loops < 1:
-                raise ValueError(f"loops must be >= 1, got {loops}")
-            for block in self.transformer.prelude:
-                x = block(x, rope, self._value_embedding(block, idx), cache.layer(("prelude", 0, block.layer)))
-            e = self.transformer.ln_prelude(x)
-            h = torch.zeros_like(e)
-            recurrence = self.transformer.recurrence
-            for loop in range(loops):
-                u = recurrence.adapter(h, e)
-                for block in recurrence.core_block:
-                    key = str(block.layer)
-                    ve = recurrence.value_embeds[key](idx) if key in recurrence.value_embeds else None
-                    u = block(u, rope, ve, cache.layer(("core", loop, block.layer)))
-                h = u
-            x = self.transformer.C(h)
-            for block in self.transformer.coda:
-                x = block(x, rope, self._value_embedding(block, idx), cache.layer(("coda", 0, block.layer)))
-        cache.advance(t)
-        return self._head(x[:, -1:], None)[:, -1]
+        added to it; ``adaptive``: a KL threshold to stop looping a row early (`model.generation`)."""
+        return generation.forward_cached(self, idx, cache, loops, adaptive, loops_used)
 
     @torch.no_grad()
     def generate(
@@ -569,72 +558,41 @@ class ParcaeLM(nn.Module):
         use_cache: bool = True,
         lengths: list[int] | None = None,
         vocab: int | None = None,
+        core_slots: int | None = None,
+        adaptive: float | None = None,
     ) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation of idx (batch, seq) with ``loops`` loops (default:
-        the mean recurrence); h_0 is zeros, so greedy generation is deterministic. Returns idx with the new
-        tokens appended.
+        the mean recurrence; the maximum under ``adaptive``); h_0 is zeros, so greedy generation is
+        deterministic. Returns idx with the new tokens appended.
 
         ``use_cache`` (default): the prompt is prefilled in one forward, then each new token runs through
-        the layers alone against a KV cache (`model.cache`), every core layer caching once per loop. Rows of
+        the layers alone against a KV cache (`model.cache`), every core layer caching once per loop, or in
+        ``core_slots`` slots (bounded memory, approximate). ``adaptive``: stop a token's loops once two
+        successive loops' next-token distributions are within this KL (`model.generation`). Rows of
         different prompt lengths are left-padded in ``idx`` with ``lengths`` giving each row's real length.
         A generation longer than the context (prompt + new tokens > max_seq_len) runs the uncached way:
         ``use_cache=False`` re-runs the last max_seq_len tokens for every new token. ``vocab``: only ids below
         it are generated (a tokenizer smaller than the model's vocabulary; default the model's)."""
-        new = list(self.stream(idx, max_new_tokens, loops, temperature, top_k, generator, use_cache, lengths, vocab))
+        new = list(
+            self.stream(
+                idx,
+                max_new_tokens,
+                loops,
+                temperature,
+                top_k,
+                generator,
+                use_cache,
+                lengths,
+                vocab,
+                core_slots,
+                adaptive,
+            )
+        )
         return torch.cat((idx, *new), dim=1)
 
-    @torch.no_grad()
-    def stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        loops: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        lengths: list[int] | None = None,
-        vocab: int | None = None,
-    ) -> Iterator[torch.Tensor]:
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, *args, **kwargs) -> Iterator[torch.Tensor]:
         """`generate`, one step at a time: yields each step's new tokens, (batch, 1)."""
-        vocab = min(vocab or self.cfg.vocab_size, self.cfg.vocab_size)
-        b, t = idx.shape
-        if lengths is not None and (len(lengths) != b or not all(1 <= n <= t for n in lengths)):
-            raise ValueError(f"lengths: one length in 1..{t} per row of idx, got {lengths}")
-        if use_cache and t + max_new_tokens <= self.cfg.max_seq_len:
-            real = torch.ones(b, t + max_new_tokens, dtype=torch.bool, device=idx.device)
-            for row, n in enumerate(lengths or []):
-                real[row, : t - n] = False
-            cache = KVCache(real)
-            logits = self.forward_cached(idx, cache, loops)
-            for step in range(max_new_tokens):
-                next_id = self._pick(logits[:, :vocab], temperature, top_k, generator)
-                yield next_id
-                if step + 1 < max_new_tokens:
-                    logits = self.forward_cached(next_id, cache, loops)
-            return
-        if lengths is not None and len(set(lengths)) > 1:
-            raise ValueError("rows of different lengths need the cache (use_cache=True, within max_seq_len)")
-        loops = self.cfg.mean_recurrence if loops is None else loops
-        for _ in range(max_new_tokens):
-            window = idx[:, -self.cfg.max_seq_len :]
-            h0 = None
-            if self.cfg.looped:
-                h0 = torch.zeros(*window.shape, self.cfg.d_model, device=idx.device)
-            logits = self(window, loops=loops if self.cfg.looped else None, h0=h0)[:, -1]
-            next_id = self._pick(logits[:, :vocab], temperature, top_k, generator)
-            idx = torch.cat((idx, next_id), dim=1)
-            yield next_id
-
-    def _pick(self, logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-        """The next token of each row (``logits`` cut to the ids that may be generated)."""
-        if temperature <= 0:
-            return logits.argmax(-1, keepdim=True)
-        logits = logits / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        return generation.stream(self, idx, max_new_tokens, *args, **kwargs)
 
 
 def _change_stats(h_prev: torch.Tensor, h: torch.Tensor, active: torch.Tensor) -> dict[str, float]:

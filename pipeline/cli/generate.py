@@ -16,7 +16,22 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("source", help="run directory, checkpoint directory, .safetensors or released model directory")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", help="a file of prompts, one per line")
-    p.add_argument("--loops", type=int, help="loops per token (default: the model's mean recurrence)")
+    p.add_argument(
+        "--loops", type=int, help="loops per token (default: the model's mean recurrence; the maximum with --adaptive)"
+    )
+    p.add_argument(
+        "--adaptive",
+        type=float,
+        metavar="KL",
+        help="stop a token's loops once two successive loops' next-token distributions are within KL "
+        "(--loops is then the maximum); e.g. 5e-4",
+    )
+    p.add_argument(
+        "--cache-slots",
+        type=int,
+        metavar="K",
+        help="keep K loops' keys and values per core layer (bounded memory, approximate; default: every loop)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampling")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
@@ -51,5 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         endpoint_url=args.endpoint_url,
         as_json=args.json,
         use_cache=not args.no_cache,
+        core_slots=args.cache_slots,
+        adaptive=args.adaptive,
     )
     return 0

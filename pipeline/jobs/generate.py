@@ -52,6 +52,8 @@ def run_generate(
     endpoint_url: str | None,
     as_json: bool,
     use_cache: bool = True,
+    core_slots: int | None = None,
+    adaptive: float | None = None,
 ) -> list[dict[str, Any]]:
     if max_new_tokens < 1:
         raise ParcaeError(f"--max-new-tokens: at least 1, got {max_new_tokens}")
@@ -65,6 +67,15 @@ def run_generate(
         raise ParcaeError(
             f"--loops {loops}: " + ("at least 1" if cfg.looped else "the GPT baseline has no loops; leave it out")
         )
+    for flag, value, least in (("--adaptive", adaptive, 0), ("--cache-slots", core_slots, 1)):
+        if value is None:
+            continue
+        if not cfg.looped:
+            raise ParcaeError(f"{flag}: the GPT baseline has no loops; leave it out")
+        if value < least:
+            raise ParcaeError(f"{flag}: at least {least}, got {value}")
+        if not use_cache:
+            raise ParcaeError(f"{flag} works on the KV cache: leave out --no-cache")
     options = source.spec.storage.s3_options() if source.spec else S3Options.from_env(endpoint_url)
     with tempfile.TemporaryDirectory() as tmp:
         location = source_tokenizer(tokenizer, source, source_arg, options)
@@ -88,6 +99,7 @@ def run_generate(
     for r, row in enumerate(ids):
         batch[r, batch.shape[1] - len(row) :] = torch.tensor(row)
     generator = torch.Generator().manual_seed(seed)
+    loops_used: list[torch.Tensor] = []  # per decoding step, (batch,): the loops each row ran
     used = loops if loops is not None else (cfg.mean_recurrence if cfg.looped else None)
     stream = model.stream(
         batch,
@@ -99,6 +111,9 @@ def run_generate(
         use_cache=use_cache,
         lengths=lengths if len(set(lengths)) > 1 else None,
         vocab=text.vocab_size,
+        core_slots=core_slots,
+        adaptive=adaptive,
+        loops_used=loops_used,
     )
     live = len(ids) == 1 and not as_json
     if live:
@@ -122,7 +137,10 @@ def run_generate(
             break
     seconds = time.perf_counter() - started
     results = []
+    ran = torch.stack(loops_used, 1) if loops_used else None  # (batch, steps after the first)
     for r, prompt in enumerate(prompts):
+        steps = max(len(new[r]) - 1, 0)  # the first new token comes from the prefill, at --loops
+        depth = float(ran[r, :steps].float().mean()) if ran is not None and steps else used
         results.append(
             {
                 "prompt": prompt,
@@ -130,6 +148,9 @@ def run_generate(
                 "tokens": new[r],
                 "prompt_tokens": lengths[r],
                 "loops": used,
+                "mean_loops": depth,
+                "adaptive": adaptive,
+                "cache_slots": core_slots,
                 "ended": "eos" if done[r] else "max_new_tokens",
             }
         )
@@ -145,6 +166,11 @@ def run_generate(
             for result in results:
                 print(f"{result['prompt']}{result['completion']}\n")
         loops_text = f"{used} loops, " if used is not None else ""
+        if adaptive is not None:
+            mean = sum(r["mean_loops"] for r in results) / len(results)
+            loops_text = f"adaptive (KL < {adaptive:g}, at most {used} loops): {mean:.2f} loops per token, "
+        if core_slots is not None:
+            loops_text += f"{core_slots} cache slot(s) per core layer, "
         print(
             f"[{generated} tokens in {seconds:.2f} s, {stats['tokens_per_s']:.1f} tokens/s; {loops_text}"
             f"{'KV cache' if use_cache else 'no cache'}; tokenizer {location}]",

@@ -42,6 +42,12 @@ def test_generate_gives_the_models_tokens(tmp_path, tokenizer):
     rows = [json.loads(line) for line in batch.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == prompts and rows[0]["tokens"] == expected and rows[0]["loops"] == 3
     assert whole == text.decode(ids[0, 1:].tolist()) + rows[0]["completion"]
+    # adaptive depth with an infinite threshold stops every token after its second loop (the first new token
+    # comes from the prefill, at --loops); one cache slot per core layer
+    adaptive = run(*args, "--prompt", prompts[0], "--adaptive", "1e30", "--cache-slots", "1", "--json")
+    row = json.loads(adaptive.stdout)
+    assert row["adaptive"] == 1e30 and row["cache_slots"] == 1 and row["loops"] == 3, adaptive.stderr
+    assert len(row["tokens"]) < 2 or row["mean_loops"] == 2.0
     file = tmp_path / "prompts.txt"
     file.write_text(f"{prompts[1]}\n\n{prompts[0]}\n")
     from_file = run(*args, "--prompt-file", str(file), "--json")
@@ -54,6 +60,8 @@ def test_generate_names_what_is_wrong(tmp_path, tokenizer):
     assert nothing.returncode == 1 and "give --prompt TEXT" in nothing.stderr and "Traceback" not in nothing.stderr
     zero = run(str(weights), "--tokenizer", str(tokenizer), "--prompt", "a", "--max-new-tokens", "0")
     assert zero.returncode == 1 and "--max-new-tokens: at least 1" in zero.stderr
+    slots = run(str(weights), "--tokenizer", str(tokenizer), "--prompt", "a", "--cache-slots", "2", "--no-cache")
+    assert slots.returncode == 1 and "--cache-slots works on the KV cache: leave out --no-cache" in slots.stderr
     gpt = save_reference(
         build_model(ParcaeConfig(arch="gpt", vocab_size=512, d_model=64, n_head=2, n_layers=2)),
         tmp_path / "g.safetensors",
