@@ -56,7 +56,7 @@ def export_hf(model: ParcaeLM, out: Path, tokenizer: str | None, loops: int | No
         "pad_token_id": pad,
         "torch_dtype": "float32",
         "tie_word_embeddings": False,
-        "use_cache": False,
+        "use_cache": True,
     }
     write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     for name in REMOTE_CODE:

@@ -92,11 +92,12 @@ class MetricsLogger:
                     "samples_per_s": tokens_per_s / self.seq_len,
                     "step_time_s": time.perf_counter() - step_start,
                     "data_wait_s": self.window_wait,
-                    "loops_mean": float(result.loop_counts.float().mean()),
                     "nonfinite_skipped": progress.nonfinite_total,
                     "spikes_skipped": progress.spikes_skipped,
                 }
             )
+            if result.loop_counts is not None:  # None: the GPT baseline
+                record["loops_mean"] = float(result.loop_counts.float().mean())
             if self.peak:
                 record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
             record.update(details())

@@ -37,10 +37,22 @@ class DepthSampler:
     micro_batch_size: int
     world_size: int
     rank: int
+    looped: bool = True  # False: the fixed-depth GPT baseline, which takes no loop counts
 
     @classmethod
     def for_model(cls, cfg: ParcaeConfig, *, seed: int, micro_batch_size: int, world_size: int, rank: int):
-        return cls(cfg.mean_recurrence, cfg.mean_backprop_depth, seed, micro_batch_size, world_size, rank)
+        return cls(cfg.mean_recurrence, cfg.mean_backprop_depth, seed, micro_batch_size, world_size, rank, cfg.looped)
+
+    def forward_kwargs(self, step: int, micro: int, device: torch.device) -> dict:
+        """The loop arguments of this micro-batch's forward (none for the GPT baseline)."""
+        if not self.looped:
+            return {}
+        n_nograd, n_grad, at_least = self.loop_counts(step, micro)
+        return {
+            "loops": (n_nograd, n_grad),
+            "min_iterations": at_least,
+            "generator": self.h0_generator(step, micro, device),
+        }
 
     def loop_counts(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """(n_nograd, n_grad) for this rank's rows, and the largest of each over all ranks."""
@@ -70,7 +82,9 @@ class Progress:
 @dataclass
 class StepResult:
     loss: float  # mean over the used micro-batches and over ranks
-    loop_counts: torch.Tensor  # this rank's sampled total loops, per row of every used micro-batch
+    loop_counts: (
+        torch.Tensor | None
+    )  # None for the GPT baseline; this rank's sampled total loops, per row of every used micro-batch
     data_wait_s: float
     loop_stats: list[dict[str, float]] | None = field(default=None)  # per loop, first micro-batch
 
@@ -112,15 +126,8 @@ def train_step(
         waited = time.perf_counter()
         batch = next(batches).to(device, non_blocking=True)
         wait += time.perf_counter() - waited
-        n_nograd, n_grad, at_least = sampler.loop_counts(progress.step, draw)
-        loss = engine(
-            batch[:, :-1],
-            batch[:, 1:],
-            loops=(n_nograd, n_grad),
-            min_iterations=at_least,
-            generator=sampler.h0_generator(progress.step, draw, device),
-            loop_stats=loop_stats if micro == 0 else None,
-        )
+        loop_args = sampler.forward_kwargs(progress.step, draw, device)
+        loss = engine(batch[:, :-1], batch[:, 1:], **loop_args, loop_stats=loop_stats if micro == 0 else None)
         draw += 1
         verdict = guard.check(global_mean(loss.detach(), sampler.world_size))
         if verdict == "spike":
@@ -149,12 +156,13 @@ def train_step(
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())
-        counts.append(n_nograd + n_grad)
+        if loop_args:
+            counts.append(loop_args["loops"][0] + loop_args["loops"][1])
         micro += 1
         nonfinite_in_a_row = 0
     return StepResult(
         loss=global_mean(torch.stack(losses).mean(), sampler.world_size),
-        loop_counts=torch.cat(counts),
+        loop_counts=torch.cat(counts) if counts else None,
         data_wait_s=wait,
         loop_stats=loop_stats,
     )

@@ -48,5 +48,5 @@ class ParcaeHFConfig(PretrainedConfig):
         self.hidden_size, self.num_attention_heads, self.max_position_embeddings = d_model, n_head, max_seq_len
         self.num_hidden_layers = n_prelude + n_core + n_coda if arch == "parcae" else n_layers
         kwargs.setdefault("tie_word_embeddings", False)  # the head is the embedding module itself, not a copy
-        kwargs.setdefault("use_cache", False)
+        kwargs.setdefault("use_cache", True)  # generate() runs through the KV cache
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)

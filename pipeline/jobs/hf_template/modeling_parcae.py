@@ -5,8 +5,13 @@ Self-contained (torch and transformers only) and inference-only: the forward the
 (prelude, the stable diagonal injection or the add / concat baselines, the core looped ``loops`` times, the
 readout C, coda, the tied head), with the same parameter names, so its logits equal the pipeline's. The
 loop count is ``config.loops`` unless a forward (or ``generate``) passes ``loops=T``; h_0 follows
-``config.h0``. No KV cache: ``generate`` recomputes the sequence for every token. Padding on the right only
-(the attention is causal; padded positions do not affect the ones before them).
+``config.h0``.
+
+``generate`` uses a KV cache, the one the training pipeline's generation uses: transformers' own
+``DynamicCache`` with one layer entry per prelude and coda layer and one per core layer *per loop* (a new
+token at loop t attends to the earlier tokens' keys and values at loop t), so cached generation gives the
+uncached tokens. ``attention_mask`` is honoured (left-padded batches: no position attends to padding);
+beyond ``max_seq_len`` tokens generation slides a window without the cache, as the pipeline does.
 """
 
 import math
@@ -15,12 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_parcae import ParcaeHFConfig
 
 VE_GATE_CHANNELS = 32
 VOCAB_MULTIPLE = 64
+# transformers 5 names the cache ``cache``; 4.x named it ``past_key_values``
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _unique_layers(config):
@@ -65,7 +73,9 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(d, d, bias=False)
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, config.n_head, bias=False) if has_value_embedding else None
 
-    def forward(self, x, rope, ve):
+    def forward(self, x, rope, ve, kv=None):
+        """``kv``: None (causal attention over x), or (cache, layer index, mask) to attend to the cached
+        positions too (mask None: causal without padding)."""
         b, t, _ = x.shape
         shape = (b, t, self.n_head, self.head_dim)
         q, k, v = self.c_q(x).view(shape), self.c_k(x).view(shape), self.c_v(x).view(shape)
@@ -73,9 +83,16 @@ class Attention(nn.Module):
             v = v + (2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))).unsqueeze(-1) * ve.view(shape)
         q = F.rms_norm(apply_rotary(q, *rope), (self.head_dim,), eps=self.eps).to(x.dtype)
         k = F.rms_norm(apply_rotary(k, *rope), (self.head_dim,), eps=self.eps).to(x.dtype)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.head_dim**-0.5
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        mask = None
+        if kv is not None:
+            cache, index, mask = kv
+            if cache is not None:
+                k, v = cache.update(k, v, index)
+        causal = mask is None and k.shape[2] == t
+        if mask is None and not causal:  # one cached batch without padding: new positions see every earlier one
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5)
         return self.c_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
@@ -98,8 +115,8 @@ class Block(nn.Module):
         self.norm_2 = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config.d_model)
 
-    def forward(self, x, rope, ve):
-        x = x + self.attn(self.norm_1(x), rope, ve)
+    def forward(self, x, rope, ve, kv=None):
+        x = x + self.attn(self.norm_1(x), rope, ve, kv)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -155,12 +172,15 @@ class Recurrence(nn.Module):
         core = range(config.n_prelude, config.n_prelude + config.n_core)
         self.value_embeds = _value_embeddings(config, [i for i in core if _has_value_embedding(config, i)], vocab)
 
-    def forward(self, h, e, idx, rope, loops):
-        for _ in range(loops):
+    def forward(self, h, e, idx, rope, loops, kv):
+        """``kv``: (cache, first index, mask); core layer j at loop l is entry first + l * n_core + j."""
+        cache, first, mask = kv
+        for loop in range(loops):
             u = self.adapter(h, e)
-            for block in self.core_block:
+            for j, block in enumerate(self.core_block):
                 key = str(block.layer)
-                u = block(u, rope, self.value_embeds[key](idx) if key in self.value_embeds else None)
+                ve = self.value_embeds[key](idx) if key in self.value_embeds else None
+                u = block(u, rope, ve, (cache, first + loop * len(self.core_block) + j, mask))
             h = u
         return h
 
@@ -211,15 +231,42 @@ class ParcaeForCausalLM(PreTrainedModel, GenerationMixin):
         key = str(block.layer)
         return self.value_embeds[key](idx) if key in self.value_embeds else None
 
-    def forward(self, input_ids, attention_mask=None, labels=None, loops=None, return_dict=None, **kwargs):
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        return False  # the forward makes its own DynamicCache: its number of layers depends on the loop count
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        loops=None,
+        return_dict=None,
+        use_cache=None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ):
         idx = input_ids
         t = idx.shape[1]
         d = self.config.d_model
-        rope = rotary_tables(t, d // self.config.n_head, self.config.rope_base, idx.device)
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        past = cache.get_seq_length(0) if cache is not None else 0
+        cos, sin = rotary_tables(past + t, d // self.config.n_head, self.config.rope_base, idx.device)
+        rope = (cos[past:], sin[past:])
+        mask = None
+        if attention_mask is not None and not bool(attention_mask[:, : past + t].all()):
+            real = attention_mask[:, : past + t].bool()
+            query = torch.arange(past, past + t, device=idx.device)[:, None]
+            key = torch.arange(past + t, device=idx.device)[None, :]
+            mask = ((key <= query)[None] & (real[:, None, :] | (key == query)[None]))[:, None]
         x = self.transformer.wte(idx)
         if self.config.arch == "parcae":
-            for block in self.transformer.prelude:
-                x = block(x, rope, self._value_embedding(block, idx))
+            n_prelude, n_coda = self.config.n_prelude, self.config.n_coda
+            for j, block in enumerate(self.transformer.prelude):
+                x = block(x, rope, self._value_embedding(block, idx), (cache, j, mask))
             e = self.transformer.ln_prelude(x)
             if self.config.h0 == "like_init":
                 sigma = math.sqrt(2.0 / (5.0 * d))
@@ -228,20 +275,33 @@ class ParcaeForCausalLM(PreTrainedModel, GenerationMixin):
                 h = h.to(e.dtype)
             else:
                 h = torch.zeros_like(e)
-            h = self.transformer.recurrence(h, e, idx, rope, self.config.loops if loops is None else int(loops))
+            loops = self.config.loops if loops is None else int(loops)
+            h = self.transformer.recurrence(h, e, idx, rope, loops, (cache, n_prelude + n_coda, mask))
             x = self.transformer.C(h)
-            for block in self.transformer.coda:
-                x = block(x, rope, self._value_embedding(block, idx))
+            for j, block in enumerate(self.transformer.coda):
+                x = block(x, rope, self._value_embedding(block, idx), (cache, n_prelude + j, mask))
         else:
-            for block in self.transformer.h:
-                x = block(x, rope, self._value_embedding(block, idx))
+            for j, block in enumerate(self.transformer.h):
+                x = block(x, rope, self._value_embedding(block, idx), (cache, j, mask))
         logits = self.transformer.wte(self.transformer.ln_f(x), as_head=True).float()
         logits = logits[..., : self.config.vocab_size]  # padded vocabulary entries are never predicted
         loss = None
         if labels is not None:
             shifted = logits[:, :-1].reshape(-1, logits.size(-1))
             loss = F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
-    def prepare_inputs_for_generation(self, input_ids, loops=None, **kwargs):
-        return {"input_ids": input_ids[:, -self.config.max_seq_len :], "loops": loops}
+    def prepare_inputs_for_generation(self, input_ids, loops=None, attention_mask=None, use_cache=True, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        window = self.config.max_seq_len
+        if not use_cache or input_ids.shape[1] > window:  # the window slides: the whole window, no cache
+            mask = attention_mask[:, -window:] if attention_mask is not None else None
+            return {"input_ids": input_ids[:, -window:], "attention_mask": mask, "loops": loops, "use_cache": False}
+        past = cache.get_seq_length(0) if cache is not None else 0
+        return {
+            "input_ids": input_ids[:, past:],
+            "attention_mask": attention_mask,
+            CACHE_FIELD: cache,
+            "loops": loops,
+            "use_cache": True,
+        }

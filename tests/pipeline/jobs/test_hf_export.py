@@ -1,5 +1,6 @@
 """`parcae export --format hf`: transformers loads the directory (remote code), gives our logits at 1 and at
-several loop counts and our greedy tokens; lm-evaluation-harness scores it end to end on a local task
+several loop counts and our greedy tokens (generate() through its KV cache, one position per new token, as
+without it; left-padded batches; beyond the context); lm-evaluation-harness scores it end to end on a local task
 (nothing downloaded), with the log-likelihoods our model gives."""
 
 from __future__ import annotations
@@ -68,8 +69,27 @@ def test_transformers_gives_our_logits_and_greedy_tokens(tmp_path, tokenizer, cf
     tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
     prompt = tok("def f(x):", return_tensors="pt")["input_ids"]
     loops = 3 if cfg.looped else None
-    generated = hf.generate(prompt, max_new_tokens=6, do_sample=False, loops=loops)
+    seen: list[int] = []  # positions each forward computes: the prompt once, then one per new token
+    hook = hf.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    generated = hf.generate(prompt, max_new_tokens=6, do_sample=False, loops=loops)  # through its KV cache
+    hook.remove()
+    assert seen == [prompt.shape[1], 1, 1, 1, 1, 1] or generated.shape[1] < prompt.shape[1] + 6, seen
     assert generated.tolist() == model.generate(prompt, 6, loops=loops).tolist()
+    uncached = hf.generate(prompt, max_new_tokens=6, do_sample=False, loops=loops, use_cache=False)
+    assert uncached.tolist() == generated.tolist()
+    # a left-padded batch (attention_mask) gives each row what it gives alone, through the cache
+    rows = [ids[0, :20], ids[1, :9]]
+    batch = torch.zeros(2, 20, dtype=torch.long)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    for r, row in enumerate(rows):
+        batch[r, 20 - len(row) :], mask[r, 20 - len(row) :] = row, 1
+    out = hf.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, loops=loops, pad_token_id=0)
+    for r, row in enumerate(rows):
+        alone = model.generate(row[None], 5, loops=loops, use_cache=False)
+        assert out[r, 20:].tolist() == alone[0, len(row) :].tolist(), r
+    # beyond the context the window slides without the cache, as our generation does
+    long = hf.generate(prompt, max_new_tokens=70, min_new_tokens=70, do_sample=False, loops=loops)
+    assert long.tolist() == model.generate(prompt, 70, loops=loops).tolist()
 
 
 def test_lm_evaluation_harness_scores_the_export_with_our_log_likelihoods(tmp_path, tokenizer):
