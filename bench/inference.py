@@ -138,8 +138,9 @@ def main() -> None:
             total_s = timed(lambda model=model, loops=loops: model.generate(prompt, args.new, loops=loops), args.rounds)
             decode = (args.new - 1) / max(total_s - prefill_s, 1e-9)
             per_token = prefill().nbytes() / (args.prompt + args.new)
+            params = sum(p.numel() for p in model.parameters()) / 1e6
             print(
-                f"| {name} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M | {loops or '-'} | {prefill_s * 1e3:.1f} | "
+                f"| {name} | {params:.2f}M | {loops or '-'} | {prefill_s * 1e3:.1f} | "
                 f"{decode:.0f} | {per_token:.0f} | {val_loss(model, rows, loops):.3f} |"
             )
         if cfg.looped:
@@ -147,7 +148,7 @@ def main() -> None:
     assert looped is not None
     model, prompts, text = looped, rows[:8, : args.prompt], rows[:8]
     print("\nParcae through the cache: bounded caches and adaptive depth against the exact cache")
-    print("| T (max) | cache | mean loops | token agreement | loss read through the cache | decode tokens/s |")
+    print("| T (max) | cache | mean loops | token agreement | loss read through the cache | tokens/s (batch 8) |")
     print("|---:|---|---:|---:|---:|---:|")
     for loops in (4, 8):
         exact = model.generate(prompts, args.new, loops=loops)[:, args.prompt :]
