@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    distributed = sys.modules.get("pipeline.training.distributed")  # imported by every rank process
+    if distributed is not None:
+        distributed.exit_rank(code)  # a rank process leaves here, without the interpreter's teardown
+    return code
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(verbose=args.verbose, all_ranks=args.all_ranks)

@@ -100,8 +100,8 @@ def serve(
         raise ParcaeError(f"--port {port}: TensorBoard could not start: {exc}") from None
     print(f"TensorBoard at {url} ({', '.join(f'{n} = {p}' for n, p in dirs.items())}); Ctrl-C to stop", flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        while True:  # short sleeps: a SIGINT delivered to one of TensorBoard's threads wakes no long sleep
+            time.sleep(0.5)
     except KeyboardInterrupt:
         _exit_now(stop, syncer)
     return 0
