@@ -9,6 +9,9 @@
 #   slurm/local_cluster.sh stop [DIR]    cancel jobs, stop slurmd, slurmctld, munged
 #
 # No network namespaces and no other addresses: every daemon binds and connects to 127.0.0.1.
+# Each node declares two GPUs as a GRES (gres.conf, AutoDetect=off) whose device files are symlinks to
+# /dev/null named nvidia0/nvidia1: Slurm schedules them and sets SLURM_GPUS_ON_NODE and CUDA_VISIBLE_DEVICES
+# for jobs that ask (--gpus-per-node, --gres=gpu:N) as on a GPU cluster; no process can use them.
 set -euo pipefail
 
 cmd=${1:-}
@@ -31,7 +34,9 @@ install_packages() {
 }
 
 write_configs() {
-    mkdir -p "$D"/{etc,munge,state,spool,run,log}
+    mkdir -p "$D"/{etc,munge,state,spool,run,log,dev}
+    ln -sf /dev/null "$D/dev/nvidia0"
+    ln -sf /dev/null "$D/dev/nvidia1"
     chmod 0755 "$D/munge"
     [ -f "$D/munge/munge.key" ] || mungekey -c -k "$D/munge/munge.key" >/dev/null 2>&1 \
         || dd if=/dev/urandom of="$D/munge/munge.key" bs=1024 count=1 status=none
@@ -68,9 +73,14 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$D/log/jobcomp.txt
 JobRequeue=1
 MinJobAge=600
-NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$n1 CPUs=2 RealMemory=2000 State=UNKNOWN
-NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$n2 CPUs=2 RealMemory=2000 State=UNKNOWN
+GresTypes=gpu
+NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$n1 CPUs=2 RealMemory=2000 Gres=gpu:2 State=UNKNOWN
+NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$n2 CPUs=2 RealMemory=2000 Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+    cat > "$D/etc/gres.conf" <<EOF
+AutoDetect=off
+Name=gpu File=$D/dev/nvidia[0-1]
 EOF
 }
 

@@ -66,9 +66,13 @@ def render(spec: LoadedSpec, run_dir: Path, python: str = sys.executable, output
         "time": cluster.time_limit,
         "constraint": cluster.constraint,
         "cpus-per-task": cluster.cpus_per_task,
-        "gpus-per-node": cluster.gpus_per_node,
     }
     optional = [f"#SBATCH --{flag}={value}" for flag, value in options.items() if value]
+    if cluster.gpus_per_node:
+        gpus = f"{cluster.gpu_type}:{cluster.gpus_per_node}" if cluster.gpu_type else str(cluster.gpus_per_node)
+        optional.append(
+            f"#SBATCH --gres=gpu:{gpus}" if cluster.gpu_request == "gres" else f"#SBATCH --gpus-per-node={gpus}"
+        )
     optional.append("#SBATCH --requeue" if cluster.requeue else "#SBATCH --no-requeue")
     optional += [f"#SBATCH {line}" for line in cluster.extra_sbatch]
     return Template(TEMPLATE.read_text()).substitute(
@@ -85,23 +89,52 @@ def render(spec: LoadedSpec, run_dir: Path, python: str = sys.executable, output
     )
 
 
+GPU_GRES = re.compile(r"(?:^|,)gpu(?::([A-Za-z][\w.-]*))?:(\d+)")
+
+
+def gpus_in(gres: str, gpu_type: str | None) -> int:
+    """GPUs per node in a node's GRES as sinfo prints it (``gpu:a100:8(S:0-1),mps:400``), of ``gpu_type`` if given."""
+    return sum(int(n) for kind, n in GPU_GRES.findall(gres) if gpu_type is None or kind == gpu_type)
+
+
 def check_against_cluster(cluster: ClusterSpec) -> None:
-    """Refuse what the cluster cannot run, before submitting: unknown partition, too many nodes."""
-    partitions: dict[str, int] = {}
-    for line in _run(["sinfo", "-h", "-o", "%P|%D"]).splitlines():
-        name, count = line.strip().split("|")
-        partitions[name.rstrip("*")] = int(count)
+    """Refuse what the cluster can never run, before submitting: an unknown partition, more nodes than it has,
+    more GPUs per node (of the requested type) than its nodes carry."""
+    groups: dict[str, list[tuple[int, str, int]]] = {}  # partition -> [(nodes, gres, CPUs per node)]
+    default = ""
+    for line in _run(["sinfo", "-h", "-o", "%P|%D|%G|%c"]).splitlines():
+        name, count, gres, cpus = line.strip().split("|")
         if name.endswith("*"):
-            partitions.setdefault("", int(count))
-    partition = cluster.partition or ""
-    if partition not in partitions:
-        known = ", ".join(sorted(p for p in partitions if p))
+            default = name.rstrip("*")
+        groups.setdefault(name.rstrip("*"), []).append((int(count), gres, int(cpus.rstrip("+"))))
+    partition = cluster.partition or default
+    where = f"partition {cluster.partition!r}" if cluster.partition else f"the default partition ({default!r})"
+    if partition not in groups:
+        known = ", ".join(sorted(groups))
         raise ParcaeError(
             f"cluster.partition: {cluster.partition!r} does not exist on this cluster (partitions: {known})"
         )
-    if cluster.nodes > partitions[partition]:
-        where = f"partition {cluster.partition!r}" if cluster.partition else "the default partition"
-        raise ParcaeError(f"cluster.nodes: {cluster.nodes} requested, but {where} has {partitions[partition]} node(s)")
+    total = sum(nodes for nodes, _, _ in groups[partition])
+    if cluster.nodes > total:
+        raise ParcaeError(f"cluster.nodes: {cluster.nodes} requested, but {where} has {total} node(s)")
+    cpus = (cluster.cpus_per_task or 1) * cluster.procs_per_node
+    if cpus > max(c for _, _, c in groups[partition]):
+        raise ParcaeError(
+            f"cluster.cpus_per_task: {cluster.cpus_per_task} x procs_per_node {cluster.procs_per_node} = {cpus} CPUs "
+            f"per node requested, but the nodes of {where} have at most {max(c for _, _, c in groups[partition])}"
+        )
+    if not cluster.gpus_per_node:
+        return
+    wanted = f"{cluster.gpus_per_node} {cluster.gpu_type + ' ' if cluster.gpu_type else ''}GPU(s) per node"
+    need = cluster.gpus_per_node
+    fitting = sum(n for n, gres, _ in groups[partition] if gpus_in(gres, cluster.gpu_type) >= need)
+    if fitting < cluster.nodes:
+        offered = ", ".join(sorted({f"{nodes} node(s) with GRES {gres}" for nodes, gres, _ in groups[partition]}))
+        field = "cluster.gpu_type" if cluster.gpu_type and not fitting else "cluster.gpus_per_node"
+        raise ParcaeError(
+            f"{field}: {cluster.nodes} node(s) with {wanted} requested, but {where} has {fitting} such node(s) "
+            f"({offered}); choose a GPU partition (cluster.partition), fewer GPUs per node or another gpu_type"
+        )
 
 
 def submit(spec_path: str, overrides: list[str], dry_run: bool) -> int:

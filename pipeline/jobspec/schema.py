@@ -197,6 +197,16 @@ class TrainingSpec(Spec):
     total_steps: Count | None = None
     total_tokens: Annotated[int, Field(gt=0, le=10**16)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 1337
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="cuda: the run needs GPUs and refuses to start without them (the shipped GPU configs); cpu: "
+        "train on CPUs even where GPUs are visible; auto: what DeepSpeed's accelerator reports.",
+    )
+    collective_timeout_s: Annotated[int, Field(ge=10, le=86400)] = Field(
+        1800,
+        description="A collective (all-gather, reduce-scatter, all-reduce) not complete after this long ends the run "
+        "with a message naming it: a hung or dead rank stops the job instead of holding the allocation.",
+    )
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
         "auto",
         description="bf16-mixed: the reference's (fp32 weights under autocast: bf16 matmuls, fp32 residual stream "
@@ -345,14 +355,28 @@ class StorageSpec(Spec):
         return S3Options.from_env(self.endpoint_url, self.region, self.max_retries)
 
 
+GPU_CPUS_PER_TASK = 4
+
+
 class ClusterSpec(Spec):
     """Where the ranks run: one machine or a Slurm allocation."""
 
     nodes: Annotated[int, Field(gt=0, le=10**5)] = 1
     procs_per_node: Annotated[int, Field(gt=0, le=1024)] = Field(1, description="Ranks (GPUs) per node.")
-    cpus_per_task: Annotated[int, Field(gt=0, le=4096)] | None = None
+    cpus_per_task: Annotated[int, Field(gt=0, le=4096)] | None = Field(
+        None,
+        description=f"CPUs per rank; default {GPU_CPUS_PER_TASK} with training.device cuda (the rank, its shard "
+        "reader, NCCL's threads), else Slurm's default.",
+    )
     gpus_per_node: Annotated[int, Field(gt=0, le=64)] | None = Field(
-        None, description="GPUs to request per node (GPU clusters)."
+        None, description="GPUs to request per node; default procs_per_node (one per rank) with training.device cuda."
+    )
+    gpu_request: Literal["gpus-per-node", "gres"] = Field(
+        "gpus-per-node",
+        description="How the batch script asks for GPUs: --gpus-per-node=N or --gres=gpu:N (older clusters).",
+    )
+    gpu_type: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
+        None, description="A GPU type the cluster names in its GRES, e.g. a100: --gpus-per-node=a100:N."
     )
     partition: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     account: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
@@ -413,6 +437,20 @@ class JobSpec(Spec):
             message = f"exceeds the model's context model.max_seq_len={self.model.max_seq_len}"
             deps = ("data.seq_len", "model.max_seq_len")
             problems.append(Problem("data.seq_len", self.data.seq_len, message, deps))
+        cluster = self.cluster
+        if self.training.device == "cuda":
+            if cluster.gpus_per_node is None:
+                cluster.gpus_per_node = cluster.procs_per_node  # one GPU per rank
+            if cluster.cpus_per_task is None:
+                cluster.cpus_per_task = GPU_CPUS_PER_TASK
+            if cluster.gpus_per_node < cluster.procs_per_node:
+                message = f"fewer GPUs than ranks per node (procs_per_node {cluster.procs_per_node}): one rank per GPU"
+                deps = ("cluster.gpus_per_node", "cluster.procs_per_node", "training.device")
+                problems.append(Problem("cluster.gpus_per_node", cluster.gpus_per_node, message, deps))
+        elif cluster.gpus_per_node and self.training.device == "cpu":
+            message = "GPUs requested for a run that trains on CPUs (training.device: cpu); leave gpus_per_node out"
+            deps = ("cluster.gpus_per_node", "training.device")
+            problems.append(Problem("cluster.gpus_per_node", cluster.gpus_per_node, message, deps))
         if self.optimizer.name == "muon" and (self.zero.stage in (1, 2) or self.zero.offload_optimizer):
             message = (
                 "the reference's Muon runs under zero.stage 3 (or 0) without optimizer offload; "

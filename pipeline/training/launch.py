@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import warnings
-
-import torch
 
 from parcae_errors import ParcaeError
 from pipeline.jobspec import load_spec
+from pipeline.training.device import select_accelerator
 from pipeline.training.distributed import (
     RankInfo,
     close_distributed,
@@ -45,8 +43,7 @@ def run_train(spec_path: str, overrides: list[str], resume_from: str | None = No
         )
     export_rank_env(info)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    select_accelerator(spec.training.device, info.local_rank)  # training.device: cuda without GPUs stops here
     from pipeline.training.trainer import Trainer
 
     try:

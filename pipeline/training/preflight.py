@@ -18,6 +18,7 @@ from data_prep.inspect import read_manifest
 from data_prep.storage import LocalStore, StorageError, check_writable, open_store
 from parcae_errors import ParcaeError, UsageError
 from pipeline.jobspec import JobSpec
+from pipeline.training.device import device_problems
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,8 @@ def output_problems(spec: JobSpec) -> list[str]:
 
 def preflight(spec: JobSpec) -> None:
     """Before training: refuse, with every problem at once, what cannot work."""
-    problems, unreadable = data_problems(spec)
-    problems += unreadable + output_problems(spec)
+    problems = device_problems(spec.training.device, spec.cluster.procs_per_node)  # first: the cheapest to fix
+    data, unreadable = data_problems(spec)
+    problems += data + unreadable + output_problems(spec)
     if problems:
         raise PreflightError(problems)

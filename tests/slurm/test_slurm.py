@@ -139,26 +139,54 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(uninterrupted, 
         assert after[step] == expected[step], (step, after[step], expected[step])
 
 
+GPU = "training.device=cuda"
+ONE_CPU = "cluster.cpus_per_task=1"  # the local nodes have 2 CPUs; a GPU spec asks 4 per rank by default
+
+
 @pytest.mark.parametrize(
-    "setting, message, code",
+    "settings, message, code",
     [
-        ("cluster.nodes=3", "cluster.nodes: 3 requested, but the default partition has 2 node(s)", 1),
-        ("cluster.partition=gpu", "cluster.partition: 'gpu' does not exist on this cluster (partitions: debug)", 1),
-        ("cluster.time_limit='1 day'", "cluster.time_limit: String should match pattern", 2),
+        (["cluster.nodes=3"], "cluster.nodes: 3 requested, but the default partition ('debug') has 2 node(s)", 1),
+        (["cluster.partition=gpu"], "cluster.partition: 'gpu' does not exist on this cluster (partitions: debug)", 1),
+        (["cluster.time_limit='1 day'"], "cluster.time_limit: String should match pattern", 2),
+        ([GPU, ONE_CPU, "cluster.gpus_per_node=4"], "cluster.gpus_per_node: 1 node(s) with 4 GPU(s) per node "
+         "requested, but the default partition ('debug') has 0 such node(s) (2 node(s) with GRES gpu:2)", 1),
+        ([GPU, ONE_CPU, "cluster.gpu_type=a100"], "cluster.gpu_type: 1 node(s) with 1 a100 GPU(s) per node", 1),
+        ([GPU], "cluster.cpus_per_task: 4 x procs_per_node 1 = 4 CPUs per node requested, but the nodes of the "
+         "default partition ('debug') have at most 2", 1),
     ],
-)
-def test_impossible_requests_are_refused_before_submission(slurm, tmp_path, setting, message, code):
+    ids=["nodes", "partition", "time", "gpus", "gpu-type", "cpus"],
+)  # fmt: skip
+def test_impossible_requests_are_refused_before_submission(slurm, tmp_path, settings, message, code):
     before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
     result = parcae(
         "submit",
         str(CONFIGS / "demo-tiny.yaml"),
         f"--set=run_dir={tmp_path / 'r'}",
         "--set=cluster.procs_per_node=1",
-        f"--set={setting}",
+        *[f"--set={setting}" for setting in settings],
     )
     assert result.returncode == code and message in result.stderr and "Traceback" not in result.stderr
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
     assert not (tmp_path / "r" / "slurm" / "jobs.txt").exists()
+
+
+@pytest.mark.parametrize("request_kind", ["gpus-per-node", "gres"])
+def test_a_gpu_job_gets_its_gpus_from_slurm_and_refuses_to_train_without_cuda(slurm, s3_shards, tmp_path, request_kind):
+    """The local cluster's fake GRES: Slurm allocates one GPU per rank and says so in the job's environment;
+    this machine's torch has no CUDA, so the job stops at its start, naming what it was given."""
+    run_dir = tmp_path / "run"
+    settings = [*overrides(s3_shards, run_dir, 4), f"--set={GPU}", f"--set={ONE_CPU}"]
+    result = parcae("submit", str(CONFIGS / "demo-tiny.yaml"), *settings, f"--set=cluster.gpu_request={request_kind}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = result.stdout.split()[-1]
+    script = (run_dir / "slurm" / "job.sbatch").read_text()
+    assert ("#SBATCH --gres=gpu:1" if request_kind == "gres" else "#SBATCH --gpus-per-node=1") in script
+    assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "FAILED"
+    log = (run_dir / "slurm" / f"{job}.out").read_text()
+    assert "training.device: cuda, but this process sees no GPU" in log, log[-3000:]
+    assert "CUDA_VISIBLE_DEVICES=0;" in log and f"Slurm job {job}: SLURM_GPUS_ON_NODE=1" in log
+    assert "Traceback" not in log and not (run_dir / "metrics.jsonl").exists()
 
 
 def test_cancel(slurm, s3_shards, tmp_path):
