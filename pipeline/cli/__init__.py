@@ -103,8 +103,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:
-        from pipeline.training.distributed import lost_a_peer
+        from pipeline.training.distributed import collective_timeout, lost_a_peer
 
+        if timed_out := collective_timeout(exc):
+            print(f"error: {timed_out}", file=sys.stderr)
+            return 1
         if lost_a_peer(exc):  # another rank failed and said why; this one stops quietly
             logging.getLogger(__name__).debug("stopped: another rank is gone (%s)", exc)
             return 1

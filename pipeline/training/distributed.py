@@ -137,6 +137,7 @@ def launch_local(argv: list[str], world_size: int, env: dict[str, str] | None = 
                 for p in procs:
                     if p.poll() is None:
                         p.terminate()
+                        p.send_signal(signal.SIGCONT)  # a stopped (hung) rank handles its SIGTERM
             if failed_at is not None and time.monotonic() - failed_at > 15:  # stuck in a collective
                 for p in procs:
                     if p.poll() is None:
@@ -162,18 +163,39 @@ def accelerator_device(local_rank: int) -> tuple[torch.device, str]:
     return torch.device(acc.device_name(local_rank)), name
 
 
-def init_distributed(device_type: str) -> None:
-    """The process group: gloo on CPU, the accelerator's backend (NCCL on CUDA) otherwise."""
+def init_distributed(device_type: str, timeout_s: int = 1800) -> None:
+    """The process group: gloo on CPU, the accelerator's backend (NCCL on CUDA) otherwise. A collective
+    not complete after ``timeout_s`` fails (gloo raises in the waiting rank; NCCL's watchdog with
+    asynchronous error handling tears the process down) instead of holding the allocation forever."""
+    import datetime
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    global _INITIALISED
+    global _INITIALISED, _TIMEOUT_S
     backend = "gloo" if device_type == "cpu" else get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend)
-    _INITIALISED = True
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out collective ends the process
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    _INITIALISED, _TIMEOUT_S = True, timeout_s
 
 
 _INITIALISED = False  # this process joined a process group (it is a rank)
+_TIMEOUT_S = 0
+
+
+def collective_timeout(exc: BaseException) -> str | None:
+    """The message for a collective that did not complete in time (another rank hung), else None."""
+    if not _INITIALISED or os.environ.get("WORLD_SIZE", "1") == "1":
+        return None
+    text = f"{type(exc).__name__}: {exc}"
+    if "Timed out" not in text and "timed out" not in text and "Timeout" not in text:
+        return None
+    rank = os.environ.get("RANK", "?")
+    return (
+        f"rank {rank}: a collective did not complete within training.collective_timeout_s ({_TIMEOUT_S} s): another "
+        "rank hung or died without saying so; the run stops (resume from its newest checkpoint)"
+    )
 
 
 def exit_rank(code: int) -> None:

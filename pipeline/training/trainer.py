@@ -116,7 +116,7 @@ class Trainer:
             threads = cpu_threads_per_rank(spec.cluster.procs_per_node)
             torch.set_num_threads(threads)
             log.info("CPU: %d intra-op thread(s) per rank (set OMP_NUM_THREADS to choose)", threads)
-        init_distributed(device_type)
+        init_distributed(device_type, spec.training.collective_timeout_s)
         # checkpoint.init_from counts only for a run without checkpoints of its own (every rank reads LATEST)
         self.start_from = (
             spec.checkpoint.init_from if latest_tag(spec.checkpoint.dir, spec.storage.s3_options()) is None else None

@@ -97,6 +97,22 @@ def test_killed_rank_stops_the_run_quietly(tmp_path, tiny_shards, reference_loss
     finish_and_compare(cmd, run_dir, tmp_path / "again.log", reference_losses, 10)
 
 
+def test_a_hung_rank_ends_the_run_with_the_timeout_message(tmp_path, tiny_shards):
+    """A rank that stops answering (SIGSTOP: a hung GPU, a wedged node) is not waited on forever: the other
+    rank's next collective fails after training.collective_timeout_s and says so; the launcher ends the run."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(tiny_shards, run_dir, 10**6, "training.collective_timeout_s=20")
+    proc = start_run(cmd, tmp_path / "run.log")
+    wait_for_step(run_dir, proc, 3)
+    os.kill(children(proc.pid)[1], signal.SIGSTOP)
+    stopped = time.monotonic()
+    assert proc.wait(timeout=120) == 1
+    elapsed = time.monotonic() - stopped
+    log = (tmp_path / "run.log").read_text()
+    assert "a collective did not complete within training.collective_timeout_s (20 s)" in log, log[-3000:]
+    assert "Traceback" not in log and 20 <= elapsed < 60, elapsed
+
+
 def test_one_run_directory_has_one_owner(tmp_path, tiny_shards, reference_losses):
     run_dir = tmp_path / "run"
     cmd = train_cmd(tiny_shards, run_dir, STEPS)
