@@ -547,20 +547,7 @@ class ParcaeLM(nn.Module):
         return generation.forward_cached(self, idx, cache, loops, adaptive, loops_used)
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        loops: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        lengths: list[int] | None = None,
-        vocab: int | None = None,
-        core_slots: int | None = None,
-        adaptive: float | None = None,
-    ) -> torch.Tensor:
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, loops: int | None = None, **options) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation of idx (batch, seq) with ``loops`` loops (default:
         the mean recurrence; the maximum under ``adaptive``); h_0 is zeros, so greedy generation is
         deterministic. Returns idx with the new tokens appended.
@@ -572,22 +559,9 @@ class ParcaeLM(nn.Module):
         different prompt lengths are left-padded in ``idx`` with ``lengths`` giving each row's real length.
         A generation longer than the context (prompt + new tokens > max_seq_len) runs the uncached way:
         ``use_cache=False`` re-runs the last max_seq_len tokens for every new token. ``vocab``: only ids below
-        it are generated (a tokenizer smaller than the model's vocabulary; default the model's)."""
-        new = list(
-            self.stream(
-                idx,
-                max_new_tokens,
-                loops,
-                temperature,
-                top_k,
-                generator,
-                use_cache,
-                lengths,
-                vocab,
-                core_slots,
-                adaptive,
-            )
-        )
+        it are generated (a tokenizer smaller than the model's vocabulary; default the model's). ``options``:
+        temperature, top_k, generator, use_cache, lengths, vocab, core_slots, adaptive (`model.generation.stream`)."""
+        new = list(self.stream(idx, max_new_tokens, loops, **options))
         return torch.cat((idx, *new), dim=1)
 
     def stream(self, idx: torch.Tensor, max_new_tokens: int, *args, **kwargs) -> Iterator[torch.Tensor]:
