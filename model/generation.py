@@ -20,15 +20,14 @@ teacher-forced scoring through the cache (imports torch and the cache only; `Par
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from model.cache import KVCache
 
-if TYPE_CHECKING:
-    from model.parcae import ParcaeLM
+ParcaeLM = nn.Module  # a model.parcae.ParcaeLM (which calls these functions, so it is not imported here)
 
 
 @torch.no_grad()
