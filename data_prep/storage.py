@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,7 +148,8 @@ class S3Store:
         return f"s3://{self.bucket}/{self._key(name)}"
 
     def _fail(self, action: str, name: str, exc: Exception) -> StorageError:
-        detail = getattr(exc, "response", {}).get("Error", {}).get("Message") or str(exc)
+        response = getattr(exc, "response", None) or {}  # a streaming error carries response=None
+        detail = response.get("Error", {}).get("Message") or str(exc)
         where = f" (endpoint {self.options.endpoint_url})" if self.options.endpoint_url else ""
         return StorageError(f"{self.child_url(name)}: cannot {action}{where}: {detail}")
 
@@ -170,10 +172,20 @@ class S3Store:
             raise self._fail("write", name, exc) from None
 
     def get_bytes(self, name: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
-        except Exception as exc:
-            raise self._fail("read", name, exc) from None
+        """botocore retries a request that fails, not a body that breaks off while it is read (the endpoint
+        went away mid-transfer): that is retried here, max_retries times with backoff (1, 2, 4 ... s)."""
+        from botocore.exceptions import ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+
+        for attempt in range(self.options.max_retries + 1):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+            except (ResponseStreamingError, ReadTimeoutError, ConnectionClosedError) as exc:
+                if attempt == self.options.max_retries:
+                    raise self._fail("read", name, exc) from None
+                time.sleep(min(2.0**attempt, 30.0))
+            except Exception as exc:
+                raise self._fail("read", name, exc) from None
+        raise AssertionError("unreachable")
 
     def open(self, name: str) -> IO[bytes]:
         """A streaming body: bytes arrive as they are read, nothing is staged on disk."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -99,6 +100,11 @@ def serve(
     except program.TensorBoardServerException as exc:
         raise ParcaeError(f"--port {port}: TensorBoard could not start: {exc}") from None
     print(f"TensorBoard at {url} ({', '.join(f'{n} = {p}' for n, p in dirs.items())}); Ctrl-C to stop", flush=True)
+    # Ctrl-C and SIGTERM stop it even when it was started with SIGINT ignored (a background job of a
+    # non-interactive shell, and everything that shell starts, inherits an ignored SIGINT: Python then
+    # installs no KeyboardInterrupt handler and the server outlived the signal)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now(stop, syncer))
     try:
         while True:  # short sleeps: a SIGINT delivered to one of TensorBoard's threads wakes no long sleep
             time.sleep(0.5)

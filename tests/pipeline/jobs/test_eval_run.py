@@ -69,6 +69,8 @@ def _serve(args: list[str], port: int, log: Path) -> subprocess.Popen:
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # as a background job of a non-interactive shell starts it: SIGINT ignored (it must stop anyway)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from data_prep.storage import S3Options, StorageError, open_store
 from pipeline.data import ShardLoader
 from pipeline.jobspec import load_spec
 from tests.conftest import (
@@ -127,6 +128,26 @@ def test_one_run_directory_has_one_owner(tmp_path, tiny_shards, reference_losses
     os.killpg(first.pid, signal.SIGKILL)  # a dead owner's lock is free at once
     first.wait(timeout=60)
     finish_and_compare(cmd, run_dir, tmp_path / "third.log", reference_losses, 5)
+
+
+def test_a_body_cut_off_mid_read_is_read_again(s3_server):
+    """botocore retries failed requests, not a response body that breaks off while it is read: the store
+    does (storage.max_retries), and names the object when it gives up."""
+    bucket = s3_server.new_bucket("cut")
+    payload = os.urandom(300_000)
+    s3_server.client().put_object(Bucket=bucket, Key="shard.tar", Body=payload)
+    port, target = free_port(), int(s3_server.endpoint.rsplit(":", 1)[1])
+    script = [sys.executable, str(REPO / "tests" / "fault_proxy.py"), str(port), str(target), "2"]
+    proc = subprocess.Popen(script, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        endpoint = f"http://127.0.0.1:{port}"
+        with pytest.raises(StorageError, match=rf"s3://{bucket}/shard.tar: cannot read \(endpoint {endpoint}\)"):
+            open_store(f"s3://{bucket}", S3Options(endpoint, max_retries=0)).get_bytes("shard.tar")  # cut 1
+        assert open_store(f"s3://{bucket}", S3Options(endpoint, max_retries=2)).get_bytes("shard.tar") == payload
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture
