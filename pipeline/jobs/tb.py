@@ -69,6 +69,9 @@ def serve(
         raise ParcaeError(f"--port: 0-65535, got {port}")
     if sync_interval <= 0:
         raise ParcaeError(f"--sync-interval: seconds > 0, got {sync_interval}")
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # -v keeps TensorBoard's own INFO lines
+        for name in ("tensorboard", "werkzeug", "absl"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     options = S3Options.from_env(endpoint_url)
     cache_root = Path(cache)
     dirs: dict[str, Path] = {}

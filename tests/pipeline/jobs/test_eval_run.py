@@ -114,7 +114,9 @@ def test_tensorboard_serves_a_run_locally_and_from_s3(trained_run, tmp_path, s3_
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(timeout=30)
-    assert code == 0 and "TensorBoard stopped" in (tmp_path / "tb.log").read_text()
+    log = (tmp_path / "tb.log").read_text()
+    assert code == 0 and "TensorBoard stopped" in log
+    assert "INFO tensorboard" not in log and log.count(f"http://127.0.0.1:{port}") == 1  # quiet, the URL once
 
 
 def test_tb_refuses_what_it_cannot_serve(tmp_path, s3_server):
