@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from workdir import REPO, parcae, prepare_corpus
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
 
 PARCAE = {"arch": "parcae", "n_prelude": 1, "n_core": 2, "n_coda": 1, "mean_recurrence": 4, "mean_backprop_depth": 2}
 MODELS = {
@@ -38,20 +38,10 @@ MODELS = {
 }
 
 
-def parcae(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, check=True)
-
-
 def prepare(work: Path, steps: int) -> dict[str, Path]:
-    tok = work / "tokenizer" / "tok"
-    if not Path(f"{tok}.model").is_file():
-        parcae("prep", "tokenizer", "--out", str(tok), "--vocab-size", "2048")
-    shards = work / "shards"
-    if not (shards / "val" / "manifest.json").is_file():
-        parcae("prep", "shards", "--tokenizer", f"{tok}.model", "--out", str(shards), "--seq-len", "256",
-               "--val-fraction", "0.02", "--progress", "lines")  # fmt: skip
+    tok, shards = prepare_corpus(work, seq_len=256)
     common = [
-        f"tokenizer.path={tok}.model",
+        f"tokenizer.path={tok}",
         f"data.train_url={shards / 'train'}",
         f"data.val_url={shards / 'val'}",
         "data.seq_len=256",
@@ -66,7 +56,7 @@ def prepare(work: Path, steps: int) -> dict[str, Path]:
     runs = {}
     for name, shape in MODELS.items():
         run = work / "runs" / name.replace(" ", "-").replace("/", "")
-        if not (run / "checkpoints" / "latest").is_file():
+        if not (run / "checkpoints" / "LATEST").is_file():  # trained before: reused
             spec = work / f"{run.name}.yaml"
             model = {"vocab_size": 2048, "d_model": 128, "n_head": 2, "max_seq_len": 256, **shape}
             spec.write_text(yaml.safe_dump({**base, "name": run.name, "model": model}))
@@ -91,6 +81,16 @@ def timed(fn, rounds: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def decode_seconds(model, prompt: torch.Tensor, new: int, loops: int | None) -> float:
+    """Time of the new tokens after the first (the prefill and the first token are not counted)."""
+    steps = model.stream(prompt, new, loops=loops)
+    next(steps)
+    start = time.perf_counter()
+    for _ in steps:
+        pass
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -135,8 +135,9 @@ def main() -> None:
                 return cache
 
             prefill_s = timed(prefill, args.rounds)
-            total_s = timed(lambda model=model, loops=loops: model.generate(prompt, args.new, loops=loops), args.rounds)
-            decode = (args.new - 1) / max(total_s - prefill_s, 1e-9)
+            decode = (args.new - 1) / statistics.median(
+                decode_seconds(model, prompt, args.new, loops) for _ in range(args.rounds)
+            )
             per_token = prefill().nbytes() / (args.prompt + args.new)
             params = sum(p.numel() for p in model.parameters()) / 1e6
             print(

@@ -12,15 +12,8 @@ sweep is WORKDIR/sweep (finished points are skipped when rerun).
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def parcae(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, check=True)
+from workdir import REPO, parcae, prepare_corpus
 
 
 def main() -> None:
@@ -32,13 +25,7 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], help="more spec overrides (all runs)")
     args = parser.parse_args()
     work = (REPO / args.workdir).resolve()
-    tok = work / "tokenizer" / "tok"
-    if not Path(f"{tok}.model").is_file():
-        parcae("prep", "tokenizer", "--out", str(tok), "--vocab-size", "2048")
-    shards = work / "shards"
-    if not (shards / "val" / "manifest.json").is_file():
-        parcae("prep", "shards", "--tokenizer", f"{tok}.model", "--out", str(shards), "--seq-len", "128",
-               "--val-fraction", "0.02", "--progress", "lines")  # fmt: skip
+    _, shards = prepare_corpus(work, seq_len=128)
     common = [
         f"data.train_url={shards / 'train'}",
         f"data.val_url={shards / 'val'}",

@@ -533,18 +533,11 @@ class ParcaeLM(nn.Module):
         cos, sin = rotary_tables(start + t, self.cfg.head_dim, self.cfg.rope_base, device)
         return cos[start:], sin[start:]
 
-    def forward_cached(
-        self,
-        idx: torch.Tensor,
-        cache: KVCache,
-        loops: int | None = None,
-        adaptive: float | None = None,
-        loops_used: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, *args, **kwargs) -> torch.Tensor:
         """The next-token logits (batch, padded vocab) after ``idx`` (batch, t): the new positions go through
         every layer (each core layer once per loop, h_0 = 0) attending to what ``cache`` holds, and are
-        added to it; ``adaptive``: a KL threshold to stop looping a row early (`model.generation`)."""
-        return generation.forward_cached(self, idx, cache, loops, adaptive, loops_used)
+        added to it (`model.generation.forward_cached`: loops, adaptive, loops_used)."""
+        return generation.forward_cached(self, idx, cache, *args, **kwargs)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, loops: int | None = None, **options) -> torch.Tensor:

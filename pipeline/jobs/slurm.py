@@ -117,16 +117,16 @@ def check_against_cluster(cluster: ClusterSpec) -> None:
     total = sum(nodes for nodes, _, _ in groups[partition])
     if cluster.nodes > total:
         raise ParcaeError(f"cluster.nodes: {cluster.nodes} requested, but {where} has {total} node(s)")
-    cpus = (cluster.cpus_per_task or 1) * cluster.procs_per_node
-    if cpus > max(c for _, _, c in groups[partition]):
+    cpus, most = (cluster.cpus_per_task or 1) * cluster.procs_per_node, max(c for _, _, c in groups[partition])
+    if cpus > most:
         raise ParcaeError(
             f"cluster.cpus_per_task: {cluster.cpus_per_task} x procs_per_node {cluster.procs_per_node} = {cpus} CPUs "
-            f"per node requested, but the nodes of {where} have at most {max(c for _, _, c in groups[partition])}"
+            f"per node requested, but the nodes of {where} have at most {most}"
         )
     if not cluster.gpus_per_node:
         return
-    wanted = f"{cluster.gpus_per_node} {cluster.gpu_type + ' ' if cluster.gpu_type else ''}GPU(s) per node"
     need = cluster.gpus_per_node
+    wanted = f"{need} {cluster.gpu_type + ' ' if cluster.gpu_type else ''}GPU(s) per node"
     fitting = sum(n for n, gres, _ in groups[partition] if gpus_in(gres, cluster.gpu_type) >= need)
     if fitting < cluster.nodes:
         offered = ", ".join(sorted({f"{nodes} node(s) with GRES {gres}" for nodes, gres, _ in groups[partition]}))

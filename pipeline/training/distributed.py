@@ -188,8 +188,8 @@ def collective_timeout(exc: BaseException) -> str | None:
     """The message for a collective that did not complete in time (another rank hung), else None."""
     if not _INITIALISED or os.environ.get("WORLD_SIZE", "1") == "1":
         return None
-    text = f"{type(exc).__name__}: {exc}"
-    if "Timed out" not in text and "timed out" not in text and "Timeout" not in text:
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if "timed out" not in text and "timeout" not in text:
         return None
     rank = os.environ.get("RANK", "?")
     return (

@@ -82,9 +82,8 @@ class Progress:
 @dataclass
 class StepResult:
     loss: float  # mean over the used micro-batches and over ranks
-    loop_counts: (
-        torch.Tensor | None
-    )  # None for the GPT baseline; this rank's sampled total loops, per row of every used micro-batch
+    # this rank's sampled total loops, per row of every used micro-batch (None for the GPT baseline)
+    loop_counts: torch.Tensor | None
     data_wait_s: float
     loop_stats: list[dict[str, float]] | None = field(default=None)  # per loop, first micro-batch
 
