@@ -17,6 +17,17 @@ def add_parsers(sub: Any) -> None:
     add_spec_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--show-spec", action="store_true", help="also print the resolved spec (secrets hidden)")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="estimate the peak device memory per rank (ZeRO partitions, gathered units, activations, logits, "
+        "buffers) and check it against --device-memory; exit 1 when it does not fit",
+    )
+    p.add_argument(
+        "--device-memory",
+        metavar="SIZE",
+        help="memory of one device, e.g. 80GB or 80GiB (default: this machine's device of the spec's kind, if any)",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("schema", help="print the JSON Schema of job specs (for editor completion)")
@@ -43,6 +54,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(loaded.redact(f"  {key:<{width}}  {value}"))
     if args.show_spec:
         print(loaded.to_yaml(), end="")
+    if args.memory or args.device_memory:
+        return memory_plan(loaded.spec, args.device_memory, args.json)
+    return 0
+
+
+def memory_plan(spec: JobSpec, device_memory: str | None, as_json: bool) -> int:
+    from parcae_errors import ParcaeError
+    from pipeline.training.memory import device_memory_here, parse_size, plan_device_type, plan_memory, report
+
+    plan = plan_memory(spec)
+    source = ""
+    if device_memory:
+        device_bytes: int | None = parse_size(device_memory, "--device-memory")
+    else:
+        here = device_memory_here(plan_device_type(spec), spec.cluster.procs_per_node)
+        device_bytes, source = here if here else (None, "")
+    lines, fits = report(plan, device_bytes, spec, source)
+    if as_json:
+        print(json.dumps({**plan.as_dict(), "device_bytes": device_bytes, "fits": fits}, indent=2))
+    else:
+        print("\n".join(lines))
+    if not fits:
+        raise ParcaeError(
+            f"{spec.name}: the memory plan ({plan.peak_bytes / 2**30:.3g} GiB per rank) does not fit the device "
+            f"({device_bytes / 2**30:.3g} GiB); see the plan above for what to turn"
+        )
     return 0
 
 

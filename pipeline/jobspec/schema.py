@@ -296,6 +296,12 @@ class LoggingSpec(Spec):
     )
     sample_interval: Count = Field(1000, description="Steps between text samples (and at the last step).")
     sample_tokens: Annotated[int, Field(gt=0, le=1024)] = Field(32, description="New tokens per sample.")
+    profile_memory_steps: Annotated[int, Field(ge=0, le=1000)] = Field(
+        0,
+        description="Measure each rank's peak allocated memory over the first N steps and write it to "
+        "<run_dir>/memory/rank<R>.json (the check of `parcae validate --memory`). On CPU every allocation is "
+        "recorded with torch.profiler, which is slow: a few steps.",
+    )
 
 
 class DownstreamSpec(Spec):

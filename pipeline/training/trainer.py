@@ -39,6 +39,8 @@ from pipeline.training.ds_config import build_ds_config, load_base_config
 from pipeline.training.engine import build_engine, engine_metrics
 from pipeline.training.guard import LossGuard
 from pipeline.training.lock import RunLock
+from pipeline.training.memory import device_memory_here, plan_memory
+from pipeline.training.memory_trace import MemoryTrace
 from pipeline.training.metrics import MetricsLogger
 from pipeline.training.peak import gemm_peak
 from pipeline.training.preflight import PREFLIGHT_ENV, preflight
@@ -112,6 +114,8 @@ class Trainer:
         spec = self.spec = loaded.spec
         self.info, self.resume_from = info, resume_from
         self.device, device_type = accelerator_device(info.local_rank)
+        traced = spec.logging.profile_memory_steps
+        self.memory_trace = MemoryTrace(device_type, traced).start() if traced else None
         if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             threads = cpu_threads_per_rank(spec.cluster.procs_per_node)
             torch.set_num_threads(threads)
@@ -126,6 +130,8 @@ class Trainer:
         agree_on_failure(self.claim_failure)
         torch.manual_seed(spec.training.seed)
         t, cfg = spec.training, spec.model.build()
+        if info.rank == 0:
+            self.log_memory_plan(spec, device_type)
         assert t.micro_batch_size is not None and t.gradient_accumulation_steps is not None
         self.total_steps = spec.total_steps
         initial = (lambda: self.initial) if self.start_from else None  # only rank 0 reads it
@@ -204,7 +210,14 @@ class Trainer:
         try:
             while progress.step < self.total_steps:
                 step_start = time.perf_counter()
-                result = self.train_step(batches, progress)
+                if self.memory_trace:
+                    with self.memory_trace.step(progress.step + 1):
+                        result = self.train_step(batches, progress)
+                    if progress.step + 1 - first_step >= self.memory_trace.steps:
+                        self.memory_trace.stop(self.run_dir / "memory" / f"rank{self.info.rank}.json", self.info.rank)
+                        self.memory_trace = None
+                else:
+                    result = self.train_step(batches, progress)
                 progress.step += 1
                 progress.tokens += self.spec.tokens_per_step
                 self.guard.accept(result.loss)
@@ -243,6 +256,8 @@ class Trainer:
             exc.saved_to = self.checkpointer.dir
             raise
         finally:
+            if self.memory_trace:  # the run ended within the traced steps
+                self.memory_trace.stop(self.run_dir / "memory" / f"rank{self.info.rank}.json", self.info.rank)
             batches.close()  # stops the loader's read-ahead thread before the process group goes away
             self.metrics.close()
         if code == 0 and self.info.rank == 0:
@@ -254,6 +269,23 @@ class Trainer:
             )
         dist.barrier()  # every rank is done with the group; run_train tears it down
         return code
+
+    def log_memory_plan(self, spec: JobSpec, device_type: str) -> None:
+        """The plan's peak per rank next to this device's memory (`parcae validate --memory` has the parts)."""
+        plan = plan_memory(spec, device_type)
+        here = device_memory_here(device_type, spec.cluster.procs_per_node)
+        gib = plan.peak_bytes / 2**30
+        if here is not None and plan.peak_bytes > here[0]:
+            log.warning(
+                "memory plan: %.3g GiB per rank at the peak (%s), more than the %.3g GiB of %s; this run may run "
+                "out of memory (`parcae validate SPEC --memory` says what to turn)",
+                gib,
+                plan.peak_phase,
+                here[0] / 2**30,
+                here[1],
+            )
+        else:
+            log.info("memory plan: %.3g GiB per rank at the peak (%s)", gib, plan.peak_phase)
 
     def cpu_peak(self, spec: JobSpec) -> float | None:
         """This rank's measured matmul peak (in the matmuls' dtype), the MFU denominator on CPU; every rank

@@ -1,0 +1,81 @@
+"""Measured peak memory of one rank, the check of the memory plan (`pipeline.training.memory`).
+
+On a GPU the allocator keeps its own peak (``max_memory_allocated``). The CPU allocator keeps none, so
+there every allocation and free is recorded with torch.profiler (``profile_memory=True``) from before the
+engine is built until the last traced step, and the peak of live bytes is computed from the events: the
+same quantity, tensors allocated by torch on the rank's device, without the interpreter and libraries a
+resident-set size counts. Slow (every op is recorded): for a few steps on request
+(``logging.profile_memory_steps``), written to ``RUN/memory/rank<R>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STEP_RANGE = "parcae_memory_step"
+
+
+class MemoryTrace:
+    def __init__(self, device_type: str, steps: int):
+        self.device_type, self.steps = device_type, steps
+        self.profiler: Any = None
+        self.step_ranges: list[Any] = []
+
+    def start(self) -> MemoryTrace:
+        if self.device_type == "cpu":
+            from torch.profiler import ProfilerActivity, profile
+
+            self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
+            self.profiler.__enter__()
+        else:
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().reset_peak_memory_stats()
+        return self
+
+    def step(self, number: int) -> Any:
+        """A context around training step ``number``: its span is what the step peak is taken over."""
+        return torch.profiler.record_function(f"{STEP_RANGE}_{number}")
+
+    def stop(self, path: Path, rank: int) -> dict[str, Any]:
+        """The peaks (bytes): over the whole trace and over the traced training steps; written to ``path``."""
+        if self.profiler is None:
+            from deepspeed.accelerator import get_accelerator
+
+            peak = int(get_accelerator().max_memory_allocated())
+            result = {"rank": rank, "device": self.device_type, "peak_bytes": peak, "step_peak_bytes": peak}
+        else:
+            self.profiler.__exit__(None, None, None)
+            result = {"rank": rank, "device": "cpu", **peaks(self.profiler)}
+        result["steps"] = self.steps
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        log.info(
+            "measured peak memory (rank %d): %.4g MiB in the traced steps, %.4g MiB overall; %s",
+            rank,
+            result["step_peak_bytes"] / 2**20,
+            result["peak_bytes"] / 2**20,
+            path,
+        )
+        return result
+
+
+def peaks(profiler: Any) -> dict[str, int]:
+    """Peak live bytes from a profile's allocation events, overall and within the step ranges."""
+    events = list(profiler.profiler.kineto_results.events())
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    spans = [(e.start_ns(), e.end_ns()) for e in events if e.name().startswith(STEP_RANGE)]
+    live = peak = step_peak = 0
+    for when, nbytes in memory:
+        live += nbytes
+        peak = max(peak, live)
+        if any(start <= when <= end for start, end in spans):
+            step_peak = max(step_peak, live)
+    return {"peak_bytes": peak, "step_peak_bytes": step_peak}
