@@ -32,8 +32,10 @@ Design choices:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -289,10 +291,15 @@ class Recurrence(nn.Module):
                         self.loop_stats.append(_change_stats(h_prev, h, active.to(h.device)))
         return h
 
+    compiled_core: Callable[..., torch.Tensor] | None = None  # the loop body compiled (ParcaeLM.compile_units)
+
     def _loop_step(self, h, e, idx, rope, use_checkpoint: bool) -> torch.Tensor:
+        # The compiled body serves 2 rows or more; 0 and 1 rows run eager: dynamo specialises those sizes, so
+        # each would be a graph of its own, compiled whenever the loop draws first produce it (mid-run).
+        core = self.compiled_core if self.compiled_core is not None and h.shape[0] >= 2 else self._core
         if use_checkpoint:
-            return checkpoint(self._core, h, e, idx, rope, use_reentrant=False)
-        return self._core(h, e, idx, rope)
+            return checkpoint(core, h, e, idx, rope, use_reentrant=False)
+        return core(h, e, idx, rope)
 
     def _core(self, h: torch.Tensor, e: torch.Tensor, idx: torch.Tensor, rope) -> torch.Tensor:
         """One loop iteration: inject, then the core blocks (one checkpointed region)."""
@@ -455,21 +462,79 @@ class ParcaeLM(nn.Module):
         GPT baseline) and the loop body (injection + core blocks, one graph per loop). Only their
         ``forward`` is replaced, so parameter names, state dicts and module hooks (a sharding wrapper's)
         stay as they are. Shapes are compiled dynamic from the start: the loop body sees a batch of
-        however many rows still loop, and that must not recompile. Compilation happens at the first
-        forward. Returns the number of units."""
-        # The loop body's variants: grad off / on with the incoming state not yet or already requiring grad,
-        # times batch sizes 0, 1 and n (dynamo specialises 0 and 1): 9, above dynamo's default limit of 8
-        # per function, past which a unit silently runs eager. The reference raises it to 64 too.
+        however many rows still loop, and that must not recompile (below 2 rows it runs eager). Each unit
+        compiles at its first call in each grad mode; `warm_up_compiled` makes all of them now. Returns
+        the number of units."""
+        # The variants: blocks with and without grad; the loop body without grad, and with grad for an
+        # incoming state that does not / does require grad. A unit past dynamo's recompile limit would
+        # silently run eager: the limit is raised well above that count.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         units: list[nn.Module] = list(self.transformer.h) if not self.cfg.looped else []
         if self.cfg.looped:
             units = [*self.transformer.prelude, *self.transformer.coda]
             recurrence = self.transformer.recurrence
-            recurrence._core = torch.compile(recurrence._core, dynamic=True)
+            recurrence.compiled_core = torch.compile(recurrence._core, dynamic=True)
         for block in units:
             block.forward = torch.compile(block.forward, dynamic=True)
         self.compiled_units = len(units) + int(self.cfg.looped)
         return self.compiled_units
+
+    def warm_up_compiled(self, seq_len: int, gather: Callable[[nn.Module], Any] | None = None) -> None:
+        """Compile now every variant training and evaluation meet, so that none compiles mid-run: each block
+        outside the loop with and without grad; the loop body without grad (for e that does not / does
+        require grad: evaluation, and training's no-grad loops) and with grad (for an incoming state that
+        does not / does require grad), forward and backward (through the per-loop checkpoint, as in
+        training). Inputs are random, 3 rows of ``seq_len`` (shapes are dynamic: 3 matches no other size, so
+        no dimension is tied to another); gradients are taken with respect to them only, so no parameter's
+        ``.grad`` is touched. ``gather(module)`` is a context in which that module's parameters are whole (a
+        sharded trainer's); the caller sets the autocast state training runs under."""
+        assert self.compiled_units, "compile_units() first"
+        gather = gather or (lambda module: contextlib.nullcontext())
+        weight = self.transformer.wte.weight
+        rows, d, dtype, device = 3, self.cfg.d_model, weight.dtype, weight.device
+        rope = rotary_tables(seq_len, self.cfg.head_dim, self.cfg.rope_base, device)  # as forward makes them
+        idx = torch.zeros(rows, seq_len, dtype=torch.long, device=device)
+
+        def state(grad: bool, dtype: torch.dtype = dtype) -> torch.Tensor:
+            return torch.randn(rows, seq_len, d, dtype=dtype, device=device).requires_grad_(grad)
+
+        # under autocast the readout C hands the coda a state in the autocast dtype (a guarded input dtype)
+        autocast = torch.is_autocast_enabled(device.type)
+        coda_dtype = torch.get_autocast_dtype(device.type) if autocast else dtype
+        coda = set(self.transformer.coda) if self.cfg.looped else set()
+
+        def backward(out: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+            torch.autograd.grad(out.float().square().mean(), [x for x in inputs if x.requires_grad])
+
+        tr = self.transformer
+        blocks = list(tr.h) if not self.cfg.looped else [*tr.prelude, *tr.coda]
+        was_training = self.training
+        try:
+            for block in blocks:
+                with gather(block):
+                    has_ve = str(block.layer) in self.value_embeds
+                    for grad in (False, True):
+                        self.train(grad)
+                        x, ve = state(grad, coda_dtype if block in coda else dtype), state(grad) if has_ve else None
+                        with torch.set_grad_enabled(grad):
+                            out = block.forward(x, rope, ve)
+                        if grad:
+                            backward(out, [x] + ([ve] if ve is not None else []))
+            if self.cfg.looped:
+                recurrence = self.transformer.recurrence
+                assert recurrence.compiled_core is not None
+                with gather(recurrence):
+                    for e_grad in (False, True):  # no-grad loops: in evaluation, and in training (e requires grad)
+                        self.train(e_grad)
+                        with torch.no_grad():
+                            recurrence.compiled_core(state(False), state(e_grad), idx, rope)
+                    self.train()
+                    e = state(True)
+                    for h in (state(False), state(True)):
+                        out = recurrence._loop_step(h, e, idx, rope, self.cfg.activation_checkpointing)
+                        backward(out, [h, e])
+        finally:
+            self.train(was_training)
 
     def _value_embedding(self, block: Block, idx: torch.Tensor) -> torch.Tensor | None:
         key = str(block.layer)

@@ -7,6 +7,7 @@ model's own init (the same generator order as `model.build_model`) and DeepSpeed
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -124,12 +125,14 @@ def build_engine(
     rank: int,
     initial: Callable[[], dict[str, torch.Tensor]] | None = None,
     compile_units: bool = False,
+    seq_len: int = 0,
 ) -> Any:
     """The DeepSpeed engine (``engine.module`` is the model) for a config built by `build_ds_config`;
     ``lr_multiplier(step)`` scales the optimizer's learning rates. ``optimizer.name: muon`` (the
     reference's variant) is our `MuonAdamW`, handed to DeepSpeed as a client optimizer and told ZeRO-3's
     partition layout; the others are DeepSpeed's own, from the config. ``compile_units``: torch.compile
-    the model's repeated units (`ParcaeLM.compile_units`)."""
+    the model's repeated units (`ParcaeLM.compile_units`) and compile them for sequences of ``seq_len``
+    before the first step (`compile_and_warm_up`)."""
     import deepspeed
 
     model = build_model_sharded(cfg, ds_config, zero, seed, rank, initial)
@@ -158,10 +161,7 @@ def build_engine(
     if client is not None and zero.stage == 3:
         client.bind_zero3(engine.optimizer)
     if compile_units:  # after DeepSpeed's hooks are on the modules: only the units' forward is compiled
-        units = engine.module.compile_units()
-        log.info(
-            "torch.compile: %d units (blocks outside the loop, the loop body); the first steps compile them", units
-        )
+        compile_and_warm_up(engine, zero, seq_len)
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
     if ds_config.get("torch_autocast", {}).get("enabled"):
         precision = "bf16-mixed (fp32 weights under autocast)"
@@ -173,6 +173,38 @@ def build_engine(
         engine.device,
     )
     return engine
+
+
+def compile_and_warm_up(engine: Any, zero: ZeroSpec, seq_len: int) -> None:
+    """Compile the model's units, then every variant of them training and evaluation meet, now: each unit's
+    parameters gathered in turn (ZeRO-3), under the autocast the engine's forward runs in, so the run pays
+    the compile time once, before step 1. With ``zero.gather_unit: module`` DeepSpeed hooks every module
+    inside the loop body, which a call outside the engine's forward would upset: the variants then compile
+    in the first steps."""
+    import time
+
+    import deepspeed
+    from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
+    model = engine.module
+    units = model.compile_units()
+    if zero.stage == 3 and zero.gather_unit == "module":
+        log.info("torch.compile: %d units; they compile in the first steps (zero.gather_unit: module)", units)
+        return
+    started = time.perf_counter()
+
+    def gathered(module: torch.nn.Module):
+        params = list(module.parameters())
+        return deepspeed.zero.GatheredParameters(params) if zero.stage == 3 else contextlib.nullcontext()
+
+    with autocast_if_enabled(engine):
+        model.warm_up_compiled(seq_len, gathered)
+    log.info(
+        "torch.compile: %d units (blocks outside the loop, the loop body) compiled for every grad mode before "
+        "the first step, in %.1f s",
+        units,
+        time.perf_counter() - started,
+    )
 
 
 def spectral_stats(model: ParcaeLM) -> dict[str, float]:

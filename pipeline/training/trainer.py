@@ -76,6 +76,7 @@ def engine_for_job(
         rank=rank,
         initial=initial,
         compile_units=t.compile == "on" or (t.compile == "auto" and device_type != "cpu"),
+        seq_len=spec.data.seq_len,
     )
 
 
@@ -223,13 +224,6 @@ class Trainer:
                 self.guard.accept(result.loss)
                 last = progress.step == self.total_steps
                 self.metrics.log_step(progress, result, step_start, last, self.details)
-                if self.engine.module.compiled_units and progress.step == first_step + 1 and self.info.rank == 0:
-                    log.info(
-                        "torch.compile: the first step took %.1f s, most of it compiling the %d units (a few more "
-                        "variants compile in the next steps: loop counts of 0/1 rows, no-grad loops)",
-                        time.perf_counter() - step_start,
-                        self.engine.module.compiled_units,
-                    )
                 if self.validator and self.validator.due(progress.step, last):
                     self.metrics.write({"step": progress.step, **self.validator.run(self.engine)})
                 if self.downstream and self.downstream.due(progress.step, last):

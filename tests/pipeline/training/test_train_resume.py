@@ -317,14 +317,35 @@ def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, sha
     assert any(tag.startswith("samples/prompt_1") for tag in events.Tags()["tensors"]), events.Tags()
 
 
+def assert_no_compile_after_warm_up(log: str) -> None:
+    """dynamo's recompile log (TORCH_LOGS=recompiles) shows rank 0's variants compiled before the warm-up's
+    message and none after it (rank 1's lines may trail rank 0's message)."""
+    warmed = log.index("torch.compile: 3 units (blocks outside the loop, the loop body) compiled for every grad mode")
+    rank0 = [line for line in log[warmed:].splitlines() if line.startswith("[rank0]:")]
+    assert "[rank0]:" in log[:warmed] and "Recompiling function" in log[:warmed]
+    assert not any("Recompiling function" in line for line in rank0), rank0
+
+
+def test_compiled_bf16_mixed_compiles_nothing_after_the_warm_up(tmp_path, shards):
+    """Under autocast the coda's input is bf16: the warm-up compiles that variant too."""
+    cmd = train_cmd(shards, tmp_path / "run", 4, "training.compile=on", "training.precision=bf16-mixed",
+                    "eval.interval_steps=2")  # fmt: skip
+    proc = start_run(cmd, tmp_path / "run.log", env={"TORCH_LOGS": "recompiles"})
+    assert proc.wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert_no_compile_after_warm_up((tmp_path / "run.log").read_text())
+
+
 def test_compiled_training_resumes_and_exports(tmp_path, shards, expected):
-    """training.compile on, 2 ranks under ZeRO-3: the log says what compiling cost, the losses are the eager
-    run's to fp32 round-off, a second start resumes from the checkpoint, and the export loads as before."""
+    """training.compile on, 2 ranks under ZeRO-3: every variant compiles before the first step (dynamo's own
+    recompile log shows none after, through the steps, an evaluation and per-row loop counts), the losses are
+    the eager run's to fp32 round-off, a second start resumes from the checkpoint, and the export loads."""
     run_dir = tmp_path / "run"
-    first = start_run(train_cmd(shards, run_dir, 6, "training.compile=on"), tmp_path / "first.log")
+    cmd = train_cmd(shards, run_dir, 6, "training.compile=on", "eval.interval_steps=3")
+    first = start_run(cmd, tmp_path / "first.log", env={"TORCH_LOGS": "recompiles"})
     assert first.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()[-3000:]
     log = (tmp_path / "first.log").read_text()
-    assert "torch.compile: 3 units" in log and "torch.compile: the first step took" in log
+    assert_no_compile_after_warm_up(log)
+    assert "val_loss" in (run_dir / "metrics.jsonl").read_text()
     again = start_run(train_cmd(shards, run_dir, 8, "training.compile=on"), tmp_path / "again.log")
     assert again.wait(timeout=900) == 0, (tmp_path / "again.log").read_text()[-3000:]
     assert "resuming at step 6" in (tmp_path / "again.log").read_text()
