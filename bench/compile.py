@@ -124,6 +124,19 @@ def profile_families(cfg, batches) -> list[tuple[str, float]]:
     return sorted(((k, v / whole) for k, v in totals.items()), key=lambda kv: -kv[1])
 
 
+def unfused(model) -> None:
+    """The head as it was before it was fused: the whole batch's fp32 logits, then F.cross_entropy."""
+    import types
+
+    import torch.nn.functional as F
+
+    def head(self, x, targets):
+        logits = self.transformer.wte(self.transformer.ln_f(x), as_head=True).float()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    model._head = types.MethodType(head, model)
+
+
 def head_memory(chunked: bool) -> dict[str, float]:
     """In this (fresh) process: the head and loss of micro batch 8 x 2048, d=768, vocab 32,768."""
     from model import ParcaeConfig, ParcaeLM
@@ -134,7 +147,8 @@ def head_memory(chunked: bool) -> dict[str, float]:
     model.to_empty(device="cpu")
     torch.nn.init.normal_(model.transformer.wte.weight, std=0.02)
     torch.nn.init.ones_(model.transformer.ln_f.weight)
-    model.loss_chunk_rows = None if chunked else 8 * 2048
+    if not chunked:
+        unfused(model)
     x = torch.randn(8, 2048, 768, requires_grad=True)
     targets = torch.randint(0, 32768, (8, 2048))
     import threading
@@ -165,7 +179,8 @@ def step_time(chunked: bool, steps: int = 4) -> float:
 
     cfg = config({**WIDE, "vocab_size": 32768}, 1024)
     model = build_model(cfg, seed=0)
-    model.loss_chunk_rows = None if chunked else 4 * 1024
+    if not chunked:
+        unfused(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = draws(cfg, 4, steps + 1, 32768, 1024)
     for i, (rows, loops) in enumerate(batches):

@@ -3,10 +3,8 @@
 
 Targets (issue 5): `parcae train` on 1 rank reaches at least 0.9x the bare loop's tokens/s; 2 ranks
 against 1 is reported (on a 2-core machine two ranks share the cores). With --compile both sides compile
-(the bare model's `compile_units`, `training.compile=on`). The first --warmup steps are not timed on either
-side (default 5, 20 with --compile: the loop body's compiled variants, one per grad mode, requires-grad
-pattern and batch-size class, appear over the first ~15 steps as the sampled loop counts first produce
-them; TORCH_LOGS=recompiles shows each).
+(the bare model's `compile_units` and `warm_up_compiled`, `training.compile=on`: every compiled variant
+before the first step on both sides). The first --warmup steps are not timed on either side (default 5).
 
     python bench/train_throughput.py [--steps 40] [--d-model 128] [--seq-len 128] [--micro-batch 8]
 """
@@ -37,13 +35,13 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], help="more spec overrides (all runs)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="parcae train runs to make")
     parser.add_argument("--compile", action="store_true", help="compile the bare model and training.compile=on")
-    parser.add_argument("--warmup", type=int, help="untimed first steps, a multiple of 5 (default 5; 20 compiled)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed first steps, a multiple of 5 (default 5)")
     parser.add_argument(
         "--threads", type=int, help="intra-op threads of the bare loop and of every rank (OMP_NUM_THREADS); "
         "default: all CPUs for the bare loop, `parcae train`'s own choice (its share of the CPUs) for the ranks"
     )  # fmt: skip
     args = parser.parse_args()
-    warmup = args.warmup if args.warmup is not None else (20 if args.compile else 5)
+    warmup = args.warmup
     if warmup % 5 or warmup >= args.steps:
         parser.error(f"--warmup: a multiple of 5 (the log window) below --steps, got {warmup}")
     if args.threads:
@@ -111,8 +109,9 @@ def main() -> None:
         def bare() -> float:
             spec = load_spec(REPO / "configs" / "demo-tiny.yaml", [*overrides, "cluster.procs_per_node=1"]).spec
             model = build_model(spec.model.build(), seed=spec.training.seed)
-            if args.compile:
+            if args.compile:  # every variant compiled before the first step, as `parcae train` does
                 model.compile_units()
+                model.warm_up_compiled(spec.data.seq_len)
             opt = spec.optimizer
             optimizer = torch.optim.AdamW(param_groups(model, opt), lr=opt.lr, betas=opt.betas, eps=opt.eps)
             schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -20,8 +20,9 @@ Design choices:
   costs nothing: each loop runs the core on the rows still looping only (gather, then index_copy back).
 - Activation checkpointing per loop iteration with torch's non-reentrant checkpoint; A_bar and the
   value-embedding lookups are computed inside the checkpointed step.
-- The loss is computed over chunks of positions (at most LOSS_CHUNK_ELEMENTS fp32 logits each, recomputed in
-  the backward), so its peak memory does not grow with batch x sequence x vocabulary.
+- The loss is computed over chunks of positions (at most LOSS_CHUNK_ELEMENTS fp32 logits each), fused with the
+  head: each chunk's loss gradient is taken as it is computed (`model.loss`), so peak memory holds one chunk's
+  logits, whatever batch x sequence x vocabulary, and nothing is recomputed.
 - Every parameter is used inside its own module's forward (the tied LM head is a mode of the embedding
   module), so ZeRO-3's gather hooks see every use. No DeepSpeed import here.
 - The looped part (injection, core blocks, their value embeddings) is one module, `Recurrence`, whose
@@ -45,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from model import generation
 from model.cache import KVCache, LayerKV, RowsKV
 from model.config import VE_GATE_CHANNELS, ParcaeConfig
+from model.loss import linear_cross_entropy
 
 LoopCounts = tuple[torch.Tensor, torch.Tensor]  # (no-grad loops, grad loops), each (batch,) int64 on CPU
 
@@ -226,9 +228,19 @@ class Readout(nn.Linear):
 
 
 class TiedEmbedding(nn.Embedding):
-    """Token embedding that is also the LM head, so both uses run inside this module's forward."""
+    """Token embedding that is also the LM head, so every use runs inside this module's forward: the
+    embedding, the head's logits (``as_head``), and the head fused with its summed cross-entropy
+    (``targets``, computed over chunks of ``chunk_rows`` positions: `model.loss`)."""
 
-    def forward(self, x: torch.Tensor, as_head: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        as_head: bool = False,
+        targets: torch.Tensor | None = None,
+        chunk_rows: int = 0,
+    ) -> torch.Tensor:
+        if targets is not None:
+            return linear_cross_entropy(x, self.weight, targets, chunk_rows)
         return F.linear(x, self.weight) if as_head else super().forward(x)
 
 
@@ -311,7 +323,7 @@ class Recurrence(nn.Module):
 
 
 # The loss computes the fp32 logits of at most this many elements at a time (128 MiB): at vocab 32,768 that
-# is 1,024 positions per chunk; a batch of fewer positions is one chunk, as before.
+# is 1,024 positions per chunk; a batch of fewer positions is one chunk.
 LOSS_CHUNK_ELEMENTS = 2**25
 
 
@@ -545,24 +557,9 @@ class ParcaeLM(nn.Module):
         if targets is None:
             return self.transformer.wte(x, as_head=True).float()
         x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        # the fp32 logits of one chunk of positions at a time, the loss's gradient computed with them
         rows = self.loss_chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // self.cfg.padded_vocab_size)
-        if x.size(0) <= rows:
-            return self._chunk_loss(x, targets) / (targets != -100).sum()
-        # The fp32 logits of one chunk of positions at a time: the chunk's logits are recomputed in the
-        # backward (non-reentrant checkpoint), so peak memory holds one chunk's, not the whole batch's.
-        total = x.new_zeros((), dtype=torch.float32)
-        for start in range(0, x.size(0), rows):
-            part = slice(start, start + rows)
-            if torch.is_grad_enabled():
-                total = total + checkpoint(self._chunk_loss, x[part], targets[part], use_reentrant=False)
-            else:
-                total = total + self._chunk_loss(x[part], targets[part])
-        return total / (targets != -100).sum()
-
-    def _chunk_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy of rows of final-normed states against their targets (-100 ignored)."""
-        logits = self.transformer.wte(x, as_head=True).float()
-        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        return self.transformer.wte(x, targets=targets, chunk_rows=rows) / (targets != -100).sum()
 
     def initial_state(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.cfg.h0_init == "zeros":

@@ -4,8 +4,9 @@ Arithmetic only (the model is built on the meta device to count parameters per u
 keeps for the whole run under the spec's ZeRO stage, precision and world size, and what one training
 step adds on top, taken at the three moments a step can peak:
 
-- end of forward: every saved activation, the loss's logits;
-- the head's backward: the same, plus the logits' gradient;
+- end of forward: every saved activation, one chunk of the loss's logits and the head's gradients (the
+  loss is fused with the head: `model.loss` takes them chunk by chunk in the forward);
+- the head's backward: the same, the head's gradients handed on;
 - the recurrence's backward: the recurrence gathered whole with its unreduced gradients, one loop
   recomputed (per-loop checkpointing), the saved loop states of the other loops.
 
@@ -35,8 +36,6 @@ VALUE_EMBEDDING_SAVES = 1  # the value embedding and its gated sum
 GLUE_SAVES = 7  # embedding output, e, h_0, the readout C, final norm: outside the blocks
 BLOCK_BACKWARD = 8  # a loop's backward: the gradients inside its blocks (the MLP's are 4 d wide)
 STREAM_GRADS = 3  # gradients of the residual stream / loop state / e alive during a backward
-LOGITS_BACKWARD = 3  # a chunk's logits during its backward: log-softmax, its gradient, the logits' gradient
-LOGITS_FORWARD = 2  # logits and log-softmax, while the loss is computed
 
 
 @dataclass
@@ -138,22 +137,22 @@ def plan_memory(spec: JobSpec, device_type: str | None = None) -> MemoryPlan:
     saved = (saves_outside + GLUE_SAVES + loop_saves) * unit
     rows = b * s
     chunk = min(rows, max(1, LOSS_CHUNK_ELEMENTS // cfg.padded_vocab_size))
-    logits = chunk * cfg.padded_vocab_size * 4
-    kept_logits = logits if chunk == rows else 0  # one chunk: the log-softmax is kept for the backward
-    if precision == "bf16":  # the head's bf16 output beside its fp32 copy (measured: one more fp32 logits' worth)
-        kept_logits += logits
+    # one chunk's fp32 logits (turned in place into their gradient), beside the matmul's bf16 output under bf16
+    logits = chunk * cfg.padded_vocab_size * (4 if precision == "fp32" else 6)
+    # the loss's gradients w.r.t. the final states and the tied head, taken in the forward (fp32 for the head)
+    head_grads = rows * d * act_bytes + cfg.padded_vocab_size * d * 4
     gathered, unit_grads = gathered_bytes(cfg, numels, zero, threshold, stage, param_bytes)
     if world == 1:  # one rank's partition is the whole parameter: nothing is gathered into new buffers
         gathered = {phase: 0 for phase in gathered}
     plan.phases["end of forward"] = {
         "gathered parameters": gathered["forward"],
         "saved activations": saved,
-        "logits and loss": kept_logits + (LOGITS_FORWARD - 1) * logits,
+        "logits and loss": logits + head_grads,
     }
     plan.phases["head backward"] = {
         "gathered parameters": gathered["forward"],
         "saved activations": saved,
-        "logits and loss": LOGITS_BACKWARD * logits + (logits if precision == "bf16" else 0),
+        "logits and loss": head_grads + (cfg.padded_vocab_size * d * 2 if precision == "bf16" else 0),
         "activation gradients": STREAM_GRADS * unit,
     }
     if cfg.looped:

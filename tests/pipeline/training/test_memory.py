@@ -45,9 +45,10 @@ def test_activations_grow_by_one_hidden_state_per_loop_with_checkpointing_and_by
 def test_the_loss_is_chunked_so_logits_stop_growing_with_the_rows():
     small, _ = plan("model.vocab_size=32768", "data.seq_len=64", "training.micro_batch_size=8")  # 512 rows: 1 chunk
     large, _ = plan("model.vocab_size=32768", "data.seq_len=128", "training.micro_batch_size=64")  # 8192 rows
-    chunk = 1024 * 32768 * 4  # LOSS_CHUNK_ELEMENTS of fp32
-    assert large.phases["head backward"]["logits and loss"] == 3 * chunk
-    assert small.phases["head backward"]["logits and loss"] == 3 * 512 * 32768 * 4
+    head_grads = {rows: rows * 64 * 4 + 32768 * 64 * 4 for rows in (512, 8192)}  # final states' and the head's
+    assert large.phases["end of forward"]["logits and loss"] == 1024 * 32768 * 4 + head_grads[8192]  # one chunk
+    assert small.phases["end of forward"]["logits and loss"] == 512 * 32768 * 4 + head_grads[512]
+    assert large.phases["head backward"]["logits and loss"] == head_grads[8192]
 
 
 def test_bf16_halves_parameters_and_adds_fp32_master_weights():
