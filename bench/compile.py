@@ -12,6 +12,7 @@
    model with that head (d=512, 2/2/2, 4 x 1024 tokens), chunked against whole.
 
     .venv/bin/python bench/compile.py [--steps 10] [--loss-steps 200] [--skip-loss]
+    .venv/bin/python bench/compile.py --only-memory | --only-mfu 512 1024
 """
 
 from __future__ import annotations
@@ -62,13 +63,15 @@ def draws(cfg, micro: int, steps: int, vocab: int, seq: int):
 
 
 def train_rate(cfg, batches, compiled: bool, precision: str, warmup: int = 8, losses: list | None = None) -> float:
-    """Tokens/s of AdamW steps over ``batches`` after ``warmup`` steps (the compiles happen in them: the loop
-    body's variants, grad modes x batch sizes 0, 1, n, appear in the first steps)."""
+    """Tokens/s of AdamW steps over ``batches`` after ``warmup`` steps (compiled: every variant compiled by the
+    warm-up before the first step, as `parcae train` does)."""
     from model import build_model
 
     model = build_model(cfg, seed=0)
     if compiled:
         model.compile_units()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            model.warm_up_compiled(batches[0][0].shape[1] - 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     start, tokens = 0.0, 0
     for step, (rows, loops) in enumerate(batches):
@@ -223,6 +226,9 @@ def main() -> None:
     parser.add_argument("--skip-loss", action="store_true", help="part 3 without the loss comparison")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--only-memory", action="store_true", help="part 4 only")
+    parser.add_argument(
+        "--only-mfu", type=int, nargs="+", metavar="D", help="only the compiled fp32 MFU at these widths (2/2/2 blocks)"
+    )
     args = parser.parse_args()
     if args.part:  # a fresh process for one memory measurement
         print(json.dumps(head_memory(args.part == "chunked")))
@@ -231,6 +237,8 @@ def main() -> None:
 
     if args.only_memory:
         return memory_part()
+    if args.only_mfu:
+        return mfu_part(args.only_mfu)
     peak = peaks()
     print(f"threads {torch.get_num_threads()}")
     print("1. matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
@@ -269,6 +277,20 @@ def main() -> None:
             f"fp32 {last['fp32']:.4f}, bf16-mixed {last['bf16-mixed']:.4f} (largest step difference there {spread:.4f})"
         )
     memory_part()
+
+
+def mfu_part(widths: list[int]) -> None:
+    """Compiled fp32 training MFU against the measured fp32 matmul peak, at each width (head_dim 128)."""
+    from model import hardware_flops_per_token
+
+    peak = peaks()["float32"]
+    print(f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    for d in widths:
+        for micro, seq in ((8, 256), (4, 512)):
+            cfg = config({**WIDE, "d_model": d, "n_head": max(1, d // 128)}, seq)
+            rate = train_rate(cfg, draws(cfg, micro, 14, cfg.vocab_size, seq), True, "fp32", warmup=4)
+            mfu = hardware_flops_per_token(cfg, seq) * rate / peak
+            print(f"   d={d} {micro} x {seq}: {rate:.0f} tokens/s, MFU {mfu:.3f}")
 
 
 def memory_part() -> None:
