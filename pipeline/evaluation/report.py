@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pipeline.evaluation.dashboard import LAYOUT
 from pipeline.evaluation.losses import mean_losses, try_fit
 
 
@@ -100,6 +101,7 @@ def write_tensorboard(directory: str, step: int, report: dict[str, Any], figure:
     group = "eval" if report.get("protocol", {}).get("name", "pipeline") == "pipeline" else "eval_paper"
     writer = SummaryWriter(log_dir=directory)
     try:
+        writer.add_custom_scalars(LAYOUT)  # the run's dashboards, also where only `parcae eval` wrote
         for r in report["results"]:
             suffix = "" if r["loops"] is None else f"_loops_{r['loops']}"
             for key in ("loss", "perplexity", "bits_per_byte", "loss_std"):

@@ -35,6 +35,14 @@ def _local_logdir(arg: str) -> Path:
     return path
 
 
+def _spec_name(arg: str) -> str | None:
+    """A local run directory's spec name (the label its runs get in TensorBoard), else None."""
+    spec = Path(arg) / "spec.yaml"
+    if is_s3(arg) or not spec.is_file():
+        return None
+    return load_spec(spec).spec.name
+
+
 def sync_s3(url: str, cache: Path, options) -> int:
     """Copy new or changed objects under ``url`` into ``cache``; returns how many were copied."""
     store = open_store(url, options)
@@ -78,7 +86,7 @@ def serve(
     remote: dict[str, Path] = {}
     used: set[str] = set()
     for arg in logdirs:
-        name = _name(arg, used)
+        name = _name(_spec_name(arg) or arg, used)
         if is_s3(arg):
             local = cache_root / re.sub(r"[^A-Za-z0-9_.-]+", "_", arg[len("s3://") :].rstrip("/"))
             copied = sync_s3(arg, local, options)

@@ -3,7 +3,9 @@
 `MetricsLogger` is called by every rank after every step (the detailed metrics every ``log_interval``
 steps include collectives, such as gathering the injection under ZeRO-3 for its spectral radius), and
 writes on rank 0 only: one JSON line per step (plus evaluations) and the same numbers as TensorBoard
-scalars under ``train/`` or ``val/``, the sampled loop counts as a histogram.
+scalars laid out by purpose (`pipeline.evaluation.dashboard`: tags, the custom-scalars layout), the
+per-loop state statistics at every loop index, the sampled loop counts as a histogram, and the run's
+spec and DeepSpeed config as text.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.evaluation.dashboard import LAYOUT, STABILITY_LIMIT, loop_tags, tag
 from pipeline.jobspec import LoggingSpec
 from pipeline.training.step import Progress, StepResult
 
@@ -36,6 +39,7 @@ class MetricsLogger:
         flops_per_token: float,
         device_type: str,
         measured_peak: float | None = None,
+        val_loops: int | None = None,
     ):
         self.interval, self.tensorboard_dir = spec.log_interval, spec.tensorboard_dir
         self.run_dir, self.rank, self.world_size, self.seq_len = run_dir, rank, world_size, seq_len
@@ -43,6 +47,7 @@ class MetricsLogger:
         self.flops_per_token = flops_per_token
         # a CPU's peak is measured (`pipeline.training.peak`); a GPU's is the published one unless given
         self.peak = spec.peak_flops_per_device or (measured_peak if device_type == "cpu" else H100_BF16_PEAK)
+        self.val_loops = val_loops  # the loop count whose validation loss is loss/val (the mean recurrence)
         self.writer: Any = None
         self._restart_window()
 
@@ -55,6 +60,13 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=self.tensorboard_dir, purge_step=start_step or None)
+        self.writer.add_custom_scalars(LAYOUT)
+
+    def write_text(self, name: str, text: str, language: str = "") -> None:
+        """A text card (``run/<name>``: the spec, the DeepSpeed config), as a fenced block; rank 0 only."""
+        if self.rank == 0:
+            self.writer.add_text(f"run/{name}", f"```{language}\n{text}\n```", 0)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -105,7 +117,10 @@ class MetricsLogger:
                 record["h_norm_last_loop"] = result.loop_stats[-1]["h_norm"]
                 record["h_relative_change_last_loop"] = result.loop_stats[-1]["relative_change"]
             self._restart_window()
-        self.write(record, result.loop_counts if due else None)
+        tensorboard_only = loop_tags(result.loop_stats) if (due or last_step) and result.loop_stats else {}
+        if "spectral_radius" in record:
+            tensorboard_only[STABILITY_LIMIT] = 1.0
+        self.write(record, result.loop_counts if due else None, tensorboard_only)
 
     def write_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
         """Text samples to the log, metrics.jsonl and TensorBoard (``samples/prompt_N``); rank 0 only."""
@@ -120,8 +135,9 @@ class MetricsLogger:
             self.writer.add_text(f"samples/prompt_{i}", f"**{prompt}**{continuation}", step)
         self.writer.flush()
 
-    def write(self, record: dict[str, Any], loop_counts: Any = None) -> None:
-        """One record (``step`` and numbers) to metrics.jsonl and TensorBoard; rank 0 only."""
+    def write(self, record: dict[str, Any], loop_counts: Any = None, tensorboard_only: dict | None = None) -> None:
+        """One record (``step`` and numbers) to metrics.jsonl and TensorBoard (with ``tensorboard_only``
+        tags beside it); rank 0 only."""
         if self.rank != 0:
             return
         with (self.run_dir / "metrics.jsonl").open("a") as f:
@@ -129,12 +145,13 @@ class MetricsLogger:
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                if "/" in key:  # already a tag (downstream/...)
-                    self.writer.add_scalar(key, value, step)
-                else:
-                    self.writer.add_scalar(f"{'val' if key.startswith('val_') else 'train'}/{key}", value, step)
+                self.writer.add_scalar(tag(key), value, step)
+                if key == f"val_loss_loops_{self.val_loops}":
+                    self.writer.add_scalar("loss/val", value, step)
+        for name, value in (tensorboard_only or {}).items():
+            self.writer.add_scalar(name, value, step)
         if loop_counts is not None:
-            self.writer.add_histogram("train/sampled_loops", loop_counts, step)
+            self.writer.add_histogram("loops/sampled", loop_counts, step)
         if "lr" in record:
             log.info("step %d loss %.4f lr %.3g %.0f tok/s", step, record["loss"], record["lr"], record["tokens_per_s"])
         self.writer.flush()

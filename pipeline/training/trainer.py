@@ -10,6 +10,7 @@ metrics      pipeline.training.metrics     the timing window, metrics.jsonl and 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import signal
@@ -78,6 +79,14 @@ def engine_for_job(
         compile_units=t.compile == "on" or (t.compile == "auto" and device_type != "cpu"),
         seq_len=spec.data.seq_len,
     )
+
+
+def validation_loops(spec: JobSpec) -> int:
+    """The evaluated loop count whose validation loss is the run's headline (``loss/val``): the mean
+    recurrence if it is evaluated, else the nearest evaluated count below it (or the smallest)."""
+    counts = sorted(spec.eval.loop_counts)
+    below = [c for c in counts if c <= spec.model.mean_recurrence]
+    return below[-1] if below else counts[0]
 
 
 class StopSignal:
@@ -169,6 +178,7 @@ class Trainer:
             flops_per_token=hardware_flops_per_token(cfg, spec.data.seq_len),
             device_type=device_type,
             measured_peak=self.cpu_peak(spec) if device_type == "cpu" else None,
+            val_loops=validation_loops(spec) if cfg.looped else None,
             **ranks,
         )
         self.stop = StopSignal()
@@ -205,6 +215,11 @@ class Trainer:
         if self.info.rank == 0:
             self.loaded.save(self.run_dir / "spec.yaml")
         self.metrics.open(progress.step)
+        self.metrics.write_text("spec", self.loaded.redact(self.loaded.to_yaml()), "yaml")  # URL passwords too
+        spec, world = self.spec, self.info.world_size
+        base = load_base_config(spec.zero.base_config)
+        ds_config = build_ds_config(spec.training, spec.optimizer, spec.zero, base, world, self.device_type)
+        self.metrics.write_text("deepspeed_config", self.loaded.redact(json.dumps(ds_config, indent=2)), "json")
         self.stop.install()
         batches = iter(self.loader)
         code, first_step = 0, progress.step

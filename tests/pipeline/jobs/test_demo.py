@@ -40,18 +40,22 @@ def test_demo_trains_and_logs(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in (
-        "train/loss",
-        "train/lr",
-        "train/grad_norm",
-        "train/tokens_per_s",
-        "train/spectral_radius",
-        "train/a_bar_mean",
-        "train/h_norm_last_loop",
-        "train/data_wait_s",
-        "val/val_loss_loops_1",
-        "val/val_loss_loops_8",
+        "loss/train",
+        "loss/val",  # at the mean recurrence, 4
+        "optim/lr",
+        "optim/grad_norm",
+        "throughput/tokens_per_s",
+        "throughput/data_wait_s",
+        "loops/spectral_radius",
+        "loops/stability_limit",
+        "loops/a_bar_mean",
+        "loops/h_norm_L01",
+        "loops/h_change_L01",
+        "scaling/val_loss_T1",
+        "scaling/val_loss_T8",
     ):
         assert tag in tags, tag
-    assert len(events.Scalars("train/loss")) == 300
-    assert all(0 < e.value < 1 for e in events.Scalars("train/spectral_radius"))
-    assert "train/sampled_loops" in events.Tags()["histograms"]
+    assert len(events.Scalars("loss/train")) == 300
+    assert [e.value for e in events.Scalars("loss/val")] == [e.value for e in events.Scalars("scaling/val_loss_T4")]
+    assert all(0 < e.value < 1 for e in events.Scalars("loops/spectral_radius"))
+    assert "loops/sampled" in events.Tags()["histograms"]

@@ -11,6 +11,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_shards) -> Path:
+def trained_run(tmp_path_factory, tiny_shards) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("eval-run")
     intervals = {"checkpoint__interval_steps": 6, "eval__interval_steps": 6, "logging__log_interval": 3}
-    overrides = tiny_run(tiny_shards, root / "run", 12, eval__loop_counts="[1, 2, 4]", **intervals)
+    # a secret in the spec (an endpoint nothing reads: the shards are local) that TensorBoard must not show
+    secret = {"storage__endpoint_url": "http://ci:${PARCAE_TEST_SECRET_KEY}@127.0.0.1:9"}
+    overrides = tiny_run(tiny_shards, root / "run", 12, eval__loop_counts="[1, 2, 4]", **intervals, **secret)
     cmd = [*parcae_cmd(), "train", str(CONFIGS / "demo-tiny.yaml"), *overrides]
+    os.environ["PARCAE_TEST_SECRET_KEY"] = "hunter2-not-for-tensorboard"  # every later command reads the spec
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0, done.stderr[-3000:]
-    return root / "run"
+    yield root / "run"
+    os.environ.pop("PARCAE_TEST_SECRET_KEY", None)
 
 
 def test_eval_of_a_run_directory(trained_run):
@@ -42,7 +47,7 @@ def test_eval_of_a_run_directory(trained_run):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((trained_run / "again" / "eval.json").read_text())["results"] == report["results"]
     scalars, images = event_scalars(trained_run / "tensorboard")
-    assert "train/loss" in scalars and "val/val_loss_loops_4" in scalars  # the run's own events, and ours beside
+    assert "loss/train" in scalars and "scaling/val_loss_T4" in scalars  # the run's own events, and ours beside
     assert (12, pytest.approx(report["results"][2]["loss"], rel=1e-6)) in scalars["eval/loss_loops_4"]
     assert "eval/loss_vs_loops" in images
     # the consolidated checkpoint is the exported model (whose losses test_train_resume checks against the run's)
@@ -89,6 +94,24 @@ def _scalars_over_http(port: int, run_prefix: str, tag: str, deadline: float) ->
     raise AssertionError(f"no {tag} for {run_prefix} from TensorBoard on port {port}")
 
 
+def check_dashboards(base: str) -> None:
+    """The custom-scalars layout (charts by purpose, each over the right tags) and the run's spec as text,
+    through TensorBoard's own HTTP API."""
+    layout = _get(f"{base}/data/plugin/custom_scalars/layout")
+    categories = [c["title"] for c in layout["category"]]
+    assert categories[:3] == ["loss", "test-time scaling", "loop health"], categories
+    charts = {chart["title"]: chart["multiline"]["tag"] for c in layout["category"] for chart in c["chart"]}
+    assert charts["validation loss at each loop count T"] == [r"scaling/val_loss_T\d+$"]
+    assert charts["spectral radius of A_bar (stable below 1)"] == ["loops/spectral_radius$", "loops/stability_limit$"]
+    run = next(r for r in _get(f"{base}/data/plugin/text/tags") if r.startswith("demo-tiny"))
+    query = urllib.parse.urlencode({"run": run, "tag": "run/spec/text_summary"})  # torch's add_text suffix
+    spec_text = _get(f"{base}/data/plugin/text/text?{query}")[0]["text"]
+    assert "mean_recurrence" in spec_text and "http://ci:${PARCAE_TEST_SECRET_KEY}@127.0.0.1:9" in spec_text
+    assert "hunter2" not in spec_text
+    query = urllib.parse.urlencode({"run": run, "tag": "run/deepspeed_config/text_summary"})
+    assert "zero_optimization" in _get(f"{base}/data/plugin/text/text?{query}")[0]["text"]
+
+
 def test_tensorboard_serves_a_run_locally_and_from_s3(trained_run, tmp_path, s3_server):
     local = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in local if "loss" in r}
@@ -106,11 +129,12 @@ def test_tensorboard_serves_a_run_locally_and_from_s3(trained_run, tmp_path, s3_
     )
     try:
         deadline = time.monotonic() + 90
-        served = _scalars_over_http(port, "run", "train/loss", deadline)
+        served = _scalars_over_http(port, "demo-tiny", "loss/train", deadline)  # labelled by the spec's name
         assert {int(step): value for _, step, value in served} == pytest.approx(losses, rel=1e-6)
-        from_s3 = _scalars_over_http(port, "demo", "train/loss", deadline)
+        from_s3 = _scalars_over_http(port, "demo/", "loss/train", deadline)
         assert {int(step): value for _, step, value in from_s3} == pytest.approx(losses, rel=1e-6)
         assert f"http://127.0.0.1:{port}" in (tmp_path / "tb.log").read_text()
+        check_dashboards(f"http://127.0.0.1:{port}")
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         code = proc.wait(timeout=30)

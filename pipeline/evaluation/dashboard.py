@@ -1,0 +1,85 @@
+"""What a run's TensorBoard shows, laid out by purpose: the tags of the metrics, and the custom-scalars layout.
+
+Tags are grouped in the order a reader looks: ``loss/`` (train, validation at the mean loop count),
+``scaling/`` (validation loss at every evaluated loop count T), ``loops/`` (the injection's spectral
+radius beside the stability limit 1, the state norm and its relative change at every loop index, the
+sampled loop counts), ``optim/``, ``throughput/``, ``system/``; ``downstream/`` and ``eval/`` are written
+by the evaluations. `LAYOUT` puts the related tags on one chart each (TensorBoard's custom-scalars plugin,
+its first tab): the test-time scaling curve over training is one chart with a line per T.
+
+metrics.jsonl keeps the flat keys (``loss``, ``val_loss_loops_4``, ...); only TensorBoard's tags are laid out.
+"""
+
+from __future__ import annotations
+
+import re
+
+STABILITY_LIMIT = "loops/stability_limit"  # a constant 1.0 beside the spectral radius
+
+_GROUPS = {
+    "optim": ("lr", "grad_norm", "nonfinite_skipped", "spikes_skipped"),
+    "loops": ("spectral_radius", "a_bar_mean", "loops_mean", "h_norm_last_loop", "h_relative_change_last_loop"),
+    "throughput": ("tokens_per_s", "samples_per_s", "step_time_s", "data_wait_s", "mfu", "tokens_seen"),
+}
+
+
+def tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl key."""
+    if "/" in key:  # already a tag (downstream/..., eval/...)
+        return key
+    if key == "loss":
+        return "loss/train"
+    if key == "val_loss":  # the GPT baseline: no loop count
+        return "loss/val"
+    match = re.fullmatch(r"val_loss_loops_(\d+)(_std)?", key)
+    if match:
+        return f"scaling/val_loss_T{match[1]}{match[2] or ''}"
+    if key.startswith("memory_"):
+        return f"system/{key}"
+    for group, keys in _GROUPS.items():
+        if key in keys:
+            return f"{group}/{key}"
+    return f"other/{key}"
+
+
+def loop_tags(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Per-loop statistics (one dict per loop: ``h_norm``, ``relative_change``) as tags by loop index."""
+    out = {}
+    for i, s in enumerate(stats, start=1):
+        out[f"loops/h_norm_L{i:02d}"] = s["h_norm"]
+        out[f"loops/h_change_L{i:02d}"] = s["relative_change"]
+    return out
+
+
+LAYOUT = {
+    "loss": {
+        "train and validation loss (validation at the mean loop count)": ["Multiline", [r"loss/train$", r"loss/val$"]],
+        "downstream: CORE at each loop count": ["Multiline", [r"downstream/core_loops_\d+$"]],
+    },
+    "test-time scaling": {
+        "validation loss at each loop count T": ["Multiline", [r"scaling/val_loss_T\d+$"]],
+        "parcae eval: loss at each T, and the fitted L_inf": [
+            "Multiline",
+            [r"eval/loss_loops_\d+$", r"eval/fit_l_inf$"],
+        ],
+    },
+    "loop health": {
+        "spectral radius of A_bar (stable below 1)": ["Multiline", ["loops/spectral_radius$", STABILITY_LIMIT + "$"]],
+        "state norm |h| at each loop": ["Multiline", [r"loops/h_norm_L\d+$"]],
+        "relative change |h_t - h_t-1| / |h_t-1| at each loop": ["Multiline", [r"loops/h_change_L\d+$"]],
+        "mean A_bar, and the sampled loops": ["Multiline", ["loops/a_bar_mean$", "loops/loops_mean$"]],
+    },
+    "optimisation": {
+        "learning rate": ["Multiline", ["optim/lr$"]],
+        "gradient norm": ["Multiline", ["optim/grad_norm$"]],
+        "skipped micro-batches (non-finite, spikes)": ["Multiline", [r"optim/(nonfinite|spikes)_skipped$"]],
+    },
+    "throughput": {
+        "tokens/s": ["Multiline", ["throughput/tokens_per_s$"]],
+        "MFU": ["Multiline", ["throughput/mfu$"]],
+        "step time and data wait (s)": ["Multiline", ["throughput/step_time_s$", "throughput/data_wait_s$"]],
+    },
+    "system": {
+        "peak memory per rank (GB)": ["Multiline", [r"system/memory_\w+$"]],
+    },
+}
