@@ -16,6 +16,19 @@ import re
 
 STABILITY_LIMIT = "loops/stability_limit"  # a constant 1.0 beside the spectral radius
 
+# What TensorBoard's HParams plugin compares runs by (a sweep's table and parallel coordinates): the
+# spec's fields, and these metrics, each the latest value of its tag in the run.
+HPARAM_FIELDS = (
+    "model.arch", "model.injection", "model.d_model", "model.n_core", "model.mean_recurrence",
+    "model.mean_backprop_depth", "optimizer.name", "optimizer.lr", "training.global_batch_size",
+    "training.precision", "training.seed", "data.seq_len",
+)  # fmt: skip
+HPARAM_METRICS = {
+    "hparams/train_loss": "the latest training loss",
+    "hparams/val_loss": "the latest validation loss (at the mean loop count)",
+    "hparams/max_spectral_radius": "the largest spectral radius of A_bar so far",
+}
+
 _GROUPS = {
     "optim": ("lr", "grad_norm", "nonfinite_skipped", "spikes_skipped"),
     "loops": ("spectral_radius", "a_bar_mean", "loops_mean", "h_norm_last_loop", "h_relative_change_last_loop"),
@@ -40,6 +53,17 @@ def tag(key: str) -> str:
         if key in keys:
             return f"{group}/{key}"
     return f"other/{key}"
+
+
+def hparams_of(spec_data: dict) -> dict[str, int | float | str | bool]:
+    """The HParams of a run from its spec (``model_dump``), plus its name."""
+    out: dict[str, int | float | str | bool] = {"name": spec_data.get("name", "")}
+    for dotted in HPARAM_FIELDS:
+        section, key = dotted.split(".")
+        value = spec_data.get(section, {}).get(key)
+        if isinstance(value, (int, float, str, bool)):
+            out[dotted] = value
+    return out
 
 
 def loop_tags(stats: list[dict[str, float]]) -> dict[str, float]:

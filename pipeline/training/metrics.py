@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.evaluation.dashboard import LAYOUT, STABILITY_LIMIT, loop_tags, tag
+from pipeline.evaluation.dashboard import HPARAM_METRICS, LAYOUT, STABILITY_LIMIT, loop_tags, tag
 from pipeline.jobspec import LoggingSpec
 from pipeline.training.step import Progress, StepResult
 
@@ -61,6 +61,19 @@ class MetricsLogger:
 
         self.writer = SummaryWriter(log_dir=self.tensorboard_dir, purge_step=start_step or None)
         self.writer.add_custom_scalars(LAYOUT)
+
+    def write_hparams(self, hparams: dict[str, Any]) -> None:
+        """The run's hyperparameters for TensorBoard's HParams plugin, with the metrics it shows beside them
+        (`dashboard.HPARAM_METRICS`, updated as the run goes); rank 0 only."""
+        if self.rank != 0:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        writer = self.writer._get_file_writer()
+        experiment, session_start, _session_end = hparams_summaries(hparams, dict.fromkeys(HPARAM_METRICS, 0.0))
+        writer.add_summary(experiment)  # the metrics' names; their values are the scalars of those tags
+        writer.add_summary(session_start)
+        self.writer.flush()
 
     def write_text(self, name: str, text: str, language: str = "") -> None:
         """A text card (``run/<name>``: the spec, the DeepSpeed config), as a fenced block; rank 0 only."""
@@ -122,6 +135,20 @@ class MetricsLogger:
             tensorboard_only[STABILITY_LIMIT] = 1.0
         self.write(record, result.loop_counts if due else None, tensorboard_only)
 
+    def _hparam_metrics(self, record: dict[str, Any]) -> dict[str, float]:
+        out = {}
+        if "loss" in record:
+            out["hparams/train_loss"] = record["loss"]
+        val = record.get(f"val_loss_loops_{self.val_loops}", record.get("val_loss"))
+        if val is not None:
+            out["hparams/val_loss"] = val
+        if "spectral_radius" in record:
+            self.max_radius = max(self.max_radius, record["spectral_radius"])
+            out["hparams/max_spectral_radius"] = self.max_radius
+        return out
+
+    max_radius = 0.0
+
     def write_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
         """Text samples to the log, metrics.jsonl and TensorBoard (``samples/prompt_N``); rank 0 only."""
         if self.rank != 0:
@@ -149,6 +176,8 @@ class MetricsLogger:
                 if key == f"val_loss_loops_{self.val_loops}":
                     self.writer.add_scalar("loss/val", value, step)
         for name, value in (tensorboard_only or {}).items():
+            self.writer.add_scalar(name, value, step)
+        for name, value in self._hparam_metrics(record).items():
             self.writer.add_scalar(name, value, step)
         if loop_counts is not None:
             self.writer.add_histogram("loops/sampled", loop_counts, step)

@@ -25,6 +25,7 @@ import torch
 from model.config import hardware_flops_per_token
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
 from pipeline.data import train_loader
+from pipeline.evaluation.dashboard import hparams_of
 from pipeline.evaluation.downstream import open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec
 from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, latest_tag
@@ -216,6 +217,7 @@ class Trainer:
             self.loaded.save(self.run_dir / "spec.yaml")
         self.metrics.open(progress.step)
         self.metrics.write_text("spec", self.loaded.redact(self.loaded.to_yaml()), "yaml")  # URL passwords too
+        self.metrics.write_hparams(hparams_of(self.spec.model_dump(mode="json")))
         spec, world = self.spec, self.info.world_size
         base = load_base_config(spec.zero.base_config)
         ds_config = build_ds_config(spec.training, spec.optimizer, spec.zero, base, world, self.device_type)

@@ -1,16 +1,22 @@
 """`parcae sweep`: grids expand into validated, named runs; a local sweep trains each point, skips
-finished ones when run again, records failures and goes on; the summary names divergence and fits curves."""
+finished ones when run again, records failures and goes on; the summary names divergence and fits curves;
+TensorBoard's HParams plugin compares the points."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
+import urllib.request
 
 import pytest
 
 from parcae_errors import ParcaeError
 from pipeline.jobs.sweep import expand, parse_grid
-from tests.conftest import CONFIGS, REPO, parcae_cmd
+from tests.conftest import CONFIGS, REPO, free_port, parcae_cmd
+from tests.pipeline.jobs.test_eval_run import _serve
 
 
 def parcae(*args: str) -> subprocess.CompletedProcess:
@@ -79,3 +85,35 @@ def test_local_sweep_trains_skips_finished_points_and_summarises(tmp_path, tiny_
         assert (directory / png).read_bytes()[:4] == b"\x89PNG"
     missing = parcae("sweep", "summary", str(tmp_path))
     assert missing.returncode != 0 and "not a sweep directory" in missing.stderr
+    check_hparams(directory, tmp_path)
+
+
+def check_hparams(directory, tmp_path) -> None:
+    """`parcae tb` over the sweep directory: TensorBoard's HParams plugin compares the points by their
+    hyperparameters and final metrics."""
+    port = free_port()
+    proc = _serve([str(directory)], port, tmp_path / "tb.log")
+    query = {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"],
+             "colParams": [], "startIndex": 0, "sliceSize": 10}  # fmt: skip
+    try:
+        deadline, groups = time.monotonic() + 60, []
+        while len(groups) < 2 and time.monotonic() < deadline:
+            try:
+                groups = _post(f"http://127.0.0.1:{port}/data/plugin/hparams/session_groups", query)["sessionGroups"]
+            except OSError:
+                time.sleep(0.5)
+        lrs = sorted(g["hparams"]["optimizer.lr"] for g in groups)
+        assert lrs == [1e-3, 1e3], groups
+        good = next(g for g in groups if g["hparams"]["optimizer.lr"] == 1e-3)
+        metrics = {m["name"]["tag"]: m["value"] for m in good["metricValues"]}
+        assert 0 < metrics["hparams/val_loss"] < 10 and 0 < metrics["hparams/max_spectral_radius"] < 1, metrics
+        assert good["hparams"]["model.injection"] == "diagonal" and good["hparams"]["model.mean_recurrence"] == 4
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
