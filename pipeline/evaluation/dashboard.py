@@ -44,6 +44,8 @@ def tag(key: str) -> str:
         return "loss/train"
     if key == "val_loss":  # the GPT baseline: no loop count
         return "loss/val"
+    if key == "val_fit_l_inf":  # the fitted L(T)'s limit, from a validation at three or more loop counts
+        return "scaling/fit_l_inf"
     match = re.fullmatch(r"val_loss_loops_(\d+)(_std)?", key)
     if match:
         return f"scaling/val_loss_T{match[1]}{match[2] or ''}"
@@ -81,7 +83,10 @@ LAYOUT = {
         "downstream: CORE at each loop count": ["Multiline", [r"downstream/core_loops_\d+$"]],
     },
     "test-time scaling": {
-        "validation loss at each loop count T": ["Multiline", [r"scaling/val_loss_T\d+$"]],
+        "validation loss at each loop count T, and the fitted L_inf": [
+            "Multiline",
+            [r"scaling/val_loss_T\d+$", r"scaling/fit_l_inf$"],
+        ],
         "parcae eval: loss at each T, and the fitted L_inf": [
             "Multiline",
             [r"eval/loss_loops_\d+$", r"eval/fit_l_inf$"],

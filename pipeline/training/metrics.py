@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.evaluation.curves import plot_loop_curve
 from pipeline.evaluation.dashboard import HPARAM_METRICS, LAYOUT, STABILITY_LIMIT, loop_tags, tag
+from pipeline.evaluation.losses import try_fit
 from pipeline.jobspec import LoggingSpec
 from pipeline.training.step import Progress, StepResult
 
@@ -134,6 +137,22 @@ class MetricsLogger:
         if "spectral_radius" in record:
             tensorboard_only[STABILITY_LIMIT] = 1.0
         self.write(record, result.loop_counts if due else None, tensorboard_only)
+
+    def write_validation(self, step: int, results: dict[str, float], name: str) -> None:
+        """A validation's losses; with three or more loop counts also the fitted L(T) = L_inf + k exp(-z T)
+        (``val_fit_l_inf``) and its plot as an image (``scaling/loss_vs_loops``), as `parcae eval` makes
+        them; rank 0 only."""
+        if self.rank != 0:
+            return
+        counts = sorted(int(m[1]) for k in results if (m := re.fullmatch(r"val_loss_loops_(\d+)", k)))
+        losses = [results[f"val_loss_loops_{t}"] for t in counts]
+        fit = try_fit(counts, losses)[0] if len(counts) >= 3 else None
+        record = {"step": step, **results, **({"val_fit_l_inf": fit.l_inf} if fit else {})}
+        self.write(record)
+        if len(counts) >= 2:
+            figure = plot_loop_curve({f"step {step}": (counts, losses, fit)}, f"{name}: validation loss vs loops")
+            self.writer.add_figure("scaling/loss_vs_loops", figure, step)
+            self.writer.flush()
 
     def _hparam_metrics(self, record: dict[str, Any]) -> dict[str, float]:
         out = {}

@@ -242,7 +242,7 @@ class Trainer:
                 last = progress.step == self.total_steps
                 self.metrics.log_step(progress, result, step_start, last, self.details)
                 if self.validator and self.validator.due(progress.step, last):
-                    self.metrics.write({"step": progress.step, **self.validator.run(self.engine)})
+                    self.metrics.write_validation(progress.step, self.validator.run(self.engine), self.spec.name)
                 if self.downstream and self.downstream.due(progress.step, last):
                     started = time.perf_counter()
                     scores = self.downstream.run(self.engine)

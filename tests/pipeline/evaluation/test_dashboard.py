@@ -10,7 +10,7 @@ RECORD = [  # what a Parcae run's metrics.jsonl holds, and what parcae eval and 
     "loss", "val_loss_loops_1", "val_loss_loops_4", "val_loss_loops_4_std", "lr", "grad_norm", "nonfinite_skipped",
     "spikes_skipped", "spectral_radius", "a_bar_mean", "loops_mean", "tokens_per_s", "samples_per_s", "step_time_s",
     "data_wait_s", "mfu", "tokens_seen", "memory_max_rss_gb", "downstream/core_loops_4", "eval/loss_loops_8",
-    "eval/fit_l_inf",
+    "eval/fit_l_inf", "val_fit_l_inf",
 ]  # fmt: skip
 
 
@@ -37,5 +37,5 @@ def test_every_chart_of_the_layout_finds_its_tags():
             assert kind == "Multiline"
             for pattern in patterns:
                 assert any(re.match(pattern, t) for t in written), (category, title, pattern)
-    curve = LAYOUT["test-time scaling"]["validation loss at each loop count T"][1][0]
+    curve = LAYOUT["test-time scaling"]["validation loss at each loop count T, and the fitted L_inf"][1][0]
     assert not re.match(curve, "scaling/val_loss_T4_std")  # the spread is not a line of the curve

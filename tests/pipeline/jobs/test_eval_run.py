@@ -50,6 +50,8 @@ def test_eval_of_a_run_directory(trained_run):
     assert "loss/train" in scalars and "scaling/val_loss_T4" in scalars  # the run's own events, and ours beside
     assert (12, pytest.approx(report["results"][2]["loss"], rel=1e-6)) in scalars["eval/loss_loops_4"]
     assert "eval/loss_vs_loops" in images
+    # the trainer's own periodic validation at 3 loop counts: the fitted L_inf and the plot, at steps 6 and 12
+    assert [step for step, _ in scalars["scaling/fit_l_inf"]] == [6, 12] and "scaling/loss_vs_loops" in images
     # the consolidated checkpoint is the exported model (whose losses test_train_resume checks against the run's)
     exported = trained_run / "exported.safetensors"
     done = subprocess.run([*parcae_cmd(), "export", str(trained_run / "checkpoints"), "--out", str(exported)])
@@ -101,7 +103,10 @@ def check_dashboards(base: str) -> None:
     categories = [c["title"] for c in layout["category"]]
     assert categories[:3] == ["loss", "test-time scaling", "loop health"], categories
     charts = {chart["title"]: chart["multiline"]["tag"] for c in layout["category"] for chart in c["chart"]}
-    assert charts["validation loss at each loop count T"] == [r"scaling/val_loss_T\d+$"]
+    assert charts["validation loss at each loop count T, and the fitted L_inf"] == [
+        r"scaling/val_loss_T\d+$",
+        r"scaling/fit_l_inf$",
+    ]
     assert charts["spectral radius of A_bar (stable below 1)"] == ["loops/spectral_radius$", "loops/stability_limit$"]
     run = next(r for r in _get(f"{base}/data/plugin/text/tags") if r.startswith("demo-tiny"))
     query = urllib.parse.urlencode({"run": run, "tag": "run/spec/text_summary"})  # torch's add_text suffix
