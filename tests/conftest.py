@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,22 @@ def repo() -> Path:
 def parcae_cmd() -> list[str]:
     """The installed entry point, run the way a user runs it (a fresh interpreter)."""
     return [sys.executable, "-m", "pipeline"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, which renders TensorBoard's dashboards in the tests: installed here when missing
+    (as root, with apt-get), as slurm/local_cluster.sh installs Slurm."""
+    path = shutil.which("chromium")
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:  # stale package lists
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
+            subprocess.run(install, env=env, capture_output=True, check=True)
+        path = shutil.which("chromium")
+    assert path, "chromium is not installed (apt-get install chromium): the dashboard tests render TensorBoard with it"
+    return path
 
 
 def free_port() -> int:

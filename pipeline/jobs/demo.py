@@ -131,7 +131,8 @@ def run_demo(workdir: str) -> int:
                 print(f"        {int(key.rsplit('_', 1)[1]):>3} loops: {value:.4f}")
     tb = run_dir / "tensorboard"
     print(
-        f"\nTensorBoard logs: {tb}\nView them with:  .venv/bin/tensorboard --logdir {tb} --host 127.0.0.1 --port 6006"
+        f"\nTensorBoard logs: {tb}\nView them with:  .venv/bin/parcae tb {run_dir} --port 6006   "
+        "(the Custom Scalars tab first: README, 'Watching a run')"
     )
     print(f"Checkpoints: {run_dir / 'checkpoints'}; metrics per step: {run_dir / 'metrics.jsonl'}")
     if tail >= head - 1.0:

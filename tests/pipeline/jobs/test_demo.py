@@ -27,7 +27,7 @@ def test_demo_trains_and_logs(tmp_path):
         "[3/4] training",
         "[4/4] results",
         "8 loops:",
-        "tensorboard --logdir",
+        "parcae tb ",
     ):
         assert marker in out
     records = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -148,6 +148,30 @@ def test_tensorboard_serves_a_run_locally_and_from_s3(trained_run, tmp_path, s3_
     assert "INFO tensorboard" not in log and log.count(f"http://127.0.0.1:{port}") == 1  # quiet, the URL once
 
 
+def test_the_dashboards_render_in_a_browser(trained_run, tmp_path, chromium):
+    """Headless chromium opens TensorBoard's custom-scalars page: the charts by purpose are on it (checked
+    through the rendered page, shadow DOM included); the screenshot is left in the test's folder for people."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    proc = _serve([str(trained_run)], port, tmp_path / "tb.log")
+    try:
+        _scalars_over_http(port, "demo-tiny", "loss/train", time.monotonic() + 60)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(f"http://127.0.0.1:{port}/#custom_scalars")
+            for title in ("test-time scaling", "loop health", "spectral radius of A_bar (stable below 1)"):
+                page.get_by_text(title, exact=True).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(2_000)  # the charts draw their lines
+            page.screenshot(path=str(tmp_path / "custom_scalars.png"), full_page=True)
+            browser.close()
+        assert (tmp_path / "custom_scalars.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+
+
 def test_tb_refuses_what_it_cannot_serve(tmp_path, s3_server):
     missing = subprocess.run([*parcae_cmd(), "tb", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert missing.returncode != 0 and "nothing: no such directory" in missing.stderr
