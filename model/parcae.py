@@ -487,7 +487,7 @@ class ParcaeLM(nn.Module):
             recurrence = self.transformer.recurrence
             recurrence.compiled_core = torch.compile(recurrence._core, dynamic=True)
         for block in units:
-            block.forward = torch.compile(block.forward, dynamic=True)
+            block.forward = _compiled_unless_cached(block.forward)
         self.compiled_units = len(units) + int(self.cfg.looped)
         return self.compiled_units
 
@@ -622,6 +622,17 @@ class ParcaeLM(nn.Module):
     def stream(self, idx: torch.Tensor, max_new_tokens: int, *args, **kwargs) -> Iterator[torch.Tensor]:
         """`generate`, one step at a time: yields each step's new tokens, (batch, 1)."""
         return generation.stream(self, idx, max_new_tokens, *args, **kwargs)
+
+
+def _compiled_unless_cached(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A block's forward compiled for training and evaluation; calls with a KV cache (generation, one or a
+    few new positions at a time, cache objects dynamo would guard on) stay eager and compile nothing."""
+    compiled = torch.compile(forward, dynamic=True)
+
+    def dispatch(x, rope, ve, cache=None):
+        return forward(x, rope, ve, cache) if cache is not None else compiled(x, rope, ve)
+
+    return dispatch
 
 
 def _change_stats(h_prev: torch.Tensor, h: torch.Tensor, active: torch.Tensor) -> dict[str, float]:

@@ -282,9 +282,14 @@ class Trainer:
         return code
 
     def log_memory_plan(self, spec: JobSpec, device_type: str) -> None:
-        """The plan's peak per rank next to this device's memory (`parcae validate --memory` has the parts)."""
-        plan = plan_memory(spec, device_type)
-        here = device_memory_here(device_type, spec.cluster.procs_per_node)
+        """The plan's peak per rank next to this device's memory (`parcae validate --memory` has the parts).
+        Advice only: a plan that cannot be made is logged, never a reason to stop the run."""
+        try:
+            plan = plan_memory(spec, device_type)
+            here = device_memory_here(device_type, spec.cluster.procs_per_node)
+        except Exception as exc:  # the planner must not stop training
+            log.warning("memory plan: not available (%s: %s)", type(exc).__name__, exc)
+            return
         gib = plan.peak_bytes / 2**30
         if here is not None and plan.peak_bytes > here[0]:
             log.warning(

@@ -57,6 +57,11 @@ def test_compiled_units_match_eager_and_stop_compiling(tmp_path, monkeypatch):
             compiled.train()
         graphs.append(counters["stats"]["unique_graphs"] - before)
     assert graphs == [warm] * len(graphs), graphs  # nothing compiled after the warm-up
+    with torch.no_grad():  # generation (KV cache, a position at a time) runs the blocks eager
+        compiled.eval()
+        compiled.generate(ids(seed=5)[:1, :5], 6, loops=2)
+        compiled.train()
+    assert counters["stats"]["unique_graphs"] - before == warm
     path = save_reference(compiled, tmp_path / "compiled.safetensors")  # exports read back as eager models
     back = load_pretrained(path)
     with torch.no_grad():
