@@ -130,8 +130,11 @@ def plan_memory(spec: JobSpec, device_type: str | None = None) -> MemoryPlan:
     coda = range(cfg.n_prelude + cfg.n_core, cfg.num_unique_layers) if cfg.looped else range(0)
     outside = [*prelude, *coda]
     ve_layers = set(cfg.value_embedding_layers())
-    saves_outside = sum(BLOCK_SAVES + (VALUE_EMBEDDING_SAVES if i in ve_layers else 0) for i in outside)
-    core_block = sum(BLOCK_SAVES + (VALUE_EMBEDDING_SAVES if i in ve_layers else 0) for i in cfg.core_layers)
+
+    def block_saves(layers) -> int:
+        return sum(BLOCK_SAVES + (VALUE_EMBEDDING_SAVES if i in ve_layers else 0) for i in layers)
+
+    saves_outside, core_block = block_saves(outside), block_saves(cfg.core_layers)
     loops = cfg.mean_backprop_depth if cfg.looped else 0  # loops with gradients: at most the backprop depth
     loop_saves = loops * (1 if cfg.activation_checkpointing else core_block + 1)
     saved = (saves_outside + GLUE_SAVES + loop_saves) * unit
@@ -161,7 +164,7 @@ def plan_memory(spec: JobSpec, device_type: str | None = None) -> MemoryPlan:
         plan.phases["recurrence backward"] = {
             "gathered parameters": gathered["recurrence"],
             "unreduced gradients (the recurrence)": unit_grads,
-            "saved activations": (len(prelude) * BLOCK_SAVES + GLUE_SAVES + loop_saves) * unit,
+            "saved activations": (block_saves(prelude) + GLUE_SAVES + loop_saves) * unit,
             "one loop recomputed": recompute,
             "one loop's backward": BLOCK_BACKWARD * unit + recurrence_numel * 4,
             "activation gradients": STREAM_GRADS * unit,
