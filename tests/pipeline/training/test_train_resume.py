@@ -309,7 +309,7 @@ def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, sha
         assert last[f"downstream/core_extended{suffix}"] == pytest.approx(result["core_extended"], abs=1e-9)
     scalars, _ = event_scalars(tmp_path / "downstream" / "tensorboard")
     assert [s for s, _ in scalars["downstream/core_loops_1"]] == [5, 10, 10]  # the run's, then parcae eval's
-    assert "val/val_loss_loops_4" in scalars  # beside the validation loss
+    assert "scaling/val_loss_T4" in scalars  # beside the validation loss
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "downstream" / "tensorboard"), size_guidance={"tensors": 0})
