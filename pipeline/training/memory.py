@@ -255,20 +255,16 @@ def _unit_of(cfg: ParcaeConfig, name: str) -> str:
 
 
 def parse_size(text: str, what: str) -> int:
-    """'80GB', '80GiB', '24g', '1.5T', or bytes: decimal suffixes are powers of 1000, *iB of 1024."""
+    """'80GB', '80GiB', '24g', '1.5TiB', or bytes (`parcae prep`'s sizes: GB = 10^9, GiB = 2^30)."""
+    import argparse
+
+    from data_prep.cli import parse_size as prep_size
     from parcae_errors import UsageError
 
-    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-    raw = text.strip().lower().removesuffix("b")
-    number = raw.rstrip("kmgti")
-    suffix = raw[len(number) :]
     try:
-        value = float(number) * units[suffix]
-    except (ValueError, KeyError):
-        raise UsageError(f"{what}: a size like 80GB, 80GiB or 40e9 (bytes), got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise UsageError(f"{what}: a positive size, got {text!r}")
-    return int(value)
+        return prep_size(text)
+    except argparse.ArgumentTypeError:
+        raise UsageError(f"{what}: a size like 80GB, 80GiB or 80000000000 (bytes), got {text!r}") from None
 
 
 def knobs(plan: MemoryPlan, spec: JobSpec, device_bytes: int) -> list[str]:

@@ -10,8 +10,10 @@ resident-set size counts. Slow (every op is recorded): for a few steps on reques
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,18 @@ STEP_RANGE = "parcae_memory_step"
 
 
 class MemoryTrace:
-    def __init__(self, device_type: str, steps: int):
-        self.device_type, self.steps = device_type, steps
-        self.profiler: Any = None
-        self.step_ranges: list[Any] = []
+    """Started at the rank's start (``steps`` 0: does nothing); `step` wraps each training step and writes
+    the peaks to ``path`` after the ``steps``-th; `finish` writes them if the run ended sooner."""
 
-    def start(self) -> MemoryTrace:
+    def __init__(self, device_type: str, steps: int, path: Path, rank: int):
+        self.device_type, self.steps, self.path, self.rank = device_type, steps, path, rank
+        self.profiler: Any = None
+        self.traced = 0
+        self.active = steps > 0
+        if self.active:
+            self._start()
+
+    def _start(self) -> None:
         if self.device_type == "cpu":
             from torch.profiler import ProfilerActivity, profile
 
@@ -38,31 +46,41 @@ class MemoryTrace:
             from deepspeed.accelerator import get_accelerator
 
             get_accelerator().reset_peak_memory_stats()
-        return self
 
-    def step(self, number: int) -> Any:
-        """A context around training step ``number``: its span is what the step peak is taken over."""
-        return torch.profiler.record_function(f"{STEP_RANGE}_{number}")
+    @contextlib.contextmanager
+    def step(self, number: int) -> Iterator[None]:
+        """Around training step ``number``: its span is what the step peak is taken over."""
+        if not self.active:
+            yield
+            return
+        with torch.profiler.record_function(f"{STEP_RANGE}_{number}"):
+            yield
+        self.traced += 1
+        if self.traced >= self.steps:
+            self.finish()
 
-    def stop(self, path: Path, rank: int) -> dict[str, Any]:
-        """The peaks (bytes): over the whole trace and over the traced training steps; written to ``path``."""
+    def finish(self) -> dict[str, Any] | None:
+        """The peaks (bytes): over the whole trace and over the traced training steps; written to the path."""
+        if not self.active:
+            return None
+        self.active = False
         if self.profiler is None:
             from deepspeed.accelerator import get_accelerator
 
             peak = int(get_accelerator().max_memory_allocated())
-            result = {"rank": rank, "device": self.device_type, "peak_bytes": peak, "step_peak_bytes": peak}
+            result = {"rank": self.rank, "device": self.device_type, "peak_bytes": peak, "step_peak_bytes": peak}
         else:
             self.profiler.__exit__(None, None, None)
-            result = {"rank": rank, "device": "cpu", **peaks(self.profiler)}
-        result["steps"] = self.steps
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+            result = {"rank": self.rank, "device": "cpu", **peaks(self.profiler)}
+        result["steps"] = self.traced
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(result, indent=2) + "\n")
         log.info(
             "measured peak memory (rank %d): %.4g MiB in the traced steps, %.4g MiB overall; %s",
-            rank,
+            self.rank,
             result["step_peak_bytes"] / 2**20,
             result["peak_bytes"] / 2**20,
-            path,
+            self.path,
         )
         return result
 

@@ -51,6 +51,7 @@ class MetricsLogger:
         # a CPU's peak is measured (`pipeline.training.peak`); a GPU's is the published one unless given
         self.peak = spec.peak_flops_per_device or (measured_peak if device_type == "cpu" else H100_BF16_PEAK)
         self.val_loops = val_loops  # the loop count whose validation loss is loss/val (the mean recurrence)
+        self.max_radius = 0.0  # the largest spectral radius logged by this process (an HParams metric)
         self.writer: Any = None
         self._restart_window()
 
@@ -156,7 +157,7 @@ class MetricsLogger:
 
     def _hparam_metrics(self, record: dict[str, Any]) -> dict[str, float]:
         out = {}
-        if "loss" in record:
+        if "loss" in record and "tokens_per_s" in record:  # the detailed steps (and the last): enough for HParams
             out["hparams/train_loss"] = record["loss"]
         val = record.get(f"val_loss_loops_{self.val_loops}", record.get("val_loss"))
         if val is not None:
@@ -165,8 +166,6 @@ class MetricsLogger:
             self.max_radius = max(self.max_radius, record["spectral_radius"])
             out["hparams/max_spectral_radius"] = self.max_radius
         return out
-
-    max_radius = 0.0
 
     def write_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
         """Text samples to the log, metrics.jsonl and TensorBoard (``samples/prompt_N``); rank 0 only."""

@@ -125,8 +125,8 @@ class Trainer:
         spec = self.spec = loaded.spec
         self.info, self.resume_from = info, resume_from
         self.device, device_type = accelerator_device(info.local_rank)
-        traced = spec.logging.profile_memory_steps
-        self.memory_trace = MemoryTrace(device_type, traced).start() if traced else None
+        memory_file = Path(spec.run_dir or ".") / "memory" / f"rank{info.rank}.json"
+        self.memory_trace = MemoryTrace(device_type, spec.logging.profile_memory_steps, memory_file, info.rank)
         if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             threads = cpu_threads_per_rank(spec.cluster.procs_per_node)
             torch.set_num_threads(threads)
@@ -218,23 +218,15 @@ class Trainer:
         self.metrics.open(progress.step)
         self.metrics.write_text("spec", self.loaded.redact(self.loaded.to_yaml()), "yaml")  # URL passwords too
         self.metrics.write_hparams(hparams_of(self.spec.model_dump(mode="json")))
-        spec, world = self.spec, self.info.world_size
-        base = load_base_config(spec.zero.base_config)
-        ds_config = build_ds_config(spec.training, spec.optimizer, spec.zero, base, world, self.device_type)
-        self.metrics.write_text("deepspeed_config", self.loaded.redact(json.dumps(ds_config, indent=2)), "json")
+        ds_config = json.dumps(self.engine.config, indent=2, default=str)  # the dict the engine was built from
+        self.metrics.write_text("deepspeed_config", self.loaded.redact(ds_config), "json")
         self.stop.install()
         batches = iter(self.loader)
-        code, first_step = 0, progress.step
+        code = 0
         try:
             while progress.step < self.total_steps:
                 step_start = time.perf_counter()
-                if self.memory_trace:
-                    with self.memory_trace.step(progress.step + 1):
-                        result = self.train_step(batches, progress)
-                    if progress.step + 1 - first_step >= self.memory_trace.steps:
-                        self.memory_trace.stop(self.run_dir / "memory" / f"rank{self.info.rank}.json", self.info.rank)
-                        self.memory_trace = None
-                else:
+                with self.memory_trace.step(progress.step + 1):
                     result = self.train_step(batches, progress)
                 progress.step += 1
                 progress.tokens += self.spec.tokens_per_step
@@ -267,8 +259,7 @@ class Trainer:
             exc.saved_to = self.checkpointer.dir
             raise
         finally:
-            if self.memory_trace:  # the run ended within the traced steps
-                self.memory_trace.stop(self.run_dir / "memory" / f"rank{self.info.rank}.json", self.info.rank)
+            self.memory_trace.finish()  # if the run ended within the traced steps
             batches.close()  # stops the loader's read-ahead thread before the process group goes away
             self.metrics.close()
         if code == 0 and self.info.rank == 0:
