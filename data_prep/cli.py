@@ -121,13 +121,35 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> None:
         default=0.005,
         help="share of documents held out for validation, chosen by a hash of the text (0.005)",
     )
+    p.add_argument(
+        "--packing",
+        choices=["concat", "bos-aligned"],
+        default="concat",
+        help="concat (default): documents run across rows, nothing lost but the last partial row; bos-aligned: "
+        "every row starts at a document with <bos>, filled best-fit, cropping what does not fit (the Parcae "
+        "reference's and nanochat's packing; the cropped tokens are counted)",
+    )
+    p.add_argument(
+        "--pack-buffer",
+        type=_positive,
+        default=1000,
+        help="bos-aligned: documents the best fit chooses from (default 1000; more crops less, holds more in memory)",
+    )
     p.add_argument("--workers", type=int, default=2, help="tokenizer processes (0: in the main process)")
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto")
     p.set_defaults(func=cmd_shards)
 
-    p = commands.add_parser("inspect", help="decode samples of a shard set, or verify it against its manifest")
-    p.add_argument("url", help="a shard set: directory or s3:// prefix holding manifest.json (e.g. OUT/train)")
-    p.add_argument("--samples", type=int, default=3, help="samples to decode (default 3)")
+    p = commands.add_parser(
+        "inspect", help="summarise shard sets (packing, rows at document starts), decode samples, or verify them"
+    )
+    p.add_argument(
+        "urls",
+        nargs="+",
+        metavar="URL",
+        help="shard sets: directories or s3:// prefixes holding manifest.json (e.g. OUT/train); several: one "
+        "summary line each (the sources of a mixture side by side)",
+    )
+    p.add_argument("--samples", type=int, default=3, help="samples to decode from a single URL (default 3; 0: none)")
     p.add_argument("--shard", type=int, default=0, help="which shard to decode from")
     p.add_argument("--tokenizer", help="the .model or tokenizer.json (default: the path recorded in the manifest)")
     p.add_argument("--verify", action="store_true", help="check every shard's presence, size and sha256; name extras")
@@ -175,6 +197,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         text_field=args.text_field,
         txt_mode=args.txt_mode,
+        packing=args.packing,
+        pack_buffer=args.pack_buffer,
     )
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     summary = build_shards(
@@ -193,6 +217,11 @@ def cmd_shards(args: argparse.Namespace) -> int:
         print(
             f"{split}: {t['shards']} shards, {t['samples']} rows of {args.seq_len + 1} tokens ({t['tokens']} tokens) "
             f"from {t['documents']} documents; final partial row dropped: {t['remainder_tokens_dropped']} tokens"
+            + (
+                f"; {t['cropped_tokens']} tokens cropped from {t['cropped_documents']} documents"
+                if args.packing == "bos-aligned"
+                else f"; {t['rows_at_document_start']} rows start at a document"
+            )
         )
     tokens = summary["train"]["tokens_produced"] + summary["val"]["tokens_produced"]
     rate = tokens / max(summary["seconds"], 1e-9) / 1e6
@@ -203,27 +232,31 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from data_prep.inspect import decode_samples, read_manifest, verify
+    from data_prep.inspect import decode_samples, read_manifest, summary, summary_line, verify
     from data_prep.storage import open_store
 
     options = _options(args)
-    if args.verify:
-        manifest = read_manifest(open_store(args.url, options))
-        problems = verify(args.url, options)
-        total = manifest.get("totals", {})
-        if problems:
-            print(f"{args.url}: {len(problems)} problem(s) against the manifest:", file=sys.stderr)
-            for line in problems:
-                print(f"  {line}", file=sys.stderr)
-            return 1
-        print(
-            f"{args.url}: all {len(manifest['shards'])} shards present and intact "
-            f"({total.get('samples', '?')} samples, {total.get('tokens', '?')} tokens)"
-        )
-        return 0
-    for text in decode_samples(args.url, args.tokenizer, args.samples, options, args.shard):
-        print(text)
-    return 0
+    failed = False
+    for url in args.urls:
+        print(summary_line(summary(url, options)))
+        if args.verify:
+            manifest = read_manifest(open_store(url, options))
+            problems = verify(url, options)
+            total = manifest.get("totals", {})
+            if problems:
+                print(f"{url}: {len(problems)} problem(s) against the manifest:", file=sys.stderr)
+                for line in problems:
+                    print(f"  {line}", file=sys.stderr)
+                failed = True
+                continue
+            print(
+                f"{url}: all {len(manifest['shards'])} shards present and intact "
+                f"({total.get('samples', '?')} samples, {total.get('tokens', '?')} tokens)"
+            )
+        elif len(args.urls) == 1:
+            for text in decode_samples(url, args.tokenizer, args.samples, options, args.shard):
+                print(text)
+    return 1 if failed else 0
 
 
 def _report(lines: list[str]) -> None:

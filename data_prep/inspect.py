@@ -102,6 +102,60 @@ def verify(url: str, options: S3Options | None = None) -> list[str]:
     return problems
 
 
+def packing_of(manifest: dict[str, Any]) -> str:
+    """The manifest's packing (shard sets from before packing was recorded are concat)."""
+    return manifest.get("packing", {}).get("kind", "concat")
+
+
+def summary(url: str, options: S3Options | None = None) -> dict[str, Any]:
+    """A shard set at a glance: packing, rows, and how many rows start at a document boundary (from the
+    manifest; counted from the shards for a manifest that does not record it)."""
+    store = open_store(url, options)
+    manifest = read_manifest(store)
+    totals = manifest.get("totals", {})
+    rows = sum(s["samples"] for s in manifest["shards"])
+    at_start = totals.get("rows_at_document_start")
+    counted = at_start is None
+    if counted:
+        at_start = 0
+        for entry in manifest["shards"]:
+            with store.open(entry["name"]) as stream:
+                at_start += sum(
+                    bool(len(b) and b[0] == 0) for _, _, b in iter_samples(stream, store.child_url(entry["name"]))
+                )
+    return {
+        "url": url,
+        "packing": packing_of(manifest),
+        "seq_len": manifest["seq_len"],
+        "tokenizer": manifest["tokenizer"],
+        "shards": len(manifest["shards"]),
+        "rows": rows,
+        "rows_at_document_start": at_start,
+        "counted_from_shards": counted,
+        "documents": totals.get("documents"),
+        "cropped_documents": totals.get("cropped_documents", 0),
+        "cropped_tokens": totals.get("cropped_tokens", 0),
+        "tokens_produced": totals.get("tokens_produced"),
+    }
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    share = s["rows_at_document_start"] / s["rows"] if s["rows"] else 0.0
+    tok = s["tokenizer"]
+    line = (
+        f"{s['url']}: packing {s['packing']}, {s['rows']} rows of {s['seq_len']} + 1 tokens in {s['shards']} shards; "
+        f"{s['rows_at_document_start']} rows ({share:.1%}) start at a document boundary"
+        f"{' (counted from the shards)' if s['counted_from_shards'] else ''}; "
+        f"tokenizer {tok.get('kind', 'sentencepiece')} vocab {tok.get('vocab_size')}"
+    )
+    if s["packing"] == "bos-aligned" and s["tokens_produced"]:
+        line += (
+            f"; {s['cropped_tokens']} tokens cropped from {s['cropped_documents']} of {s['documents']} documents "
+            f"({s['cropped_tokens'] / s['tokens_produced']:.1%} of the tokens)"
+        )
+    return line
+
+
 def decode_samples(
     url: str, tokenizer_path: str | None, count: int, options: S3Options | None = None, shard: int = 0
 ) -> list[str]:

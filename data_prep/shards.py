@@ -2,10 +2,11 @@
 
 Pipeline: the main process reads documents and hands chunks of them to worker processes, which
 tokenize (appending ``<eos>`` to every document) and pick each document's split from a hash of its
-text. The main process packs each split's token stream into rows of ``seq_len + 1`` tokens
-(documents run across rows; only the final partial row is dropped, and reported) and writes tar
-shards of about ``shard_bytes``. A sample is ``<key>.tokens.npy`` (the row, uint16 when the vocab
-fits, else uint32) and ``<key>.bounds.npy`` (int32 positions in the row where a document starts).
+text. The main process packs each split's documents into rows of ``seq_len + 1`` tokens
+(``data_prep.packing``: ``concat`` runs documents across rows; ``bos-aligned`` starts every row at a
+document with ``<bos>``, best-fit, cropping what does not fit; what is dropped is counted in the
+manifest) and writes tar shards of about ``shard_bytes``. A sample is ``<key>.tokens.npy`` (the row,
+uint16 when the vocab fits, else uint32) and ``<key>.bounds.npy`` (int32 positions in the row where a document starts).
 
 Everything is deterministic: the same input, tokenizer and settings give byte-identical shards.
 
@@ -51,6 +52,7 @@ from data_prep.corpus import (
     resolve_sources,
 )
 from data_prep.errors import PrepError
+from data_prep.packing import BestFitPacker, ConcatPacker, make_packer
 from data_prep.storage import S3Options, Store, check_writable, open_store
 from data_prep.tokenizer import TextTokenizer, file_sha256
 
@@ -70,11 +72,21 @@ class ShardSettings:
     text_field: str = "text"
     txt_mode: str = "file"
     chunk_chars: int = 1 << 20  # text per unit of work sent to a worker
+    packing: str = "concat"  # or "bos-aligned" (data_prep.packing)
+    pack_buffer: int = 1000  # bos-aligned: documents the best fit chooses from
 
     def fingerprint_fields(self) -> dict[str, Any]:
         fields = asdict(self)
         fields.pop("chunk_chars")  # does not change the output
+        if self.packing == "concat":  # as before packing was a setting: older interrupted runs still resume
+            fields.pop("packing")
+            fields.pop("pack_buffer")
         return fields
+
+    def packing_record(self, bos_id: int | None) -> dict[str, Any]:
+        if self.packing == "concat":
+            return {"kind": "concat"}
+        return {"kind": self.packing, "bos_id": bos_id, "buffer_documents": self.pack_buffer}
 
 
 @dataclass
@@ -85,10 +97,7 @@ class SplitState:
     row_len: int
     dtype: np.dtype
     shard_bytes: int
-    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
-    pending_starts: list[int] = field(default_factory=list)
-    rows: list[np.ndarray] = field(default_factory=list)
-    bounds: list[np.ndarray] = field(default_factory=list)
+    packer: ConcatPacker | BestFitPacker
     tar: io.BytesIO | None = None  # the open shard, built in memory
     shard_index: int = 0
     sample_index: int = 0
@@ -107,12 +116,12 @@ def _worker_init(model_path: str) -> None:
 
 
 def _encode_chunk(
-    units: list[Document | RawLines], val_threshold: int, text_field: str, dtype: str
+    units: list[Document | RawLines], val_threshold: int, text_field: str, dtype: str, bos: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[str, str, str]]]:
     """Parse (JSON Lines), split and tokenize one chunk of documents, in a worker.
 
-    Returns the tokens of every document with <eos> appended, concatenated; per-document lengths;
-    per-document validation flags; and the problems met, in input order.
+    Returns the tokens of every document with <eos> appended (and ``bos`` first, when given), concatenated;
+    per-document lengths; per-document validation flags; and the problems met, in input order.
     """
     texts, problems = [], []
     for unit in units:
@@ -125,7 +134,7 @@ def _encode_chunk(
         else:
             texts.append(unit.text)
     # one thread per worker process (the workers are the parallelism); framed by the tokenizer's specials
-    encoded = _TOKENIZER.documents(texts)
+    encoded = _TOKENIZER.documents(texts, bos=bos)
     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
     tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum()))
     is_val = np.fromiter((_text_hash(t) < val_threshold for t in texts), dtype=bool, count=len(texts))
@@ -221,26 +230,25 @@ class ShardBuilder:
         self.progress = {**progress_base, "shards": []}
         self.kept = 0
         self.on_shard = on_shard
-        self.splits = {name: SplitState(name, settings.seq_len + 1, dtype, settings.shard_bytes) for name in SPLITS}
+        row_len = settings.seq_len + 1
+        self.splits = {
+            name: SplitState(
+                name,
+                row_len,
+                dtype,
+                settings.shard_bytes,
+                make_packer(settings.packing, row_len, dtype, settings.pack_buffer),
+            )
+            for name in SPLITS
+        }
 
     def add(self, split: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents (already with <eos>) to a split and cut every full row."""
+        """Append documents (already framed with their specials) to a split and write every full row."""
         state = self.splits[split]
-        L = state.row_len
         state.documents += len(lengths)
         state.tokens_in += len(tokens)
-        base = len(state.pending)
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) + base
-        stream = np.concatenate((state.pending, tokens)) if base else tokens
-        all_starts = np.concatenate((np.asarray(state.pending_starts, dtype=np.int64), starts))
-        n_rows = len(stream) // L
-        cuts = np.searchsorted(all_starts, np.arange(n_rows + 1) * L)  # document starts of each row
-        for r in range(n_rows):
-            row_starts = (all_starts[cuts[r] : cuts[r + 1]] - r * L).astype(np.int32)
-            self._add_row(state, stream[r * L : (r + 1) * L].astype(state.dtype, copy=False), row_starts)
-        state.pending = stream[n_rows * L :].copy()
-        keep = all_starts >= n_rows * L
-        state.pending_starts = [int(s) - n_rows * L for s in all_starts[keep]]
+        for row, starts in state.packer.add(tokens, lengths):
+            self._add_row(state, row, starts)
 
     def _add_row(self, state: SplitState, row: np.ndarray, starts: np.ndarray) -> None:
         if state.tar is None:
@@ -290,6 +298,8 @@ class ShardBuilder:
 
     def finish(self) -> None:
         for state in self.splits.values():
+            for row, starts in state.packer.finish():
+                self._add_row(state, row, starts)
             self._close(state)
 
 
@@ -309,6 +319,7 @@ def build_shards(
     vocab = tokenizer.vocab_size
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     tokenizer_sha = file_sha256(Path(tokenizer_path))
+    bos = tokenizer.row_start_id() if settings.packing == "bos-aligned" else None
     corpus = CorpusSpec(tuple(sources), settings.text_field, settings.txt_mode)  # type: ignore[arg-type]
     files = resolve_sources(corpus, options)
     store = open_store(out, options)
@@ -337,7 +348,7 @@ def build_shards(
     units = iter_documents(corpus, problems, options, files, raw_jsonl=True)
     started = time.perf_counter()
     work = _encoded(
-        units, settings.chunk_chars, (tokenizer_path,), (threshold, settings.text_field, dtype.name), workers
+        units, settings.chunk_chars, (tokenizer_path,), (threshold, settings.text_field, dtype.name, bos), workers
     )
     for tokens, lengths, is_val, chunk_problems in work:
         for problem in chunk_problems:
@@ -364,7 +375,7 @@ def build_shards(
         "kept_shards": builder.kept,
     }
     for state in builder.splits.values():
-        remainder = len(state.pending)
+        counts = state.packer.counts
         manifest = {
             "format": FORMAT,
             "split": state.name,
@@ -388,8 +399,12 @@ def build_shards(
                 "bytes": sum(s["bytes"] for s in state.shards),
                 "documents": state.documents,
                 "tokens_produced": state.tokens_in,
-                "remainder_tokens_dropped": remainder,
+                "remainder_tokens_dropped": counts.remainder_tokens_dropped,
+                "rows_at_document_start": counts.rows_at_document_start,
+                "cropped_documents": counts.cropped_documents,
+                "cropped_tokens": counts.cropped_tokens,
             },
+            "packing": settings.packing_record(bos),
             "corpus": {"sources": files, "builtin": fingerprint["builtin"], "problems": problems.as_dict()},
             "settings": {**asdict(settings), "workers": workers, "on_error": on_error},
             "command": command or [],

@@ -195,10 +195,22 @@ class TextTokenizer:
             return self.sp.encode(texts, num_threads=1)
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
-    def documents(self, texts: list[str]) -> list[list[int]]:
+    def row_start_id(self) -> int:
+        """The token every document starts with under bos-aligned packing (ours: <bos>, id 2)."""
+        if self.kind == "sentencepiece":
+            return BOS_ID
+        if self.bos_id is None:
+            raise TokenizerError(
+                f"{self.path}: no beginning-of-document token (one of {', '.join(BOS_NAMES)}); bos-aligned packing "
+                "starts every row with it (use --packing concat)"
+            )
+        return self.bos_id
+
+    def documents(self, texts: list[str], bos: int | None = None) -> list[list[int]]:
         """Each text as a packed document: ``[<bos>] + ids + [<eos>]`` (<bos> when the tokenizer has one
-        and is not ours)."""
-        head = [self.bos_id] if self.bos_id is not None else []
+        and is not ours, or when ``bos`` is given: bos-aligned packing)."""
+        bos = self.bos_id if bos is None else bos
+        head = [bos] if bos is not None else []
         return [[*head, *ids, self.eos_id] for ids in self.encode(texts)]
 
     def decode(self, ids: list[int]) -> str:

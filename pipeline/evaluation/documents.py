@@ -19,11 +19,17 @@ import torch
 IGNORE = -100  # the loss's ignore_index
 
 
-def documents_from_rows(rows: Iterable[np.ndarray], eos: int, limit: int) -> list[np.ndarray]:
-    """The first ``limit`` whole documents (without their ``<eos>``) of a packed row stream, in order."""
+def documents_from_rows(
+    rows: Iterable[np.ndarray], eos: int, limit: int, bos_aligned: bool = False
+) -> list[np.ndarray]:
+    """The first ``limit`` whole documents (without their ``<eos>``) of a packed row stream, in order.
+    ``bos_aligned``: rows never continue a document, so an unterminated end of a row (a cropped
+    document's head) is dropped, not joined to the next row."""
     documents: list[np.ndarray] = []
     pending: list[np.ndarray] = []
     for row in rows:
+        if bos_aligned:
+            pending = []
         ends = np.flatnonzero(row == eos)
         start = 0
         for end in ends:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.inspect import read_manifest
+from data_prep.inspect import packing_of, read_manifest
 from data_prep.storage import LocalStore, S3Options, check_writable, is_s3, make_dir, open_store, write_text
 from data_prep.tokenizer import TokenizerError
 from model import ParcaeLM, load_pretrained
@@ -170,7 +170,7 @@ def run_eval(
         rows_in_order = (
             row for _, b in zip(range(loader.batches_per_epoch(0)), loader, strict=False) for row in b.numpy()
         )
-        docs = documents_from_rows(rows_in_order, eos, documents)
+        docs = documents_from_rows(rows_in_order, eos, documents, packing_of(manifest) == "bos-aligned")
         batches = document_batches(docs, batch_size, cfg.max_seq_len, bos)
         n_bytes = sum(counter.document_bytes(t[t != IGNORE].numpy()) for _, targets in batches for t in targets)
         seeds = range(h0_seeds) if cfg.looped else range(1)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from data_prep.inspect import packing_of
 from data_prep.storage import S3Options
 from data_prep.tokenizer import TextTokenizer
 from model import ParcaeConfig
@@ -81,7 +82,8 @@ class Validator:
             return [b.to(self.device) for _, b in zip(range(n), self.loader, strict=False)]
         rows = (row for _, b in zip(range(epoch), self.loader, strict=False) for row in b.numpy())
         bos, eos = special_ids(self.loader.manifest)
-        docs = documents_from_rows(rows, eos, self.spec.documents)
+        aligned = packing_of(self.loader.manifest) == "bos-aligned"
+        docs = documents_from_rows(rows, eos, self.spec.documents, aligned)
         docs = docs[: len(docs) - len(docs) % self.world_size]  # the same count on every rank: the same forwards
         mine = docs[self.rank :: self.world_size]
         batches = document_batches(mine, self.batch_size, self.cfg.max_seq_len, bos)

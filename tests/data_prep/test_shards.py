@@ -172,3 +172,82 @@ def test_webdataset_reads_the_shards(tmp_path, corpus_jsonl, tokenizer):
     seen = [(s["tokens.npy"], s["bounds.npy"]) for s in dataset]
     assert len(seen) == len(rows)
     assert all(np.array_equal(a, c) and np.array_equal(b, d) for (a, b), (c, d) in zip(seen, rows, strict=True))
+
+
+BOS_ALIGNED = ShardSettings(seq_len=64, shard_bytes=200_000, val_fraction=0.05, packing="bos-aligned", pack_buffer=64)
+
+
+def test_bos_aligned_rows_start_at_documents_and_account_for_every_token(tmp_path, corpus_jsonl, tokenizer):
+    """Every row starts with <bos> at a document start; a document is whole in one row unless cropped
+    (then its head fills the end of a row and its tail is gone); shards + cropped + dropped = produced."""
+    from data_prep.inspect import summary
+    from data_prep.tokenizer import BOS_ID
+
+    out = tmp_path / "o"
+    totals = build_shards([str(corpus_jsonl)], str(tokenizer), str(out), BOS_ALIGNED, workers=2)
+    sp = load_tokenizer(tokenizer)
+    docs = [d.text for d in iter_documents(CorpusSpec((str(corpus_jsonl),)), Problems())]
+    framed = {}  # every document as packed: <bos> ids <eos>
+    for text, ids in zip(docs, sp.encode(docs), strict=True):
+        framed.setdefault(_text_hash(text), []).append([BOS_ID, *ids, EOS_ID])
+    produced = sum(len(f) for group in framed.values() for f in group)
+    split_totals = [totals["train"], totals["val"]]
+    assert sum(t["tokens"] + t["cropped_tokens"] + t["remainder_tokens_dropped"] for t in split_totals) == produced
+    assert sum(t["documents"] for t in split_totals) == len(docs)
+    whole = {tuple(f) for group in framed.values() for f in group}
+    for split in ("train", "val"):
+        manifest, rows = samples(out / split)
+        assert manifest["packing"] == {"kind": "bos-aligned", "bos_id": BOS_ID, "buffer_documents": 64}
+        cropped = 0
+        for tokens, bounds in rows:
+            tokens = tokens.astype(np.int64).tolist()
+            assert tokens[0] == BOS_ID and bounds[0] == 0
+            assert [i for i, t in enumerate(tokens) if t == BOS_ID] == bounds.tolist()
+            pieces = [tokens[a:b] for a, b in zip(bounds.tolist(), [*bounds.tolist()[1:], len(tokens)], strict=True)]
+            for piece in pieces[:-1]:
+                assert tuple(piece) in whole  # whole documents, never split
+            if tuple(pieces[-1]) not in whole:  # only the row's last piece may be a cropped head
+                assert pieces[-1][-1] != EOS_ID or len(pieces[-1]) == 1
+                cropped += 1
+        assert cropped == manifest["totals"]["cropped_documents"]
+        assert manifest["totals"]["rows_at_document_start"] == len(rows)
+        assert summary(str(out / split))["rows_at_document_start"] == len(rows)
+    assert totals["train"]["cropped_documents"] > 0  # docstrings longer than a 65-token row are cropped
+    # the paper's evaluation protocol reads whole documents only: a cropped head is not glued to the next row
+    from pipeline.evaluation.documents import documents_from_rows
+
+    _, rows = samples(out / "val")
+    documents = documents_from_rows((t.astype(np.int64) for t, _ in rows), EOS_ID, 10_000, bos_aligned=True)
+    assert documents and all((*d.tolist(), EOS_ID) in whole for d in documents)
+
+
+def test_bos_aligned_is_deterministic_and_resumes(tmp_path, corpus_jsonl, tokenizer):
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "a"), BOS_ALIGNED, workers=2)
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "b"), BOS_ALIGNED, workers=0)
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+    with pytest.raises(Exception, match='packing: was null, now "concat"|settings.pack'):  # a changed packing
+        build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "a"), SETTINGS, workers=0)
+
+
+def test_inspect_summarises_sources_side_by_side(tmp_path, corpus_jsonl, tokenizer):
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "c"), SETTINGS, workers=0)
+    build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "b"), BOS_ALIGNED, workers=0)
+    concat = json.loads((tmp_path / "c" / "train" / "manifest.json").read_text())
+    # a manifest from before packing was recorded: the count comes from the shards
+    old = {k: v for k, v in concat.items() if k != "packing"}
+    old["totals"] = {k: v for k, v in concat["totals"].items() if k != "rows_at_document_start"}
+    (tmp_path / "c" / "train" / "manifest.json").write_text(json.dumps(old))
+    result = subprocess.run(
+        [*parcae_cmd(), "prep", "inspect", str(tmp_path / "c" / "train"), str(tmp_path / "b" / "train")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2  # one line per source, no samples
+    at_start = concat["totals"]["rows_at_document_start"]
+    assert "packing concat" in lines[0] and f"{at_start} rows (" in lines[0] and "counted from the shards" in lines[0]
+    assert 0 < at_start < concat["totals"]["samples"] / 2
+    assert "packing bos-aligned" in lines[1] and "(100.0%) start at a document boundary" in lines[1]
+    assert "tokens cropped from" in lines[1]
