@@ -45,18 +45,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
     summary["data"] = "shards fit the model" + (
         f"; not checked (unreadable here): {'; '.join(unreadable)}" if unreadable else ""
     )
+    sources = source_lines(loaded.spec)
+    if sources:
+        summary["sources"] = sources
     if args.json:
         print(loaded.redact(json.dumps(summary, indent=2)))
     else:
         print(f"{args.spec}: valid")
         width = max(len(k) for k in summary)
         for key, value in summary.items():
-            print(loaded.redact(f"  {key:<{width}}  {value}"))
+            lines = value if isinstance(value, list) else [value]
+            for i, line in enumerate(lines):
+                print(loaded.redact(f"  {key if i == 0 else '':<{width}}  {line}"))
     if args.show_spec:
         print(loaded.to_yaml(), end="")
     if args.memory or args.device_memory:
         return memory_plan(loaded.spec, args.device_memory, args.json)
     return 0
+
+
+def source_lines(spec: JobSpec) -> list[str]:
+    """One line per training source (weight, share, limit, rows, packing), when every manifest is readable."""
+    from data_prep.inspect import read_manifest
+    from data_prep.storage import open_store
+    from parcae_errors import ParcaeError
+    from pipeline.data.mixture import describe
+
+    sources = spec.data.train_sources()
+    try:
+        manifests = [read_manifest(open_store(s.url, spec.storage.s3_options())) for s in sources]
+    except ParcaeError:
+        return []
+    return describe(sources, manifests)
 
 
 def memory_plan(spec: JobSpec, device_memory: str | None, as_json: bool) -> int:

@@ -1,5 +1,6 @@
-"""Data for training and evaluation: shard sets streamed from a manifest (local or s3://), exact resume."""
+"""Shard streams: one shard set (`ShardLoader`, also the evaluation sets) and the training mixture."""
 
-from pipeline.data.loader import DataError, ShardLoader, rows_loader, train_loader
+from pipeline.data.loader import DataError, ShardLoader, rows_loader
+from pipeline.data.mixture import MixSchedule, MixtureLoader, train_loader
 
-__all__ = ["DataError", "ShardLoader", "rows_loader", "train_loader"]
+__all__ = ["DataError", "MixSchedule", "MixtureLoader", "ShardLoader", "rows_loader", "train_loader"]

@@ -33,31 +33,12 @@ import torch
 from data_prep.inspect import iter_samples, read_manifest
 from data_prep.storage import S3Options, StorageError, open_store
 from parcae_errors import ParcaeError
-from pipeline.jobspec import DataSpec
 
 log = logging.getLogger(__name__)
 
 
 class DataError(ParcaeError):
     """A shard set that cannot feed training: named by URL and what is wrong."""
-
-
-def train_loader(
-    data: DataSpec, options: S3Options, *, rank: int, world_size: int, micro_batch_size: int, seed: int
-) -> ShardLoader:
-    """The training stream of one rank: its share of the shards, shuffled, read ahead in a thread."""
-    return ShardLoader(
-        data.train_url,
-        rank=rank,
-        world_size=world_size,
-        micro_batch_size=micro_batch_size,
-        seq_len=data.seq_len,
-        seed=seed,
-        shuffle_buffer=data.shuffle_buffer,
-        options=options,
-        on_bad_shard=data.on_bad_shard,
-        prefetch=data.prefetch_batches,
-    )
 
 
 def rows_loader(
@@ -127,6 +108,7 @@ class ShardLoader:
         self.on_bad_shard, self.prefetch, self.max_retries = on_bad_shard, prefetch, options.max_retries
         self.state = LoaderState()
         self.skipped_shards: list[str] = []
+        self._epoch_rows: list[int] = []
 
     # -- the stream of one epoch: a pure function of (manifest, seed, epoch, rank, world, batch size)
     def shard_order(self, epoch: int) -> list[int]:
@@ -149,6 +131,43 @@ class ShardLoader:
             for r in range(self.world_size)
         ]
         return min(shares)
+
+    # -- rows, for a mixture: the same epochs, counted in rows (every rank uses the smallest share)
+    def rows_per_epoch(self, epoch: int) -> int:
+        """Rows every rank uses in this epoch: the smallest rank's share (same on every rank)."""
+        while len(self._epoch_rows) <= epoch:
+            e = len(self._epoch_rows)
+            self._epoch_rows.append(
+                min(sum(self.shards[i]["samples"] for i in self.rank_shards(e, r)) for r in range(self.world_size))
+            )
+        return self._epoch_rows[epoch]
+
+    def rows_in_epochs(self, epochs: int) -> int:
+        """Rows per rank in the first ``epochs`` epochs (a source's capacity under max_epochs)."""
+        return sum(self.rows_per_epoch(e) for e in range(epochs))
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, row in that epoch) of this rank's ``position``-th row overall."""
+        epoch = 0
+        while position >= self.rows_per_epoch(epoch):
+            if self.rows_per_epoch(epoch) == 0:
+                raise DataError(f"{self.url}: a rank's share of the shards holds no row")
+            position -= self.rows_per_epoch(epoch)
+            epoch += 1
+        return epoch, position
+
+    def rows_from(self, position: int) -> Iterator[np.ndarray]:
+        """This rank's rows from its ``position``-th on, epoch after epoch, forever: each epoch's stream
+        (``_samples``) cut to the rows every rank has."""
+        epoch, skip = self.locate(position)
+        while True:
+            limit = self.rows_per_epoch(epoch)
+            for index, tokens in enumerate(self._samples(epoch)):
+                if index >= limit:
+                    break
+                if index >= skip:
+                    yield tokens
+            epoch, skip = epoch + 1, 0
 
     def _samples(self, epoch: int) -> Iterator[np.ndarray]:
         rng = random.Random(f"{self.seed}:samples:{epoch}:{self.rank}")

@@ -57,6 +57,14 @@ def tag(key: str) -> str:
     return f"other/{key}"
 
 
+def source_val_key(source: str, key: str) -> str:
+    """A data source's validation metric: ``val/<source>/loss_T<T>`` (``val/<source>/loss`` for GPT)."""
+    match = re.fullmatch(r"val_loss_loops_(\d+)(_std)?", key)
+    if match:
+        return f"val/{source}/loss_T{match[1]}{match[2] or ''}"
+    return f"val/{source}/{key.removeprefix('val_')}"
+
+
 def hparams_of(spec_data: dict) -> dict[str, int | float | str | bool]:
     """The HParams of a run from its spec (``model_dump``), plus its name."""
     out: dict[str, int | float | str | bool] = {"name": spec_data.get("name", "")}
@@ -97,6 +105,12 @@ LAYOUT = {
         "state norm |h| at each loop": ["Multiline", [r"loops/h_norm_L\d+$"]],
         "relative change |h_t - h_t-1| / |h_t-1| at each loop": ["Multiline", [r"loops/h_change_L\d+$"]],
         "mean A_bar, and the sampled loops": ["Multiline", ["loops/a_bar_mean$", "loops/loops_mean$"]],
+    },
+    "data mixture": {
+        "share of the rows since the last log, per source": ["Multiline", [r"data/[^/]+/share$"]],
+        "tokens seen per source": ["Multiline", [r"data/[^/]+/tokens$"]],
+        "passes over each source (epochs)": ["Multiline", [r"data/[^/]+/epochs$"]],
+        "validation loss per source, at each loop count T": ["Multiline", [r"val/[^/]+/loss(_T\d+)?$"]],
     },
     "optimisation": {
         "learning rate": ["Multiline", ["optim/lr$"]],

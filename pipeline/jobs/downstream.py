@@ -70,7 +70,7 @@ def source_tokenizer(given: str | None, source: Source, source_arg: str, options
         return spec.tokenizer.path
     if (Path(source_arg) / "tokenizer.json").is_file():
         return str(Path(source_arg) / "tokenizer.json")
-    for url in (spec.data.val_url, spec.data.train_url) if spec else ():
+    for url in (spec.data.val_url, spec.data.first_url()) if spec else ():
         if url:
             try:
                 return str(read_manifest(open_store(url, options))["tokenizer"]["path"])

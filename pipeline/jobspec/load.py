@@ -303,7 +303,7 @@ def format_error(err: Any) -> str:
         return f"{where}: required {'section' if is_section else 'key'} is missing"
     accepted = _accepted_range(loc) if kind in _BOUND_ERRORS else None
     hint = f"; accepted: {accepted}" if accepted else ""
-    return f"{where}: {err['msg']}{hint} (got {_show(err.get('input'))})"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}{hint} (got {_show(err.get('input'))})"
 
 
 _BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}

@@ -131,14 +131,52 @@ class TokenizerSpec(Spec):
     )
 
 
-class DataSpec(Spec):
-    """Where the shards are and how they are streamed."""
+class SourceSpec(Spec):
+    """One shard set of a mixture: its share of the training rows, and what happens when it runs out."""
 
-    train_url: str = Field(description="Local directory or s3:// prefix holding manifest.json and shards.")
-    val_url: str | None = Field(None, description="Validation shard set (same layout), optional.")
+    name: Annotated[str, Field(pattern=NAME_PATTERN, description="The source's name in logs and metrics.")]
+    url: str = Field(description="Local directory or s3:// prefix holding manifest.json and shards.")
+    weight: float = Field(description="Relative share of the training rows (> 0); weights need not sum to 1.")
+    max_epochs: Annotated[int, Field(gt=0, le=10**6)] | None = Field(
+        None,
+        description="Passes over the source before it stops and the other sources take its share (default: it "
+        "repeats for as long as the run needs).",
+    )
+    val_url: str | None = Field(None, description="This source's validation shard set (val/<name>/ metrics).")
+
+    @field_validator("weight")
+    @classmethod
+    def _positive_weight(cls, value: float, info: Any) -> float:
+        if not 0 < value <= 1e6:
+            name = info.data.get("name", "?")
+            raise ValueError(
+                f"source {name!r}: weight {value} is not a share of rows; give a number > 0 (relative to the other "
+                "sources' weights), or remove the source"
+            )
+        return value
+
+
+class DataSpec(Spec):
+    """Where the shards are and how they are streamed: one shard set (``train_url``) or a mixture of
+    several (``sources``), each global batch drawing rows from them in proportion to their weights."""
+
+    train_url: str | None = Field(
+        None, description="Local directory or s3:// prefix holding manifest.json and shards (one source)."
+    )
+    sources: list[SourceSpec] | None = Field(
+        None, description="A mixture: [{name, url, weight, max_epochs?, val_url?}, ...] instead of train_url."
+    )
+    val_url: str | None = Field(
+        None, description="Validation shard set (same layout), optional; the headline loss/val is measured on it."
+    )
+    on_mixture_change: Literal["refuse", "apply"] = Field(
+        "refuse",
+        description="Resuming with other sources or weights than the checkpoint's: refuse (say what changed), or "
+        "apply the new mixture from the resumed step on (each kept source continues where it was).",
+    )
     seq_len: Annotated[int, Field(gt=0, le=2**20)] = Field(2048, description="Tokens per training sequence.")
     shuffle_buffer: Annotated[int, Field(ge=0, le=10**7)] = Field(
-        1000, description="Samples held in memory for shuffling."
+        1000, description="Samples held in memory for shuffling (per source)."
     )
     prefetch_batches: Annotated[int, Field(ge=0, le=64)] = Field(
         1,
@@ -148,6 +186,35 @@ class DataSpec(Spec):
     on_bad_shard: Literal["error", "skip"] = "error"
 
     RENAMED: ClassVar[dict[str, str]] = {"num_workers": "data.prefetch_batches (the read-ahead depth in batches)"}
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self) -> DataSpec:
+        if self.train_url is None and self.sources is None:
+            message = "required: data.train_url (one shard set) or data.sources (a mixture)"
+            raise RuleViolations([Problem("train_url", None, message, ("train_url", "sources"))])
+        if self.train_url is not None and self.sources is not None:
+            message = "set data.train_url (one shard set) or data.sources (a mixture), not both"
+            raise RuleViolations([Problem("train_url", self.train_url, message, ("train_url", "sources"))])
+        if self.sources is not None:
+            names = [s.name for s in self.sources]
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if not names:
+                raise RuleViolations([Problem("sources", [], "a mixture needs at least one source", ("sources",))])
+            if repeated:
+                message = f"source names must differ; {', '.join(map(repr, repeated))} repeats"
+                raise RuleViolations([Problem("sources", names, message, ("sources",))])
+        return self
+
+    def train_sources(self) -> list[SourceSpec]:
+        """The mixture (``train_url`` is a one-source mixture named "train")."""
+        if self.sources is not None:
+            return list(self.sources)
+        assert self.train_url is not None
+        return [SourceSpec(name="train", url=self.train_url, weight=1.0)]
+
+    def first_url(self) -> str:
+        """The shard set whose manifest stands for the run's data (its tokenizer, for prompts)."""
+        return self.train_sources()[0].url
 
 
 class OptimizerSpec(Spec):

@@ -1,10 +1,12 @@
 """What must hold before the expensive part starts, checked in one place and reported all at once.
 
-Data: every shard set the spec names has a manifest whose rows fit ``data.seq_len``, whose tokenizer
-fits the model's vocabulary (and is the spec's tokenizer file, when the spec names one), and enough
-shards for the ranks. Outputs: the run directory, the TensorBoard directory and the checkpoint
-directory (local, or an s3:// bucket) can be written. `parcae train` runs both before the engine is
-built; `parcae validate` and `parcae submit` run the data checks whenever the data is reachable.
+Data: every shard set the spec names (each source of a mixture, each validation set) has a manifest
+whose rows fit ``data.seq_len``, whose tokenizer fits the model's vocabulary (and is the spec's
+tokenizer file, when the spec names one), and enough shards for the ranks; a mixture's sources share
+one tokenizer, and limited sources hold the rows the run needs. Outputs: the run directory, the
+TensorBoard directory and the checkpoint directory (local, or an s3:// bucket) can be written.
+`parcae train` runs both before the engine is built; `parcae validate` and `parcae submit` run the
+data checks whenever the data is reachable.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from data_prep.inspect import read_manifest
 from data_prep.storage import LocalStore, StorageError, check_writable, open_store
 from parcae_errors import ParcaeError, UsageError
+from pipeline.data.mixture import check_same_tokenizer
 from pipeline.jobspec import JobSpec
 from pipeline.training.device import device_problems
 
@@ -52,9 +55,9 @@ def data_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
     source = spec.checkpoint.init_from
     if source and not source.startswith("s3://") and not Path(source).exists():
         problems.append(f"checkpoint.init_from: {source}: no such weights file or directory")
-    for key, url in (("data.train_url", spec.data.train_url), ("data.val_url", spec.data.val_url)):
-        if not url:
-            continue
+    sets = data_sets(spec)
+    train_manifests: list[tuple[str, str, dict[str, Any]]] = []
+    for key, url, is_train in sets:
         try:
             manifest = read_manifest(open_store(url, options))
         except ParcaeError as exc:
@@ -68,14 +71,54 @@ def data_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
                 f"{key}: {url} holds {rows} rows, fewer than one batch of {micro} (training.micro_batch_size) "
                 f"for each of the {spec.world_size} ranks"
             )
-        if key == "data.train_url" and len(manifest["shards"]) < spec.world_size:
-            problems.append(
-                f"{key}: {url} holds {len(manifest['shards'])} shard(s), fewer than the {spec.world_size} ranks "
-                "(cluster.nodes x procs_per_node) that each read their own; write smaller shards (--shard-size)"
-            )
+        if is_train:
+            train_manifests.append((key, url, manifest))
+            if len(manifest["shards"]) < spec.world_size:
+                problems.append(
+                    f"{key}: {url} holds {len(manifest['shards'])} shard(s), fewer than the {spec.world_size} ranks "
+                    "(cluster.nodes x procs_per_node) that each read their own; write smaller shards (--shard-size)"
+                )
+    if len(train_manifests) == len(spec.data.train_sources()):
+        problems += mixture_problems(spec, [m for _, _, m in train_manifests])
     downstream_problems(spec, problems, unreadable)
     tokenizer_problems(spec, problems, unreadable)
     return problems, unreadable
+
+
+def data_sets(spec: JobSpec) -> list[tuple[str, str, bool]]:
+    """(key, url, is a training set) of every shard set the spec names."""
+    data = spec.data
+    if data.sources is None:
+        assert data.train_url is not None
+        sets = [("data.train_url", data.train_url, True)]
+    else:
+        sets = [(f"data.sources[{s.name}].url", s.url, True) for s in data.sources]
+        sets += [(f"data.sources[{s.name}].val_url", s.val_url, False) for s in data.sources if s.val_url]
+    if data.val_url:
+        sets.append(("data.val_url", data.val_url, False))
+    return sets
+
+
+def mixture_problems(spec: JobSpec, manifests: list[dict[str, Any]]) -> list[str]:
+    """The sources share one tokenizer, and the limited ones hold the rows the run needs when no
+    source repeats. The rows per rank are counted as the loader counts them (the smallest rank's share)."""
+    sources = spec.data.train_sources()
+    try:
+        check_same_tokenizer([(s.name, s.url, m) for s, m in zip(sources, manifests, strict=True)])
+    except ParcaeError as exc:
+        return [f"data.sources: {exc}"]
+    if any(s.max_epochs is None for s in sources):
+        return []
+    needed = spec.total_steps * (spec.training.global_batch_size or 1)
+    held = sum(s.max_epochs * sum(sh["samples"] for sh in m["shards"]) for s, m in zip(sources, manifests, strict=True))
+    if held >= needed:
+        return []
+    limits = ", ".join(f"{s.name} x {s.max_epochs}" for s in sources)
+    return [
+        f"data.sources: every source has max_epochs ({limits}): together they hold at most {held} rows, and "
+        f"{spec.total_steps} steps of {spec.training.global_batch_size} rows need {needed}; raise a max_epochs, "
+        "leave one out (that source repeats), or train fewer steps"
+    ]
 
 
 def downstream_problems(spec: JobSpec, problems: list[str], unreadable: list[str]) -> None:
@@ -103,7 +146,7 @@ def tokenizer_problems(spec: JobSpec, problems: list[str], unreadable: list[str]
     location = spec.tokenizer.path
     if not location:
         try:
-            location = read_manifest(open_store(spec.data.train_url, spec.storage.s3_options()))["tokenizer"]["path"]
+            location = read_manifest(open_store(spec.data.first_url(), spec.storage.s3_options()))["tokenizer"]["path"]
         except (ParcaeError, KeyError):
             return  # reported with the data
     parent, _, name = str(location).rpartition("/")

@@ -1,7 +1,7 @@
 """The trainer of one rank: components built from their sub-specs, and a short loop around `train_step`.
 
 engine       pipeline.training.engine      DeepSpeed, from the model config and the built DeepSpeed config
-loader       pipeline.data                 this rank's shard stream, with its position in every checkpoint
+loader       pipeline.data                 this rank's rows of the data mixture; its position in every checkpoint
 checkpointer pipeline.training.checkpoint  load() at start, save(step, state) on schedule and on signals
 validator    pipeline.training.validation  validation loss at test-time loop counts
 metrics      pipeline.training.metrics     the timing window, metrics.jsonl and TensorBoard (rank 0)
@@ -25,7 +25,7 @@ import torch
 from model.config import hardware_flops_per_token
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
 from pipeline.data import train_loader
-from pipeline.evaluation.dashboard import hparams_of
+from pipeline.evaluation.dashboard import hparams_of, source_val_key
 from pipeline.evaluation.downstream import open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec
 from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, latest_tag
@@ -153,12 +153,20 @@ class Trainer:
         self.device_type = device_type
         options = spec.storage.s3_options()
         ranks = {"rank": info.rank, "world_size": info.world_size}
-        self.loader = train_loader(spec.data, options, micro_batch_size=t.micro_batch_size, seed=t.seed, **ranks)
-        self.validator = None
-        if spec.data.val_url:
-            self.validator = Validator(
+        self.loader = train_loader(
+            spec.data,
+            options,
+            micro_batch_size=t.micro_batch_size,
+            accumulation=t.gradient_accumulation_steps,
+            seed=t.seed,
+            **ranks,
+        )
+        # the headline validation (data.val_url), and one per source that names a validation set
+        sets = [(None, spec.data.val_url)] + [(s.name, s.val_url) for s in spec.data.train_sources() if s.val_url]
+        self.validators = {
+            name: Validator(
                 spec.eval,
-                spec.data.val_url,
+                url,
                 options,
                 cfg,
                 batch_size=t.micro_batch_size,
@@ -166,6 +174,10 @@ class Trainer:
                 device=self.device,
                 **ranks,
             )
+            for name, url in sets
+            if url
+        }
+        self.source_weights = {s.name: s.weight for s in spec.data.train_sources()}
         self.downstream, self.samples = self.prompted_evaluations(spec, cfg, options, ranks)
         self.checkpointer = Checkpointer(spec.checkpoint, options, loaded.to_yaml())
         self.sampler = DepthSampler.for_model(cfg, seed=t.seed, micro_batch_size=t.micro_batch_size, **ranks)
@@ -233,8 +245,8 @@ class Trainer:
                 self.guard.accept(result.loss)
                 last = progress.step == self.total_steps
                 self.metrics.log_step(progress, result, step_start, last, self.details)
-                if self.validator and self.validator.due(progress.step, last):
-                    self.metrics.write_validation(progress.step, self.validator.run(self.engine), self.spec.name)
+                if self.validators and self.validation_due(progress.step, last):
+                    self.metrics.write_validation(progress.step, self.validate(), self.spec.name)
                 if self.downstream and self.downstream.due(progress.step, last):
                     started = time.perf_counter()
                     scores = self.downstream.run(self.engine)
@@ -271,6 +283,29 @@ class Trainer:
             )
         dist.barrier()  # every rank is done with the group; run_train tears it down
         return code
+
+    def validation_due(self, step: int, last: bool) -> bool:
+        return next(iter(self.validators.values())).due(step, last)
+
+    def validate(self) -> dict[str, float]:
+        """The headline validation (``data.val_url``) and each source's (``val/<name>/...``). Without a
+        headline set, the headline is the sources' losses weighted as the mixture weighs them."""
+        results: dict[str, float] = {}
+        per_source: dict[str, dict[str, float]] = {}
+        for name, validator in self.validators.items():
+            losses = validator.run(self.engine)
+            if name is None:
+                results.update(losses)
+            else:
+                per_source[name] = losses
+                results.update({source_val_key(name, key): value for key, value in losses.items()})
+        if None not in self.validators and per_source:
+            weights = {name: self.source_weights[name] for name in per_source}
+            total = sum(weights.values())
+            for key in next(iter(per_source.values())):
+                if not key.endswith("_std"):
+                    results[key] = sum(weights[n] * losses[key] for n, losses in per_source.items()) / total
+        return results
 
     def log_memory_plan(self, spec: JobSpec, device_type: str) -> None:
         """The plan's peak per rank next to this device's memory (`parcae validate --memory` has the parts).
@@ -349,7 +384,7 @@ class Trainer:
         )
 
     def details(self) -> dict[str, Any]:
-        return {**engine_metrics(self.engine), **memory_metrics(self.device_type)}
+        return {**engine_metrics(self.engine), **memory_metrics(self.device_type), **self.loader.metrics()}
 
     def resume(self) -> Progress:
         try:

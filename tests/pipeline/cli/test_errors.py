@@ -69,7 +69,7 @@ def test_spec_files_that_are_not_utf8_or_repeat_a_key(tmp_path):
         ("eval.loop_counts=[1, 5000]", "eval.loop_counts.1: Input should be less than or equal to 1024"),
         ("optimizer.lr=.nan", "optimizer.lr: Input should be a finite number"),
         ("training.micro_batch_size=1e9", "training.micro_batch_size"),
-        ("storage.endpoint_url=not-a-url", "storage.endpoint_url: Value error, must be an http:// or https:// URL"),
+        ("storage.endpoint_url=not-a-url", "storage.endpoint_url: must be an http:// or https:// URL"),
         ("data.num_workers=2", "data.num_workers: renamed: write data.prefetch_batches"),
     ],
 )

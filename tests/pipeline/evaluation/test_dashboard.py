@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 
-from pipeline.evaluation.dashboard import LAYOUT, STABILITY_LIMIT, loop_tags, tag
+from pipeline.evaluation.dashboard import LAYOUT, STABILITY_LIMIT, loop_tags, source_val_key, tag
 
 RECORD = [  # what a Parcae run's metrics.jsonl holds, and what parcae eval and downstream scoring add
     "loss", "val_loss_loops_1", "val_loss_loops_4", "val_loss_loops_4_std", "lr", "grad_norm", "nonfinite_skipped",
     "spikes_skipped", "spectral_radius", "a_bar_mean", "loops_mean", "tokens_per_s", "samples_per_s", "step_time_s",
     "data_wait_s", "mfu", "tokens_seen", "memory_max_rss_gb", "downstream/core_loops_4", "eval/loss_loops_8",
-    "eval/fit_l_inf", "val_fit_l_inf",
+    "eval/fit_l_inf", "val_fit_l_inf", "data/web/tokens", "data/web/epochs", "data/web/share", "val/web/loss_T4",
 ]  # fmt: skip
 
 
@@ -22,6 +22,9 @@ def test_tags_by_purpose_without_repeated_prefixes():
         tag("tokens_per_s") == "throughput/tokens_per_s" and tag("memory_allocated_gb") == "system/memory_allocated_gb"
     )
     assert tag("downstream/core_loops_2") == "downstream/core_loops_2"
+    assert source_val_key("code", "val_loss_loops_4") == "val/code/loss_T4" == tag("val/code/loss_T4")
+    assert source_val_key("code", "val_loss_loops_4_std") == "val/code/loss_T4_std"
+    assert source_val_key("code", "val_loss") == "val/code/loss"  # the GPT baseline
     assert loop_tags([{"h_norm": 2.0, "relative_change": 0.5}] * 2) == {
         "loops/h_norm_L01": 2.0, "loops/h_change_L01": 0.5, "loops/h_norm_L02": 2.0, "loops/h_change_L02": 0.5,
     }  # fmt: skip

@@ -106,7 +106,7 @@ def test_missing_section_and_key(tmp_path):
     found = problems(tmp_path, "name: t\ntraining: {micro_batch_size: 1, total_steps: 1}\n")
     assert found == ["data: required section is missing"]
     found = problems(tmp_path, "name: t\ndata: {seq_len: 8}\ntraining: {micro_batch_size: 1, total_steps: 1}\n")
-    assert found == ["data.train_url: required key is missing"]
+    assert found == ["data.train_url: required: data.train_url (one shard set) or data.sources (a mixture) (got None)"]
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
@@ -227,4 +227,4 @@ def test_time_limit_and_names_cannot_inject_shell(tmp_path):
 
 def test_unquoted_time_limit_is_refused_not_misread(tmp_path):
     found = problems(tmp_path, MINIMAL + "cluster: {time_limit: 10:00}\n")
-    assert len(found) == 1 and found[0].startswith("cluster.time_limit: Value error, write the time limit as a quoted")
+    assert len(found) == 1 and found[0].startswith("cluster.time_limit: write the time limit as a quoted")
