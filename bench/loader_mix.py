@@ -1,13 +1,13 @@
 """Loader throughput: a mixture of 4 sources against 1 source (rows/s), side by side in one run.
 
 The embedded corpus is split into 4 shard sets of its documents (every 4th document to each) and also
-prepared whole as 1 shard set; the training loader (`pipeline.data.train_loader`, what `parcae train`
+prepared whole as 1 shard set (shards of 250 kB in both); the training loader (`pipeline.data.train_loader`, what `parcae train`
 reads through) streams micro batches from each configuration, alternating rounds, best round of each
 kept. No read-ahead thread (``prefetch_batches: 0``): this is the loader's own cost, which the trainer
 otherwise hides behind the step. For scale, the rows per second one GPU trains at the parcae-140m
 config is printed beside it (paper FLOPs per token, an assumed 989 TFLOP/s bf16 peak at 40% MFU).
 
-    python bench/loader_mix.py [--seq-len 256] [--batches 400] [--rounds 3] [--work runs/loader-bench]
+    python bench/loader_mix.py [--seq-len 256] [--batches 2000] [--rounds 3] [--work runs/loader-bench]
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from workdir import REPO, prepare_corpus
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=400, help="micro batches of 8 rows per measurement")
+    parser.add_argument(
+        "--batches", type=int, default=2000, help="micro batches of 8 rows per measurement (default: ~8 epochs)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "loader-bench")
     args = parser.parse_args()
@@ -37,7 +39,7 @@ def main() -> None:
     from pipeline.jobspec import DataSpec, load_spec
 
     work = args.work.resolve()
-    tokenizer, whole = prepare_corpus(work, args.seq_len, shard_size="1MB")
+    tokenizer, whole = prepare_corpus(work, args.seq_len, shard_size="250kB")
     docs = [d.text for d in iter_documents(CorpusSpec((BUILTIN,)), Problems())]
     parts = []
     for k in range(4):
@@ -58,11 +60,10 @@ def main() -> None:
     }
 
     def rate(data: DataSpec) -> float:
-        loader = train_loader(data, S3Options(), rank=0, world_size=1, micro_batch_size=8, accumulation=4, seed=1)
-        stream = iter(loader)
-        next(stream)  # the first shard read of each source
+        """From the loader's construction (manifests read, shuffle buffers filled) to the last batch."""
         start = time.perf_counter()
-        for _ in itertools.islice(stream, args.batches):
+        loader = train_loader(data, S3Options(), rank=0, world_size=1, micro_batch_size=8, accumulation=4, seed=1)
+        for _ in itertools.islice(iter(loader), args.batches):
             pass
         return args.batches * 8 / (time.perf_counter() - start)
 

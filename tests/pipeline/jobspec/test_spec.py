@@ -228,3 +228,39 @@ def test_time_limit_and_names_cannot_inject_shell(tmp_path):
 def test_unquoted_time_limit_is_refused_not_misread(tmp_path):
     found = problems(tmp_path, MINIMAL + "cluster: {time_limit: 10:00}\n")
     assert len(found) == 1 and found[0].startswith("cluster.time_limit: write the time limit as a quoted")
+
+
+def test_mixture_sources_are_checked_by_name(tmp_path):
+    spec = """
+name: t
+data:
+  sources:
+    - {name: web, url: s3://b/web, weight: 3}
+    - {name: code, url: s3://b/code, weight: 0}
+    - {name: math, url: s3://b/math, weight: -2, max_epochs: 0}
+training: {micro_batch_size: 4, total_steps: 10}
+"""
+    found = problems(tmp_path, spec)
+    assert found[0].startswith("data.sources.1.weight: source 'code': weight 0.0 is not a share of rows")
+    found = problems(tmp_path, spec.replace("weight: 0}", "weight: 1}"))  # (a list's first problem is reported)
+    assert found[0].startswith("data.sources.2.weight: source 'math': weight -2.0")
+    found = problems(tmp_path, spec.replace("weight: 0}", "weight: 1}").replace("weight: -2", "weight: 2"))
+    assert found[0].startswith("data.sources.2.max_epochs: Input should be greater than 0")
+    same = spec.replace("weight: 0}", "weight: 1}").replace(
+        "name: math, url: s3://b/math, weight: -2, max_epochs: 0", "name: web, url: s3://b/x, weight: 1"
+    )
+    assert problems(tmp_path, same) == [
+        "data.sources: source names must differ; 'web' repeats (got ['web', 'code', 'web'])"
+    ]
+    both = MINIMAL.replace(
+        "data: {train_url: s3://bucket/train}",
+        "data: {train_url: s3://a, sources: [{name: x, url: s3://x, weight: 1}]}",
+    )
+    assert problems(tmp_path, both)[0].startswith("data.train_url: set data.train_url (one shard set) or data.sources")
+    loaded = load_spec(
+        write(tmp_path, spec.replace("weight: 0}", "weight: 1}").replace("weight: -2, max_epochs: 0", "weight: 1")),
+        environ={},
+    ).spec
+    assert [s.name for s in loaded.data.train_sources()] == ["web", "code", "math"]
+    one = load_spec(write(tmp_path, MINIMAL), environ={}).spec.data.train_sources()
+    assert [(s.name, s.url, s.weight) for s in one] == [("train", "s3://bucket/train", 1.0)]
