@@ -1,8 +1,8 @@
 """Loader throughput: a mixture of 4 sources against 1 source (rows/s), side by side in one run.
 
 The embedded corpus is split into 4 shard sets of its documents (every 4th document to each) and also
-prepared whole as 1 shard set (shards of 250 kB in both); the training loader (`pipeline.data.train_loader`, what `parcae train`
-reads through) streams micro batches from each configuration, alternating rounds, best round of each
+prepared whole as 1 shard set (shards of 250 kB in both); the training loader
+(`pipeline.data.train_loader`, what `parcae train` reads through) streams micro batches from each configuration, alternating rounds, best round of each
 kept. No read-ahead thread (``prefetch_batches: 0``): this is the loader's own cost, which the trainer
 otherwise hides behind the step. For scale, the rows per second one GPU trains at the parcae-140m
 config is printed beside it (paper FLOPs per token, an assumed 989 TFLOP/s bf16 peak at 40% MFU).
@@ -54,7 +54,7 @@ def main() -> None:
     configs = {
         "1 source": DataSpec(train_url=str(whole / "train"), **common),
         "4 sources": DataSpec(
-            sources=[{"name": f"s{k}", "url": str(p), "weight": w} for k, (p, w) in enumerate(zip(parts, (4, 3, 2, 1)))],
+            sources=[{"name": f"s{k}", "url": str(p), "weight": 4 - k} for k, p in enumerate(parts)],
             **common,
         ),
     }
