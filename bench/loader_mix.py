@@ -3,9 +3,10 @@
 The embedded corpus is split into 4 shard sets of its documents (every 4th document to each) and also
 prepared whole as 1 shard set (shards of 250 kB in both); the training loader
 (`pipeline.data.train_loader`, what `parcae train` reads through) streams micro batches from each
-configuration, alternating rounds, best round of each kept. No read-ahead thread (``prefetch_batches: 0``): this is the loader's own cost, which the trainer
-otherwise hides behind the step. For scale, the rows per second one GPU trains at the parcae-140m
-config is printed beside it (paper FLOPs per token, an assumed 989 TFLOP/s bf16 peak at 40% MFU).
+configuration, alternating rounds, best round of each kept. No read-ahead thread (``prefetch_batches:
+0``): this is the loader's own cost, which the trainer otherwise hides behind the step. For scale, the
+rows per second one GPU trains at the parcae-140m config is printed beside it (paper FLOPs per token, an
+assumed 989 TFLOP/s bf16 peak at 40% MFU).
 
     python bench/loader_mix.py [--seq-len 256] [--batches 2000] [--rounds 3] [--work runs/loader-bench]
 """
