@@ -66,6 +66,13 @@ def test_killed_mixture_run_resumes_to_the_same_losses(tmp_path, sources, s3_ser
     assert validation and {"val/web/loss_T1", "val/web/loss_T4", "val_loss_loops_4"} <= set(validation[-1])
     v = validation[-1]  # the headline: the sources' losses weighted as the mixture weighs them
     assert v["val_loss_loops_4"] == pytest.approx(0.75 * v["val/web/loss_T4"] + 0.25 * v["val/code/loss_T4"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "ref" / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"data/web/share", "data/code/tokens", "data/code/epochs", "val/code/loss_T4", "loss/val"} <= tags
+    assert events.Scalars("data/code/tokens")[-1].value == last["data/code/tokens"]
 
     run_dir = tmp_path / "killed"
     proc = start_run(mixture_cmd(sources, s3_server, run_dir), tmp_path / "killed.log")
