@@ -91,25 +91,7 @@ def _s3_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", help="S3 region (default: AWS_DEFAULT_REGION or us-east-1)")
 
 
-def add_prep_parser(sub: argparse._SubParsersAction) -> None:
-    prep = sub.add_parser("prep", help="prepare data: train a tokenizer, write shards, inspect shards")
-    commands = prep.add_subparsers(dest="prep_command", metavar="PREP_COMMAND", required=True)
-
-    p = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer on a sample of the corpus")
-    _corpus_args(p)
-    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab, PREFIX.json")
-    p.add_argument("--vocab-size", type=_positive, default=32768)
-    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    p.add_argument("--no-byte-fallback", action="store_true", help="map unknown characters to <unk> instead of bytes")
-    p.add_argument("--no-split-digits", action="store_true", help="let pieces span several digits")
-    p.add_argument("--character-coverage", type=float, default=0.9995)
-    p.add_argument("--max-chars-per-doc", type=_positive, default=100_000, help="longer documents are cut")
-    p.add_argument("--max-sample-chars", type=_positive, default=200_000_000, help="stop sampling after this much text")
-    p.add_argument("--sample-fraction", type=float, default=1.0, help="keep each document with this probability")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_tokenizer)
-
-    p = commands.add_parser("shards", help="tokenize, pack into rows of seq_len + 1 and write WebDataset shards")
+def _shard_args(p: argparse.ArgumentParser) -> None:
     _corpus_args(p)
     p.add_argument("--tokenizer", required=True, help="a SentencePiece .model or a Hugging Face tokenizer.json")
     p.add_argument("--out", required=True, help="local directory or s3://bucket/prefix (gets train/ and val/)")
@@ -135,9 +117,59 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> None:
         default=1000,
         help="bos-aligned: documents the best fit chooses from (default 1000; more crops less, holds more in memory)",
     )
+
+
+def add_prep_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """``parcae prep ...``; returns its subcommands (the pipeline adds ``prep submit``, which needs Slurm)."""
+    prep = sub.add_parser("prep", help="prepare data: train a tokenizer, write shards, inspect shards")
+    commands = prep.add_subparsers(dest="prep_command", metavar="PREP_COMMAND", required=True)
+
+    p = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer on a sample of the corpus")
+    _corpus_args(p)
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab, PREFIX.json")
+    p.add_argument("--vocab-size", type=_positive, default=32768)
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    p.add_argument("--no-byte-fallback", action="store_true", help="map unknown characters to <unk> instead of bytes")
+    p.add_argument("--no-split-digits", action="store_true", help="let pieces span several digits")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--max-chars-per-doc", type=_positive, default=100_000, help="longer documents are cut")
+    p.add_argument("--max-sample-chars", type=_positive, default=200_000_000, help="stop sampling after this much text")
+    p.add_argument("--sample-fraction", type=float, default=1.0, help="keep each document with this probability")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = commands.add_parser("shards", help="tokenize, pack into rows of seq_len + 1 and write WebDataset shards")
+    _shard_args(p)
     p.add_argument("--workers", type=int, default=2, help="tokenizer processes (0: in the main process)")
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto")
     p.set_defaults(func=cmd_shards)
+
+    p = commands.add_parser(
+        "plan",
+        help="split the inputs into work units (one per file) for `prep run` / `prep submit` on many machines",
+    )
+    _shard_args(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = commands.add_parser("run", help="prepare a plan's units that are not done (all, or one task's share)")
+    p.add_argument("out", help="the plan's output location (holds plan.json)")
+    p.add_argument("--task", type=int, default=0, help="this task's index (default 0; a Slurm array task's id)")
+    p.add_argument("--tasks", type=_positive, default=1, help="how many tasks share the units (default 1: all)")
+    p.add_argument("--workers", type=int, default=2, help="tokenizer processes (0: in the main process)")
+    p.add_argument("--tokenizer", help="the plan's tokenizer file as this machine sees it (default: its path)")
+    _s3_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("merge", help="check every unit's shards and write the train and val manifests")
+    p.add_argument("out", help="the plan's output location")
+    p.add_argument("--sizes-only", action="store_true", help="check shard sizes, not their sha256 (no reading)")
+    _s3_args(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = commands.add_parser("status", help="a plan's units: done, running, stalled, pending; tokens so far")
+    p.add_argument("out", help="the plan's output location")
+    _s3_args(p)
+    p.set_defaults(func=cmd_status)
 
     p = commands.add_parser(
         "inspect", help="summarise shard sets (packing, rows at document starts), decode samples, or verify them"
@@ -155,6 +187,7 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true", help="check every shard's presence, size and sha256; name extras")
     _s3_args(p)
     p.set_defaults(func=cmd_inspect)
+    return commands
 
 
 def _options(args: argparse.Namespace) -> S3Options:
@@ -188,10 +221,10 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_shards(args: argparse.Namespace) -> int:
-    from data_prep.shards import ShardSettings, build_shards
+def _settings(args: argparse.Namespace):
+    from data_prep.shards import ShardSettings
 
-    settings = ShardSettings(
+    return ShardSettings(
         seq_len=args.seq_len,
         shard_bytes=args.shard_size,
         val_fraction=args.val_fraction,
@@ -200,6 +233,70 @@ def cmd_shards(args: argparse.Namespace) -> int:
         packing=args.packing,
         pack_buffer=args.pack_buffer,
     )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from data_prep.units import make_plan
+
+    plan = make_plan(
+        list(args.inputs or [BUILTIN]),
+        args.tokenizer,
+        args.out,
+        _settings(args),
+        on_error=args.on_error,
+        options=_options(args),
+        command=["parcae", *sys.argv[1:]],
+    )
+    print(
+        f"plan {args.out}/plan.json: {len(plan['units'])} units (one per input file); prepare them with "
+        f"`parcae prep run {args.out}` here or `parcae prep submit {args.out} --tasks N` on Slurm, then "
+        f"`parcae prep merge {args.out}`"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from data_prep.units import run_units
+
+    done = run_units(args.out, args.task, args.tasks, args.workers, _options(args), args.tokenizer)
+    print(
+        f"task {args.task} of {args.tasks}: {done['done_now']} units prepared ({done['tokens']} tokens), "
+        f"{done['already_done']} already done"
+    )
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from data_prep.units import merge
+
+    summary = merge(args.out, _options(args), checksums=not args.sizes_only)
+    for split in ("train", "val"):
+        t = summary[split]
+        rows = f"{t['samples']} rows ({t['tokens']} tokens) from {t['documents']} documents"
+        print(f"{split}: {t['shards']} shards, {rows}")
+    print(f"merged {summary['units']} units: {args.out}/train/manifest.json, {args.out}/val/manifest.json")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from data_prep.units import status
+
+    s = status(args.out, _options(args))
+    print(
+        f"{args.out}: {len(s['done'])} of {s['units']} units done, {len(s['running'])} running, "
+        f"{len(s['stalled'])} stalled, {len(s['pending'])} pending; {s['tokens']} tokens so far; "
+        f"{'merged' if s['merged'] else 'not merged'}"
+    )
+    for kind in ("running", "stalled"):
+        for line in s[kind]:
+            print(f"  {kind}: {line}")
+    return 1 if s["stalled"] else 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from data_prep.shards import build_shards
+
+    settings = _settings(args)
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     summary = build_shards(
         list(args.inputs or [BUILTIN]),

@@ -163,7 +163,7 @@ def decode_samples(
 
     store = open_store(url, options)
     manifest = read_manifest(store)
-    if not manifest["shards"]:
+    if not manifest["shards"] or count <= 0:
         return []
     sp = TextTokenizer(tokenizer_path or manifest["tokenizer"]["path"])
     entry = manifest["shards"][min(shard, len(manifest["shards"]) - 1)]

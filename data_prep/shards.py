@@ -223,9 +223,12 @@ class ShardBuilder:
         previous: dict[str, Any] | None,
         progress_base: dict[str, Any],
         on_shard=None,
+        name_prefix: str = "shard-",
+        progress_name: str | None = "progress.json",
     ):
         self.store = store
         self.settings = settings
+        self.name_prefix, self.progress_name = name_prefix, progress_name
         self.previous = {s["split"] + "/" + s["name"]: s for s in (previous or {}).get("shards", [])}
         self.progress = {**progress_base, "shards": []}
         self.kept = 0
@@ -266,7 +269,7 @@ class ShardBuilder:
             return
         _tar_end(state.tar)
         data = state.tar.getvalue()
-        name = f"shard-{state.shard_index:06d}.tar"
+        name = f"{self.name_prefix}{state.shard_index:06d}.tar"
         entry = {
             "split": state.name,
             "name": name,
@@ -289,7 +292,8 @@ class ShardBuilder:
             self.store.put_bytes(data, path)
         state.shards.append({k: v for k, v in entry.items() if k != "split"})
         self.progress["shards"].append(entry)
-        self.store.put_bytes(json.dumps(self.progress, indent=1).encode(), "progress.json")
+        if self.progress_name:
+            self.store.put_bytes(json.dumps(self.progress, indent=1).encode(), self.progress_name)
         state.tar = None
         state.shard_index += 1
         state.shard_samples = 0
@@ -335,7 +339,7 @@ def build_shards(
     if store.exists("progress.json"):
         previous = json.loads(store.get_bytes("progress.json"))
         if previous.get("fingerprint") != fingerprint:
-            changed = _diff(previous.get("fingerprint", {}), fingerprint)
+            changed = diff_fields(previous.get("fingerprint", {}), fingerprint)
             raise ShardError(
                 f"{store.child_url('progress.json')}: this output was started with other settings "
                 f"({'; '.join(changed)}); refusing to mix shards. Use the same arguments to resume, or a new output "
@@ -344,21 +348,9 @@ def build_shards(
     problems = Problems(policy=on_error)  # type: ignore[arg-type]
     show = _Progress(sys.stderr.isatty() if progress is None else progress)
     builder = ShardBuilder(store, settings, dtype, previous, {"fingerprint": fingerprint}, on_shard=show.shard)
-    threshold = int(settings.val_fraction * (1 << 64))
-    units = iter_documents(corpus, problems, options, files, raw_jsonl=True)
     started = time.perf_counter()
-    work = _encoded(
-        units, settings.chunk_chars, (tokenizer_path,), (threshold, settings.text_field, dtype.name, bos), workers
-    )
-    for tokens, lengths, is_val, chunk_problems in work:
-        for problem in chunk_problems:
-            problems.add(*problem)
-        for split, mask in (("train", ~is_val), ("val", is_val)):
-            if mask.any():
-                keep = np.repeat(mask, lengths)
-                builder.add(split, tokens[keep], lengths[mask])
-        show.update(len(lengths), len(tokens))
-    builder.finish()
+    units = iter_documents(corpus, problems, options, files, raw_jsonl=True)
+    pack_documents(units, builder, settings, tokenizer_path, dtype, bos, workers, problems, show)
     seconds = time.perf_counter() - started
     show.close()
     if not any(state.documents for state in builder.splits.values()):
@@ -379,15 +371,7 @@ def build_shards(
         manifest = {
             "format": FORMAT,
             "split": state.name,
-            "tokenizer": {
-                "path": str(tokenizer_path),
-                "sha256": tokenizer_sha,
-                "vocab_size": vocab,
-                "kind": tokenizer.kind,
-                "bos_id": tokenizer.bos_id,
-                "eos_id": tokenizer.eos_id,
-                "pad_id": tokenizer.pad_id,
-            },
+            "tokenizer": tokenizer_record(tokenizer, tokenizer_path, tokenizer_sha),
             "seq_len": settings.seq_len,
             "row_len": state.row_len,
             "dtype": state.dtype.name,
@@ -414,7 +398,55 @@ def build_shards(
     return summary
 
 
-def _encoded(units, chunk_chars: int, init_args: tuple, task_args: tuple, workers: int):
+def pack_documents(
+    units: Iterator[Document | RawLines],
+    builder: ShardBuilder,
+    settings: ShardSettings,
+    tokenizer_path: str,
+    dtype: np.dtype,
+    bos: int | None,
+    workers: int,
+    problems: Problems,
+    show: _Progress | None = None,
+    pool=None,
+) -> None:
+    """Tokenize (in ``workers`` processes), split by hash and pack the documents into the builder's shards."""
+    threshold = int(settings.val_fraction * (1 << 64))
+    work = _encoded(
+        units, settings.chunk_chars, (tokenizer_path,), (threshold, settings.text_field, dtype.name, bos), workers, pool
+    )
+    for tokens, lengths, is_val, chunk_problems in work:
+        for problem in chunk_problems:
+            problems.add(*problem)
+        for split, mask in (("train", ~is_val), ("val", is_val)):
+            if mask.any():
+                keep = np.repeat(mask, lengths)
+                builder.add(split, tokens[keep], lengths[mask])
+        if show is not None:
+            show.update(len(lengths), len(tokens))
+    builder.finish()
+
+
+def tokenizer_record(tokenizer: TextTokenizer, path: str, sha256: str) -> dict[str, Any]:
+    """What a manifest says of the tokenizer its shards were made with."""
+    return {
+        "path": str(path),
+        "sha256": sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "kind": tokenizer.kind,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+    }
+
+
+def tokenizer_pool(tokenizer_path: str, workers: int):
+    """Worker processes holding the tokenizer (spawned once; a task of many units reuses them)."""
+    context = multiprocessing.get_context("spawn")
+    return context.Pool(workers, initializer=_worker_init, initargs=(tokenizer_path,))
+
+
+def _encoded(units, chunk_chars: int, init_args: tuple, task_args: tuple, workers: int, pool=None):
     """Encoded chunks in input order; at most 2 x workers chunks in flight (bounded memory)."""
     chunks = _chunks(units, chunk_chars)
     if workers <= 0:
@@ -422,23 +454,29 @@ def _encoded(units, chunk_chars: int, init_args: tuple, task_args: tuple, worker
         for chunk in chunks:
             yield _encode_chunk(chunk, *task_args)
         return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_worker_init, initargs=init_args) as pool:
-        in_flight: deque = deque()
-        for chunk in chunks:
-            in_flight.append(pool.apply_async(_encode_chunk, (chunk, *task_args)))
-            if len(in_flight) >= 2 * workers:
-                yield in_flight.popleft().get()
-        while in_flight:
+    if pool is None:
+        with tokenizer_pool(init_args[0], workers) as own:
+            yield from _in_pool(chunks, task_args, workers, own)
+        return
+    yield from _in_pool(chunks, task_args, workers, pool)
+
+
+def _in_pool(chunks, task_args: tuple, workers: int, pool):
+    in_flight: deque = deque()
+    for chunk in chunks:
+        in_flight.append(pool.apply_async(_encode_chunk, (chunk, *task_args)))
+        if len(in_flight) >= 2 * workers:
             yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
 
 
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def diff_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     changes = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes += _diff(a, b, f"{prefix}{key}.")
+            changes += diff_fields(a, b, f"{prefix}{key}.")
         elif a != b:
             changes.append(f"{prefix}{key}: was {_short(a)}, now {_short(b)}")
     return changes

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from data_prep.cli import add_prep_parser
 from parcae_errors import ParcaeError, ReportedElsewhere
-from pipeline.cli import demo, evaluate, generate, plan, slurm, sweep, tb, train, validate, weights
+from pipeline.cli import demo, evaluate, generate, plan, prep, slurm, sweep, tb, train, validate, weights
 from pipeline.jobspec.secrets import redact
 
 
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--all-ranks", action="store_true", help="log from every rank, not only rank 0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     validate.add_parsers(sub)
-    add_prep_parser(sub)
+    prep.add_parsers(add_prep_parser(sub))
     train.add_parsers(sub)
     slurm.add_parsers(sub)
     weights.add_parsers(sub)

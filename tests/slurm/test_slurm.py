@@ -5,6 +5,7 @@ impossible requests before submitting."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -244,3 +245,61 @@ def test_sweep_runs_as_one_job_array(slurm, s3_shards, tmp_path):
     summary = parcae("sweep", "summary", str(directory))
     assert summary.returncode == 0, summary.stderr
     assert "lr1e-3" not in summary.stderr and "1e-3" in summary.stdout and "3e-3" in summary.stdout
+
+
+def test_prep_job_array_matches_one_machine_after_a_killed_task(slurm, s3_server, corpus_jsonl, tokenizer, tmp_path):
+    """8 units into the S3 endpoint: one machine (`prep run`, then merge) against a 4-task job array on the
+    two nodes submitted after a task died half-way through a unit; the array redoes that unit, the merge job
+    runs after it, and every shard and manifest is the same byte for byte."""
+    from tests.data_prep.test_units import crash_after
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    lines = corpus_jsonl.read_text().splitlines()
+    for k in range(8):
+        (inputs / f"part{k}.jsonl").write_text("\n".join(lines[k::8]) + "\n")
+    bucket = s3_server.new_bucket("prep-array")
+    endpoint = ["--endpoint-url", s3_server.endpoint]
+    settings = ["--tokenizer", str(tokenizer), "--seq-len", "32", "--shard-size", "20000", "--val-fraction", "0.05"]
+    for name in ("one", "many"):
+        made = parcae("prep", "plan", "--input", str(inputs), "--out", f"s3://{bucket}/{name}", *settings, *endpoint)
+        assert made.returncode == 0 and "8 units" in made.stdout, made.stderr
+    assert parcae("prep", "run", f"s3://{bucket}/one", "--workers", "1", *endpoint).returncode == 0
+    assert parcae("prep", "merge", f"s3://{bucket}/one", *endpoint).returncode == 0
+    os.environ["AWS_ENDPOINT_URL"] = s3_server.endpoint  # for the crashing task, which reads the environment
+    try:
+        died = crash_after(f"s3://{bucket}/many", shards=2, task=1, tasks=4)  # units 1 and 5: dies inside unit 1
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL")
+    assert died.returncode == 137, died.stderr[-2000:]
+    logs = tmp_path / "logs"
+    submitted = parcae("prep", "submit", f"s3://{bucket}/many", "--tasks", "4", "--workers", "1", "--log-dir",
+                       str(logs), *endpoint)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    array, merge_job = submitted.stdout.split()[-2:]
+    state = wait_state(merge_job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"})
+    task_logs = "\n".join(p.read_text() for p in sorted(logs.glob(f"{array}_*.out")))
+    assert state == "COMPLETED", task_logs[-3000:] + "".join(p.read_text() for p in logs.glob("merge-*.out"))
+    assert "prep task 1: unit u00001 (" in task_logs and "prep task 3: unit u00007 (" in task_logs
+    client = s3_server.client()
+
+    def objects(prefix: str) -> dict[str, bytes]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        out = {}
+        for key in keys:
+            rel = key[len(prefix) :]
+            if rel.startswith(("train/", "val/")):
+                out[rel] = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return out
+
+    one, many = objects("one/"), objects("many/")
+    assert sum(k.endswith(".tar") for k in one) > 16 and one.keys() == many.keys()
+    for key in one:
+        if key.endswith("manifest.json"):
+            a, b = json.loads(one[key]), json.loads(many[key])
+            assert {k: v for k, v in a.items() if k != "command"} == {k: v for k, v in b.items() if k != "command"}
+        else:
+            assert one[key] == many[key], key
+    status = parcae("prep", "status", f"s3://{bucket}/many", *endpoint)
+    assert status.returncode == 0 and "8 of 8 units done" in status.stdout and "merged" in status.stdout
