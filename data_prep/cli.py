@@ -323,6 +323,11 @@ def cmd_shards(args: argparse.Namespace) -> int:
     tokens = summary["train"]["tokens_produced"] + summary["val"]["tokens_produced"]
     rate = tokens / max(summary["seconds"], 1e-9) / 1e6
     kept = f"; kept {summary['kept_shards']} shards from the interrupted run" if summary["kept_shards"] else ""
+    if summary["resumed_after_chunks"]:
+        kept += (
+            f"; resumed after {summary['resumed_after_chunks']} chunks of input at the last shard boundary "
+            f"({summary['tokens_encoded']} tokens tokenized again)"
+        )
     print(f"wrote {args.out} in {summary['seconds']:.1f} s ({rate:.2f}M tokens/s){kept}")
     _report(summary["problem_report"])
     return 0

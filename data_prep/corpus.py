@@ -71,6 +71,15 @@ class Problems:
             lines += [f"    {example}" for example in self.examples.get(kind, [])]
         return lines
 
+    def merged(self, other: Problems) -> Problems:
+        """Both reports in one (counts added, examples of each kind up to max_examples)."""
+        out = Problems(self.policy, self.counts + other.counts, {}, self.max_examples)
+        for source in (self.examples, other.examples):
+            for kind, examples in source.items():
+                shown = out.examples.setdefault(kind, [])
+                shown += examples[: self.max_examples - len(shown)]
+        return out
+
     def as_dict(self) -> dict[str, object]:
         return {"counts": dict(sorted(self.counts.items())), "examples": self.examples}
 

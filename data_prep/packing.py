@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +65,15 @@ class ConcatPacker:
         self.counts.remainder_tokens_dropped = len(self.pending)
         return iter(())
 
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What resumes this packer: (plain fields, arrays)."""
+        return {"counts": asdict(self.counts)}, {"pending": self.pending, "starts": self.pending_starts}
+
+    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.counts = PackCounts(**meta["counts"])
+        self.pending = arrays["pending"].astype(self.dtype)
+        self.pending_starts = arrays["starts"].astype(np.int64)
+
 
 class BestFitPacker:
     def __init__(self, row_len: int, dtype: np.dtype, buffer: int):
@@ -95,6 +105,25 @@ class BestFitPacker:
         self.keys.clear()
         self.docs.clear()
         self.buffered = 0
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        arrivals = [a for _, a in self.keys]
+        docs = [self.docs[a] for a in arrivals]
+        arrays = {
+            "docs": np.concatenate(docs) if docs else np.zeros(0, self.dtype),
+            "lengths": np.asarray([len(d) for d in docs], np.int64),
+            "arrivals": np.asarray(arrivals, np.int64),
+        }
+        return {"counts": asdict(self.counts), "arrivals": self.arrivals}, arrays
+
+    def restore(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.counts = PackCounts(**meta["counts"])
+        self.arrivals = int(meta["arrivals"])
+        offsets = np.concatenate(([0], np.cumsum(arrays["lengths"])))
+        docs = arrays["docs"].astype(self.dtype)
+        self.docs = {int(a): docs[offsets[i] : offsets[i + 1]] for i, a in enumerate(arrays["arrivals"])}
+        self.keys = sorted((len(d), a) for a, d in self.docs.items())
+        self.buffered = int(arrays["lengths"].sum())
 
     def _take(self, index: int) -> np.ndarray:
         length, arrival = self.keys.pop(index)

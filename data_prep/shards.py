@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep import resume
 from data_prep.corpus import (
     BUILTIN,
     CorpusError,
@@ -232,6 +233,7 @@ class ShardBuilder:
         self.previous = {s["split"] + "/" + s["name"]: s for s in (previous or {}).get("shards", [])}
         self.progress = {**progress_base, "shards": []}
         self.kept = 0
+        self.closed = 0  # shards completed by this builder
         self.on_shard = on_shard
         row_len = settings.seq_len + 1
         self.splits = {
@@ -297,6 +299,7 @@ class ShardBuilder:
         state.tar = None
         state.shard_index += 1
         state.shard_samples = 0
+        self.closed += 1
         if self.on_shard:
             self.on_shard(entry)
 
@@ -345,14 +348,28 @@ def build_shards(
                 f"({'; '.join(changed)}); refusing to mix shards. Use the same arguments to resume, or a new output "
                 "location."
             )
-    problems = Problems(policy=on_error)  # type: ignore[arg-type]
+    reading = Problems(policy=on_error)  # type: ignore[arg-type]  # found reading (found again on a resume)
+    parsing = Problems(policy=on_error)  # type: ignore[arg-type]  # found by the workers (kept in the resume state)
     show = _Progress(sys.stderr.isatty() if progress is None else progress)
     builder = ShardBuilder(store, settings, dtype, previous, {"fingerprint": fingerprint}, on_shard=show.shard)
+    saved = resume.load(store, fingerprint) if previous is not None else None
+    chunks_done = resume.restore(builder, *saved, parsing) if saved else 0
+    closed = [builder.closed]
+
+    def checkpoint(chunks: int) -> None:  # after a chunk that completed a shard
+        if builder.closed > closed[0]:
+            closed[0] = builder.closed
+            resume.save(store, fingerprint, chunks, builder, parsing)
+
     started = time.perf_counter()
-    units = iter_documents(corpus, problems, options, files, raw_jsonl=True)
-    pack_documents(units, builder, settings, tokenizer_path, dtype, bos, workers, problems, show)
+    units = iter_documents(corpus, reading, options, files, raw_jsonl=True)
+    encoded = pack_documents(
+        units, builder, settings, tokenizer_path, dtype, bos, workers, parsing, show,
+        skip_chunks=chunks_done, on_chunk=checkpoint,
+    )  # fmt: skip
     seconds = time.perf_counter() - started
     show.close()
+    problems = reading.merged(parsing)
     if not any(state.documents for state in builder.splits.values()):
         report = "; ".join(problems.report()) or "the inputs hold no text"
         raise CorpusError(
@@ -365,6 +382,8 @@ def build_shards(
         "problems": problems.as_dict(),
         "problem_report": problems.report(),
         "kept_shards": builder.kept,
+        "tokens_encoded": encoded,
+        "resumed_after_chunks": chunks_done,
     }
     for state in builder.splits.values():
         counts = state.packer.counts
@@ -395,6 +414,7 @@ def build_shards(
         }
         store.put_bytes((json.dumps(manifest, indent=1) + "\n").encode(), f"{state.name}/manifest.json")
         summary[state.name] = manifest["totals"]
+    store.delete(resume.RESUME)  # complete: a rerun starts from the top (and keeps every shard)
     return summary
 
 
@@ -409,22 +429,33 @@ def pack_documents(
     problems: Problems,
     show: _Progress | None = None,
     pool=None,
-) -> None:
-    """Tokenize (in ``workers`` processes), split by hash and pack the documents into the builder's shards."""
+    skip_chunks: int = 0,
+    on_chunk=None,
+) -> int:
+    """Tokenize (in ``workers`` processes), split by hash and pack the documents into the builder's shards;
+    the first ``skip_chunks`` chunks of input are read but not tokenized (a resumed run); ``on_chunk(n)``
+    after the n-th chunk is packed. Returns the tokens encoded."""
     threshold = int(settings.val_fraction * (1 << 64))
-    work = _encoded(
-        units, settings.chunk_chars, (tokenizer_path,), (threshold, settings.text_field, dtype.name, bos), workers, pool
-    )
-    for tokens, lengths, is_val, chunk_problems in work:
+    chunks = _chunks(units, settings.chunk_chars)
+    skipped = sum(1 for _ in itertools.islice(chunks, skip_chunks))
+    if skipped < skip_chunks:
+        raise ShardError(f"the input holds {skipped} chunks, fewer than the {skip_chunks} a previous run had done")
+    work = _encoded(chunks, (tokenizer_path,), (threshold, settings.text_field, dtype.name, bos), workers, pool)
+    encoded = 0
+    for index, (tokens, lengths, is_val, chunk_problems) in enumerate(work, start=skip_chunks + 1):
         for problem in chunk_problems:
             problems.add(*problem)
         for split, mask in (("train", ~is_val), ("val", is_val)):
             if mask.any():
                 keep = np.repeat(mask, lengths)
                 builder.add(split, tokens[keep], lengths[mask])
+        encoded += len(tokens)
         if show is not None:
             show.update(len(lengths), len(tokens))
+        if on_chunk is not None:
+            on_chunk(index)
     builder.finish()
+    return encoded
 
 
 def tokenizer_record(tokenizer: TextTokenizer, path: str, sha256: str) -> dict[str, Any]:
@@ -446,9 +477,8 @@ def tokenizer_pool(tokenizer_path: str, workers: int):
     return context.Pool(workers, initializer=_worker_init, initargs=(tokenizer_path,))
 
 
-def _encoded(units, chunk_chars: int, init_args: tuple, task_args: tuple, workers: int, pool=None):
+def _encoded(chunks, init_args: tuple, task_args: tuple, workers: int, pool=None):
     """Encoded chunks in input order; at most 2 x workers chunks in flight (bounded memory)."""
-    chunks = _chunks(units, chunk_chars)
     if workers <= 0:
         _worker_init(*init_args)
         for chunk in chunks:

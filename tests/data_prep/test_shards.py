@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -251,3 +252,52 @@ def test_inspect_summarises_sources_side_by_side(tmp_path, corpus_jsonl, tokeniz
     assert 0 < at_start < concat["totals"]["samples"] / 2
     assert "packing bos-aligned" in lines[1] and "(100.0%) start at a document boundary" in lines[1]
     assert "tokens cropped from" in lines[1]
+
+
+def test_a_crash_near_the_end_tokenizes_only_the_unfinished_shards_again(tmp_path, corpus_jsonl, tokenizer):
+    """SIGKILL-like death (os._exit) while the next-to-last train shard fills: the rerun restores the packers
+    from resume.npz and tokenizes only the input after the last shard boundary; the shards are the same bytes."""
+    import textwrap
+
+    # plain text, a document per paragraph: chunks of 5,000 characters (JSON Lines come in 1 MB read blocks)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines()))
+    settings = ShardSettings(
+        seq_len=32, shard_bytes=200_000, val_fraction=0.05, chunk_chars=5_000, txt_mode="paragraph"
+    )
+    ref = build_shards([str(corpus)], str(tokenizer), str(tmp_path / "ref"), settings, workers=0)
+    total = ref["train"]["shards"]
+    assert total >= 5 and ref["tokens_encoded"] == ref["train"]["tokens_produced"] + ref["val"]["tokens_produced"]
+    code = textwrap.dedent(f"""
+        import os
+        from data_prep import resume, shards
+        from data_prep.shards import ShardSettings, build_shards
+        save, add, armed = resume.save, shards.ShardBuilder.add, []
+        def saving(store, fingerprint, chunks, builder, problems):
+            save(store, fingerprint, chunks, builder, problems)
+            if builder.splits["train"].shard_index == {total - 2}:
+                armed.append(0)  # the last two train shards fill from here on
+        def adding(self, split, tokens, lengths):
+            if armed:  # the next chunk: dies inside the next-to-last shard
+                os._exit(137)
+            add(self, split, tokens, lengths)
+        resume.save, shards.ShardBuilder.add = saving, adding
+        settings = ShardSettings(seq_len=32, shard_bytes=200_000, val_fraction=0.05, chunk_chars=5_000,
+                                 txt_mode="paragraph")
+        build_shards([{str(corpus)!r}], {str(tokenizer)!r}, {str(tmp_path / "out")!r}, settings, workers=0)
+    """)
+    died = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert died.returncode == 137, died.stderr[-2000:]
+    assert (tmp_path / "out" / "resume.npz").exists() and not (tmp_path / "out" / "train" / "manifest.json").exists()
+    again = build_shards([str(corpus)], str(tokenizer), str(tmp_path / "out"), settings, workers=0)
+    shards = json.loads((tmp_path / "ref" / "train" / "manifest.json").read_text())["shards"]
+    last_two = shards[-1]["tokens"] + shards[-2]["tokens"]
+    assert again["resumed_after_chunks"] > 0
+    assert again["tokens_encoded"] <= last_two + 5_000  # the unfinished shards' documents (+ a chunk) at most
+    assert again["tokens_encoded"] < ref["tokens_encoded"] / (total - 1)
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "ref")
+    for split in ("train", "val"):
+        a = json.loads((tmp_path / "ref" / split / "manifest.json").read_text())
+        b = json.loads((tmp_path / "out" / split / "manifest.json").read_text())
+        assert a == b
+    assert not (tmp_path / "out" / "resume.npz").exists()

@@ -1,0 +1,86 @@
+"""Resuming `parcae prep shards` at its last shard boundary, without tokenizing again what is in shards.
+
+After every chunk of input (``ShardSettings.chunk_chars`` of text, 1 MB) in which a shard was closed, the
+builder's whole state is written to ``OUT/resume.npz`` in one object (atomic on a file system and on S3):
+how many chunks are done, every split's packer (pending tokens, or the best-fit buffer of documents),
+the rows of the shard being filled, the shards written, and the problems the tokenizer workers found. A
+rerun with the same settings skips that many chunks of input (read and cut into chunks again, never
+tokenized), restores the state and goes on; the shards the crashed run wrote after it are made again
+and kept when they are byte-identical (``progress.json``). So a crash costs the documents of at most one
+shard and one chunk. The file is removed when the output is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from data_prep.corpus import Problems
+from data_prep.storage import StorageError, Store
+
+RESUME = "resume.npz"
+
+
+def save(store: Store, fingerprint: dict[str, Any], chunks_done: int, builder: Any, problems: Problems) -> None:
+    meta: dict[str, Any] = {
+        "fingerprint": fingerprint,
+        "chunks_done": chunks_done,
+        "problems": {"counts": dict(problems.counts), "examples": problems.examples},
+        "progress_shards": builder.progress["shards"],
+        "splits": {},
+    }
+    arrays: dict[str, np.ndarray] = {}
+    for name, state in builder.splits.items():
+        packer_meta, packer_arrays = state.packer.state()
+        meta["splits"][name] = {
+            "packer": packer_meta,
+            "shard_index": state.shard_index,
+            "sample_index": state.sample_index,
+            "shard_samples": state.shard_samples,
+            "documents": state.documents,
+            "tokens_in": state.tokens_in,
+            "shards": state.shards,
+        }
+        tar = state.tar.getvalue() if state.tar is not None else b""
+        arrays[f"{name}.tar"] = np.frombuffer(tar, np.uint8)
+        arrays.update({f"{name}.{key}": value for key, value in packer_arrays.items()})
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    store.put_bytes(buffer.getvalue(), RESUME)
+
+
+def load(store: Store, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """The saved state, if there is one made with these settings (anything else: start from the top)."""
+    if not store.exists(RESUME):
+        return None
+    try:
+        with np.load(io.BytesIO(store.get_bytes(RESUME)), allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        meta = json.loads(arrays.pop("meta").tobytes())
+    except (StorageError, ValueError, OSError, KeyError):
+        return None
+    return (meta, arrays) if meta.get("fingerprint") == fingerprint else None
+
+
+def restore(builder: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], problems: Problems) -> int:
+    """Put the builder (and the workers' problems) back as they were; returns the chunks already done."""
+    builder.progress["shards"] = list(meta["progress_shards"])
+    for name, saved in meta["splits"].items():
+        state = builder.splits[name]
+        prefix = f"{name}."
+        state.packer.restore(saved["packer"], {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
+        for key in ("shard_index", "sample_index", "shard_samples", "documents", "tokens_in"):
+            setattr(state, key, int(saved[key]))
+        state.shards = list(saved["shards"])
+        tar = arrays[f"{name}.tar"].tobytes()
+        state.tar = None
+        if tar:
+            state.tar = io.BytesIO()
+            state.tar.write(tar)
+    problems.counts.update(meta["problems"]["counts"])
+    problems.examples.update(meta["problems"]["examples"])
+    return int(meta["chunks_done"])
