@@ -61,3 +61,33 @@ def test_values_cannot_inject_shell():
     )
     bad_dir = dry_run("run_dir='/tmp/a b;rm'", "training.micro_batch_size=8")
     assert bad_dir.returncode == 1 and "run_dir: '" in bad_dir.stderr and "cannot carry safely" in bad_dir.stderr
+
+
+def test_prep_submit_renders_an_array_and_its_merge(tmp_path, corpus_jsonl, tokenizer):
+    lines = corpus_jsonl.read_text().splitlines()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k in range(3):
+        (inputs / f"p{k}.jsonl").write_text("\n".join(lines[k::3]) + "\n")
+
+    def parcae(*args):
+        return subprocess.run([*parcae_cmd(), "prep", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    out = tmp_path / "out"
+    missing = parcae("submit", str(out), "--tasks", "2", "--dry-run")
+    assert missing.returncode != 0 and "no plan here" in missing.stderr and "Traceback" not in missing.stderr
+    assert parcae("plan", "--input", str(inputs), "--tokenizer", str(tokenizer), "--out", str(out)).returncode == 0
+    endpoint = "http://127.0.0.1:9"
+    result = parcae("submit", str(out), "--tasks", "8", "--workers", "3", "--partition", "cpu", "--time", "4:00:00",
+                    "--setup-line", "module load python", "--endpoint-url", endpoint, "--dry-run")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "the plan has 3 units; submitting 3 tasks" in result.stderr
+    array, merge = result.stdout.split("#!/bin/bash")[1:]
+    expected = ("#SBATCH --array=0-2", "#SBATCH --cpus-per-task=3", "#SBATCH --partition=cpu",
+                "#SBATCH --time=4:00:00", "module load python", "%A_%a.out")  # fmt: skip
+    for line in expected:
+        assert line in array, line
+    assert f'prep run {out} --task "$SLURM_ARRAY_TASK_ID" --tasks 3 --workers 3 --endpoint-url {endpoint}' in array
+    assert "--array" not in merge and f"prep merge {out} --endpoint-url {endpoint}" in merge
+    bad = parcae("submit", str(out), "--tasks", "2", "--time", "soon", "--dry-run")
+    assert bad.returncode == 2 and "--time soon:" in bad.stderr
