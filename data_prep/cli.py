@@ -149,6 +149,13 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersActi
         help="split the inputs into work units (one per file) for `prep run` / `prep submit` on many machines",
     )
     _shard_args(p)
+    p.add_argument(
+        "--row-groups-per-unit",
+        type=int,
+        default=0,
+        metavar="K",
+        help="split Parquet files into units of K row groups (default 0: a unit per file)",
+    )
     p.set_defaults(func=cmd_plan)
 
     p = commands.add_parser("run", help="prepare a plan's units that are not done (all, or one task's share)")
@@ -246,9 +253,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         options=_options(args),
         command=["parcae", *sys.argv[1:]],
+        row_groups_per_unit=args.row_groups_per_unit,
     )
     print(
-        f"plan {args.out}/plan.json: {len(plan['units'])} units (one per input file); prepare them with "
+        f"plan {args.out}/plan.json: {len(plan['units'])} units; prepare them with "
         f"`parcae prep run {args.out}` here or `parcae prep submit {args.out} --tasks N` on Slurm, then "
         f"`parcae prep merge {args.out}`"
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import glob
 import gzip
-import io
 import json
 import sys
 import sysconfig
@@ -137,8 +136,10 @@ def iter_documents(
     options: S3Options | None = None,
     files: list[str] | None = None,
     raw_jsonl: bool = False,
+    row_groups: tuple[int, int] | None = None,
 ) -> Iterator[Document | RawLines]:
-    """Every document in order. With ``raw_jsonl``, JSON Lines come out unparsed, in `RawLines` blocks."""
+    """Every document in order. With ``raw_jsonl``, JSON Lines come out unparsed, in `RawLines` blocks;
+    ``row_groups`` (first, end): only those row groups of Parquet files (a work unit of `prep plan`)."""
     for name in files if files is not None else resolve_sources(spec, options):
         if name == BUILTIN:
             yield from _stdlib_docstrings(problems)
@@ -160,7 +161,7 @@ def iter_documents(
         try:
             with raw:
                 if fmt == "parquet":
-                    yield from _parquet(raw, name, spec.text_field, problems)
+                    yield from _parquet(raw, name, spec.text_field, problems, row_groups)
                 else:
                     stream = _decompress(raw, comp)
                     if fmt == "jsonl":
@@ -176,7 +177,7 @@ def _open(name: str, options: S3Options | None) -> IO[bytes]:
         bucket, key = split_s3(name)
         store = open_store(f"s3://{bucket}", options)
         if name.lower().endswith(".parquet"):
-            return io.BytesIO(store.get_bytes(key))  # pyarrow needs to seek
+            return store.open_seekable(key)  # pyarrow seeks: ranged reads, never the whole file in memory
         return store.open(key)
     return open(name, "rb")
 
@@ -300,7 +301,17 @@ def _text(stream: IO[bytes], name: str, mode: TxtMode, problems: Problems) -> It
         line += paragraph.count("\n") + 2
 
 
-def _parquet(raw: IO[bytes], name: str, text_field: str, problems: Problems) -> Iterator[Document]:
+def parquet_row_groups(name: str, options: S3Options | None = None) -> int:
+    """How many row groups a Parquet file has (its footer only is read)."""
+    import pyarrow.parquet as pq
+
+    with _open(name, options) as raw:
+        return pq.ParquetFile(raw).num_row_groups
+
+
+def _parquet(
+    raw: IO[bytes], name: str, text_field: str, problems: Problems, row_groups: tuple[int, int] | None = None
+) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -315,8 +326,9 @@ def _parquet(raw: IO[bytes], name: str, text_field: str, problems: Problems) -> 
             "unreadable files", name, f"no column {text_field!r} (columns: {', '.join(parquet.schema_arrow.names)})"
         )
         return
-    row = 0
-    for group in range(parquet.num_row_groups):
+    first, end = row_groups or (0, parquet.num_row_groups)
+    row = sum(parquet.metadata.row_group(g).num_rows for g in range(first))
+    for group in range(first, min(end, parquet.num_row_groups)):
         column = parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist()
         for value in column:
             row += 1

@@ -1,6 +1,7 @@
 """Preparing a corpus in work units, on many machines: a plan, units run anywhere, one merge.
 
-``parcae prep plan`` resolves the inputs into a list of work units (one per input file) and writes
+``parcae prep plan`` resolves the inputs into a list of work units (one per input file, or a Parquet
+file's row groups a few at a time with ``--row-groups-per-unit``) and writes
 ``OUT/plan.json`` with the tokenizer's checksum and the settings. ``parcae prep run OUT [--task i
 --tasks n]`` prepares the units i, i + n, ... that are not done (a Slurm array task runs one such
 share; ``parcae prep submit`` submits them). A unit tokenizes and packs its own documents, in input
@@ -31,7 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.corpus import BUILTIN, CorpusSpec, Problems, builtin_description, iter_documents, resolve_sources
+from data_prep.corpus import (
+    BUILTIN,
+    CorpusSpec,
+    Problems,
+    builtin_description,
+    iter_documents,
+    parquet_row_groups,
+    resolve_sources,
+)
 from data_prep.inspect import MANIFEST
 from data_prep.shards import (
     FORMAT,
@@ -64,8 +73,10 @@ def make_plan(
     on_error: str = "skip",
     options: S3Options | None = None,
     command: list[str] | None = None,
+    row_groups_per_unit: int = 0,
 ) -> dict[str, Any]:
-    """Resolve the inputs into units and write OUT/plan.json (an existing identical plan is kept; a
+    """Resolve the inputs into units (a file each; a Parquet file's row groups ``row_groups_per_unit`` at a
+    time when that is set) and write OUT/plan.json (an existing identical plan is kept; a
     different one is refused, naming what differs)."""
     tokenizer = TextTokenizer(tokenizer_path)
     if settings.packing == "bos-aligned":
@@ -77,7 +88,7 @@ def make_plan(
     plan = {
         "format": PLAN_FORMAT,
         "shard_format": FORMAT,
-        "units": [{"input": f} for f in files],
+        "units": _units(files, row_groups_per_unit, options),
         "builtin": builtin_description() if BUILTIN in files else None,
         "tokenizer": {"path": str(tokenizer_path), "sha256": file_sha256(Path(tokenizer_path))},
         "settings": {**settings.fingerprint_fields(), "on_error": on_error, "chunk_chars": settings.chunk_chars},
@@ -94,6 +105,25 @@ def make_plan(
         return old
     store.put_bytes((json.dumps(plan, indent=1) + "\n").encode(), PLAN)
     return plan
+
+
+def _units(files: list[str], row_groups_per_unit: int, options: S3Options | None) -> list[dict[str, Any]]:
+    units: list[dict[str, Any]] = []
+    for name in files:
+        if row_groups_per_unit and name.lower().endswith(".parquet"):
+            count = parquet_row_groups(name, options)
+            units += [
+                {"input": name, "row_groups": [first, min(first + row_groups_per_unit, count)]}
+                for first in range(0, count, row_groups_per_unit)
+            ]
+        else:
+            units.append({"input": name})
+    return units
+
+
+def describe_unit(unit: dict[str, Any]) -> str:
+    groups = unit.get("row_groups")
+    return f"{unit['input']}, row groups {groups[0]}-{groups[1] - 1}" if groups else unit["input"]
 
 
 def read_plan(out: str, options: S3Options | None = None) -> tuple[Store, dict[str, Any]]:
@@ -151,7 +181,7 @@ def run_units(
             tokens += produced
             seconds = time.perf_counter() - started
             say(
-                f"prep task {task}: unit {unit_name(index)} ({plan['units'][index]['input']}) done: {produced} "
+                f"prep task {task}: unit {unit_name(index)} ({describe_unit(plan['units'][index])}) done: {produced} "
                 f"tokens in {seconds:.1f} s ({produced / max(seconds, 1e-9) / 1e6:.2f}M tokens/s); "
                 f"{done_now + skipped} of {len(mine)} units of this task done"
             )
@@ -206,9 +236,11 @@ def prepare_unit(
     )
     problems = Problems(policy=plan["settings"]["on_error"])
     corpus = CorpusSpec((), settings.text_field, settings.txt_mode)  # type: ignore[arg-type]
-    units = iter_documents(corpus, problems, options, [plan["units"][index]["input"]], raw_jsonl=True)
+    unit = plan["units"][index]
+    groups = tuple(unit["row_groups"]) if "row_groups" in unit else None
+    units = iter_documents(corpus, problems, options, [unit["input"]], raw_jsonl=True, row_groups=groups)
     pack_documents(units, builder, settings, tokenizer_path, dtype, bos, workers, problems, pool=pool)
-    record: dict[str, Any] = {"unit": index, "input": plan["units"][index]["input"], "splits": {}}
+    record: dict[str, Any] = {"unit": index, **unit, "splits": {}}
     for split, state in builder.splits.items():
         counts = state.packer.counts
         record["splits"][split] = {
@@ -237,7 +269,7 @@ def merge(out: str, options: S3Options | None = None, checksums: bool = True) ->
     for index in range(len(plan["units"])):
         name = f"units/{unit_name(index)}.json"
         if not store.exists(name):
-            missing.append(f"{unit_name(index)} ({plan['units'][index]['input']})")
+            missing.append(f"{unit_name(index)} ({describe_unit(plan['units'][index])})")
             continue
         records.append(json.loads(store.get_bytes(name)))
     if missing:

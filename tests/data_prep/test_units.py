@@ -151,3 +151,31 @@ def test_cli_plan_run_merge_status(tmp_path, inputs, tokenizer, reference):
     merged = parcae("merge", str(out))
     assert merged.returncode == 0 and "merged 8 units" in merged.stdout
     assert shard_files(out) == shard_files(reference)
+
+
+def test_parquet_row_groups_as_units_from_s3(tmp_path, builtin_docs, tokenizer, s3_server):
+    """A Parquet file on S3 split into units of 2 row groups (read by ranged GETs): every document once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.storage import S3Options
+
+    docs = builtin_docs[:500]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "docs.parquet", row_group_size=100)  # 5 row groups
+    bucket = s3_server.new_bucket("parquet-units")
+    s3_server.client().upload_file(str(tmp_path / "docs.parquet"), bucket, "in/docs.parquet")
+    options = S3Options(s3_server.endpoint)
+    out = tmp_path / "out"
+    plan = make_plan([f"s3://{bucket}/in"], str(tokenizer), str(out), SETTINGS, options=options, row_groups_per_unit=2)
+    assert [u["row_groups"] for u in plan["units"]] == [[0, 2], [2, 4], [4, 5]]
+    run_units(str(out), 1, 2, workers=0, options=options, log=lambda _: None)
+    with pytest.raises(ShardError, match=r"u00000 \(s3://.*/in/docs.parquet, row groups 0-1\)"):
+        merge(str(out))
+    run_units(str(out), 0, 2, workers=0, options=options, log=lambda _: None)
+    summary = merge(str(out))
+    assert summary["train"]["documents"] + summary["val"]["documents"] == len(docs)
+    record = json.loads((out / "units" / "u00002.json").read_text())
+    assert (
+        record["row_groups"] == [4, 5]
+        and record["splits"]["train"]["documents"] + record["splits"]["val"]["documents"] == 100
+    )
