@@ -107,6 +107,18 @@ class SplitState:
     tokens_in: int = 0
     shards: list[dict[str, Any]] = field(default_factory=list)
 
+    def counts(self) -> dict[str, int]:
+        """Documents and tokens in, and what packing dropped: the manifest's totals beyond the shards'."""
+        packed = self.packer.counts
+        return {
+            "documents": self.documents,
+            "tokens_produced": self.tokens_in,
+            "remainder_tokens_dropped": packed.remainder_tokens_dropped,
+            "rows_at_document_start": packed.rows_at_document_start,
+            "cropped_documents": packed.cropped_documents,
+            "cropped_tokens": packed.cropped_tokens,
+        }
+
 
 _TOKENIZER: Any = None  # the worker's tokenizer (SentencePiece or a tokenizer.json)
 
@@ -386,7 +398,6 @@ def build_shards(
         "resumed_after_chunks": chunks_done,
     }
     for state in builder.splits.values():
-        counts = state.packer.counts
         manifest = {
             "format": FORMAT,
             "split": state.name,
@@ -400,12 +411,7 @@ def build_shards(
                 "samples": sum(s["samples"] for s in state.shards),
                 "tokens": sum(s["tokens"] for s in state.shards),
                 "bytes": sum(s["bytes"] for s in state.shards),
-                "documents": state.documents,
-                "tokens_produced": state.tokens_in,
-                "remainder_tokens_dropped": counts.remainder_tokens_dropped,
-                "rows_at_document_start": counts.rows_at_document_start,
-                "cropped_documents": counts.cropped_documents,
-                "cropped_tokens": counts.cropped_tokens,
+                **state.counts(),
             },
             "packing": settings.packing_record(bos),
             "corpus": {"sources": files, "builtin": fingerprint["builtin"], "problems": problems.as_dict()},

@@ -242,16 +242,7 @@ def prepare_unit(
     pack_documents(units, builder, settings, tokenizer_path, dtype, bos, workers, problems, pool=pool)
     record: dict[str, Any] = {"unit": index, **unit, "splits": {}}
     for split, state in builder.splits.items():
-        counts = state.packer.counts
-        record["splits"][split] = {
-            "shards": state.shards,
-            "documents": state.documents,
-            "tokens_produced": state.tokens_in,
-            "remainder_tokens_dropped": counts.remainder_tokens_dropped,
-            "rows_at_document_start": counts.rows_at_document_start,
-            "cropped_documents": counts.cropped_documents,
-            "cropped_tokens": counts.cropped_tokens,
-        }
+        record["splits"][split] = {"shards": state.shards, **state.counts()}
     record["packing"] = settings.packing_record(bos)
     record["problems"] = problems.as_dict()
     record["tokenizer"] = tokenizer_record(tokenizer, tokenizer_path, plan["tokenizer"]["sha256"])
@@ -300,14 +291,7 @@ def merge(out: str, options: S3Options | None = None, checksums: bool = True) ->
             "tokens": sum(s["tokens"] for s in shards),
             "bytes": sum(s["bytes"] for s in shards),
         }
-        for key in (
-            "documents",
-            "tokens_produced",
-            "remainder_tokens_dropped",
-            "rows_at_document_start",
-            "cropped_documents",
-            "cropped_tokens",
-        ):
+        for key in (k for k in parts[0] if k != "shards"):  # documents, tokens produced, what packing dropped
             totals[key] = sum(part[key] for part in parts)
         problem_counts: dict[str, int] = {}
         for record in records:
