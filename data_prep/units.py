@@ -270,9 +270,13 @@ def merge(out: str, options: S3Options | None = None, checksums: bool = True) ->
             f"{out}` or `parcae prep submit {out}`), then merge again. No manifest was written"
         )
     problems = []
+    row_len = _settings(plan).seq_len + 1
     for record in records:
         for split in SPLITS:
             for shard in record["splits"][split]["shards"]:
+                if shard["tokens"] != shard["samples"] * row_len:
+                    problems.append(f"tokens: {split}/{shard['name']} records {shard['tokens']} tokens in "
+                                    f"{shard['samples']} rows of {row_len}")  # fmt: skip
                 problems += _check_shard(store, f"{split}/{shard['name']}", shard, checksums)
     if problems:
         raise ShardError(
