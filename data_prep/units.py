@@ -126,6 +126,12 @@ def describe_unit(unit: dict[str, Any]) -> str:
     return f"{unit['input']}, row groups {groups[0]}-{groups[1] - 1}" if groups else unit["input"]
 
 
+def plan_fingerprint(plan: dict[str, Any]) -> str:
+    """The sha256 of what decides the shards: units, tokenizer and settings (not the command or the output)."""
+    decisive = {k: v for k, v in plan.items() if k != "command"}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
+
+
 def read_plan(out: str, options: S3Options | None = None) -> tuple[Store, dict[str, Any]]:
     store = open_store(out, options)
     if not store.exists(PLAN):
@@ -318,7 +324,7 @@ def merge(out: str, options: S3Options | None = None, checksums: bool = True) ->
             },
             "settings": plan["settings"],
             "units": len(records),
-            "plan_sha256": hashlib.sha256(store.get_bytes(PLAN)).hexdigest(),
+            "plan_sha256": plan_fingerprint(plan),
             "command": plan["command"],
         }
         store.put_bytes((json.dumps(manifest, indent=1) + "\n").encode(), f"{split}/{MANIFEST}")
