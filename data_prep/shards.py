@@ -362,7 +362,7 @@ def build_shards(
             )
     reading = Problems(policy=on_error)  # type: ignore[arg-type]  # found reading (found again on a resume)
     parsing = Problems(policy=on_error)  # type: ignore[arg-type]  # found by the workers (kept in the resume state)
-    show = _Progress(sys.stderr.isatty() if progress is None else progress)
+    show = Progress(sys.stderr.isatty() if progress is None else progress)
     builder = ShardBuilder(store, settings, dtype, previous, {"fingerprint": fingerprint}, on_shard=show.shard)
     saved = resume.load(store, fingerprint) if previous is not None else None
     chunks_done = resume.restore(builder, *saved, parsing) if saved else 0
@@ -433,7 +433,7 @@ def pack_documents(
     bos: int | None,
     workers: int,
     problems: Problems,
-    show: _Progress | None = None,
+    show: Progress | None = None,
     pool=None,
     skip_chunks: int = 0,
     on_chunk=None,
@@ -523,7 +523,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-class _Progress:
+class Progress:
     """tqdm on a terminal; a plain line every 10 seconds otherwise."""
 
     def __init__(self, tty: bool):

@@ -45,6 +45,7 @@ from data_prep.inspect import MANIFEST
 from data_prep.shards import (
     FORMAT,
     SPLITS,
+    Progress,
     ShardBuilder,
     ShardError,
     ShardSettings,
@@ -245,7 +246,8 @@ def prepare_unit(
     unit = plan["units"][index]
     groups = tuple(unit["row_groups"]) if "row_groups" in unit else None
     units = iter_documents(corpus, problems, options, [unit["input"]], raw_jsonl=True, row_groups=groups)
-    pack_documents(units, builder, settings, tokenizer_path, dtype, bos, workers, problems, pool=pool)
+    show = Progress(False)  # a line every 10 seconds in the task's log
+    pack_documents(units, builder, settings, tokenizer_path, dtype, bos, workers, problems, show, pool=pool)
     record: dict[str, Any] = {"unit": index, **unit, "splits": {}}
     for split, state in builder.splits.items():
         record["splits"][split] = {"shards": state.shards, **state.counts()}
