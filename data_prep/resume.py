@@ -7,7 +7,9 @@ the rows of the shard being filled, the shards written, and the problems the tok
 rerun with the same settings skips that many chunks of input (read and cut into chunks again, never
 tokenized), restores the state and goes on; the shards the crashed run wrote after it are made again
 and kept when they are byte-identical (``progress.json``). So a crash costs the documents of at most one
-shard and one chunk. The file is removed when the output is complete.
+shard and one chunk. The file is removed when the output is complete. A work unit of `prep run`
+(`data_prep.units`) keeps its own, ``OUT/units/u<unit>.resume.npz``, so a task killed inside a long unit
+resumes that unit at its last shard boundary too.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from data_prep.storage import StorageError, Store
 RESUME = "resume.npz"
 
 
-def save(store: Store, fingerprint: dict[str, Any], chunks_done: int, builder: Any, problems: Problems) -> None:
+def save(
+    store: Store,
+    fingerprint: dict[str, Any],
+    chunks_done: int,
+    builder: Any,
+    problems: Problems,
+    name: str = RESUME,
+) -> None:
     meta: dict[str, Any] = {
         "fingerprint": fingerprint,
         "chunks_done": chunks_done,
@@ -33,9 +42,9 @@ def save(store: Store, fingerprint: dict[str, Any], chunks_done: int, builder: A
         "splits": {},
     }
     arrays: dict[str, np.ndarray] = {}
-    for name, state in builder.splits.items():
+    for split, state in builder.splits.items():
         packer_meta, packer_arrays = state.packer.state()
-        meta["splits"][name] = {
+        meta["splits"][split] = {
             "packer": packer_meta,
             "shard_index": state.shard_index,
             "sample_index": state.sample_index,
@@ -45,20 +54,22 @@ def save(store: Store, fingerprint: dict[str, Any], chunks_done: int, builder: A
             "shards": state.shards,
         }
         tar = state.tar.getvalue() if state.tar is not None else b""
-        arrays[f"{name}.tar"] = np.frombuffer(tar, np.uint8)
-        arrays.update({f"{name}.{key}": value for key, value in packer_arrays.items()})
+        arrays[f"{split}.tar"] = np.frombuffer(tar, np.uint8)
+        arrays.update({f"{split}.{key}": value for key, value in packer_arrays.items()})
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    store.put_bytes(buffer.getvalue(), RESUME)
+    store.put_bytes(buffer.getvalue(), name)
 
 
-def load(store: Store, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+def load(
+    store: Store, fingerprint: dict[str, Any], name: str = RESUME
+) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
     """The saved state, if there is one made with these settings (anything else: start from the top)."""
-    if not store.exists(RESUME):
+    if not store.exists(name):
         return None
     try:
-        with np.load(io.BytesIO(store.get_bytes(RESUME)), allow_pickle=False) as data:
+        with np.load(io.BytesIO(store.get_bytes(name)), allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
         meta = json.loads(arrays.pop("meta").tobytes())
     except (StorageError, ValueError, OSError, KeyError):
@@ -69,14 +80,14 @@ def load(store: Store, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], dic
 def restore(builder: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], problems: Problems) -> int:
     """Put the builder (and the workers' problems) back as they were; returns the chunks already done."""
     builder.progress["shards"] = list(meta["progress_shards"])
-    for name, saved in meta["splits"].items():
-        state = builder.splits[name]
-        prefix = f"{name}."
+    for split, saved in meta["splits"].items():
+        state = builder.splits[split]
+        prefix = f"{split}."
         state.packer.restore(saved["packer"], {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)})
         for key in ("shard_index", "sample_index", "shard_samples", "documents", "tokens_in"):
             setattr(state, key, int(saved[key]))
         state.shards = list(saved["shards"])
-        tar = arrays[f"{name}.tar"].tobytes()
+        tar = arrays[f"{split}.tar"].tobytes()
         state.tar = None
         if tar:
             state.tar = io.BytesIO()

@@ -8,7 +8,8 @@ share; ``parcae prep submit`` submits them). A unit tokenizes and packs its own 
 order, into its own shards, ``OUT/{train,val}/u<unit>-<shard>.tar``, then records them in
 ``OUT/units/u<unit>.json`` (names, sizes, sha256, row and token counts, documents, problems). The
 record is written last: a unit is either recorded, with every shard it lists already written, or not
-done, and a rerun makes it again from its start, writing the same bytes under the same names.
+done, and a rerun makes it again, writing the same bytes under the same names, from its last shard
+boundary (``units/u<unit>.resume.npz``, as `parcae prep shards` resumes).
 ``parcae prep merge OUT`` refuses a set with any unit not done (naming them), checks every shard
 against its unit's record, and writes the ``train`` and ``val`` manifests that training reads.
 
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep import resume
 from data_prep.corpus import (
     BUILTIN,
     CorpusSpec,
@@ -173,7 +175,7 @@ def run_units(
             "pass --tokenizer with the plan's tokenizer file as this machine sees it"
         )
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    done_now, tokens = 0, 0
+    done_now, tokens, encoded = 0, 0, 0
     mine = task_units(plan, task, tasks)
     say(f"prep task {task}/{tasks}: {len(mine)} of {len(plan['units'])} units")
     todo = [i for i in mine if not store.exists(f"units/{unit_name(i)}.json")]
@@ -186,6 +188,7 @@ def run_units(
             done_now += 1
             produced = sum(record["splits"][s]["tokens_produced"] for s in SPLITS)
             tokens += produced
+            encoded += record["tokens_encoded"]
             seconds = time.perf_counter() - started
             say(
                 f"prep task {task}: unit {unit_name(index)} ({describe_unit(plan['units'][index])}) done: {produced} "
@@ -196,7 +199,7 @@ def run_units(
         if pool is not None:
             pool.close()
             pool.join()
-    return {"done_now": done_now, "already_done": skipped, "tokens": tokens}
+    return {"done_now": done_now, "already_done": skipped, "tokens": tokens, "tokens_encoded": encoded}
 
 
 def prepare_unit(
@@ -246,8 +249,23 @@ def prepare_unit(
     unit = plan["units"][index]
     groups = tuple(unit["row_groups"]) if "row_groups" in unit else None
     units = iter_documents(corpus, problems, options, [unit["input"]], raw_jsonl=True, row_groups=groups)
+    # a unit killed half-way resumes at its last shard boundary (data_prep.resume), its own state file
+    state_name = f"units/{name}.resume.npz"
+    fingerprint = {"plan": plan_fingerprint(plan), "unit": index}
+    saved = resume.load(store, fingerprint, state_name)
+    chunks_done = resume.restore(builder, *saved, problems) if saved else 0
+    closed = [builder.closed]
+
+    def checkpoint(chunks: int) -> None:
+        if builder.closed > closed[0]:
+            closed[0] = builder.closed
+            resume.save(store, fingerprint, chunks, builder, problems, state_name)
+
     show = Progress(False)  # a line every 10 seconds in the task's log
-    pack_documents(units, builder, settings, tokenizer_path, dtype, bos, workers, problems, show, pool=pool)
+    encoded = pack_documents(
+        units, builder, settings, tokenizer_path, dtype, bos, workers, problems, show,
+        pool=pool, skip_chunks=chunks_done, on_chunk=checkpoint,
+    )  # fmt: skip
     record: dict[str, Any] = {"unit": index, **unit, "splits": {}}
     for split, state in builder.splits.items():
         record["splits"][split] = {"shards": state.shards, **state.counts()}
@@ -257,7 +275,8 @@ def prepare_unit(
     record["finished"] = _now()
     store.put_bytes((json.dumps(record, indent=1) + "\n").encode(), f"units/{name}.json")
     store.delete(heartbeat)
-    return record
+    store.delete(state_name)
+    return {**record, "tokens_encoded": encoded, "resumed_after_chunks": chunks_done}
 
 
 def merge(out: str, options: S3Options | None = None, checksums: bool = True) -> dict[str, Any]:

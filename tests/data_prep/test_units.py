@@ -179,3 +179,28 @@ def test_parquet_row_groups_as_units_from_s3(tmp_path, builtin_docs, tokenizer, 
         record["row_groups"] == [4, 5]
         and record["splits"]["train"]["documents"] + record["splits"]["val"]["documents"] == 100
     )
+
+
+def test_a_unit_killed_half_way_resumes_at_its_last_shard_boundary(tmp_path, corpus_jsonl, tokenizer):
+    """Two plain-text units in small chunks: a task killed inside unit 0 leaves units/u00000.resume.npz; the
+    rerun tokenizes only what follows its last shard boundary and writes the reference's bytes."""
+    texts = [json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines()]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k in range(2):
+        (inputs / f"part{k}.txt").write_text("\n\n".join(texts[k::2]))
+    settings = ShardSettings(seq_len=32, shard_bytes=20_000, val_fraction=0.05, txt_mode="paragraph",
+                             chunk_chars=5_000)  # fmt: skip
+    for name in ("ref", "out"):
+        make_plan([str(inputs)], str(tokenizer), str(tmp_path / name), settings)
+    run_units(str(tmp_path / "ref"), workers=0, log=lambda _: None)
+    merge(str(tmp_path / "ref"))
+    died = crash_after(tmp_path / "out", shards=60)
+    assert died.returncode == 137, died.stderr[-2000:]
+    assert (tmp_path / "out" / "units" / "u00000.resume.npz").exists()
+    again = run_units(str(tmp_path / "out"), workers=0, log=lambda _: None)
+    assert again["done_now"] == 2 and again["tokens_encoded"] < again["tokens"] - 10_000
+    merge(str(tmp_path / "out"))
+    assert shard_files(tmp_path / "out") == shard_files(tmp_path / "ref")
+    assert manifests(tmp_path / "out") == manifests(tmp_path / "ref")
+    assert not list((tmp_path / "out" / "units").glob("*.resume.npz"))
