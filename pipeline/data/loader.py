@@ -109,6 +109,7 @@ class ShardLoader:
         self.state = LoaderState()
         self.skipped_shards: list[str] = []
         self._epoch_rows: list[int] = []
+        self._epoch_lock = threading.Lock()
 
     # -- the stream of one epoch: a pure function of (manifest, seed, epoch, rank, world, batch size)
     def shard_order(self, epoch: int) -> list[int]:
@@ -134,13 +135,14 @@ class ShardLoader:
 
     # -- rows, for a mixture: the same epochs, counted in rows (every rank uses the smallest share)
     def rows_per_epoch(self, epoch: int) -> int:
-        """Rows every rank uses in this epoch: the smallest rank's share (same on every rank)."""
-        while len(self._epoch_rows) <= epoch:
-            e = len(self._epoch_rows)
-            self._epoch_rows.append(
-                min(sum(self.shards[i]["samples"] for i in self.rank_shards(e, r)) for r in range(self.world_size))
-            )
-        return self._epoch_rows[epoch]
+        """Rows every rank uses in this epoch: the smallest rank's share (same on every rank). Cached; the
+        read-ahead thread and the trainer's thread both ask."""
+        with self._epoch_lock:
+            while len(self._epoch_rows) <= epoch:
+                e = len(self._epoch_rows)
+                share = [sum(self.shards[i]["samples"] for i in self.rank_shards(e, r)) for r in range(self.world_size)]
+                self._epoch_rows.append(min(share))
+            return self._epoch_rows[epoch]
 
     def rows_in_epochs(self, epochs: int) -> int:
         """Rows per rank in the first ``epochs`` epochs (a source's capacity under max_epochs)."""
