@@ -211,3 +211,16 @@ def test_validate_lists_the_sources_and_refuses_a_mixture_that_runs_out(tmp_path
     out = subprocess.run([*base, "--set", "training.total_steps=100000"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "data.sources: every source has max_epochs (a x 1, b x 2)" in out.stderr
+
+
+def test_a_source_without_a_limit_repeats_with_a_new_shard_order(two_sources):
+    (loader,) = loaders(spec(two_sources, weights=(1, 1)), micro=8)
+    b_rows = rows_of_set(two_sources / "b" / "train")
+    per_epoch = loader.streams[1].rows_per_epoch(0)
+    run = steps([loader], 3 * per_epoch // 8)  # b's half of the rows: about 1.5 passes over it
+    from_b = [r for step in run for r in step if r in b_rows]
+    assert len(from_b) > per_epoch and "b" not in loader.position["schedule"]["stopped"]
+    first, second = from_b[:per_epoch], from_b[per_epoch:]
+    assert all(n <= b_rows[r] for r, n in collections.Counter(first).items())  # one pass: no row twice
+    assert set(second) <= set(first) and second != first[: len(second)]  # the second pass, reshuffled
+    assert 1.0 < loader.metrics()["data/b/epochs"] < 2.0
