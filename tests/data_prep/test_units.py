@@ -40,7 +40,7 @@ def manifests(root):
 
 
 def crash_after(out, shards, task=0, tasks=1):
-    """`prep run` in a subprocess that dies (os._exit) right after writing its n-th shard: a task killed
+    """`prep run` in a subprocess SIGKILLed right after writing its n-th shard: a task killed
     mid-unit."""
     code = textwrap.dedent(f"""
         import os
@@ -53,7 +53,7 @@ def crash_after(out, shards, task=0, tasks=1):
             if state.shard_index > before:
                 written[0] += 1
                 if written[0] == {shards}:
-                    os._exit(137)
+                    os.kill(os.getpid(), 9)  # SIGKILL
         shards.ShardBuilder._close = dying_close
         units.run_units({str(out)!r}, {task}, {tasks}, workers=0)
     """)
@@ -93,7 +93,7 @@ def test_a_unit_killed_half_way_is_redone_and_the_set_completes(tmp_path, inputs
     out = tmp_path / "out"
     make_plan([str(inputs)], str(tokenizer), str(out), SETTINGS)
     died = crash_after(out, shards=5, task=1, tasks=2)  # task 1 of 2: units 1, 3, 5, 7
-    assert died.returncode == 137, died.stderr[-2000:]
+    assert died.returncode == -9, died.stderr[-2000:]
     now = status(str(out))
     assert len(now["done"]) + len(now["running"]) + len(now["pending"]) == 8 and len(now["running"]) == 1
     running = now["running"][0].split()[0]
@@ -196,7 +196,7 @@ def test_a_unit_killed_half_way_resumes_at_its_last_shard_boundary(tmp_path, cor
     run_units(str(tmp_path / "ref"), workers=0, log=lambda _: None)
     merge(str(tmp_path / "ref"))
     died = crash_after(tmp_path / "out", shards=60)
-    assert died.returncode == 137, died.stderr[-2000:]
+    assert died.returncode == -9, died.stderr[-2000:]
     assert (tmp_path / "out" / "units" / "u00000.resume.npz").exists()
     again = run_units(str(tmp_path / "out"), workers=0, log=lambda _: None)
     assert again["done_now"] == 2 and again["tokens_encoded"] < again["tokens"] - 10_000
