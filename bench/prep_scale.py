@@ -62,8 +62,8 @@ def resume_bench(work: Path, tokenizer: Path, files: list[Path]) -> None:
         from data_prep import resume, shards
         from data_prep.shards import ShardSettings, build_shards
         save, add, armed = resume.save, shards.ShardBuilder.add, []
-        def saving(store, fingerprint, chunks, builder, problems):
-            save(store, fingerprint, chunks, builder, problems)
+        def saving(store, fingerprint, chunks, builder, *rest):
+            save(store, fingerprint, chunks, builder, *rest)
             if builder.splits["train"].shard_index == {total - 2}:
                 armed.append(0)
         def adding(self, split, tokens, lengths):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -95,3 +96,20 @@ def restore(builder: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray], p
     problems.counts.update(meta["problems"]["counts"])
     problems.examples.update(meta["problems"]["examples"])
     return int(meta["chunks_done"])
+
+
+def resumable(
+    store: Store, fingerprint: dict[str, Any], builder: Any, problems: Problems, name: str = RESUME
+) -> tuple[int, Callable[[int], None]]:
+    """Restore the builder from ``name`` if a state with this fingerprint is there; returns the chunks
+    already done and the ``on_chunk`` callback that saves the state after every chunk that closed a shard."""
+    saved = load(store, fingerprint, name)
+    chunks_done = restore(builder, *saved, problems) if saved else 0
+    closed = [builder.closed]
+
+    def checkpoint(chunks: int) -> None:
+        if builder.closed > closed[0]:
+            closed[0] = builder.closed
+            save(store, fingerprint, chunks, builder, problems, name)
+
+    return chunks_done, checkpoint

@@ -335,8 +335,7 @@ def build_shards(
 ) -> dict[str, Any]:
     """Run the whole preparation; return a summary. Raises ShardError / CorpusError on user mistakes."""
     tokenizer = TextTokenizer(tokenizer_path)
-    vocab = tokenizer.vocab_size
-    dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
+    dtype = token_dtype(tokenizer.vocab_size)
     tokenizer_sha = file_sha256(Path(tokenizer_path))
     bos = tokenizer.row_start_id() if settings.packing == "bos-aligned" else None
     corpus = CorpusSpec(tuple(sources), settings.text_field, settings.txt_mode)  # type: ignore[arg-type]
@@ -364,14 +363,7 @@ def build_shards(
     parsing = Problems(policy=on_error)  # type: ignore[arg-type]  # found by the workers (kept in the resume state)
     show = Progress(sys.stderr.isatty() if progress is None else progress)
     builder = ShardBuilder(store, settings, dtype, previous, {"fingerprint": fingerprint}, on_shard=show.shard)
-    saved = resume.load(store, fingerprint) if previous is not None else None
-    chunks_done = resume.restore(builder, *saved, parsing) if saved else 0
-    closed = [builder.closed]
-
-    def checkpoint(chunks: int) -> None:  # after a chunk that completed a shard
-        if builder.closed > closed[0]:
-            closed[0] = builder.closed
-            resume.save(store, fingerprint, chunks, builder, parsing)
+    chunks_done, checkpoint = resume.resumable(store, fingerprint, builder, parsing)
 
     started = time.perf_counter()
     units = iter_documents(corpus, reading, options, files, raw_jsonl=True)
@@ -422,6 +414,11 @@ def build_shards(
         summary[state.name] = manifest["totals"]
     store.delete(resume.RESUME)  # complete: a rerun starts from the top (and keeps every shard)
     return summary
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The dtype a shard stores token ids in: uint16 when the vocabulary fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 def pack_documents(

@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from data_prep import resume
 from data_prep.corpus import (
     BUILTIN,
@@ -53,6 +51,7 @@ from data_prep.shards import (
     ShardSettings,
     diff_fields,
     pack_documents,
+    token_dtype,
     tokenizer_pool,
     tokenizer_record,
 )
@@ -215,7 +214,7 @@ def prepare_unit(
     settings = _settings(plan)
     name = unit_name(index)
     tokenizer = TextTokenizer(tokenizer_path)
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    dtype = token_dtype(tokenizer.vocab_size)
     bos = tokenizer.row_start_id() if settings.packing == "bos-aligned" else None
     running = {
         "unit": index,
@@ -244,33 +243,35 @@ def prepare_unit(
         name_prefix=f"{name}-",
         progress_name=None,
     )
-    problems = Problems(policy=plan["settings"]["on_error"])
+    reading = Problems(policy=plan["settings"]["on_error"])  # found again when a resumed unit rereads its input
+    parsing = Problems(policy=plan["settings"]["on_error"])  # kept in the unit's resume state
     corpus = CorpusSpec((), settings.text_field, settings.txt_mode)  # type: ignore[arg-type]
     unit = plan["units"][index]
     groups = tuple(unit["row_groups"]) if "row_groups" in unit else None
-    units = iter_documents(corpus, problems, options, [unit["input"]], raw_jsonl=True, row_groups=groups)
-    # a unit killed half-way resumes at its last shard boundary (data_prep.resume), its own state file
+    units = iter_documents(corpus, reading, options, [unit["input"]], raw_jsonl=True, row_groups=groups)
+    # a unit killed half-way resumes at its last shard boundary (data_prep.resume), from its own state file
     state_name = f"units/{name}.resume.npz"
     fingerprint = {"plan": plan_fingerprint(plan), "unit": index}
-    saved = resume.load(store, fingerprint, state_name)
-    chunks_done = resume.restore(builder, *saved, problems) if saved else 0
-    closed = [builder.closed]
-
-    def checkpoint(chunks: int) -> None:
-        if builder.closed > closed[0]:
-            closed[0] = builder.closed
-            resume.save(store, fingerprint, chunks, builder, problems, state_name)
-
-    show = Progress(False)  # a line every 10 seconds in the task's log
+    chunks_done, checkpoint = resume.resumable(store, fingerprint, builder, parsing, state_name)
     encoded = pack_documents(
-        units, builder, settings, tokenizer_path, dtype, bos, workers, problems, show,
-        pool=pool, skip_chunks=chunks_done, on_chunk=checkpoint,
-    )  # fmt: skip
+        units,
+        builder,
+        settings,
+        tokenizer_path,
+        dtype,
+        bos,
+        workers,
+        parsing,
+        Progress(False),  # a line every 10 seconds in the task's log
+        pool=pool,
+        skip_chunks=chunks_done,
+        on_chunk=checkpoint,
+    )
     record: dict[str, Any] = {"unit": index, **unit, "splits": {}}
     for split, state in builder.splits.items():
         record["splits"][split] = {"shards": state.shards, **state.counts()}
     record["packing"] = settings.packing_record(bos)
-    record["problems"] = problems.as_dict()
+    record["problems"] = reading.merged(parsing).as_dict()
     record["tokenizer"] = tokenizer_record(tokenizer, tokenizer_path, plan["tokenizer"]["sha256"])
     record["finished"] = _now()
     store.put_bytes((json.dumps(record, indent=1) + "\n").encode(), f"units/{name}.json")
@@ -334,7 +335,7 @@ def merge(out: str, options: S3Options | None = None, checksums: bool = True) ->
             "tokenizer": records[0]["tokenizer"],
             "seq_len": settings.seq_len,
             "row_len": settings.seq_len + 1,
-            "dtype": "uint16" if records[0]["tokenizer"]["vocab_size"] <= 1 << 16 else "uint32",
+            "dtype": token_dtype(records[0]["tokenizer"]["vocab_size"]).name,
             "shards": shards,
             "totals": totals,
             "packing": records[0]["packing"],

@@ -1,17 +1,16 @@
-"""Streaming shards from a manifest (local directory or s3:// prefix), with exact resume.
+"""Streaming one shard set from its manifest (local directory or s3:// prefix).
 
 Each epoch, the shard order is a permutation drawn from (seed, epoch); rank r of W reads the shards
 at positions r, r + W, ... of it, reading each one through boto3 (or the file system) into memory,
 never to disk, and using its rows only once its size and sha256 match the manifest; samples are
-shuffled through a bounded buffer seeded by (seed, epoch, rank).
-Every rank yields the same number of batches per epoch: the smallest share, computed from the
-manifest alone (no communication), so no rank waits at an epoch end for another.
+shuffled through a bounded buffer seeded by (seed, epoch, rank). The stream of an epoch is a pure
+function of the manifest, the seed, the rank and the world size.
 
-The loader's position is two numbers, (epoch, batches yielded in that epoch). The stream of an epoch
-is a pure function of the manifest, the seed, the rank, the world size and the batch size, so resuming
-replays the epoch and skips that many batches: exactly the batches an uninterrupted run would have
-seen. That holds for any change of ``prefetch_batches`` (prefetching does not change the order); changing
-the world size, the micro batch size, the seed or the shard set changes the stream.
+Training reads rows (`rows_from`): every rank uses the smallest rank's share of rows per epoch,
+computed from the manifest alone (no communication), and a position is a row count, from which the
+mixture (`pipeline.data.mixture`) resumes exactly. The evaluation sets (`rows_loader`) are read as
+batches (``__iter__``, every rank the same number per epoch); the batch position (epoch, batches) and
+its ``state_dict`` date from before mixtures and are no longer what a checkpoint holds.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ FORMAT = "parcae-mixture/1"
 
 
 class MixSchedule:
-    """The source of every row slot of every step (see the module's doc). ``state`` is plain JSON."""
+    """The source of every row slot of every step (see the module's doc): the mixture's fixed parameters;
+    the state that advances (`initial_state`, plain JSON) is passed to `plan`."""
 
     def __init__(
         self,
@@ -64,10 +65,13 @@ class MixSchedule:
         self.names, self.capacities = names, capacities
         self.weights = [Fraction(str(w)) for w in weights]  # exact: the counts are the same on every machine
         self.seed, self.world_size, self.micro, self.accumulation = seed, world_size, micro_batch_size, accumulation
-        self.state: dict[str, Any] = {
+
+    def initial_state(self) -> dict[str, Any]:
+        """Steps planned, carried fractions, rows each rank took from each source, sources stopped."""
+        return {
             "step": 0,
-            "credit": {n: "0" for n in names},
-            "used": {n: [0] * world_size for n in names},
+            "credit": {n: "0" for n in self.names},
+            "used": {n: [0] * self.world_size for n in self.names},
             "stopped": [],
         }
 
@@ -75,9 +79,9 @@ class MixSchedule:
     def global_batch(self) -> int:
         return self.accumulation * self.world_size * self.micro
 
-    def plan(self) -> list[int]:
-        """The next step's G slots (source indices, in slot order); advances the state."""
-        state, G = self.state, self.global_batch
+    def plan(self, state: dict[str, Any]) -> list[int]:
+        """The next step's G slots (source indices, in slot order); advances ``state`` in place."""
+        G = self.global_batch
         while True:
             active = [i for i, n in enumerate(self.names) if n not in state["stopped"]]
             if not active:
@@ -168,25 +172,20 @@ class MixtureLoader:
                 raise DataError(f"data source {source.name!r}: {exc}") from None
         check_same_tokenizer([(s.name, s.url, st.manifest) for s, st in zip(self.sources, self.streams, strict=True)])
         self.manifest = self.streams[0].manifest  # the run's tokenizer (prompts) is the sources' one
-        self.seed = seed
-        self.schedule = self._new_schedule()
-        self.position: dict[str, Any] = {"schedule": copy.deepcopy(self.schedule.state), "micro": 0}
-        self._window_rows: dict[str, int] | None = None
-
-    def _new_schedule(self) -> MixSchedule:
-        capacities = [
-            st.rows_in_epochs(s.max_epochs) if s.max_epochs else None
-            for s, st in zip(self.sources, self.streams, strict=True)
-        ]
-        return MixSchedule(
+        pairs = list(zip(self.sources, self.streams, strict=True))
+        self.rows = {s.name: sum(shard["samples"] for shard in st.shards) for s, st in pairs}  # for epochs
+        capacities = [st.rows_in_epochs(s.max_epochs) if s.max_epochs else None for s, st in pairs]
+        self.schedule = MixSchedule(
             [s.name for s in self.sources],
             [s.weight for s in self.sources],
             capacities,
-            seed=self.seed,
-            world_size=self.world_size,
-            micro_batch_size=self.micro,
-            accumulation=self.accumulation,
+            seed=seed,
+            world_size=world_size,
+            micro_batch_size=micro_batch_size,
+            accumulation=accumulation,
         )
+        self.position: dict[str, Any] = {"schedule": self.schedule.initial_state(), "micro": 0}
+        self._window_rows: dict[str, int] | None = None
 
     # -- the stream
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -200,26 +199,24 @@ class MixtureLoader:
             yield batch
 
     def _batches(self, position: dict[str, Any]) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
-        schedule = self._new_schedule()
-        schedule.state = position["schedule"]
+        schedule, state = self.schedule, position["schedule"]  # a copy: planning advances it in place
         rows = {
-            s.name: st.rows_from(schedule.state["used"][s.name][self.rank])
+            s.name: st.rows_from(state["used"][s.name][self.rank])
             for s, st in zip(self.sources, self.streams, strict=True)
         }
-        names = schedule.names
         skip = position["micro"]
+        before = copy.deepcopy(state)  # the state at the start of the step (handed out, never changed)
         while True:
-            before = copy.deepcopy(schedule.state)
-            slots = schedule.plan()
-            after = copy.deepcopy(schedule.state)
+            slots = schedule.plan(state)
+            after = copy.deepcopy(state)
             for m in range(self.accumulation):
-                batch = [next(rows[names[i]]) for i in schedule.rank_slots(slots, m, self.rank)]
+                batch = [next(rows[schedule.names[i]]) for i in schedule.rank_slots(slots, m, self.rank)]
                 if m < skip:  # resumed inside a step: these rows were used before the checkpoint
                     continue
                 last = m == self.accumulation - 1
                 handed = {"schedule": after, "micro": 0} if last else {"schedule": before, "micro": m + 1}
                 yield torch.from_numpy(np.stack(batch).astype(np.int64)), handed
-            skip = 0
+            skip, before = 0, after
 
     # -- what the run logs
     def rows_used(self) -> dict[str, int]:
@@ -234,9 +231,7 @@ class MixtureLoader:
         total = sum(window.values())
         self._window_rows = used
         out: dict[str, float] = {}
-        for source, stream in zip(self.sources, self.streams, strict=True):
-            rows = sum(shard["samples"] for shard in stream.shards)
-            name = source.name
+        for name, rows in self.rows.items():
             out[f"data/{name}/tokens"] = used[name] * self.seq_len
             out[f"data/{name}/epochs"] = used[name] / rows if rows else 0.0
             out[f"data/{name}/share"] = window[name] / total if total else 0.0
@@ -284,7 +279,7 @@ class MixtureLoader:
         ones start at their beginning; the carried fractions and the stopped flags start afresh."""
         kept = {s["name"] for s in saved} & {s.name for s in self.sources}
         same_url = {s["name"]: s["url"] for s in saved}
-        fresh = self._new_schedule().state
+        fresh = self.schedule.initial_state()
         fresh["step"] = schedule["step"]
         for source in self.sources:
             if source.name in kept and same_url[source.name] == source.url:
@@ -294,8 +289,7 @@ class MixtureLoader:
     def _restarted_epochs(self, schedule: dict[str, Any], old_world: int) -> dict[str, Any]:
         """Another world size reads other shards on every rank: each source starts its next epoch."""
         for source, stream in zip(self.sources, self.streams, strict=True):
-            rows = sum(shard["samples"] for shard in stream.shards) or 1
-            passes = math.ceil(sum(schedule["used"][source.name]) / rows)
+            passes = math.ceil(sum(schedule["used"][source.name]) / (self.rows[source.name] or 1))
             schedule["used"][source.name] = [stream.rows_in_epochs(passes)] * self.world_size
         log.warning(
             "the checkpoint was written by %d ranks, this run has %d: every source continues at the start of its "
@@ -314,7 +308,7 @@ class MixtureLoader:
         stream, name = self.streams[0], self.sources[0].name
         epoch, batches = int(state["epoch"]), int(state["batches"])
         position = stream.rows_in_epochs(epoch) + batches * self.micro
-        schedule = self._new_schedule().state
+        schedule = self.schedule.initial_state()
         schedule["used"][name] = [position] * self.world_size
         self.position = {"schedule": schedule, "micro": 0}
         self._window_rows = self.rows_used()

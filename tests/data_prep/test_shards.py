@@ -273,8 +273,8 @@ def test_a_crash_near_the_end_tokenizes_only_the_unfinished_shards_again(tmp_pat
         from data_prep import resume, shards
         from data_prep.shards import ShardSettings, build_shards
         save, add, armed = resume.save, shards.ShardBuilder.add, []
-        def saving(store, fingerprint, chunks, builder, problems):
-            save(store, fingerprint, chunks, builder, problems)
+        def saving(store, fingerprint, chunks, builder, *rest):
+            save(store, fingerprint, chunks, builder, *rest)
             if builder.splits["train"].shard_index == {total - 2}:
                 armed.append(0)  # the last two train shards fill from here on
         def adding(self, split, tokens, lengths):

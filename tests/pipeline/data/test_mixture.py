@@ -99,12 +99,12 @@ def test_shares_follow_the_weights_identically_across_runs_and_rank_counts(two_s
 def test_the_schedule_is_within_one_row_of_the_weights():
     schedule = MixSchedule(["x", "y", "z"], [0.5, 0.3, 0.2], [None] * 3, seed=1, world_size=4, micro_batch_size=3,
                            accumulation=2)  # fmt: skip
-    counts = collections.Counter()
+    counts, state = collections.Counter(), schedule.initial_state()
     for step in range(1, 200):
-        counts.update(schedule.plan())
+        counts.update(schedule.plan(state))
         for i, w in enumerate([0.5, 0.3, 0.2]):
             assert abs(counts[i] - step * 24 * w) < 1
-    assert schedule.state["used"]["x"] and sum(schedule.state["used"]["x"]) == counts[0]
+    assert state["used"]["x"] and sum(state["used"]["x"]) == counts[0]
 
 
 def test_a_source_with_max_epochs_stops_and_the_others_take_its_rows(two_sources):
