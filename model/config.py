@@ -187,6 +187,26 @@ def _attention_flops(cfg: ParcaeConfig, seq_len: int, mean_rec: float, mean_bwd:
     return float(flops)
 
 
+def recompute_flops_per_token(
+    cfg: ParcaeConfig,
+    seq_len: int,
+    mean_recurrence: float | None = None,
+    mean_backprop_depth: float | None = None,
+) -> float:
+    """FLOPs per token that per-loop activation checkpointing adds: each backpropagated loop's forward runs
+    again in the backward, mean_bwd times: 2 N_core + the core's attention, less the loop body's last matmul
+    (the last MLP's down projection: non-reentrant checkpointing stops recomputing once every tensor the
+    backward needs is back, and nothing saves that matmul's output). Zero without checkpointing and for the
+    GPT baseline. hardware_flops_per_token + this is what the matmuls execute: the numerator of HFU
+    (hardware FLOPs utilisation), where MFU leaves recomputation out as PaLM defines it."""
+    if not (cfg.looped and cfg.activation_checkpointing):
+        return 0.0
+    _, mean_bwd = _loop_means(cfg, mean_recurrence, mean_backprop_depth)
+    d = cfg.d_model
+    attention = 4 * d * seq_len * cfg.n_core
+    return float(mean_bwd * (2 * (count_params(cfg)["core"] - 4 * d * d) + attention))
+
+
 def _core_block_params(cfg: ParcaeConfig) -> int:
     return sum(_block_params(cfg, i) for i in cfg.core_layers)
 

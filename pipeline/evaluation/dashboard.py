@@ -32,7 +32,7 @@ HPARAM_METRICS = {
 _GROUPS = {
     "optim": ("lr", "grad_norm", "nonfinite_skipped", "spikes_skipped"),
     "loops": ("spectral_radius", "a_bar_mean", "loops_mean", "h_norm_last_loop", "h_relative_change_last_loop"),
-    "throughput": ("tokens_per_s", "samples_per_s", "step_time_s", "data_wait_s", "mfu", "tokens_seen"),
+    "throughput": ("tokens_per_s", "samples_per_s", "step_time_s", "data_wait_s", "mfu", "hfu", "tokens_seen"),
 }
 
 
@@ -119,7 +119,7 @@ LAYOUT = {
     },
     "throughput": {
         "tokens/s": ["Multiline", ["throughput/tokens_per_s$"]],
-        "MFU": ["Multiline", ["throughput/mfu$"]],
+        "MFU and HFU": ["Multiline", ["throughput/(mfu|hfu)$"]],
         "step time and data wait (s)": ["Multiline", ["throughput/step_time_s$", "throughput/data_wait_s$"]],
     },
     "system": {

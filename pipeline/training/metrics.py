@@ -41,6 +41,7 @@ class MetricsLogger:
         tokens_per_step: int,
         flops_per_token: float,
         device_type: str,
+        recompute_flops_per_token: float = 0.0,
         measured_peak: float | None = None,
         val_loops: int | None = None,
     ):
@@ -48,6 +49,7 @@ class MetricsLogger:
         self.run_dir, self.rank, self.world_size, self.seq_len = run_dir, rank, world_size, seq_len
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
+        self.recompute_flops_per_token = recompute_flops_per_token  # checkpointing's: in HFU, not in MFU
         # a CPU's peak is measured (`pipeline.training.peak`); a GPU's is the published one unless given
         self.peak = spec.peak_flops_per_device or (measured_peak if device_type == "cpu" else H100_BF16_PEAK)
         self.val_loops = val_loops  # the loop count whose validation loss is loss/val (the mean recurrence)
@@ -129,6 +131,8 @@ class MetricsLogger:
                 record["loops_mean"] = float(result.loop_counts.float().mean())
             if self.peak:
                 record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
+                executed = self.flops_per_token + self.recompute_flops_per_token
+                record["hfu"] = executed * tokens_per_s / (self.peak * self.world_size)
             record.update(details())
             if result.loop_stats:
                 record["h_norm_last_loop"] = result.loop_stats[-1]["h_norm"]

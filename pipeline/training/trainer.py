@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from model.config import hardware_flops_per_token
+from model.config import hardware_flops_per_token, recompute_flops_per_token
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
 from pipeline.data import train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
@@ -189,6 +189,7 @@ class Trainer:
             seq_len=spec.data.seq_len,
             tokens_per_step=spec.tokens_per_step,
             flops_per_token=hardware_flops_per_token(cfg, spec.data.seq_len),
+            recompute_flops_per_token=recompute_flops_per_token(cfg, spec.data.seq_len),
             device_type=device_type,
             measured_peak=self.cpu_peak(spec) if device_type == "cpu" else None,
             val_loops=validation_loops(spec) if cfg.looped else None,

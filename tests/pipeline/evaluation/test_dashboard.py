@@ -9,7 +9,7 @@ from pipeline.evaluation.dashboard import LAYOUT, STABILITY_LIMIT, loop_tags, so
 RECORD = [  # what a Parcae run's metrics.jsonl holds, and what parcae eval and downstream scoring add
     "loss", "val_loss_loops_1", "val_loss_loops_4", "val_loss_loops_4_std", "lr", "grad_norm", "nonfinite_skipped",
     "spikes_skipped", "spectral_radius", "a_bar_mean", "loops_mean", "tokens_per_s", "samples_per_s", "step_time_s",
-    "data_wait_s", "mfu", "tokens_seen", "memory_max_rss_gb", "downstream/core_loops_4", "eval/loss_loops_8",
+    "data_wait_s", "mfu", "hfu", "tokens_seen", "memory_max_rss_gb", "downstream/core_loops_4", "eval/loss_loops_8",
     "eval/fit_l_inf", "val_fit_l_inf", "data/web/tokens", "data/web/epochs", "data/web/share", "val/web/loss_T4",
 ]  # fmt: skip
 

@@ -198,6 +198,7 @@ def test_bf16_precisions_train_and_evaluate_under_zero3(tmp_path, shards, precis
     assert f"ZeRO stage 3, {precision}" in log
     # MFU on CPU is against the measured bf16 matmul peak
     assert "CPU: bfloat16 matmul peak measured at" in log and 0 < steps[-1]["mfu"] < 2
+    assert steps[-1]["hfu"] > steps[-1]["mfu"]  # per-loop checkpointing's recomputation: in HFU only
     # the checkpoint round trip: a second start resumes from step 10 and goes on training
     records = run_variant(tmp_path, shards, precision, 12, [f"training.precision={precision}"])
     assert "resuming at step 10" in (tmp_path / f"{precision}.log").read_text()
