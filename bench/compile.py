@@ -6,13 +6,19 @@
    config (d=64) and a wide one (d=512, 2/2/2 blocks, vocab 8192, 8 x 256 tokens); then where the compiled
    wide step's time goes (torch.profiler, by op family).
 3. bf16-mixed (autocast, fp32 weights) against fp32, both compiled, wide config: tokens/s, and the training
-   loss of --loss-steps steps (4 x 128 tokens) on the embedded corpus (the same rows and draws).
+   loss of --loss-steps steps (4 x 128 tokens) on the embedded corpus (the same rows and draws), from two
+   initialisations per precision (their spread is the noise).
 4. Head + loss at vocab 32,768 (micro batch 8 x 2048, d=768): peak resident memory of its forward and
    backward, whole against chunked (each in a fresh process), and the time of a whole training step of a
    model with that head (d=512, 2/2/2, 4 x 1024 tokens), chunked against whole.
+5. Compiled fp32 MFU and HFU at d=512 (`--only-mfu` widths), without and with per-loop activation
+   checkpointing, against a matmul peak measured between the rounds of training steps.
+
+Parts 2 and 3 run the model as `parcae train` does by default: with per-loop activation checkpointing, whose
+recomputation MFU does not count (their MFU column is that MFU).
 
     .venv/bin/python bench/compile.py [--steps 10] [--loss-steps 200] [--skip-loss]
-    .venv/bin/python bench/compile.py --only-memory | --only-mfu 512 1024
+    .venv/bin/python bench/compile.py --only-memory | --only-mfu 512 1024 | --only-loss
 """
 
 from __future__ import annotations
@@ -62,12 +68,27 @@ def draws(cfg, micro: int, steps: int, vocab: int, seq: int):
     ]
 
 
-def train_rate(cfg, batches, compiled: bool, precision: str, warmup: int = 8, losses: list | None = None) -> float:
+def flops_per_token(cfg, seq: int, batches, recompute: bool = False) -> float:
+    """`hardware_flops_per_token` (+ `recompute_flops_per_token` with ``recompute``) at the loop counts these
+    batches actually drew: a few steps' mean recurrence is not the configured mean (and the sampler's mean
+    backprop depth, E[min(T, k)], is below k), so the configured means would misstate MFU by several %."""
+    from model import hardware_flops_per_token, recompute_flops_per_token
+
+    no_grad = torch.cat([loops[0] for _, loops in batches]).double()
+    grad = torch.cat([loops[1] for _, loops in batches]).double()
+    means = {"mean_recurrence": float((no_grad + grad).mean()), "mean_backprop_depth": float(grad.mean())}
+    flops = hardware_flops_per_token(cfg, seq, **means)
+    return flops + (recompute_flops_per_token(cfg, seq, **means) if recompute else 0.0)
+
+
+def train_rate(
+    cfg, batches, compiled: bool, precision: str, warmup: int = 8, losses: list | None = None, seed: int = 0
+) -> float:
     """Tokens/s of AdamW steps over ``batches`` after ``warmup`` steps (compiled: every variant compiled by the
-    warm-up before the first step, as `parcae train` does)."""
+    warm-up before the first step, as `parcae train` does); ``seed`` initialises the model."""
     from model import build_model
 
-    model = build_model(cfg, seed=0)
+    model = build_model(cfg, seed=seed)
     if compiled:
         model.compile_units()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
@@ -224,21 +245,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="measured steps per variant (after 8 warm-up)")
     parser.add_argument("--loss-steps", type=int, default=200)
     parser.add_argument("--skip-loss", action="store_true", help="part 3 without the loss comparison")
+    parser.add_argument("--only-loss", action="store_true", help="only part 3's loss comparison")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--only-memory", action="store_true", help="part 4 only")
     parser.add_argument(
-        "--only-mfu", type=int, nargs="+", metavar="D", help="only the compiled fp32 MFU at these widths (2/2/2 blocks)"
+        "--only-mfu", type=int, nargs="+", metavar="D", help="only part 5, at these widths (2/2/2 blocks)"
     )
     args = parser.parse_args()
     if args.part:  # a fresh process for one memory measurement
         print(json.dumps(head_memory(args.part == "chunked")))
         return
-    from model import hardware_flops_per_token
-
     if args.only_memory:
         return memory_part()
     if args.only_mfu:
         return mfu_part(args.only_mfu)
+    if args.only_loss:
+        print("3. the loss, bf16-mixed vs fp32, compiled, wide d=512:")
+        return loss_part(config(WIDE, 256), args.loss_steps)
     peak = peaks()
     print(f"threads {torch.get_num_threads()}")
     print("1. matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
@@ -246,7 +269,7 @@ def main() -> None:
     for label, shape, micro, seq in (("tiny d=64", TINY, 8, 128), ("wide d=512", WIDE, 8, 256)):
         cfg = config(shape, seq)
         batches = draws(cfg, micro, args.steps + 8, cfg.vocab_size, seq)
-        flops = hardware_flops_per_token(cfg, seq)
+        flops = flops_per_token(cfg, seq, batches[8:])
         rates = {c: train_rate(cfg, batches, c, "fp32") for c in (False, True)}
         for compiled, rate in rates.items():
             mfu = flops * rate / peak["float32"]
@@ -265,32 +288,91 @@ def main() -> None:
     bf16 = train_rate(cfg, batches, True, "bf16-mixed")
     print(f"   fp32 {fp32:.0f} tokens/s, bf16-mixed {bf16:.0f} tokens/s: {bf16 / fp32:.2f}x")
     if not args.skip_loss:
-        rows = corpus_batches(cfg, args.loss_steps, 4, 128)  # smaller steps: 200 of them in minutes
-        curves = {}
-        for precision in ("fp32", "bf16-mixed"):
-            curves[precision] = []
-            train_rate(cfg, rows, True, precision, warmup=0, losses=curves[precision])
-        last = {p: sum(c[-20:]) / 20 for p, c in curves.items()}
-        spread = max(abs(a - b) for a, b in zip(curves["fp32"][-20:], curves["bf16-mixed"][-20:], strict=True))
-        print(
-            f"   loss over {args.loss_steps} steps of the embedded corpus, mean of the last 20: "
-            f"fp32 {last['fp32']:.4f}, bf16-mixed {last['bf16-mixed']:.4f} (largest step difference there {spread:.4f})"
-        )
+        loss_part(cfg, args.loss_steps)
     memory_part()
+    print("5. compiled fp32 MFU and HFU, without and with per-loop checkpointing:")
+    mfu_part([512])
 
 
-def mfu_part(widths: list[int]) -> None:
-    """Compiled fp32 training MFU against the measured fp32 matmul peak, at each width (head_dim 128)."""
-    from model import hardware_flops_per_token
+def loss_part(cfg, steps: int, seeds: tuple[int, ...] = (0, 1)) -> None:
+    """The training loss of ``steps`` steps (4 x 128 tokens of the embedded corpus, the same rows and loop
+    draws) in fp32 and bf16-mixed, compiled, from two initialisations each: the seeds' spread within a
+    precision is the noise the difference between the precisions is held against."""
+    rows = corpus_batches(cfg, steps, 4, 128)  # smaller steps: 200 of them in minutes
+    last: dict[tuple[str, int], float] = {}
+    for seed in seeds:
+        for precision in ("fp32", "bf16-mixed"):
+            curve: list[float] = []
+            train_rate(cfg, rows, True, precision, warmup=0, losses=curve, seed=seed)
+            last[precision, seed] = sum(curve[-20:]) / 20
+            value = last[precision, seed]
+            print(f"   loss over {steps} steps, mean of the last 20: {precision:<10} init seed {seed}: {value:.4f}")
+    noise = max(abs(last[p, seeds[0]] - last[p, seeds[1]]) for p in ("fp32", "bf16-mixed"))
+    mean = {p: sum(last[p, s] for s in seeds) / len(seeds) for p in ("fp32", "bf16-mixed")}
+    print(
+        f"   precisions, mean over the seeds: fp32 {mean['fp32']:.4f}, bf16-mixed {mean['bf16-mixed']:.4f}: "
+        f"difference {mean['bf16-mixed'] - mean['fp32']:+.4f}; the seeds' largest spread within a precision {noise:.4f}"
+    )
 
-    peak = peaks()["float32"]
-    print(f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+
+def mfu_part(widths: list[int], rounds: int = 3, steps: int = 3) -> None:
+    """Compiled fp32 training MFU and HFU at each width (2/2/2 blocks, head_dim 128, 8 x 256 tokens), without
+    activation checkpointing (the issue's condition, as its probe ran) and with per-loop checkpointing (the
+    training default). The peak is measured between rounds of training steps (sustained 2048-square matmuls
+    into a kept buffer, ~2 s a round), so both sides see the same machine; the best single call of
+    `peaks()` (the older denominator, a maximum over short calls) is printed beside it."""
+    import dataclasses
+
+    best_call = peaks()["float32"]
+    print(f"fp32 matmul peak, best single call of 1024/2048/4096 squares: {best_call / 1e9:.0f} GFLOP/s")
+    micro, seq = 8, 256
     for d in widths:
-        for micro, seq in ((8, 256), (4, 512)):
+        for checkpointing in (False, True):
             cfg = config({**WIDE, "d_model": d, "n_head": max(1, d // 128)}, seq)
-            rate = train_rate(cfg, draws(cfg, micro, 14, cfg.vocab_size, seq), True, "fp32", warmup=4)
-            mfu = hardware_flops_per_token(cfg, seq) * rate / peak
-            print(f"   d={d} {micro} x {seq}: {rate:.0f} tokens/s, MFU {mfu:.3f}")
+            cfg = dataclasses.replace(cfg, activation_checkpointing=checkpointing)
+            batches = draws(cfg, micro, 4 + rounds * steps, cfg.vocab_size, seq)
+            rate, peak = interleaved_rate(cfg, batches, rounds, steps)
+            model = flops_per_token(cfg, seq, batches[4:]) * rate
+            executed = flops_per_token(cfg, seq, batches[4:], recompute=True) * rate
+            print(
+                f"   d={d} checkpointing {'on ' if checkpointing else 'off'}: {rate:.0f} tokens/s, sustained peak "
+                f"{peak / 1e9:.0f} GFLOP/s: MFU {model / peak:.3f}, HFU {executed / peak:.3f} "
+                f"(against the best call: MFU {model / best_call:.3f}, HFU {executed / best_call:.3f})"
+            )
+
+
+def interleaved_rate(cfg, batches, rounds: int, steps: int, seconds: float = 2.0) -> tuple[float, float]:
+    """Compiled fp32 AdamW steps (every variant compiled and 4 steps run first) in ``rounds`` rounds of
+    ``steps``, a sustained 2048-square matmul measurement after each: (tokens/s, matmul FLOP/s)."""
+    from model import build_model
+
+    model = build_model(cfg, seed=0)
+    model.compile_units()
+    model.warm_up_compiled(batches[0][0].shape[1] - 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(rows, loops):
+        loss = model(rows[:, :-1], rows[:, 1:], loops=loops)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for rows, loops in batches[:4]:
+        step(rows, loops)
+    a, b, out = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
+    train_s = tokens = gemm_s = gemm_flops = 0.0
+    for r in range(rounds):
+        start = time.perf_counter()
+        for rows, loops in batches[4 + r * steps : 4 + (r + 1) * steps]:
+            step(rows, loops)
+            tokens += rows[:, 1:].numel()
+        train_s += time.perf_counter() - start
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(a, b, out=out)
+            gemm_flops += 2 * 2048**3
+        gemm_s += time.perf_counter() - start
+    return tokens / train_s, gemm_flops / gemm_s
 
 
 def memory_part() -> None:

@@ -9,6 +9,7 @@ draws exactly what the uninterrupted one would have.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -33,3 +34,14 @@ def sample_loop_counts(
     total = torch.poisson(rates, generator=generator).long().clamp(min=1)
     n_grad = total.clamp(max=mean_backprop_depth)
     return total - n_grad, n_grad
+
+
+def expected_loop_counts(mean_recurrence: float, mean_backprop_depth: int) -> tuple[float, float]:
+    """(E[total], E[k]) under `sample_loop_counts`: what a long run averages, and so what its FLOPs per token
+    are. E[k] = E[min(total, k_max)] is below the configured depth (3.94 at 8 / 4: a draw of 1-3 loops
+    backpropagates all of them); E[total] is a hair above the mean (a draw of 0 runs 1)."""
+    pmf = [math.exp(-mean_recurrence)]  # Poisson(mean_recurrence) at 0, 1, ... below the depth
+    for n in range(1, mean_backprop_depth):
+        pmf.append(pmf[-1] * mean_recurrence / n)
+    short_by = sum((mean_backprop_depth - max(n, 1)) * p for n, p in enumerate(pmf))
+    return mean_recurrence + pmf[0], mean_backprop_depth - short_by

@@ -3,7 +3,8 @@
 GPUs have a published peak (`logging.peak_flops_per_device`, an H100's dense bf16 by default). A CPU's
 depends on its cores, its vector units and how many threads this rank may use, so it is measured: square
 matmuls of ``size`` for about ``seconds``, in the dtype the matmuls run in (bf16 under bf16-mixed), on
-this rank's threads while the other ranks measure theirs. bench/gemm_peak.py measures it at several sizes.
+this rank's threads while the other ranks measure theirs. bench/compile.py measures it at several sizes, and
+also between rounds of training steps (a sustained rate, not the best call).
 """
 
 from __future__ import annotations

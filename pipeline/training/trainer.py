@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from model.config import hardware_flops_per_token, recompute_flops_per_token
+from model.sampling import expected_loop_counts
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
 from pipeline.data import train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
@@ -183,13 +184,15 @@ class Trainer:
         self.sampler = DepthSampler.for_model(cfg, seed=t.seed, micro_batch_size=t.micro_batch_size, **ranks)
         self.guard = LossGuard(t.spike_zscore)
         self.run_dir = Path(spec.run_dir or ".")
+        # MFU's FLOPs at the loop counts a long run averages (E[min(T, k)] < k), not the configured means
+        means = expected_loop_counts(cfg.mean_recurrence, cfg.mean_backprop_depth) if cfg.looped else (None, None)
         self.metrics = MetricsLogger(
             spec.logging,
             self.run_dir,
             seq_len=spec.data.seq_len,
             tokens_per_step=spec.tokens_per_step,
-            flops_per_token=hardware_flops_per_token(cfg, spec.data.seq_len),
-            recompute_flops_per_token=recompute_flops_per_token(cfg, spec.data.seq_len),
+            flops_per_token=hardware_flops_per_token(cfg, spec.data.seq_len, *means),
+            recompute_flops_per_token=recompute_flops_per_token(cfg, spec.data.seq_len, *means),
             device_type=device_type,
             measured_peak=self.cpu_peak(spec) if device_type == "cpu" else None,
             val_loops=validation_loops(spec) if cfg.looped else None,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import loop_generator, sample_loop_counts
+from model.sampling import expected_loop_counts
 
 
 def test_distribution_and_truncation():
@@ -29,3 +31,13 @@ def test_reproducible_and_different_per_rank_step_and_micro_step():
 def test_mean_one_and_depth_one():
     n_nograd, n_grad = sample_loop_counts(1000, 1, 1, loop_generator(0, 0, 0, 0))
     assert (n_grad == 1).all() and (n_nograd >= 0).all()
+
+
+@pytest.mark.parametrize(("mean", "depth"), [(8, 4), (4, 2), (3, 3), (2, 1)])
+def test_expected_loop_counts_are_what_the_sampler_averages(mean, depth):
+    """MFU's FLOPs per token use them: the configured depth overstates the backpropagated loops."""
+    n_nograd, n_grad = sample_loop_counts(400_000, mean, depth, loop_generator(0, 0, 0, 0))
+    total, grad = expected_loop_counts(mean, depth)
+    assert (n_nograd + n_grad).double().mean().item() == pytest.approx(total, abs=0.01)
+    assert n_grad.double().mean().item() == pytest.approx(grad, abs=0.005)
+    assert grad <= depth and (grad < depth) == (depth > 1)
