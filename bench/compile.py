@@ -105,26 +105,33 @@ def train_rate(
         optimizer.step()
         tokens += rows[:, 1:].numel()
         if losses is not None:
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return tokens / (time.perf_counter() - start)
+
+
+def compiled_step(cfg, seq: int):
+    """One fp32 AdamW step of a compiled model (every variant compiled now) on (rows, loops), as a function."""
+    from model import build_model
+
+    model = build_model(cfg, seed=0)
+    model.compile_units()
+    model.warm_up_compiled(seq)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(rows, loops) -> None:
+        loss = model(rows[:, :-1], rows[:, 1:], loops=loops)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 def profile_families(cfg, batches) -> list[tuple[str, float]]:
     """Share of the compiled step's self CPU time per op family (3 profiled steps after warm-up)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from model import build_model
-
-    model = build_model(cfg, seed=0)
-    model.compile_units()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step(rows, loops):
-        loss = model(rows[:, :-1], rows[:, 1:], loops=loops)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = compiled_step(cfg, batches[0][0].shape[1] - 1)
     for rows, loops in batches[:8]:
         step(rows, loops)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -244,6 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="measured steps per variant (after 8 warm-up)")
     parser.add_argument("--loss-steps", type=int, default=200)
+    parser.add_argument("--loss-seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="initialisations per precision")
     parser.add_argument("--skip-loss", action="store_true", help="part 3 without the loss comparison")
     parser.add_argument("--only-loss", action="store_true", help="only part 3's loss comparison")
     parser.add_argument("--part", help=argparse.SUPPRESS)
@@ -261,7 +269,7 @@ def main() -> None:
         return mfu_part(args.only_mfu)
     if args.only_loss:
         print("3. the loss, bf16-mixed vs fp32, compiled, wide d=512:")
-        return loss_part(config(WIDE, 256), args.loss_steps)
+        return loss_part(config(WIDE, 256), args.loss_steps, args.loss_seeds)
     peak = peaks()
     print(f"threads {torch.get_num_threads()}")
     print("1. matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
@@ -288,31 +296,33 @@ def main() -> None:
     bf16 = train_rate(cfg, batches, True, "bf16-mixed")
     print(f"   fp32 {fp32:.0f} tokens/s, bf16-mixed {bf16:.0f} tokens/s: {bf16 / fp32:.2f}x")
     if not args.skip_loss:
-        loss_part(cfg, args.loss_steps)
+        loss_part(cfg, args.loss_steps, args.loss_seeds)
     memory_part()
     print("5. compiled fp32 MFU and HFU, without and with per-loop checkpointing:")
     mfu_part([512])
 
 
-def loss_part(cfg, steps: int, seeds: tuple[int, ...] = (0, 1)) -> None:
+def loss_part(cfg, steps: int, seeds: list[int]) -> None:
     """The training loss of ``steps`` steps (4 x 128 tokens of the embedded corpus, the same rows and loop
-    draws) in fp32 and bf16-mixed, compiled, from two initialisations each: the seeds' spread within a
+    draws) in fp32 and bf16-mixed, compiled, from several initialisations each: the seeds' spread within a
     precision is the noise the difference between the precisions is held against."""
+    import statistics
+
     rows = corpus_batches(cfg, steps, 4, 128)  # smaller steps: 200 of them in minutes
-    last: dict[tuple[str, int], float] = {}
+    last: dict[str, list[float]] = {"fp32": [], "bf16-mixed": []}
     for seed in seeds:
-        for precision in ("fp32", "bf16-mixed"):
+        for precision in last:
             curve: list[float] = []
             train_rate(cfg, rows, True, precision, warmup=0, losses=curve, seed=seed)
-            last[precision, seed] = sum(curve[-20:]) / 20
-            value = last[precision, seed]
-            print(f"   loss over {steps} steps, mean of the last 20: {precision:<10} init seed {seed}: {value:.4f}")
-    noise = max(abs(last[p, seeds[0]] - last[p, seeds[1]]) for p in ("fp32", "bf16-mixed"))
-    mean = {p: sum(last[p, s] for s in seeds) / len(seeds) for p in ("fp32", "bf16-mixed")}
-    print(
-        f"   precisions, mean over the seeds: fp32 {mean['fp32']:.4f}, bf16-mixed {mean['bf16-mixed']:.4f}: "
-        f"difference {mean['bf16-mixed'] - mean['fp32']:+.4f}; the seeds' largest spread within a precision {noise:.4f}"
-    )
+            last[precision].append(sum(curve[-20:]) / 20)
+            marks = ", ".join(f"{sum(curve[i - 20 : i]) / 20:.3f}" for i in range(50, steps + 1, 50))
+            print(f"   {precision:<10} init seed {seed}: mean loss of the 20 steps before 50, 100, ...: {marks}")
+    for precision, values in last.items():
+        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+        print(f"   {precision:<10} last-20 mean over the seeds {statistics.mean(values):.4f}, sd {spread:.4f}")
+    pairs = [b - f for f, b in zip(last["fp32"], last["bf16-mixed"], strict=True)]
+    error = statistics.stdev(pairs) / len(pairs) ** 0.5 if len(pairs) > 1 else float("nan")
+    print(f"   bf16-mixed - fp32, same seed: {statistics.mean(pairs):+.4f} (standard error {error:.4f})")
 
 
 def mfu_part(widths: list[int], rounds: int = 3, steps: int = 3) -> None:
@@ -344,19 +354,7 @@ def mfu_part(widths: list[int], rounds: int = 3, steps: int = 3) -> None:
 def interleaved_rate(cfg, batches, rounds: int, steps: int, seconds: float = 2.0) -> tuple[float, float]:
     """Compiled fp32 AdamW steps (every variant compiled and 4 steps run first) in ``rounds`` rounds of
     ``steps``, a sustained 2048-square matmul measurement after each: (tokens/s, matmul FLOP/s)."""
-    from model import build_model
-
-    model = build_model(cfg, seed=0)
-    model.compile_units()
-    model.warm_up_compiled(batches[0][0].shape[1] - 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step(rows, loops):
-        loss = model(rows[:, :-1], rows[:, 1:], loops=loops)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = compiled_step(cfg, batches[0][0].shape[1] - 1)
     for rows, loops in batches[:4]:
         step(rows, loops)
     a, b, out = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
