@@ -85,7 +85,9 @@ def train_rate(
     cfg, batches, compiled: bool, precision: str, warmup: int = 8, losses: list | None = None, seed: int = 0
 ) -> float:
     """Tokens/s of AdamW steps over ``batches`` after ``warmup`` steps (compiled: every variant compiled by the
-    warm-up before the first step, as `parcae train` does); ``seed`` initialises the model."""
+    warm-up before the first step, as `parcae train` does); ``seed`` initialises the model. With ``losses``
+    (a loss curve is wanted) the steps train as `parcae train` does: the learning rate warmed up over 20
+    steps and the gradient norm clipped at 1.0 (without them this width diverges after ~50 steps)."""
     from model import build_model
 
     model = build_model(cfg, seed=seed)
@@ -102,6 +104,9 @@ def train_rate(
             loss = model(rows[:, :-1], rows[:, 1:], loops=loops)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if losses is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.param_groups[0]["lr"] = 1e-3 * min(1.0, (step + 1) / 20)
         optimizer.step()
         tokens += rows[:, 1:].numel()
         if losses is not None:
@@ -225,7 +230,7 @@ def step_time(chunked: bool, steps: int = 4) -> float:
 
 
 def corpus_batches(cfg, steps: int, micro: int, seq: int):
-    """Rows of the embedded corpus (tokenizer and shards made here) with the draws of `draws`."""
+    """Rows of the embedded corpus (tokenizer and shards made here), shuffled, with the draws of `draws`."""
     import tempfile
 
     from data_prep.corpus import BUILTIN, CorpusSpec, Problems, iter_documents
@@ -242,7 +247,11 @@ def corpus_batches(cfg, steps: int, micro: int, seq: int):
         loader = rows_loader(
             str(root / "s" / "train"), S3Options(), rank=0, world_size=1, batch_size=micro, seq_len=seq
         )
-        rows = [b.clone() for _, b in zip(range(steps), loader, strict=False)]
+        # the evaluation loader reads in document order; training shuffles: so do these rows (a fixed order,
+        # the same for every run), or the curve follows the corpus's files rather than the learning
+        every = torch.cat([b.clone() for _, b in zip(range(loader.batches_per_epoch(0)), loader, strict=False)])
+    order = torch.randperm(len(every), generator=torch.Generator().manual_seed(0))
+    rows = [every[order[(i * micro) % len(every) :][:micro]] for i in range(steps)]
     loops = [d[1] for d in draws(cfg, micro, steps, 8, seq)]
     return list(zip(rows, loops, strict=False))
 
