@@ -6,8 +6,8 @@
    config (d=64) and a wide one (d=512, 2/2/2 blocks, vocab 8192, 8 x 256 tokens); then where the compiled
    wide step's time goes (torch.profiler, by op family).
 3. bf16-mixed (autocast, fp32 weights) against fp32, both compiled, wide config: tokens/s, and the training
-   loss of --loss-steps steps (4 x 128 tokens) on the embedded corpus (the same rows and draws), from two
-   initialisations per precision (their spread is the noise).
+   loss of --loss-steps steps (4 x 128 tokens) on the embedded corpus (the same rows and draws), from the
+   --loss-seeds initialisations per precision (their spread is the noise).
 4. Head + loss at vocab 32,768 (micro batch 8 x 2048, d=768): peak resident memory of its forward and
    backward, whole against chunked (each in a fresh process), and the time of a whole training step of a
    model with that head (d=512, 2/2/2, 4 x 1024 tokens), chunked against whole.
@@ -106,7 +106,7 @@ def train_rate(
         loss.backward()
         if losses is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.param_groups[0]["lr"] = 1e-3 * min(1.0, (step + 1) / 20)
+            optimizer.param_groups[0]["lr"] = optimizer.defaults["lr"] * min(1.0, (step + 1) / 20)
         optimizer.step()
         tokens += rows[:, 1:].numel()
         if losses is not None:
@@ -251,7 +251,7 @@ def corpus_batches(cfg, steps: int, micro: int, seq: int):
         # the same for every run), or the curve follows the corpus's files rather than the learning
         every = torch.cat([b.clone() for _, b in zip(range(loader.batches_per_epoch(0)), loader, strict=False)])
     order = torch.randperm(len(every), generator=torch.Generator().manual_seed(0))
-    rows = [every[order[(i * micro) % len(every) :][:micro]] for i in range(steps)]
+    rows = [every[order[(torch.arange(micro) + i * micro) % len(every)]] for i in range(steps)]
     loops = [d[1] for d in draws(cfg, micro, steps, 8, seq)]
     return list(zip(rows, loops, strict=False))
 

@@ -175,11 +175,16 @@ def _loop_means(cfg: ParcaeConfig, mean_recurrence: float | None, mean_backprop_
     return mean_rec, mean_bwd
 
 
+def _attention_forward(cfg: ParcaeConfig, seq_len: int) -> int:
+    """One layer's attention forward per token: QK^T and AV, 2 d seq_len each (no causal savings)."""
+    return 4 * cfg.d_model * seq_len
+
+
 def _attention_flops(cfg: ParcaeConfig, seq_len: int, mean_rec: float, mean_bwd: float) -> float:
     """Attention scores and mixing per token: 4 d seq_len per layer forward (QK^T and AV, without causal
     savings, as nanochat and PaLM count), twice that backward; core layers once per loop forward and
     twice per backpropagated loop."""
-    attn_fwd = 4 * cfg.d_model * seq_len
+    attn_fwd = _attention_forward(cfg, seq_len)
     outside = cfg.num_unique_layers - (cfg.n_core if cfg.looped else 0)
     flops = 3 * attn_fwd * outside
     if cfg.looped:
@@ -202,9 +207,9 @@ def recompute_flops_per_token(
     if not (cfg.looped and cfg.activation_checkpointing):
         return 0.0
     _, mean_bwd = _loop_means(cfg, mean_recurrence, mean_backprop_depth)
-    d = cfg.d_model
-    attention = 4 * d * seq_len * cfg.n_core
-    return float(mean_bwd * (2 * (count_params(cfg)["core"] - 4 * d * d) + attention))
+    last_projection = 4 * cfg.d_model**2
+    attention = _attention_forward(cfg, seq_len) * cfg.n_core
+    return float(mean_bwd * (2 * (count_params(cfg)["core"] - last_projection) + attention))
 
 
 def _core_block_params(cfg: ParcaeConfig) -> int:
