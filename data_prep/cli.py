@@ -105,11 +105,11 @@ def _shard_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--packing",
-        choices=["concat", "bos-aligned"],
-        default="concat",
-        help="concat (default): documents run across rows, nothing lost but the last partial row; bos-aligned: "
-        "every row starts at a document with <bos>, filled best-fit, cropping what does not fit (the Parcae "
-        "reference's and nanochat's packing; the cropped tokens are counted)",
+        choices=["bos-aligned", "concat"],
+        default="bos-aligned",
+        help="bos-aligned (default; the Parcae reference's and nanochat's packing, and how CORE prompts start): "
+        "every row starts at a document with <bos>, filled best-fit, cropping what does not fit (counted); "
+        "concat: documents run across rows with <eos> between them, nothing lost but the last partial row",
     )
     p.add_argument(
         "--pack-buffer",

@@ -25,15 +25,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import VOCAB_MULTIPLE, ParcaeConfig
+from model.config import ParcaeConfig
+from model.errors import WeightsError
 from model.parcae import ParcaeLM
-from parcae_errors import ParcaeError
+from model.released import WEIGHT_FILES, check_rope_table, released_config
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +41,27 @@ FORMAT = "parcae-reference"
 _PREFIXES = ("_orig_mod.", "module.")
 
 
-class WeightsError(ParcaeError):
-    """A weights file that does not fit the model: the message names the file and the keys."""
-
-
 _RECURRENCE = "transformer.recurrence."
+
+
+# The concat (RDM) injection: one matrix here, the reference's LinearInjection wraps a Linear named "adapter".
+_CONCAT_OURS, _CONCAT_THEIRS = "adapter.weight", "transformer.adapter.adapter.weight"
 
 
 def to_reference(name: str) -> str:
     """Our parameter name -> the reference implementation's."""
     if name.startswith(_RECURRENCE):
         rest = name[len(_RECURRENCE) :]
+        if rest == _CONCAT_OURS:
+            return _CONCAT_THEIRS
         return rest if rest.startswith("value_embeds.") else "transformer." + rest
     return name
 
 
 def from_reference(name: str, core_layers: range) -> str:
     """The reference implementation's parameter name -> ours (``core_layers``: the core's layer indices)."""
+    if name == _CONCAT_THEIRS:
+        return _RECURRENCE + _CONCAT_OURS
     if name.startswith(("transformer.adapter.", "transformer.core_block.")):
         return _RECURRENCE + name[len("transformer.") :]
     if name.startswith("value_embeds.") and name.split(".")[1].isdigit() and int(name.split(".")[1]) in core_layers:
@@ -108,17 +112,23 @@ def read_config(path: str | Path) -> ParcaeConfig | None:
     return ParcaeConfig(**json.loads(metadata["config"]))
 
 
+_SPELLINGS = {
+    "transformer.adapter.B.weight": "transformer.adapter.B",
+    "transformer.adapter.weight": _CONCAT_THEIRS,  # our own files before the concat injection took the reference's name
+}
+
+
 def normalize_names(tensors: dict[str, torch.Tensor], source: str | Path = "weights") -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in tensors.items():
         for prefix in _PREFIXES:
             if name.startswith(prefix):
                 name = name[len(prefix) :]
-        if name == "transformer.adapter.B.weight":
-            name = "transformer.adapter.B"
+        name = _SPELLINGS.get(name, name)
         out[name] = tensor
-    out.pop("freqs_cis", None)  # the reference's RoPE table: recomputed here
-    out.pop("transformer.freqs_cis", None)
+    if "transformer.freqs_cis" in out:
+        out["freqs_cis"] = out.pop("transformer.freqs_cis")
+    out.pop("transformer.abacus.weight", None)  # the reference's GPT builds it with use_abacus; no forward reads it
     head = out.pop("lm_head.weight", None)
     if head is not None and "transformer.wte.weight" in out and not torch.equal(head, out["transformer.wte.weight"]):
         raise WeightsError(f"{source}: lm_head.weight differs from transformer.wte.weight, but this model ties them")
@@ -128,6 +138,10 @@ def normalize_names(tensors: dict[str, torch.Tensor], source: str | Path = "weig
 def load_state(model: ParcaeLM, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
     """Load reference-named ``tensors`` into ``model`` exactly: every key present, no extra key, every shape
     equal, every tensor floating point; the message names ``source`` and the keys that did not fit."""
+    tensors = dict(tensors)
+    table = tensors.pop("freqs_cis", None)  # the reference's RoPE table, saved with its weights
+    if table is not None:
+        check_rope_table(table, model.cfg, source)
     expected = reference_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -169,9 +183,9 @@ def read_weights(path: str | Path) -> tuple[ParcaeConfig | None, dict[str, torch
         except json.JSONDecodeError as exc:
             raise WeightsError(f"{config_file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         cfg = released_config(raw, config_file)
-        weights = next((path / n for n in RELEASED_WEIGHT_FILES if (path / n).is_file()), None)
+        weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
-            raise WeightsError(f"{path}: no weights file ({' or '.join(RELEASED_WEIGHT_FILES)})")
+            raise WeightsError(f"{path}: no weights file ({' or '.join(WEIGHT_FILES)})")
         return cfg, normalize_names(_torch_state(weights), weights)
     if path.suffix in (".pt", ".bin", ".pth"):
         return None, normalize_names(_torch_state(path), path)
@@ -227,90 +241,3 @@ def config_differences(theirs: ParcaeConfig, ours: ParcaeConfig) -> str:
     """``field: theirs vs ours`` for every field that differs."""
     a, b = dataclasses.asdict(theirs), dataclasses.asdict(ours)
     return "; ".join(f"{k}: {a[k]!r} in the weights, {b[k]!r} given" for k in a if a[k] != b[k])
-
-
-# ------------------------------------------------------------------------------------------------
-# The reference implementation's released directories: config.json -> ParcaeConfig
-RELEASED_WEIGHT_FILES = ("model.pt", "pytorch_model.bin")
-# Fields of the reference's config.json that do not change the computation of a forward pass.
-RELEASED_IGNORED = {
-    "_class_name", "name", "hf_config", "attn_impl", "init_strategy", "init_orthogonal", "rope_settings",
-    "sampling_scheme", "mean_recurrence", "mean_backprop_depth", "state_init", "lockstep_n", "lockstep_k",
-    "activation_checkpoint_impl", "simple_ops", "strategy", "init_values", "architecture_class_name",
-}  # fmt: skip
-RELEASED_MAPPED = {
-    "n_embd", "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "bias", "tie_embeddings",
-    "logit_softcap", "qk_norm", "prelude_norm", "nonlin_name", "padding_multiple", "padded_vocab_size", "vocab_size",
-    "recurrent_iteration_method", "block_size", "norm_eps", "n_layers_in_prelude", "n_layers_in_recurrent_block",
-    "n_layers_in_coda", "recurrent_embedding_dimension", "recurrent_intermediation_embedding_dimension",
-    "injection_type", "n_layer", "n_layers",
-}  # fmt: skip
-_INJECTIONS = {"diagonal": "diagonal", "parcae": "diagonal", "add": "add", "additive": "add", "concat": "concat"}
-_RELU2 = {"relu2", "relu_squared", "squared_relu", "relusquared", "relusq", "relu^2"}
-
-
-def released_config(raw: dict[str, Any], source: str | Path) -> ParcaeConfig:
-    """The ParcaeConfig of a released model's config.json. Every field that changes the computation is
-    mapped, or refused naming the field, its value and what this model supports (grouped-query attention,
-    biases, an untied head, a logit soft-cap, other widths or activations are not this architecture)."""
-    problems: list[str] = []
-
-    def field(name: str, default: Any = None) -> Any:
-        return raw.get(name, default)
-
-    def require(name: str, ok: bool, supported: str) -> None:
-        if not ok:
-            problems.append(f"{name}: {field(name)!r} (this model supports {supported})")
-
-    kind = field("_class_name", "ParcaeConfig")
-    require("_class_name", kind in ("ParcaeConfig", "GPTConfig"), "ParcaeConfig or GPTConfig")
-    d = field("n_embd")
-    heads = field("num_attention_heads", field("n_head"))
-    require("n_embd", isinstance(d, int) and d > 0, "a positive width")
-    require("num_attention_heads", isinstance(heads, int) and heads > 0, "a positive head count")
-    if problems:
-        raise WeightsError(f"{source}: not a Parcae config: " + "; ".join(problems))
-    require("num_key_value_heads", field("num_key_value_heads", heads) == heads, f"{heads}: no grouped-query attention")
-    require("intermediate_size", field("intermediate_size", 4 * d) == 4 * d, f"4 x n_embd = {4 * d}")
-    require("bias", not field("bias", False), "false: no biases")
-    require("tie_embeddings", field("tie_embeddings", True), "true: the LM head is the embedding")
-    require("logit_softcap", not field("logit_softcap"), "none: no logit soft-cap")
-    require("qk_norm", field("qk_norm", True), "true: RMS-normed queries and keys")
-    require("prelude_norm", field("prelude_norm", True) or kind == "GPTConfig", "true: the normed injected signal")
-    nonlin = str(field("nonlin_name", "relu2")).lower().replace("-", "_")
-    require("nonlin_name", nonlin in _RELU2, "ReLU^2")
-    require("padding_multiple", field("padding_multiple", VOCAB_MULTIPLE) == VOCAB_MULTIPLE, str(VOCAB_MULTIPLE))
-    method = field("recurrent_iteration_method", "per-sequence")
-    require("recurrent_iteration_method", "token" not in str(method), "per-sequence recurrence, not per-token")
-    values: dict[str, Any] = {"d_model": d, "n_head": heads, "vocab_size": field("vocab_size")}
-    values.update(max_seq_len=field("block_size", 2048), norm_eps=field("norm_eps", 1e-5), rope_base=50000.0)
-    if kind == "ParcaeConfig":
-        for ours, theirs in (("n_prelude", "n_layers_in_prelude"), ("n_core", "n_layers_in_recurrent_block")):
-            values[ours] = field(theirs)
-        values["n_coda"] = field("n_layers_in_coda")
-        rec = field("recurrent_embedding_dimension", d)
-        require("recurrent_embedding_dimension", rec == d, f"n_embd = {d}: the state has the model's width")
-        inter = field("recurrent_intermediation_embedding_dimension", d)
-        require("recurrent_intermediation_embedding_dimension", inter in (d, None), f"n_embd = {d}")
-        injection = _INJECTIONS.get(str(field("injection_type", "diagonal")).lower())
-        require("injection_type", injection is not None, ", ".join(sorted(_INJECTIONS)))
-        values["injection"] = injection or "diagonal"
-        values.update(mean_recurrence=field("mean_recurrence", 8), mean_backprop_depth=field("mean_backprop_depth", 4))
-        state_init = str(field("state_init", "like-init")).lower()
-        require("state_init", state_init in ("like-init", "like_init", "zero", "zeros"), "like-init or zero")
-        values["h0_init"] = "zeros" if state_init.startswith("zero") else "like_init"
-    else:
-        values.update(arch="gpt", n_layers=field("n_layer", field("n_layers")))
-    padded = field("padded_vocab_size")
-    if padded is not None and isinstance(values["vocab_size"], int):
-        expected = -(-values["vocab_size"] // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        require("padded_vocab_size", padded == expected, f"vocab_size rounded up to a multiple of 64 = {expected}")
-    if problems:
-        raise WeightsError(f"{source}: this architecture cannot run the released model: " + "; ".join(problems))
-    unknown = sorted(set(raw) - RELEASED_MAPPED - RELEASED_IGNORED)
-    if unknown:  # the weights' shapes are still checked one by one when they load
-        log.warning("%s: fields this pipeline does not know, taken not to change the computation: %s", source, unknown)
-    cfg = ParcaeConfig(**values)
-    if cfg.problems():
-        raise WeightsError(f"{source}: " + "; ".join(f"{p.field}: {p.message}" for p in cfg.problems()))
-    return cfg

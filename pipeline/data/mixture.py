@@ -366,6 +366,14 @@ def check_same_tokenizer(sets: list[tuple[str, str, dict[str, Any]]]) -> None:
                 f"sha256 {str(b.get('sha256'))[:12]}...) than source {first_name!r} ({first_url}: vocab "
                 f"{a.get('vocab_size')}, sha256 {str(a.get('sha256'))[:12]}...); every source must share one tokenizer"
             )
+    packings = {name: packing_of(manifest) for name, _, manifest in sets}
+    if len(set(packings.values())) > 1:
+        log.warning(
+            "the mixture's sources are packed differently (%s): documents start with <bos> in some and after <eos> "
+            "in others; prompts (CORE, samples) start the way source %r does",
+            ", ".join(f"{n} {p}" for n, p in packings.items()),
+            first_name,
+        )
 
 
 def describe(sources: list[SourceSpec], manifests: list[dict[str, Any]]) -> list[str]:

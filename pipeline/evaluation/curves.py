@@ -59,7 +59,8 @@ def fit_loop_curve(loops: list[int] | np.ndarray, losses: list[float] | np.ndarr
     if not np.all(np.isfinite(y)):
         raise FitError(f"cannot fit non-finite losses {y.tolist()}")
     if len(np.unique(t)) < 3:
-        raise FitError(f"the curve has 3 parameters: needs losses at >= 3 distinct loop counts, got {sorted(set(t))}")
+        counts = ", ".join(f"{x:g}" for x in sorted(set(t.tolist())))  # plain numbers, not np.float64(8.0)
+        raise FitError(f"the curve has 3 parameters: needs losses at >= 3 distinct loop counts, got {counts}")
     lo, hi = math.log(Z_RANGE[0]), math.log(Z_RANGE[1])
     grid = np.linspace(lo, hi, 241)
     rss = np.array([_solve(t, y, math.exp(g))[2] for g in grid])

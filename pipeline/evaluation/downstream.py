@@ -2,8 +2,8 @@
 the Parcae reference score it) at test-time loop counts, data-parallel over ranks.
 
 For each item the prompts are rendered (few-shot examples from the task's other items, drawn with
-``random.Random(seed + i)``), tokenized with the tokenizer's BOS in front, cut to the model's context
-from the left, and each gets a continuation span [start, end):
+``random.Random(seed + i)``), tokenized with the token documents started with in training in front
+(`document_start`), cut to the model's context from the left, and each gets a continuation span [start, end):
 
 - ``multiple_choice``: one prompt per choice, the shared context then the choice; the span starts where
   the choices' tokens first differ. The pick is the choice with the lowest mean loss over its span.
@@ -33,10 +33,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from data_prep.inspect import packing_of
 from data_prep.storage import S3Options, StorageError, is_s3, open_store
 from data_prep.tokenizer import BOS_ID, TextTokenizer
 from parcae_errors import ParcaeError
 from pipeline.evaluation.bundle import Bundle, Task
+from pipeline.evaluation.token_bytes import special_ids
 
 SHUFFLE_SEED = 1337  # the task's items are shuffled once with it before any max_per_task cut (as nanochat)
 DEFAULT_SEED = 1234  # the few-shot draw for item i is random.Random(seed + i) (as nanochat)
@@ -88,11 +90,37 @@ def prepare_items(items: list[dict[str, Any]], max_per_task: int | None) -> list
 # --------------------------------------------------------------------------------------------------------
 # Tokenizer
 def prompt_start(tokenizer: TextTokenizer) -> int:
-    """The token every prompt starts with: the tokenizer's BOS; ours (SentencePiece) has <bos> though its
-    shards carry none (the paper's evaluation starts documents with it); a tokenizer without one, its EOS."""
+    """The token a prompt starts with when no shard set tells how the model saw documents start: the
+    tokenizer's BOS (ours, SentencePiece, has <bos>: the paper's protocol, as the reference scores CORE); a
+    tokenizer without one, its EOS."""
     if tokenizer.bos_id is not None:
         return tokenizer.bos_id
     return BOS_ID if tokenizer.kind == "sentencepiece" else tokenizer.eos_id
+
+
+@dataclass(frozen=True)
+class PromptStart:
+    """The token every prompt starts with, and why: recorded in the eval report."""
+
+    id: int
+    why: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "why": self.why}
+
+
+def document_start(tokenizer: TextTokenizer, manifest: dict[str, Any] | None) -> PromptStart:
+    """Prompts start the way the model's training data started documents (``manifest``: the run's shard set):
+    a model trained on concat-packed shards of our tokenizer never saw <bos>, and sees every document
+    follow <eos>. Without a shard set (released weights), the tokenizer's BOS."""
+    if manifest is None:
+        return PromptStart(prompt_start(tokenizer), "no shard set to read the packing from: the tokenizer's BOS")
+    start, eos = special_ids(manifest)
+    if packing_of(manifest) == "bos-aligned":
+        return PromptStart(start, "the run's shards are bos-aligned: every document starts with <bos>")
+    if start != eos:
+        return PromptStart(start, "the run's shards (concat) start every document with the tokenizer's BOS")
+    return PromptStart(start, "the run's shards (concat) hold no <bos>: every document follows <eos>")
 
 
 def open_tokenizer(location: str, options: S3Options, tmp: Path) -> TextTokenizer:

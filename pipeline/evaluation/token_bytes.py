@@ -6,18 +6,21 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.inspect import packing_of
 from data_prep.tokenizer import BOS_ID, EOS_ID, TextTokenizer
 
 
 def special_ids(manifest: dict[str, Any]) -> tuple[int, int]:
-    """(the token a document row starts from, eos) of the tokenizer a shard set was made with: its BOS; ours
-    (SentencePiece, also manifests from before tokenizer.json support) has <bos> 2 though shards carry none;
-    a tokenizer without one starts from its EOS, as GPT-2's does."""
+    """(the token every document of a shard set starts from, eos): under bos-aligned packing its <bos>; under
+    concat packing the tokenizer's BOS where the shards put one before every document (a tokenizer.json with
+    one), else <eos> (ours, SentencePiece: documents only end with <eos>, so each follows the last one's)."""
     info = manifest["tokenizer"]
     eos = info.get("eos_id", EOS_ID)
+    if packing_of(manifest) == "bos-aligned":
+        return manifest["packing"].get("bos_id", BOS_ID), eos
     if info.get("bos_id") is not None:
         return info["bos_id"], eos
-    return (BOS_ID if info.get("kind", "sentencepiece") == "sentencepiece" else eos), eos
+    return eos, eos
 
 
 class TokenBytes:

@@ -89,7 +89,7 @@ def run_demo(workdir: str) -> int:
             [BUILTIN],
             str(root / "tokenizer" / "demo.model"),
             f"s3://{BUCKET}/shards",
-            ShardSettings(seq_len=64, shard_bytes=256_000, val_fraction=0.03),
+            ShardSettings(seq_len=64, shard_bytes=256_000, val_fraction=0.03, packing="bos-aligned"),
             workers=2,
             options=S3Options(endpoint),
             progress=False,
@@ -97,6 +97,11 @@ def run_demo(workdir: str) -> int:
         for split in ("train", "val"):
             t = summary[split]
             print(f"      {split}: {t['shards']} shards, {t['samples']} rows, {t['tokens']} tokens")
+        at_start = summary["train"]["rows_at_document_start"]
+        print(
+            f"      packing bos-aligned: {at_start} of {summary['train']['samples']} rows start a document with <bos>, "
+            "as CORE prompts and samples do"
+        )
 
         _step(3, "training: tiny Parcae, DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), streaming from S3")
         run_dir = root / "run"

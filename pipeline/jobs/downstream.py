@@ -30,18 +30,19 @@ from data_prep.storage import (
     open_store,
     write_text,
 )
-from data_prep.tokenizer import TokenizerError
+from data_prep.tokenizer import TextTokenizer, TokenizerError
 from parcae_errors import ParcaeError, ReportedElsewhere
 from pipeline.evaluation.bundle import Bundle
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
 from pipeline.evaluation.downstream import (
     DEFAULT_BATCH_TOKENS,
     DEFAULT_SEED,
+    PromptStart,
     Suite,
+    document_start,
     evaluate_downstream,
     forward_at,
     open_tokenizer,
-    prompt_start,
 )
 from pipeline.evaluation.losses import try_fit
 from pipeline.evaluation.report import write_downstream_tensorboard
@@ -70,15 +71,34 @@ def source_tokenizer(given: str | None, source: Source, source_arg: str, options
         return spec.tokenizer.path
     if (Path(source_arg) / "tokenizer.json").is_file():
         return str(Path(source_arg) / "tokenizer.json")
-    for url in (spec.data.val_url, spec.data.first_url()) if spec else ():
-        if url:
-            try:
-                return str(read_manifest(open_store(url, options))["tokenizer"]["path"])
-            except (ParcaeError, KeyError, OSError):
-                continue
+    manifest = source_manifest(source, options)
+    if manifest is not None and "path" in manifest.get("tokenizer", {}):
+        return str(manifest["tokenizer"]["path"])
     raise ParcaeError(
         f"{source_arg}: no tokenizer found for it; pass --tokenizer (a SentencePiece .model or tokenizer.json)"
     )
+
+
+def source_manifest(source: Source, options: S3Options) -> dict[str, Any] | None:
+    """The manifest of the shard set that stands for a run's data (its validation set, else its first
+    training source), or None: weights without a run, or shards that cannot be read from here."""
+    spec = source.spec
+    for url in (spec.data.val_url, spec.data.first_url()) if spec else ():
+        if url:
+            try:
+                return read_manifest(open_store(url, options))
+            except (ParcaeError, OSError):
+                continue
+    return None
+
+
+def prompt_start_of(source: Source, options: S3Options, text: TextTokenizer, rank: int = 0) -> PromptStart:
+    """How prompts start for ``source`` (`document_start`), said once by rank 0 where the run's shards hold
+    no <bos>."""
+    start = document_start(text, source_manifest(source, options))
+    if rank == 0 and "no <bos>" in start.why:
+        log.warning("prompts start with token %d, not <bos>: %s", start.id, start.why)
+    return start
 
 
 def run_downstream(
@@ -134,14 +154,14 @@ def run_downstream(
         )
     suite = Suite.load(Bundle(bundle, options), suites, max_per_task)
     counts = sorted(set(loops or DEFAULT_LOOPS)) if cfg.looped else None
-    start = prompt_start(text)
+    start = prompt_start_of(source, options, text, rank)
     with torch.no_grad():
         scored = evaluate_downstream(
             forward_at(model, cfg.d_model),
             suite,
             encode=text.encode,
-            prefix=start,
-            pad=start,
+            prefix=start.id,
+            pad=start.id,
             max_len=cfg.max_seq_len,
             loop_counts=counts,
             seeds=seeds,
@@ -161,6 +181,7 @@ def run_downstream(
         "bundle": bundle,
         "suites": list(suites),
         "tokenizer": location,
+        "prompt_start": start.to_dict(),
         "seeds": seeds,
         "max_per_task": max_per_task,
         "h0": "zeros",

@@ -1,10 +1,11 @@
 """`parcae generate SOURCE --prompt TEXT`: text from any model `parcae eval` reads, with its tokenizer.
 
-Every prompt starts with the token CORE prompts start with (`pipeline.evaluation.downstream.prompt_start`)
-and is prefilled in one forward; each new token then runs through the layers alone against the KV cache
-(a core layer once per loop), h_0 = 0. One prompt streams its completion as it is generated; several
-(``--prompt`` repeated, or ``--prompt-file`` with one per line) are generated as one left-padded batch.
-A completion ends at the tokenizer's end-of-document token or after ``--max-new-tokens``.
+Every prompt starts with the token CORE prompts start with (the way the run's shards start documents:
+`pipeline.evaluation.downstream.document_start`) and is prefilled in one forward; each new token then runs
+through the layers alone against the KV cache (a core layer once per loop), h_0 = 0. One prompt streams its
+completion as it is generated; several (``--prompt`` repeated, or ``--prompt-file`` with one per line) are
+generated as one left-padded batch. A completion ends at the tokenizer's end-of-document token or after
+``--max-new-tokens``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 
 from data_prep.storage import S3Options
 from parcae_errors import ParcaeError
-from pipeline.evaluation.downstream import completion, open_tokenizer, prompt_start
-from pipeline.jobs.downstream import source_tokenizer
+from pipeline.evaluation.downstream import completion, open_tokenizer
+from pipeline.jobs.downstream import prompt_start_of, source_tokenizer
 from pipeline.jobs.evaluate import Source
 
 
@@ -84,7 +85,8 @@ def run_generate(
         raise ParcaeError(
             f"tokenizer {location}: vocabulary {text.vocab_size} is larger than the model's {cfg.vocab_size}"
         )
-    start = prompt_start(text)
+    prompt_start = prompt_start_of(source, options, text)
+    start = prompt_start.id
     ids = [[start, *row] for row in text.encode(prompts)]
     longest = max(len(row) for row in ids)
     if longest + max_new_tokens > cfg.max_seq_len:
@@ -155,7 +157,12 @@ def run_generate(
             }
         )
     generated = sum(len(n) for n in new)
-    stats = {"seconds": seconds, "tokens_per_s": generated / max(seconds, 1e-9), "cache": use_cache}
+    stats = {
+        "seconds": seconds,
+        "tokens_per_s": generated / max(seconds, 1e-9),
+        "cache": use_cache,
+        "prompt_start": prompt_start.to_dict(),
+    }
     if as_json:
         for result in results:
             print(json.dumps({**result, **stats}))

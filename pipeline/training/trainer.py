@@ -27,7 +27,7 @@ from model.sampling import expected_loop_counts
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
 from pipeline.data import train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
-from pipeline.evaluation.downstream import open_tokenizer
+from pipeline.evaluation.downstream import document_start, open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec
 from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, latest_tag
 from pipeline.training.distributed import (
@@ -364,14 +364,15 @@ class Trainer:
                 raise ParcaeError(
                     f"tokenizer {location}: {text.vocab_size} tokens, more than model.vocab_size {cfg.vocab_size}"
                 )
+            start = document_start(text, self.loader.manifest).id  # as the training rows start documents
             downstream = None
             if spec.eval.downstream.bundle:
                 downstream = DownstreamEvaluator(
-                    spec.eval.downstream, spec.eval.loop_counts, cfg, text, options, device=self.device, **ranks
+                    spec.eval.downstream, spec.eval.loop_counts, cfg, text, start, options, device=self.device, **ranks
                 )
         except ParcaeError as exc:
             raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
-        samples = TextSamples(spec.logging, cfg, text, self.device) if spec.logging.sample_prompts else None
+        samples = TextSamples(spec.logging, cfg, text, start, self.device) if spec.logging.sample_prompts else None
         return downstream, samples
 
     def train_step(self, batches, progress: Progress):

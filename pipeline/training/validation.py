@@ -19,7 +19,7 @@ from model import ParcaeConfig
 from pipeline.data import rows_loader
 from pipeline.evaluation.bundle import Bundle
 from pipeline.evaluation.documents import document_batches, documents_from_rows
-from pipeline.evaluation.downstream import Suite, completion, evaluate_downstream, forward_at, prompt_start
+from pipeline.evaluation.downstream import Suite, completion, evaluate_downstream, forward_at
 from pipeline.evaluation.losses import Batch, loss_sums, seed_metrics
 from pipeline.evaluation.report import downstream_scalars
 from pipeline.evaluation.token_bytes import special_ids
@@ -101,6 +101,7 @@ class DownstreamEvaluator:
         loop_counts: list[int],
         cfg: ParcaeConfig,
         text: TextTokenizer,
+        start: int,
         options: S3Options,
         *,
         rank: int,
@@ -112,7 +113,7 @@ class DownstreamEvaluator:
         self.loop_counts = sorted(set(loop_counts)) if cfg.looped else None
         assert spec.bundle
         self.suite = Suite.load(Bundle(spec.bundle, options), list(dict.fromkeys(spec.tasks)), spec.max_per_task)
-        self.text, self.start = text, prompt_start(text)
+        self.text, self.start = text, start
 
     def due(self, step: int, last_step: bool) -> bool:
         return step % self.spec.interval_steps == 0 or last_step
@@ -149,9 +150,9 @@ class TextSamples:
     ZeRO-3 each call gathers the parameters collectively, so the ranks must make the same calls); rank 0
     returns the texts for the log and TensorBoard."""
 
-    def __init__(self, spec: LoggingSpec, cfg: ParcaeConfig, text: TextTokenizer, device: torch.device):
+    def __init__(self, spec: LoggingSpec, cfg: ParcaeConfig, text: TextTokenizer, start: int, device: torch.device):
         self.spec, self.cfg, self.device = spec, cfg, device
-        self.text, self.start = text, prompt_start(text)
+        self.text, self.start = text, start
         self.prompts = [[self.start, *ids][-(cfg.max_seq_len - 1) :] for ids in self.text.encode(spec.sample_prompts)]
 
     def due(self, step: int, last_step: bool) -> bool:

@@ -43,6 +43,7 @@ def hf_shards(tmp_path_factory, corpus_jsonl, hf_tokenizer) -> Path:
     out = tmp_path_factory.mktemp("hf-shards")
     cmd = [*parcae_cmd(), "prep", "shards", "--input", str(corpus_jsonl), "--tokenizer", str(hf_tokenizer)]
     cmd += ["--out", str(out), "--seq-len", "32", "--shard-size", "40kB", "--val-fraction", "0.05", "--workers", "2"]
+    cmd += ["--packing", "concat"]  # documents run across rows, framed <|bos|> ... <|eos|> by the tokenizer
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     return out
@@ -152,8 +153,8 @@ def test_downstream_eval_of_a_released_directory_with_its_tokenizer_json(tmp_pat
     from pipeline.evaluation.bundle import Bundle
     from pipeline.evaluation.downstream import Suite, prompt_items, prompt_start
     from tests.icl_bundles import make_bundle
+    from tests.model.reference import write_released
     from tests.model.test_parcae import TINY, randomize
-    from tests.model.test_weights import write_released
 
     text = TextTokenizer(hf_tokenizer)
     assert prompt_start(text) == text.bos_id == 0

@@ -55,7 +55,7 @@ def test_upload_verify_and_match_a_local_run(s3_server, tmp_path, corpus_jsonl, 
     decoded = prep(s3_server.endpoint, "inspect", f"{out}/val", "--samples", "2")
     assert decoded.returncode == 0 and decoded.stdout.count("--- shard-000000.tar sample") == 2
 
-    settings = ShardSettings(seq_len=64, shard_bytes=200_000, val_fraction=0.05)
+    settings = ShardSettings(seq_len=64, shard_bytes=200_000, val_fraction=0.05, packing="bos-aligned")  # the CLI's
     build_shards([str(corpus_jsonl)], str(tokenizer), str(tmp_path / "local"), settings, workers=2)
     client = s3_server.client()
     for split in ("train", "val"):
@@ -98,7 +98,7 @@ def test_resume_after_a_killed_run_keeps_verified_shards(s3_server, tmp_path, to
     first = "shard-000000.tar"
     assert after[first]["LastModified"] == before[first]["LastModified"]  # kept, not written again
 
-    settings = ShardSettings(seq_len=64, shard_bytes=64 * 1000)
+    settings = ShardSettings(seq_len=64, shard_bytes=64 * 1000, packing="bos-aligned")  # the CLI's default
     build_shards(["builtin:stdlib-docstrings"], str(tokenizer), str(tmp_path / "clean"), settings, workers=2)
     manifest = json.loads(client.get_object(Bucket=bucket, Key="ds/train/manifest.json")["Body"].read())
     clean = json.loads((tmp_path / "clean" / "train" / "manifest.json").read_text())

@@ -301,3 +301,19 @@ def test_a_crash_near_the_end_tokenizes_only_the_unfinished_shards_again(tmp_pat
         b = json.loads((tmp_path / "out" / split / "manifest.json").read_text())
         assert a == b
     assert not (tmp_path / "out" / "resume.npz").exists()
+
+
+def test_the_cli_packs_bos_aligned_by_default_and_concat_on_request(tmp_path, builtin_docs, tokenizer):
+    """`prep shards` packs as the reference and nanochat do unless told otherwise: every row starts a
+    document with <bos>, the token CORE prompts start with."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_docs[:200]))
+    base = [*parcae_cmd(), "prep", "shards", "--input", str(corpus), "--tokenizer", str(tokenizer), "--seq-len", "64"]
+    for extra, kind in (([], "bos-aligned"), (["--packing", "concat"], "concat")):
+        out = tmp_path / kind
+        done = subprocess.run([*base, "--out", str(out), *extra], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        manifest = json.loads((out / "train" / "manifest.json").read_text())
+        assert manifest["packing"]["kind"] == kind
+    _, rows = samples(tmp_path / "bos-aligned" / "train")
+    assert {int(tokens[0]) for tokens, _ in rows} == {2}  # <bos>

@@ -138,7 +138,7 @@ def test_cli_plan_run_merge_status(tmp_path, inputs, tokenizer, reference):
 
     out = tmp_path / "out"
     plan = parcae("plan", "--input", str(inputs), "--tokenizer", str(tokenizer), "--out", str(out), "--seq-len", "32",
-                  "--shard-size", "20000", "--val-fraction", "0.05")  # fmt: skip
+                  "--shard-size", "20000", "--val-fraction", "0.05", "--packing", "concat")  # fmt: skip
     assert plan.returncode == 0 and "8 units" in plan.stdout, plan.stderr
     early = parcae("merge", str(out))
     assert early.returncode == 1 and "8 of 8 units not done: u00000" in early.stderr and "Traceback" not in early.stderr

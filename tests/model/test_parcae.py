@@ -462,6 +462,38 @@ def test_mixed_precision_keeps_the_loop_state_in_fp32():
     assert drift(states["mixed"]) < drift(states["bf16"])
 
 
+def test_mixed_precision_dtypes_of_each_stage_are_the_references():
+    """Under autocast each stage's input has the dtype the reference's has (measured by hooking its own
+    Parcae under torch.autocast("cpu", torch.bfloat16), sandyresearch/parcae dee8363): the prelude and the
+    core take fp32 (embedding lookups and fp32 residuals), the coda and ln_f take bf16 (the readout C is a
+    matmul, and the coda's residual stream stays in its dtype)."""
+    model = build_model(dataclasses.replace(TINY, n_coda=2), seed=1).eval()
+    seen: dict[str, torch.dtype] = {}
+    stages = {
+        "prelude": model.transformer.prelude[0],
+        "core": model.transformer.recurrence.core_block[0],
+        "coda": model.transformer.coda[0],
+        "coda_1": model.transformer.coda[1],
+        "ln_f": model.transformer.ln_f,
+    }
+
+    def hook(name: str):
+        def record(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            seen.setdefault(name, x.dtype)
+
+        return record
+
+    hooks = [module.register_forward_pre_hook(hook(name), with_kwargs=True) for name, module in stages.items()]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids(), loops=2, h0=torch.zeros(4, 16, TINY.d_model))
+    for hook in hooks:
+        hook.remove()
+    fp32, bf16 = torch.float32, torch.bfloat16
+    assert seen == {"prelude": fp32, "core": fp32, "coda": bf16, "coda_1": bf16, "ln_f": bf16}
+    assert logits.dtype == fp32
+
+
 def _final_state(model: ParcaeLM, x_ids: torch.Tensor, loops: int) -> torch.Tensor:
     captured = []
     hook = model.transformer.recurrence.register_forward_hook(lambda m, i, o: captured.append(o))

@@ -238,3 +238,22 @@ def test_the_gpt_baseline_is_scored_once_without_loops(suite, text):
     report = score(gpt, suite, text, loops=None)
     (result,) = report["results"]
     assert result["loops"] is None and {"core", "core_extended"} <= result.keys() and "core_std" not in result
+
+
+def test_prompts_start_the_way_the_training_shards_start_documents(text):
+    """A model trained on concat shards of our tokenizer never saw <bos>: every document there follows
+    <eos>, so its prompts start with <eos>; bos-aligned shards, a tokenizer.json that frames documents
+    with its own BOS, and weights without shards (the reference's protocol) start with BOS."""
+    from pipeline.evaluation.downstream import document_start
+
+    ours = {"kind": "sentencepiece", "bos_id": None, "eos_id": 3}
+    concat = document_start(text, {"tokenizer": ours, "packing": {"kind": "concat"}})
+    assert concat.id == 3 and "no <bos>" in concat.why
+    older = document_start(text, {"tokenizer": ours})  # shard sets from before packing was recorded: concat
+    assert older == concat
+    aligned = document_start(text, {"tokenizer": ours, "packing": {"kind": "bos-aligned", "bos_id": 2}})
+    assert aligned.id == 2 and "bos-aligned" in aligned.why
+    hf = {"kind": "huggingface", "bos_id": 0, "eos_id": 1}
+    assert document_start(text, {"tokenizer": hf, "packing": {"kind": "concat"}}).id == 0
+    released = document_start(text, None)
+    assert released.id == BOS_ID and "no shard set" in released.why

@@ -21,9 +21,12 @@ def test_demo_trains_and_logs(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
+    rows = next(line for line in out.splitlines() if "packing bos-aligned:" in line).split(":")[1].split()
+    assert rows[0] == rows[2]  # "N of N rows": every training row starts at a document
     for marker in (
         "[1/4] tokenizer",
         "[2/4] shards",
+        "rows start a document with <bos>, as CORE prompts and samples do",
         "[3/4] training",
         "[4/4] results",
         "8 loops:",

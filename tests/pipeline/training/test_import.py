@@ -60,8 +60,8 @@ def test_import_a_released_directory_without_a_spec(tmp_path):
     import yaml
 
     from pipeline.jobspec import ModelSpec
+    from tests.model.reference import write_released
     from tests.model.test_parcae import TINY, randomize
-    from tests.model.test_weights import write_released
 
     model = randomize(build_model(TINY, seed=2), seed=5)
     directory = write_released(tmp_path / "parcae-tiny", model, "pytorch_model.bin")
@@ -87,8 +87,8 @@ def test_import_a_released_directory_from_s3(tmp_path, s3_server):
     """The released directory on a real S3 endpoint (moto's server on loopback), read through boto3."""
     import os
 
+    from tests.model.reference import write_released
     from tests.model.test_parcae import TINY, randomize
-    from tests.model.test_weights import write_released
 
     model = randomize(build_model(TINY, seed=2), seed=6)
     directory = write_released(tmp_path / "parcae-tiny", model, "model.pt")

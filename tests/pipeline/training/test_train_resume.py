@@ -224,10 +224,12 @@ def test_continued_pretraining_starts_from_the_given_weights(tmp_path, shards):
     from pipeline.data import train_loader
     from pipeline.jobspec import load_spec
     from pipeline.training.step import DepthSampler
+    from tests.model.reference import write_released
     from tests.model.test_parcae import randomize
-    from tests.model.test_weights import write_released
 
-    base = train_cmd(shards, tmp_path / "run", 6)
+    # two core layers: with demo-tiny's one, the reference would gate value embeddings on other layers than
+    # it holds their tables (a released directory of that shape is refused; tests/model/test_released.py)
+    base = train_cmd(shards, tmp_path / "run", 6, "model.n_core=2")
     spec = load_spec(base[4], [a.removeprefix("--set=") for a in base[5:]]).spec
     cfg = spec.model.build()
     weights = randomize(build_model(cfg, seed=7), seed=8)
@@ -258,7 +260,8 @@ def test_continued_pretraining_starts_from_the_given_weights(tmp_path, shards):
         tmp_path / "other", build_model(ParcaeConfig(**{**cfg.__dict__, "d_model": 128, "n_head": 4}))
     )
     refused = start_run(
-        [*train_cmd(shards, tmp_path / "fresh", 2), f"--set=checkpoint.init_from={other}"], tmp_path / "other.log"
+        [*train_cmd(shards, tmp_path / "fresh", 2, "model.n_core=2"), f"--set=checkpoint.init_from={other}"],
+        tmp_path / "other.log",
     )
     assert refused.wait(timeout=300) == 1
     log = (tmp_path / "other.log").read_text()
@@ -291,7 +294,9 @@ def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, sha
     generate = [*parcae_cmd(), "generate", str(tmp_path / "downstream"), "--prompt", "The history of", "--json"]
     done = subprocess.run([*generate, "--max-new-tokens", "8"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)["completion"] == samples[-1]["samples"][0]["continuation"]
+    generated = json.loads(done.stdout)
+    assert generated["completion"] == samples[-1]["samples"][0]["continuation"]
+    assert generated["prompt_start"]["id"] == 3  # the tiny shards are concat-packed: documents follow <eos>
     scored = [r for r in records if "downstream/core_loops_4" in r]
     assert [r["step"] for r in scored] == [5, 10]
     last = scored[-1]
@@ -304,6 +309,9 @@ def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, sha
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "downstream.json").read_text())
     assert report["step"] == 10
+    # concat shards hold no <bos>: prompts start with <eos> as in training, said once and recorded
+    assert report["prompt_start"]["id"] == 3 and "no <bos>" in report["prompt_start"]["why"]
+    assert done.stderr.count("prompts start with token 3, not <bos>") == 1
     for result in report["results"]:
         suffix = f"_loops_{result['loops']}"
         assert last[f"downstream/core{suffix}"] == pytest.approx(result["core"], abs=1e-9)
