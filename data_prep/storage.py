@@ -54,6 +54,7 @@ class Store(Protocol):
     def size(self, name: str) -> int: ...
     def list(self) -> list[str]: ...
     def delete(self, name: str) -> None: ...
+    def move(self, name: str, new_name: str) -> None: ...
     def child_url(self, name: str) -> str: ...
 
 
@@ -120,6 +121,15 @@ class LocalStore:
             self._path(name).unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"{self.child_url(name)}: cannot delete: {exc.strerror or exc}") from None
+
+    def move(self, name: str, new_name: str) -> None:
+        """Rename a file or a whole folder (one rename on the same file system)."""
+        target = self._path(new_name)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._path(name).replace(target)
+        except OSError as exc:
+            raise StorageError(f"{self.child_url(name)}: cannot move to {target}: {exc.strerror or exc}") from None
 
     def child_url(self, name: str) -> str:
         return str(self._path(name))
@@ -266,6 +276,19 @@ class S3Store:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
         except Exception as exc:
             raise self._fail("delete", name, exc) from None
+
+    def move(self, name: str, new_name: str) -> None:
+        """Move one object or every object under the prefix ``name/``: a server-side copy (multipart above
+        the transfer threshold), then the delete."""
+        names = [name] if self.exists(name) else [n for n in self.list() if n.startswith(name.rstrip("/") + "/")]
+        for old in names:
+            new = new_name + old[len(name) :]
+            try:
+                source = {"Bucket": self.bucket, "Key": self._key(old)}
+                self.client.copy(source, self.bucket, self._key(new), Config=self._transfer_config())
+            except Exception as exc:
+                raise self._fail("copy", old, exc) from None
+            self.delete(old)
 
     def get_with_etag(self, name: str) -> tuple[bytes, str] | None:
         """The object and its ETag, or None when there is none."""

@@ -18,7 +18,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--resume-from",
         metavar="TAG",
-        help="resume from this checkpoint (e.g. step-00001000) instead of the newest, e.g. when the newest is damaged",
+        help="resume from this checkpoint (e.g. step-00001000) instead of the newest, e.g. when the newest is "
+        "damaged; the newer ones are moved aside into checkpoints/superseded-<time>/, not written over",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start at step 0 although the run has checkpoints: they are moved aside into "
+        "checkpoints/superseded-<time>/, nothing is deleted (without it such a start is refused)",
     )
     p.set_defaults(func=cmd_train)
 
@@ -26,4 +33,4 @@ def add_parsers(sub: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.training.launch import run_train
 
-    return run_train(args.spec, args.overrides, args.resume_from)
+    return run_train(args.spec, args.overrides, args.resume_from, args.restart)

@@ -22,7 +22,9 @@ import json
 import logging
 import re
 import shutil
+import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +50,91 @@ def _store(url: str, options: S3Options | None = None):
 
 
 def latest_tag(directory: str, options: S3Options | None = None) -> str | None:
-    """The tag ``LATEST`` names, or None when there is no checkpoint yet."""
+    """The tag ``LATEST`` names, or None when there is no checkpoint yet. A ``LATEST`` naming a checkpoint
+    that is gone or incomplete is refused, naming the newest complete one to resume from instead."""
     store = _store(directory, options)
     if not store.exists(LATEST):
         return None
     tag = store.get_bytes(LATEST).decode().strip()
-    complete = store.exists(f"{tag}/spec.yaml")
-    if not complete:
-        marker = store.child_url(LATEST)
-        raise ParcaeError(f"{marker} names {tag!r}, which is not in {directory}; remove {marker} to start over")
+    if not store.exists(f"{tag}/spec.yaml"):
+        raise CheckpointError(
+            f"{store.child_url(LATEST)} names {tag!r}, which is missing or incomplete; {_advice(store)}"
+        )
     return tag
+
+
+def _advice(store: Any) -> str:
+    """What to do when the newest checkpoint cannot be used: resume from the newest complete one (named), or
+    start over with --restart, which moves the checkpoints aside and deletes nothing."""
+    tags = sorted({n.split("/")[0] for n in store.list() if n.startswith("step-") and n.endswith("/spec.yaml")})
+    restart = "or start over with `parcae train SPEC --restart` (it moves every checkpoint aside, deleting none)"
+    if tags:
+        return (
+            f"the newest complete checkpoint is {tags[-1]}: resume from it with "
+            f"`parcae train SPEC --resume-from {tags[-1]}`, {restart}"
+        )
+    return f"there is no complete checkpoint: {restart}"
+
+
+SUPERSEDED = "superseded-"  # DIR/superseded-<UTC time>/: checkpoints set aside by --restart or --resume-from
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a run starts: ``tag`` (None: step 0), after moving ``set_aside`` (step directories, ``LATEST``)
+    into ``DIR/superseded-<time>/`` so that no checkpoint is ever written over."""
+
+    tag: str | None
+    set_aside: tuple[str, ...] = ()
+
+
+def plan_resume(
+    directory: str, options: S3Options | None = None, resume_from: str | None = None, restart: bool = False
+) -> ResumePlan:
+    """The newest checkpoint (``LATEST``) by default; ``resume_from`` names another, and the step directories
+    after it are set aside (the run redoes those steps); ``restart`` starts at step 0 with every checkpoint
+    set aside. Starting at step 0 beside checkpoints that ``LATEST`` does not name is refused, with the one
+    to resume from: a deleted or damaged newest checkpoint never silently restarts the run."""
+    store = _store(directory, options)
+    names = store.list()
+    steps = sorted({n.split("/")[0] for n in names if n.startswith("step-") and "/" in n})
+    complete = [t for t in steps if f"{t}/spec.yaml" in names]
+    if restart and resume_from:
+        raise CheckpointError("--restart starts at step 0 and --resume-from at a checkpoint: give one of them")
+    if restart:
+        return ResumePlan(None, (*steps, LATEST) if LATEST in names else tuple(steps))
+    if resume_from is not None:
+        if resume_from not in complete:
+            available = ", ".join(complete) or "none"
+            raise CheckpointError(
+                f"--resume-from {resume_from}: no complete checkpoint of that name in {directory} ({available})"
+            )
+        return ResumePlan(resume_from, tuple(t for t in steps if t > resume_from))
+    tag = latest_tag(directory, options)
+    if tag is None and complete:
+        raise CheckpointError(
+            f"{directory} holds checkpoints ({', '.join(complete)}) but no {LATEST} names one; {_advice(store)}"
+        )
+    newer = [t for t in complete if tag is not None and t > tag]
+    if newer:
+        raise CheckpointError(
+            f"{store.child_url(LATEST)} names {tag}, but {', '.join(newer)} is complete too (a save was cut off "
+            f"after it was written): resume from one with `parcae train SPEC --resume-from {newer[-1]}` (or {tag})"
+        )
+    return ResumePlan(tag, tuple(t for t in steps if tag is None or t > tag))
+
+
+def set_aside(directory: str, names: tuple[str, ...], options: S3Options | None = None) -> str | None:
+    """Move ``names`` (step directories, ``LATEST``) into ``DIR/superseded-<UTC time>/``; its URL."""
+    if not names:
+        return None
+    store = _store(directory, options)
+    folder = SUPERSEDED + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for name in names:
+        store.move(name, f"{folder}/{name}")
+    where = store.child_url(folder)
+    log.warning("moved %s aside into %s (nothing is deleted)", ", ".join(names), where)
+    return where
 
 
 def param_layout(module: Any) -> list[str]:
@@ -153,16 +230,10 @@ class Checkpointer:
         if self.remote and not self.staging:
             raise ParcaeError(f"checkpoint.dir: {self.dir}: an s3:// destination needs checkpoint.staging_dir")
 
-    def load(self, engine: Any, local_rank: int = 0, tag: str | None = None) -> dict[str, Any] | None:
-        """Load the newest complete checkpoint (or ``tag``) into the engine; its client state, or None if
-        there is none. A checkpoint that fails to load is named, with the earlier one to use instead;
-        nothing falls back on its own."""
-        if tag is not None and tag not in complete_tags(self.dir, self.options):
-            available = ", ".join(complete_tags(self.dir, self.options)) or "none"
-            raise CheckpointError(
-                f"--resume-from {tag}: no complete checkpoint of that name in {self.dir} ({available})"
-            )
-        tag = tag or latest_tag(self.dir, self.options)
+    def load(self, engine: Any, tag: str | None, local_rank: int = 0) -> dict[str, Any] | None:
+        """Load checkpoint ``tag`` (a `plan`'s; None: nothing to load) into the engine; its client state. A
+        checkpoint that fails to load is named, with the earlier one to use instead; nothing falls back on
+        its own."""
         if tag is None:
             return None
         where = f"{self.dir.rstrip('/')}/{tag}"
@@ -178,7 +249,7 @@ class Checkpointer:
             loaded, client_state = engine.load_checkpoint(str(path), tag=tag)
         except Exception as exc:  # torch's zip reader, pickle, DeepSpeed: whatever a damaged file raises
             earlier = [t for t in complete_tags(self.dir, self.options) if t < tag]
-            how = "resume from it with `parcae train SPEC --resume-from {tag}` (or write {tag} into LATEST)"
+            how = "resume from it with `parcae train SPEC --resume-from {tag}`"
             raise unreadable(where, path / tag, exc, earlier, how) from None
         if loaded is None:
             raise ParcaeError(f"{where}: DeepSpeed could not load this checkpoint")
@@ -193,6 +264,8 @@ class Checkpointer:
         """Write step ``step``, then mark it newest (``LATEST``) and drop all but the newest ``keep_last``."""
         tag = tag_for(step)
         path = Path(self.staging) if self.remote else Path(self.dir)
+        if _store(self.dir, self.options).exists(f"{tag}/spec.yaml"):  # the resume plan sets such ones aside
+            raise CheckpointError(f"{self.dir.rstrip('/')}/{tag}: a complete checkpoint is there; not writing over it")
         try:
             engine.save_checkpoint(str(path), tag=tag, client_state=client_state, save_latest=False)
         except (OSError, RuntimeError) as exc:  # a full or failing disk: say where, and what is still there

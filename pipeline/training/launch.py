@@ -18,9 +18,10 @@ from pipeline.training.distributed import (
 from pipeline.training.preflight import PREFLIGHT_ENV, preflight
 
 
-def run_train(spec_path: str, overrides: list[str], resume_from: str | None = None) -> int:
+def run_train(spec_path: str, overrides: list[str], resume_from: str | None = None, restart: bool = False) -> int:
     """Train the spec (with ``--set`` overrides) to the end; returns the exit code (75: run me again).
-    ``resume_from`` names the checkpoint to resume from instead of the newest."""
+    ``resume_from`` names the checkpoint to resume from instead of the newest; ``restart`` starts at step 0
+    with the run's checkpoints moved aside."""
     loaded = load_spec(spec_path, overrides)
     spec = loaded.spec
     info = rank_info()
@@ -34,6 +35,7 @@ def run_train(spec_path: str, overrides: list[str], resume_from: str | None = No
             preflight(spec)  # one clear message before any rank starts
             args = ["train", spec_path, *[f"--set={o}" for o in overrides]]
             args += ["--resume-from", resume_from] if resume_from else []
+            args += ["--restart"] if restart else []
             return launch_local(args, spec.world_size, {PREFLIGHT_ENV: "done"})
         info = RankInfo(0, 0, 1, "127.0.0.1", free_port())
     if info.world_size != spec.world_size:
@@ -47,6 +49,6 @@ def run_train(spec_path: str, overrides: list[str], resume_from: str | None = No
     from pipeline.training.trainer import Trainer
 
     try:
-        return Trainer(loaded, info, resume_from).run()
+        return Trainer(loaded, info, resume_from, restart).run()
     finally:
         close_distributed()

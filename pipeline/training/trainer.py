@@ -29,7 +29,7 @@ from pipeline.data import train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
 from pipeline.evaluation.downstream import document_start, open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec
-from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, latest_tag
+from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, ResumePlan, plan_resume, set_aside
 from pipeline.training.distributed import (
     RankInfo,
     accelerator_device,
@@ -122,9 +122,9 @@ class StopSignal:
 
 
 class Trainer:
-    def __init__(self, loaded: LoadedSpec, info: RankInfo, resume_from: str | None = None):
+    def __init__(self, loaded: LoadedSpec, info: RankInfo, resume_from: str | None = None, restart: bool = False):
         spec = self.spec = loaded.spec
-        self.info, self.resume_from = info, resume_from
+        self.info, self.resume_from, self.restart = info, resume_from, restart
         self.device, device_type = accelerator_device(info.local_rank)
         memory_file = Path(spec.run_dir or ".") / "memory" / f"rank{info.rank}.json"
         self.memory_trace = MemoryTrace(device_type, spec.logging.profile_memory_steps, memory_file, info.rank)
@@ -133,13 +133,14 @@ class Trainer:
             torch.set_num_threads(threads)
             log.info("CPU: %d intra-op thread(s) per rank (set OMP_NUM_THREADS to choose)", threads)
         init_distributed(device_type, spec.training.collective_timeout_s)
-        # checkpoint.init_from counts only for a run without checkpoints of its own (every rank reads LATEST)
-        self.start_from = (
-            spec.checkpoint.init_from if latest_tag(spec.checkpoint.dir, spec.storage.s3_options()) is None else None
-        )
         self.initial: dict[str, torch.Tensor] | None = None
+        self.resume_tag: str | None = None  # the checkpoint to resume from (rank 0's resume plan), None: step 0
+        self.start_from: str | None = None  # checkpoint.init_from, for a run that starts at step 0
         self.lock = self.claim_run(spec) if info.rank == 0 else None
         agree_on_failure(self.claim_failure)
+        decided = [self.resume_tag, self.start_from]
+        torch.distributed.broadcast_object_list(decided, src=0)
+        self.resume_tag, self.start_from = decided
         torch.manual_seed(spec.training.seed)
         t, cfg = spec.training, spec.model.build()
         if info.rank == 0:
@@ -206,17 +207,30 @@ class Trainer:
     def claim_run(self, spec: JobSpec) -> RunLock | None:
         """Rank 0, before anything is built or written: the checks (unless the launcher ran them), then
         the run's lock. A failure is kept for `agree_on_failure`, so every rank stops together."""
+        lock = None
         try:
             if os.environ.get(PREFLIGHT_ENV) != "done":
                 preflight(spec)
             assert spec.run_dir and spec.checkpoint.dir
-            lock = RunLock(spec.run_dir, spec.checkpoint.dir, spec.storage.s3_options()).acquire()
+            options = spec.storage.s3_options()
+            lock = RunLock(spec.run_dir, spec.checkpoint.dir, options).acquire()
+            plan = self.checkpointer_plan(spec, options)
+            set_aside(spec.checkpoint.dir, plan.set_aside, options)  # nothing is ever written over
+            self.resume_tag = plan.tag
+            # checkpoint.init_from counts only for a run that starts at step 0
+            self.start_from = spec.checkpoint.init_from if plan.tag is None else None
             if self.start_from:  # read and checked here, so a wrong file stops every rank before the engine
                 self.initial = initial_weights(self.start_from, spec.model.build())
             return lock
         except ParcaeError as exc:
+            if lock is not None:
+                lock.release()
             self.claim_failure = exc
             return None
+
+    def checkpointer_plan(self, spec: JobSpec, options) -> ResumePlan:
+        assert spec.checkpoint.dir
+        return plan_resume(spec.checkpoint.dir, options, self.resume_from, self.restart)
 
     def run(self) -> int:
         try:
@@ -393,7 +407,7 @@ class Trainer:
 
     def resume(self) -> Progress:
         try:
-            state = self.checkpointer.load(self.engine, local_rank=self.info.local_rank, tag=self.resume_from)
+            state = self.checkpointer.load(self.engine, self.resume_tag, local_rank=self.info.local_rank)
         except LayoutMismatch as exc:  # every rank finds it; rank 0 says it
             raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
         if state is None:
