@@ -31,7 +31,7 @@ import torch
 
 from data_prep.inspect import iter_samples, read_manifest
 from data_prep.storage import S3Options, StorageError, open_store
-from parcae_errors import ParcaeError
+from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class ShardLoader:
         shuffle_buffer: int,
         options: S3Options | None = None,
         on_bad_shard: str = "error",
+        max_bad_shard_share: float = 0.05,
         prefetch: int = 1,
         shuffle: bool = True,
         split_by: str = "shards",
@@ -105,6 +106,8 @@ class ShardLoader:
         self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
         self.seed, self.shuffle_buffer, self.shuffle = seed, shuffle_buffer, shuffle
         self.on_bad_shard, self.prefetch, self.max_retries = on_bad_shard, prefetch, options.max_retries
+        self.max_bad_shard_share = max_bad_shard_share
+        self.interrupt: threading.Event | None = None  # set by a stop signal: every data wait and retry ends
         self.state = LoaderState()
         self.skipped_shards: list[str] = []
         self._epoch_rows: list[int] = []
@@ -162,13 +165,24 @@ class ShardLoader:
         (``_samples``) cut to the rows every rank has."""
         epoch, skip = self.locate(position)
         while True:
-            limit = self.rows_per_epoch(epoch)
+            limit, read = self.rows_per_epoch(epoch), 0
             for index, tokens in enumerate(self._samples(epoch)):
                 if index >= limit:
                     break
+                read += 1
                 if index >= skip:
                     yield tokens
+            self._check_epoch(read)
             epoch, skip = epoch + 1, 0
+
+    def _check_epoch(self, rows: int) -> None:
+        """A whole epoch of this rank's shards gave no row (every one skipped): stop, naming them, rather than
+        read the same bad shards again forever."""
+        if rows == 0:
+            raise DataError(
+                f"{self.url}: every shard this rank reads was skipped as bad (data.on_bad_shard: skip), so no row "
+                f"is left: {_first(self.skipped_shards)}; check them with `parcae prep inspect {self.url} --verify`"
+            )
 
     def _samples(self, epoch: int) -> Iterator[np.ndarray]:
         rng = random.Random(f"{self.seed}:samples:{epoch}:{self.rank}")
@@ -201,6 +215,7 @@ class ShardLoader:
         name = entry["name"]
         url = self.store.child_url(name)
         for attempt in range(self.max_retries + 1):
+            self.check_interrupt(url)
             try:
                 data = self.store.get_bytes(name)
                 break
@@ -208,7 +223,7 @@ class ShardLoader:
                 if attempt == self.max_retries:
                     self._bad_shard(url, f"unreadable after {attempt + 1} attempts: {exc}")
                     return
-                time.sleep(min(2**attempt * 0.5, 8.0))
+                self._wait(min(2**attempt * 0.5, 8.0))
         if len(data) != entry.get("bytes", len(data)) or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             self._bad_shard(url, f"corrupt: {len(data)} bytes whose sha256 differs from the manifest's")
             return
@@ -219,18 +234,39 @@ class ShardLoader:
         except Exception as exc:  # a tar or npy that does not parse although its checksum matched
             self._bad_shard(url, f"corrupt: {exc}")
 
+    def _wait(self, seconds: float) -> None:
+        """A back-off that a stop signal ends at once."""
+        if self.interrupt is None:
+            time.sleep(seconds)
+        elif self.interrupt.wait(seconds):
+            self.check_interrupt(self.url)
+
+    def check_interrupt(self, where: str) -> None:
+        if self.interrupt is not None and self.interrupt.is_set():
+            raise DataWaitInterrupted(where)
+
     def _bad_shard(self, url: str, why: str) -> None:
-        if self.on_bad_shard == "skip":
-            log.warning("skipping shard %s: %s", url, why)
-            self.skipped_shards.append(url)
+        if self.on_bad_shard != "skip":
+            raise DataError(f"{url}: {why} (data.on_bad_shard: skip would skip and count it)")
+        if url in self.skipped_shards:  # read again in a later epoch: said once, when first skipped
+            log.debug("skipping shard %s again: %s", url, why)
             return
-        raise DataError(f"{url}: {why} (data.on_bad_shard: skip would skip and count it)")
+        self.skipped_shards.append(url)
+        log.warning("skipping shard %s: %s", url, why)
+        allowed = max(1.0, self.max_bad_shard_share * len(self.shards))  # one bad shard is always skippable
+        if len(self.skipped_shards) > allowed:
+            raise DataError(
+                f"{self.url}: {len(self.skipped_shards)} of its {len(self.shards)} shards are bad, more than "
+                f"data.max_bad_shard_share ({self.max_bad_shard_share:g}) allows: {_first(self.skipped_shards)}; "
+                f"check them with `parcae prep inspect {self.url} --verify`, or re-prepare them"
+            )
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[tuple[int, torch.Tensor]]:
         limit = self.batches_per_epoch(epoch)
         rows: list[np.ndarray] = []
-        produced = 0
+        produced = read = 0
         for tokens in self._samples(epoch):
+            read += 1
             rows.append(tokens)
             if len(rows) == self.micro_batch_size:
                 if produced >= skip:
@@ -239,6 +275,7 @@ class ShardLoader:
                 rows = []
                 if produced >= limit:
                     return
+        self._check_epoch(read)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Batches of (micro_batch_size, seq_len + 1) int64 token rows, forever, from the current state.
@@ -247,7 +284,7 @@ class ShardLoader:
         """
         source = self._batches(self.state.epoch, self.state.batches)
         if self.prefetch > 0:
-            source = _prefetched(source, self.prefetch)
+            source = _prefetched(source, self.prefetch, self.interrupt, self.url)
         for epoch, index, batch in source:
             self.state = LoaderState(epoch, index + 1)
             yield batch
@@ -271,9 +308,28 @@ class ShardLoader:
         self.skipped_shards = list(state.get("skipped_shards", []))
 
 
-def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
+def _first(urls: list[str], n: int = 3) -> str:
+    return ", ".join(urls[:n]) + (f" and {len(urls) - n} more" if len(urls) > n else "")
+
+
+class DataWaitInterrupted(DataError):
+    """A stop signal came while the run waited for data: it ends now (exit 75, like a preemption), and the
+    rerun resumes from the newest checkpoint."""
+
+    exit_code = REQUEUE_EXIT_CODE
+
+    def __init__(self, where: str):
+        super().__init__(
+            f"stopped by a signal while waiting for data from {where}; the rerun resumes from the newest checkpoint"
+        )
+
+
+def _prefetched(
+    source: Iterator[Any], depth: int, interrupt: threading.Event | None = None, where: str = "the data"
+) -> Iterator[Any]:
     """Read ahead in a thread (I/O and decoding overlap compute); order is unchanged. Closing the
-    returned generator (or dropping it) stops the thread and waits for it, so no reader outlives its run."""
+    returned generator (or dropping it) stops the thread and waits for it, so no reader outlives its run.
+    ``interrupt``, once set, ends a wait for the next item (`DataWaitInterrupted`)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
@@ -298,9 +354,16 @@ def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
 
     thread = threading.Thread(target=fill, daemon=True, name="shard-prefetch")
     thread.start()
+    interrupted = False
     try:
         while True:
-            item = q.get()
+            try:
+                item = q.get(timeout=0.2)
+            except queue.Empty:
+                if interrupt is not None and interrupt.is_set():
+                    interrupted = True
+                    raise DataWaitInterrupted(where) from None
+                continue
             if item is done:
                 return
             if isinstance(item, BaseException):
@@ -308,4 +371,6 @@ def _prefetched(source: Iterator[Any], depth: int) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
-        thread.join(timeout=30)  # at most one shard read in flight
+        # at most one shard read in flight; after a stop signal the reader (a daemon, perhaps inside a request
+        # to a dead endpoint) is not waited for
+        thread.join(timeout=1 if interrupted else 30)

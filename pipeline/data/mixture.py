@@ -29,6 +29,7 @@ import copy
 import logging
 import math
 import random
+import threading
 from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
@@ -165,6 +166,7 @@ class MixtureLoader:
                         shuffle_buffer=data.shuffle_buffer,
                         options=options,
                         on_bad_shard=data.on_bad_shard,
+                        max_bad_shard_share=data.max_bad_shard_share,
                         prefetch=0,
                     )
                 )
@@ -185,7 +187,14 @@ class MixtureLoader:
             accumulation=accumulation,
         )
         self.position: dict[str, Any] = {"schedule": self.schedule.initial_state(), "micro": 0}
+        self.interrupt: threading.Event | None = None
         self._window_rows: dict[str, int] | None = None
+
+    def interrupt_on(self, event: threading.Event) -> None:
+        """A stop signal (``event``) ends every data wait and retry of every source."""
+        self.interrupt = event
+        for stream in self.streams:
+            stream.interrupt = event
 
     # -- the stream
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -193,7 +202,7 @@ class MixtureLoader:
         The position advances when a batch is handed to the caller, not when it is read ahead."""
         source = self._batches(copy.deepcopy(self.position))
         if self.prefetch > 0:
-            source = _prefetched(source, self.prefetch)
+            source = _prefetched(source, self.prefetch, self.interrupt, "the data sources")
         for batch, position in source:
             self.position = position
             yield batch

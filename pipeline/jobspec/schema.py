@@ -184,6 +184,11 @@ class DataSpec(Spec):
         "step). One reader per rank streams its share of the shards; pre-tokenised rows need kilobytes per second.",
     )
     on_bad_shard: Literal["error", "skip"] = "error"
+    max_bad_shard_share: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.05,
+        description="With on_bad_shard: skip, the share of a shard set's shards that may be skipped (one always "
+        "may) before the run stops naming them; a rank whose shards all fail stops in any case.",
+    )
 
     RENAMED: ClassVar[dict[str, str]] = {"num_workers": "data.prefetch_batches (the read-ahead depth in batches)"}
 

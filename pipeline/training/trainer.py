@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from model.config import hardware_flops_per_token, recompute_flops_per_token
 from model.sampling import expected_loop_counts
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
-from pipeline.data import train_loader
+from pipeline.data import DataWaitInterrupted, train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
 from pipeline.evaluation.downstream import document_start, open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec
@@ -92,16 +93,21 @@ def validation_loops(spec: JobSpec) -> int:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 ask for a checkpoint and a requeue exit; every rank stops at the same step."""
+    """SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) alike ask for a checkpoint and a requeue exit; every rank stops at
+    the same step (a terminal's Ctrl-C reaches each rank twice, from the terminal and from the launcher, so a
+    second one cannot mean "harder"). ``event`` is set too: a run waiting for data (a stalled endpoint, shards
+    being retried) stops waiting and exits 75 without a checkpoint."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.event = threading.Event()
 
     def install(self) -> None:
         def handler(signum, _frame):
             self.received = signum
+            self.event.set()
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, handler)
 
     def agreed(self, lost_lease: bool = False) -> bool:
@@ -251,13 +257,17 @@ class Trainer:
         ds_config = json.dumps(self.engine.config, indent=2, default=str)  # the dict the engine was built from
         self.metrics.write_text("deepspeed_config", self.loaded.redact(ds_config), "json")
         self.stop.install()
+        self.loader.interrupt_on(self.stop.event)
         batches = iter(self.loader)
         code = 0
         try:
             while progress.step < self.total_steps:
                 step_start = time.perf_counter()
                 with self.memory_trace.step(progress.step + 1):
-                    result = self.train_step(batches, progress)
+                    try:
+                        result = self.train_step(batches, progress)
+                    except DataWaitInterrupted as exc:  # every rank got the signal: rank 0 says it
+                        raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
                 progress.step += 1
                 progress.tokens += self.spec.tokens_per_step
                 self.guard.accept(result.loss)

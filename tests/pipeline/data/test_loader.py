@@ -113,3 +113,31 @@ def test_errors_name_the_shard_set(tmp_path, shard_dir):
     skipping = loader(damaged, shuffle=False, on_bad_shard="skip")
     take(iter(skipping), 5)
     assert skipping.state_dict()["skipped_shards"] == [str(damaged / "shard-000000.tar")]
+
+
+def test_skipping_bad_shards_is_bounded_and_said_once_per_shard(tmp_path, shard_dir, caplog):
+    """data.on_bad_shard: skip with every shard bad stops at the end of the first epoch, naming them (it
+    read the same bad shards forever); past data.max_bad_shard_share it stops too; a shard skipped again in
+    a later epoch is not warned about again."""
+    import logging
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    names = sorted(p.name for p in (shard_dir / "train").glob("*.tar"))
+    for path in (shard_dir / "train").iterdir():
+        (bad / path.name).write_bytes(b"garbage" if path.suffix == ".tar" else path.read_bytes())
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError, match="every shard this rank reads was skipped"):
+        next(loader(bad, on_bad_shard="skip", max_bad_shard_share=1.0).rows_from(0))
+    assert caplog.text.count("skipping shard") == len(names)
+    with pytest.raises(DataError, match=rf"2 of its {len(names)} shards are bad, more than data.max_bad_shard_share"):
+        next(loader(bad, on_bad_shard="skip", max_bad_shard_share=0.0).rows_from(0))
+    one = tmp_path / "one"
+    one.mkdir()
+    for path in (shard_dir / "train").iterdir():
+        (one / path.name).write_bytes(path.read_bytes())
+    (one / names[0]).write_bytes(b"garbage")
+    caplog.clear()
+    reader = loader(one, on_bad_shard="skip", max_bad_shard_share=0.0)  # one bad shard may always be skipped
+    with caplog.at_level(logging.WARNING):
+        rows = list(itertools.islice(reader.rows_from(0), 3 * reader.rows_per_epoch(0)))  # three epochs
+    assert len(rows) == 3 * reader.rows_per_epoch(0) and caplog.text.count("skipping shard") == 1

@@ -220,6 +220,24 @@ def test_s3_endpoint_outages(tmp_path, tiny_shards, reference_losses, s3_server,
     finish_and_compare(cmd, run_dir, tmp_path / "stream-again.log", reference_losses, 5)
 
 
+def test_a_stop_signal_ends_a_wait_for_data(tmp_path, tiny_shards, s3_server, proxy):
+    """The endpoint gone while shards stream, with retries that would back off for minutes: SIGTERM (as
+    `scancel` sends it) ends the wait at once; the run exits 75 (requeue) naming why, no traceback."""
+    data = upload(s3_server, tiny_shards)
+    cmd = train_cmd(data, tmp_path / "run", STEPS, f"storage.endpoint_url={proxy.endpoint}", "storage.max_retries=60")
+    proc = start_run(cmd, tmp_path / "run.log")
+    wait_for_step(tmp_path / "run", proc, 3)
+    proxy.kill()
+    time.sleep(3)  # the ranks are retrying now
+    os.killpg(proc.pid, signal.SIGTERM)
+    started = time.monotonic()
+    assert proc.wait(timeout=120) == 75
+    log = (tmp_path / "run.log").read_text()
+    assert time.monotonic() - started < 30, log[-3000:]
+    assert log.count("stopped by a signal while waiting for data") == 1 and "Traceback" not in log, log[-3000:]
+    proxy.start()
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """A small file system of our own (root can mount tmpfs here and in CI): full, then grown, then read-only."""
