@@ -12,6 +12,15 @@ def add_spec_args(parser: argparse.ArgumentParser, positional: bool = True) -> N
     add_overrides(parser)
 
 
+def add_endpoint(parser: argparse.ArgumentParser) -> None:
+    """``--endpoint-url``, the same in every command that reaches S3 (`pipeline.jobspec.s3_options`)."""
+    parser.add_argument(
+        "--endpoint-url",
+        help="S3 endpoint for s3:// locations (default: the spec's storage.endpoint_url, else AWS_ENDPOINT_URL_S3 "
+        "or AWS_ENDPOINT_URL, else AWS)",
+    )
+
+
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from parcae_errors import UsageError
-from pipeline.cli.args import add_overrides
+from pipeline.cli.args import add_endpoint, add_overrides
 
 
 def add_parsers(sub: Any) -> None:
@@ -46,7 +46,7 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--out", help="output directory (default: RUN/eval/TAG, or WEIGHTS-eval/ next to a file)")
     p.add_argument("--tensorboard", help="TensorBoard log dir (default: the run's; 'none' to skip)")
-    p.add_argument("--endpoint-url", help="S3 endpoint for s3:// data (default: the spec's, or AWS_ENDPOINT_URL)")
+    add_endpoint(p)
     p.add_argument(
         "--protocol",
         default="pipeline",
@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return code
     given = load_spec(args.spec, args.overrides).spec if args.spec else None
     with eval_ranks() as (rank, world_size, device):
-        source = load_source(args.source, given, args.tag)
+        source = load_source(args.source, given, args.tag, args.endpoint_url)
         if suites:
             run_downstream(
                 source,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.cli.args import add_overrides
+from pipeline.cli.args import add_endpoint, add_overrides
 
 
 def add_parsers(sub: Any) -> None:
@@ -40,7 +40,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--spec", help="job spec for reference-format weights (the model section)")
     add_overrides(p)
     p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
-    p.add_argument("--endpoint-url", help="S3 endpoint for s3:// sources (default: AWS_ENDPOINT_URL)")
+    add_endpoint(p)
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence for every token (slow)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt, no streaming")
     p.set_defaults(func=cmd_generate)
@@ -54,7 +54,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file)
     given = load_spec(args.spec, args.overrides).spec if args.spec else None
     run_generate(
-        load_source(args.source, given, args.tag),
+        load_source(args.source, given, args.tag, args.endpoint_url),
         source_arg=str(args.source),
         prompts=prompts,
         loops=args.loops,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.cli.args import add_overrides
+from pipeline.cli.args import add_endpoint, add_overrides
 
 
 def add_parsers(sub: Any) -> None:
@@ -25,6 +25,7 @@ def add_parsers(sub: Any) -> None:
     add_overrides(p)
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--loops", type=int, default=4, help="loop count of the smoke forward (default 4)")
+    add_endpoint(p)
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
@@ -43,17 +44,19 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--tokenizer", help="hf: the tokenizer to ship (default: the run's tokenizer.path)")
     p.add_argument("--loops", type=int, help="hf: the forward's default loop count (default: the mean recurrence)")
     p.add_argument("--h0", default="zeros", help="hf: initial state, zeros (default) or like_init")
+    add_endpoint(p)
     p.set_defaults(func=cmd_export)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from model import WeightsError
-    from pipeline.jobspec import load_spec
+    from pipeline.jobspec import load_spec, s3_options
     from pipeline.training.weights import import_weights
 
-    cfg = load_spec(args.spec, args.overrides).spec.model.build() if args.spec else None
+    spec = load_spec(args.spec, args.overrides).spec if args.spec else None
+    cfg = spec.model.build() if spec else None
     try:
-        print(import_weights(args.weights, cfg, args.out, args.loops))
+        print(import_weights(args.weights, cfg, args.out, args.loops, s3_options(args.endpoint_url, spec)))
     except WeightsError as exc:
         if args.spec:
             exc.add_note(f"(the model comes from {args.spec}: model section)")
@@ -63,16 +66,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "safetensors":
-        from pathlib import Path
-
-        from pipeline.jobs.evaluate import run_checkpoint_dir
-        from pipeline.training.checkpoint import LATEST
+        from pipeline.jobs.evaluate import locate_checkpoints
+        from pipeline.jobspec import load_spec, s3_options
         from pipeline.training.weights import export_checkpoint
 
-        source, run = args.source, Path(args.source)
-        if (run / "spec.yaml").is_file() and not (run / LATEST).is_file():  # a run directory
-            source = run_checkpoint_dir(run)
-        print(export_checkpoint(source, args.out, args.tag))
+        run_dir, source = locate_checkpoints(args.source)
+        spec = load_spec(run_dir / "spec.yaml").spec if run_dir else None
+        print(export_checkpoint(source, args.out, args.tag, s3_options(args.endpoint_url, spec)))
         return 0
     from pathlib import Path
 
@@ -87,7 +87,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         ) from None
     from pipeline.jobs.hf_export import check_loads, export_hf
 
-    source = load_source(args.source, None, args.tag)
+    source = load_source(args.source, None, args.tag, args.endpoint_url)
     tokenizer = args.tokenizer or (source.spec.tokenizer.path if source.spec else None)
     if not tokenizer and (Path(args.source) / "tokenizer.json").is_file():  # a released directory ships its own
         tokenizer = str(Path(args.source) / "tokenizer.json")

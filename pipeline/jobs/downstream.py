@@ -47,6 +47,7 @@ from pipeline.evaluation.downstream import (
 from pipeline.evaluation.losses import try_fit
 from pipeline.evaluation.report import write_downstream_tensorboard
 from pipeline.jobs.evaluate import Source, say_written, tensorboard_dir
+from pipeline.jobspec import s3_options
 from pipeline.training.distributed import (
     accelerator_device,
     close_distributed,
@@ -132,12 +133,7 @@ def run_downstream(
     out_dir = Path(out or source.out_dir)
     if rank == 0:
         check_writable(LocalStore(str(out_dir)))  # before the evaluation, not after
-    if source.spec:
-        options = source.spec.storage.model_copy(
-            update={"endpoint_url": endpoint_url or source.spec.storage.endpoint_url}
-        ).s3_options()
-    else:
-        options = S3Options.from_env(endpoint_url)
+    options = s3_options(endpoint_url, source.spec)
     model = source.model.to(device or torch.device("cpu"))
     model.eval()
     cfg = model.cfg

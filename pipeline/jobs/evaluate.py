@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from data_prep.inspect import packing_of, read_manifest
-from data_prep.storage import LocalStore, S3Options, check_writable, is_s3, make_dir, open_store, write_text
+from data_prep.storage import LocalStore, check_writable, is_s3, make_dir, open_store, write_text
 from data_prep.tokenizer import TokenizerError
 from model import ParcaeLM, load_pretrained
 from model.weights import read_config
@@ -28,7 +28,7 @@ from pipeline.evaluation.documents import IGNORE, document_batches, documents_fr
 from pipeline.evaluation.losses import loss_sums
 from pipeline.evaluation.report import fit_results, print_table, seed_results, write_tensorboard
 from pipeline.evaluation.token_bytes import TokenBytes, special_ids
-from pipeline.jobspec import JobSpec, load_spec
+from pipeline.jobspec import JobSpec, load_spec, s3_options
 from pipeline.training import checkpoint
 from pipeline.training.weights import load_checkpoint_model
 
@@ -48,10 +48,11 @@ class Source:
     tensorboard_dir: str | None
 
 
-def load_source(source: str, given: JobSpec | None, tag: str | None) -> Source:
+def load_source(source: str, given: JobSpec | None, tag: str | None, endpoint_url: str | None = None) -> Source:
     """A run directory, checkpoint directory (local or s3://), released model directory (config.json) or
     safetensors file; ``given`` describes the model of reference-format weights (and overrides a run's spec
-    for data and storage)."""
+    for data and storage). ``tag`` picks a checkpoint of a run or checkpoint directory. S3 is reached as
+    `s3_options` says (``endpoint_url``, else the given spec's or the run's storage, else the environment)."""
     path = Path(source)
     if path.is_file():
         cfg = read_config(path)
@@ -61,29 +62,12 @@ def load_source(source: str, given: JobSpec | None, tag: str | None) -> Source:
             )
         model = load_pretrained(given.model.build() if given else cfg, path)
         return Source(model, given, path.name, 0, path.with_name(path.stem + "-eval"), None)
-    run_dir: Path | None = None  # the run directory as given here (it may be a copy of the one that trained)
-    if is_s3(source):  # an s3:// checkpoint directory
-        ckpt_dir = source
-    elif not path.is_dir():
-        raise ParcaeError(
-            f"{path}: no such file or directory (a run directory, checkpoint directory, released model directory "
-            "or .safetensors)"
-        )
-    elif (path / checkpoint.LATEST).is_file() or tag:
-        ckpt_dir = str(path)
-        if (path.parent / "spec.yaml").is_file() and path.name == "checkpoints":
-            run_dir = path.parent
-    elif (path / "config.json").is_file():  # a released model directory (the reference's save_pretrained)
-        model = load_pretrained(given.model.build(), path) if given else load_pretrained(path)
+    if not is_s3(source) and path.is_dir() and (path / "config.json").is_file() and not (path / "spec.yaml").is_file():
+        model = load_pretrained(given.model.build(), path) if given else load_pretrained(path)  # a released model
         return Source(model, given, path.name, 0, path.with_name(path.name + "-eval"), None)
-    elif (path / "spec.yaml").is_file():
-        run_dir, ckpt_dir = path, run_checkpoint_dir(path)
-    else:
-        raise ParcaeError(
-            f"{path}: neither a run directory (spec.yaml), a checkpoint directory ({checkpoint.LATEST}) nor a "
-            "released model directory (config.json)"
-        )
-    model, spec, tag = load_checkpoint_model(ckpt_dir, tag)
+    run_dir, ckpt_dir = locate_checkpoints(source)  # the run directory as given here (maybe a copy)
+    options = s3_options(endpoint_url, given or (load_spec(run_dir / "spec.yaml").spec if run_dir else None))
+    model, spec, tag = load_checkpoint_model(ckpt_dir, tag, options)
     step = int(tag.split("-")[-1]) if tag.split("-")[-1].isdigit() else 0
     tensorboard = spec.logging.tensorboard_dir
     if run_dir is not None:
@@ -91,6 +75,29 @@ def load_source(source: str, given: JobSpec | None, tag: str | None) -> Source:
     else:
         run_dir = Path(spec.run_dir or ".")
     return Source(model, given or spec, f"{run_dir.name}/{tag}", step, run_dir / "eval" / tag, tensorboard)
+
+
+def locate_checkpoints(source: str) -> tuple[Path | None, str]:
+    """(the run directory or None, the checkpoint directory) of ``source``: a run directory (spec.yaml; its
+    checkpoint.dir as the spec names it, moved with a copied run), its checkpoint directory, or an s3://
+    checkpoint directory. Every command that reads a run's checkpoints (``--tag`` included) resolves here."""
+    path = Path(source)
+    if is_s3(source):
+        return None, source
+    if not path.is_dir():
+        raise ParcaeError(
+            f"{path}: no such file or directory (a run directory, checkpoint directory, released model directory "
+            "or .safetensors)"
+        )
+    if (path / "spec.yaml").is_file() and not (path / checkpoint.LATEST).is_file():
+        return path, run_checkpoint_dir(path)
+    if (path / checkpoint.LATEST).is_file() or any(path.glob("step-*/spec.yaml")):
+        run_dir = path.parent if path.name == "checkpoints" and (path.parent / "spec.yaml").is_file() else None
+        return run_dir, str(path)
+    raise ParcaeError(
+        f"{path}: neither a run directory (spec.yaml), a checkpoint directory ({checkpoint.LATEST}) nor a "
+        "released model directory (config.json)"
+    )
 
 
 def run_checkpoint_dir(run_dir: Path) -> str:
@@ -146,11 +153,7 @@ def run_eval(
     data = data or (spec.data.val_url if spec else None)
     if not data:
         raise ParcaeError("no validation data: pass --data (a shard directory or s3:// prefix with manifest.json)")
-    if spec:  # the spec's storage, with --endpoint-url taking precedence
-        storage = spec.storage.model_copy(update={"endpoint_url": endpoint_url or spec.storage.endpoint_url})
-        options = storage.s3_options()
-    else:
-        options = S3Options.from_env(endpoint_url)
+    options = s3_options(endpoint_url, spec)
     manifest = read_manifest(open_store(data, options))
     seq_len = int(manifest["seq_len"])
     if seq_len > cfg.max_seq_len:

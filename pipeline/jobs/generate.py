@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from data_prep.storage import S3Options
 from parcae_errors import ParcaeError
 from pipeline.evaluation.downstream import completion, open_tokenizer
 from pipeline.jobs.downstream import prompt_start_of, source_tokenizer
 from pipeline.jobs.evaluate import Source
+from pipeline.jobspec import s3_options
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
@@ -77,7 +77,7 @@ def run_generate(
             raise ParcaeError(f"{flag}: at least {least}, got {value}")
         if not use_cache:
             raise ParcaeError(f"{flag} works on the KV cache: leave out --no-cache")
-    options = source.spec.storage.s3_options() if source.spec else S3Options.from_env(endpoint_url)
+    options = s3_options(endpoint_url, source.spec)
     with tempfile.TemporaryDirectory() as tmp:
         location = source_tokenizer(tokenizer, source, source_arg, options)
         text = open_tokenizer(location, options, Path(tmp))

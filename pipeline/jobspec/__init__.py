@@ -20,6 +20,7 @@ from pipeline.jobspec.schema import (
     StorageSpec,
     TrainingSpec,
     ZeroSpec,
+    s3_options,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "TrainingSpec",
     "ZeroSpec",
     "load_spec",
+    "s3_options",
 ]

@@ -428,9 +428,16 @@ class StorageSpec(Spec):
             raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:9000")
         return value
 
-    def s3_options(self) -> S3Options:
-        """What boto3 is given: this endpoint and region, else AWS_ENDPOINT_URL(_S3) / AWS_DEFAULT_REGION."""
-        return S3Options.from_env(self.endpoint_url, self.region, self.max_retries)
+    def s3_options(self, endpoint_url: str | None = None) -> S3Options:
+        """What boto3 is given: ``endpoint_url`` (a command's --endpoint-url), else this endpoint, else
+        AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS; this region, else AWS_DEFAULT_REGION."""
+        return S3Options.from_env(endpoint_url or self.endpoint_url, self.region, self.max_retries)
+
+
+def s3_options(endpoint_url: str | None, spec: JobSpec | None = None) -> S3Options:
+    """Every command's S3 options, from one place: --endpoint-url, else the spec's storage.endpoint_url (the
+    one given, else the run's), else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS."""
+    return spec.storage.s3_options(endpoint_url) if spec else S3Options.from_env(endpoint_url)
 
 
 GPU_CPUS_PER_TASK = 4

@@ -50,8 +50,11 @@ def data_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
         parent, _, name = spec.tokenizer.path.rpartition("/")
         try:
             tokenizer_sha = hashlib.sha256(open_store(parent or ".", options).get_bytes(name)).hexdigest()
-        except StorageError as exc:  # training does not read it: a note, not a reason to stop
-            log.warning("tokenizer.path: %s (the shards' tokenizer is not checked against it)", exc)
+        except StorageError as exc:  # generate, eval and CORE read it later: refused now, not after the run
+            unreadable.append(
+                f"tokenizer.path: {exc} (the run's generation and evaluation read it; name the tokenizer the "
+                "shards were made with, or set tokenizer.path to null to use the one their manifest names)"
+            )
     source = spec.checkpoint.init_from
     if source and not source.startswith("s3://") and not Path(source).exists():
         problems.append(f"checkpoint.init_from: {source}: no such weights file or directory")

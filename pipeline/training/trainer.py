@@ -226,7 +226,7 @@ class Trainer:
             # checkpoint.init_from counts only for a run that starts at step 0
             self.start_from = spec.checkpoint.init_from if plan.tag is None else None
             if self.start_from:  # read and checked here, so a wrong file stops every rank before the engine
-                self.initial = initial_weights(self.start_from, spec.model.build())
+                self.initial = initial_weights(self.start_from, spec.model.build(), options)
             return lock
         except ParcaeError as exc:
             if lock is not None:

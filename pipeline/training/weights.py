@@ -21,7 +21,9 @@ from pipeline.jobspec import JobSpec, ModelSpec, load_spec
 from pipeline.training import checkpoint
 
 
-def import_weights(weights: str, cfg: ParcaeConfig | None, out: str, loops: int) -> str:
+def import_weights(
+    weights: str, cfg: ParcaeConfig | None, out: str, loops: int, options: S3Options | None = None
+) -> str:
     """Load weights (a released model directory of the reference implementation, local or s3://; a
     safetensors file; a torch state dict file) into the model their config describes (or ``cfg``, which
     must then agree with it), check a forward with ``loops`` loops is finite, and write them with their
@@ -29,7 +31,7 @@ def import_weights(weights: str, cfg: ParcaeConfig | None, out: str, loops: int)
     if loops < 1:
         raise ParcaeError(f"--loops must be >= 1, got {loops}")
     with tempfile.TemporaryDirectory(prefix="parcae-import-") as tmp:
-        local = _local_copy(weights, Path(tmp))
+        local = _local_copy(weights, Path(tmp), options)
         model = load_pretrained(cfg, local) if cfg is not None else load_pretrained(local)
     cfg = model.cfg
     ids = torch.arange(16).remainder(cfg.vocab_size).unsqueeze(0)
@@ -50,11 +52,11 @@ def import_weights(weights: str, cfg: ParcaeConfig | None, out: str, loops: int)
     )
 
 
-def initial_weights(source: str, cfg: ParcaeConfig) -> dict[str, torch.Tensor]:
+def initial_weights(source: str, cfg: ParcaeConfig, options: S3Options | None = None) -> dict[str, torch.Tensor]:
     """``checkpoint.init_from``: the weights at ``source`` (any form `parcae import` reads, local or s3://)
     as a state dict of the model ``cfg`` describes, refused by name when they are another model's."""
     with tempfile.TemporaryDirectory(prefix="parcae-init-") as tmp:
-        local = _local_copy(source, Path(tmp))
+        local = _local_copy(source, Path(tmp), options)
         stored, tensors = read_weights(local)
         if stored is not None and stored != cfg:
             raise ParcaeError(
@@ -72,18 +74,19 @@ def initial_weights(source: str, cfg: ParcaeConfig) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _local_copy(source: str, tmp: Path) -> Path:
+def _local_copy(source: str, tmp: Path, options: S3Options | None = None) -> Path:
     """``source`` itself, or for an s3:// prefix (a released directory) or object its download into ``tmp``."""
     if not is_s3(source):
         path = Path(source)
         if not path.exists():
             raise ParcaeError(f"{source}: no such weights file or directory")
         return path
-    store = open_store(source, S3Options.from_env())
+    options = options or S3Options.from_env()
+    store = open_store(source, options)
     names = store.list()
     if not names:  # a single object: its parent prefix and name
         parent, _, name = source.rstrip("/").rpartition("/")
-        store = open_store(parent, S3Options.from_env())
+        store = open_store(parent, options)
         if not store.exists(name):
             raise ParcaeError(f"{source}: no such weights object or prefix (a released directory or a weights file)")
         target = tmp / name
@@ -96,19 +99,25 @@ def _local_copy(source: str, tmp: Path) -> Path:
     return tmp
 
 
-def load_checkpoint_model(checkpoint_dir: str, tag: str | None = None) -> tuple[ParcaeLM, JobSpec, str]:
-    """A run's sharded DeepSpeed checkpoint consolidated in this process: (model in fp32, its spec, tag)."""
+def load_checkpoint_model(
+    checkpoint_dir: str, tag: str | None = None, options: S3Options | None = None
+) -> tuple[ParcaeLM, JobSpec, str]:
+    """A run's sharded DeepSpeed checkpoint (local, or s3:// through ``options``) consolidated in this process:
+    (model in fp32, its spec, tag)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = tag or checkpoint.latest_tag(checkpoint_dir)
+    tag = tag or checkpoint.latest_tag(checkpoint_dir, options)
     if tag is None:
         raise ParcaeError(
             f"{checkpoint_dir}: no checkpoint (no {checkpoint.LATEST} file); pass the run's checkpoint.dir"
         )
     if is_s3(checkpoint_dir):
         with tempfile.TemporaryDirectory(prefix="parcae-checkpoint-") as tmp:
-            checkpoint.fetch(checkpoint_dir, tag, Path(tmp))
+            if tag not in checkpoint.complete_tags(checkpoint_dir, options):
+                available = ", ".join(checkpoint.complete_tags(checkpoint_dir, options)) or "none"
+                raise ParcaeError(f"--tag {tag}: no complete checkpoint of that name in {checkpoint_dir} ({available})")
+            checkpoint.fetch(checkpoint_dir, tag, Path(tmp), options)
             model, spec, _ = load_checkpoint_model(tmp, tag)
         return model, spec, tag
     spec_file = Path(checkpoint_dir) / tag / "spec.yaml"
@@ -135,9 +144,9 @@ def load_checkpoint_model(checkpoint_dir: str, tag: str | None = None) -> tuple[
     return model, spec, tag
 
 
-def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None) -> str:
+def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None, options: S3Options | None = None) -> str:
     """A sharded DeepSpeed checkpoint of a run -> one fp32 safetensors file in the reference naming."""
-    model, _, tag = load_checkpoint_model(checkpoint_dir, tag)
+    model, _, tag = load_checkpoint_model(checkpoint_dir, tag, options)
     save_reference(model, out)
     total = sum(p.numel() for p in model.parameters())
     return f"exported {checkpoint_dir}/{tag} -> {out}: {total / 1e6:.2f}M parameters, fp32, reference naming"

@@ -46,7 +46,7 @@ def shards(tiny_shards) -> Path:
 
 def tiny(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     sets = [f"data.train_url={shards / 'train'}", f"data.val_url={shards / 'val'}", "data.seq_len=32"]
-    sets += [f"run_dir={run_dir}", "training.total_steps=4", *extra]
+    sets += [f"run_dir={run_dir}", "training.total_steps=4", "tokenizer.path=null", *extra]  # the shards' own
     return [str(TINY), *[f"--set={s}" for s in sets]]
 
 
@@ -104,7 +104,11 @@ def test_a_downstream_bundle_that_cannot_work_is_refused_before_training(tmp_pat
     assert_one_clean_error(result, 2, needle)
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing started
     extended = tiny(
-        shards, tmp_path / "run", f"eval.downstream.bundle={bundle}", "eval.downstream.tasks=[core-extended]"
+        shards,
+        tmp_path / "run",
+        f"eval.downstream.bundle={bundle}",
+        "eval.downstream.tasks=[core-extended]",
+        f"tokenizer.path={tmp_path / 'no' / 'demo.model'}",
     )
     (bundle / "core_extended.yaml").unlink()
     assert_one_clean_error(run("validate", *extended), 2, "core_extended.yaml: no such file", "set tokenizer.path")
@@ -216,3 +220,12 @@ def test_manifests_and_weights_that_are_not_what_they_claim(tmp_path, tiny_shard
     result = run("import", str(tmp_path / "int.safetensors"), "--spec", str(spec), "--out", str(tmp_path / "o.st"))
     assert_one_clean_error(result, 1, "weights must be floating point", "transformer.ln_f.weight: torch.int64")
     assert "(the model comes from" in result.stderr  # the note added on the way up
+
+
+def test_a_missing_tokenizer_is_refused_before_training(tmp_path, shards):
+    """tokenizer.path that is not there: refused at start (it was a warning, and `generate` failed after the
+    run); null uses the tokenizer the shards' manifest names."""
+    args = tiny(shards, tmp_path / "run", f"tokenizer.path={tmp_path / 'gone.model'}")
+    result = run("train", *args, timeout=120)
+    assert_one_clean_error(result, 2, "tokenizer.path:", "gone.model", "set tokenizer.path to null")
+    assert not (tmp_path / "run" / "checkpoints").exists()

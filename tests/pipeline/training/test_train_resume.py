@@ -87,11 +87,21 @@ def test_checkpoints_on_s3_resume_to_the_same_losses(tmp_path, shards, expected,
     assert sorted({k.split("/")[0] for k in keys() if k.startswith("step-")}) == ["step-00000020", "step-00000024"]
     staged = run_dir / "checkpoint-staging"
     assert not [p for p in staged.glob("step-*/**/*") if p.is_file()]  # uploaded copies are not kept
-    out = tmp_path / "model.safetensors"
-    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server.endpoint}
-    export = subprocess.run([*parcae_cmd(), "export", url, "--out", str(out)], capture_output=True, text=True, env=env)
-    assert export.returncode == 0, export.stderr[-2000:]
-    assert "step-00000024" in export.stdout
+    # every command reaches the endpoint the same way: --endpoint-url, else the run's storage.endpoint_url,
+    # never AWS's public one (no AWS_ENDPOINT_URL in the environment here); --tag works on a run directory too
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    flag = ["--endpoint-url", s3_server.endpoint]
+    one = ["--loops", "1", "--max-batches", "1", "--tensorboard", "none"]
+    commands = {
+        "export": ["export", url, "--out", str(tmp_path / "model.safetensors"), *flag],
+        "eval": ["eval", url, "--tag", "step-00000020", *one, "--data", f"{shards}/val", *flag],
+        "eval run": ["eval", str(run_dir), "--tag", "step-00000020", *one, "--out", str(tmp_path / "e")],
+        "generate": ["generate", str(run_dir), "--tag", "step-00000020", "--prompt", "The", "--json"],
+    }
+    for name, args in commands.items():
+        done = subprocess.run([*parcae_cmd(), *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, (name, done.stderr[-2000:])
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["step"] == 20
 
 
 def test_sigusr1_checkpoints_exits_for_requeue_and_resumes(tmp_path, shards):
