@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 from data_prep.corpus import BUILTIN
 from data_prep.storage import S3Options
+from parcae_errors import UsageError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -136,6 +138,7 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersActi
     p.add_argument("--max-sample-chars", type=_positive, default=200_000_000, help="stop sampling after this much text")
     p.add_argument("--sample-fraction", type=float, default=1.0, help="keep each document with this probability")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a tokenizer already at PREFIX (refused without it)")
     p.set_defaults(func=cmd_tokenizer)
 
     p = commands.add_parser("shards", help="tokenize, pack into rows of seq_len + 1 and write WebDataset shards")
@@ -205,6 +208,12 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from data_prep.corpus import CorpusSpec, Problems, iter_documents
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
 
+    existing = [f"{args.out}{ext}" for ext in (".model", ".vocab", ".json") if Path(f"{args.out}{ext}").exists()]
+    if existing and not args.force:
+        raise UsageError(
+            f"--out {args.out}: {', '.join(existing)} already there (shard sets and runs made with that tokenizer "
+            "depend on it); pass --force to replace it, or choose another prefix"
+        )
     corpus = CorpusSpec(tuple(args.inputs or [BUILTIN]), args.text_field, args.txt_mode)
     problems = Problems(policy=args.on_error)
     settings = TokenizerSettings(

@@ -12,6 +12,28 @@ def add_spec_args(parser: argparse.ArgumentParser, positional: bool = True) -> N
     add_overrides(parser)
 
 
+def add_force(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--force", action="store_true", help=f"replace {what} at --out (refused without it)")
+
+
+def refuse_existing(out: str, force: bool) -> None:
+    """An output that would replace something already there is refused, naming it, unless ``force``."""
+    from pathlib import Path
+
+    from parcae_errors import UsageError
+
+    path = Path(out)
+    if force or not path.exists():
+        return
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir())
+        if not inside:
+            return
+        shown = ", ".join(inside[:5]) + (f" and {len(inside) - 5} more" if len(inside) > 5 else "")
+        raise UsageError(f"--out {out}: a directory that is not empty ({shown}); pass --force to write into it")
+    raise UsageError(f"--out {out}: exists; pass --force to replace it, or name another path")
+
+
 def add_endpoint(parser: argparse.ArgumentParser) -> None:
     """``--endpoint-url``, the same in every command that reaches S3 (`pipeline.jobspec.s3_options`)."""
     parser.add_argument(

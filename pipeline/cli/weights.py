@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.cli.args import add_endpoint, add_overrides
+from pipeline.cli.args import add_endpoint, add_force, add_overrides, refuse_existing
 
 
 def add_parsers(sub: Any) -> None:
@@ -26,6 +26,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--loops", type=int, default=4, help="loop count of the smoke forward (default 4)")
     add_endpoint(p)
+    add_force(p, "an existing file")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
@@ -45,6 +46,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--loops", type=int, help="hf: the forward's default loop count (default: the mean recurrence)")
     p.add_argument("--h0", default="zeros", help="hf: initial state, zeros (default) or like_init")
     add_endpoint(p)
+    add_force(p, "an existing file (hf: write into a directory that is not empty)")
     p.set_defaults(func=cmd_export)
 
 
@@ -53,6 +55,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from pipeline.jobspec import load_spec, s3_options
     from pipeline.training.weights import import_weights
 
+    refuse_existing(args.out, args.force)
     spec = load_spec(args.spec, args.overrides).spec if args.spec else None
     cfg = spec.model.build() if spec else None
     try:
@@ -65,6 +68,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    refuse_existing(args.out, args.force)
     if args.format == "safetensors":
         from pipeline.jobs.evaluate import locate_checkpoints
         from pipeline.jobspec import load_spec, s3_options

@@ -229,3 +229,27 @@ def test_a_missing_tokenizer_is_refused_before_training(tmp_path, shards):
     result = run("train", *args, timeout=120)
     assert_one_clean_error(result, 2, "tokenizer.path:", "gone.model", "set tokenizer.path to null")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_outputs_that_exist_are_not_replaced_without_force(tmp_path, tokenizer):
+    """import --out FILE, export --format hf --out DIR (not empty) and prep tokenizer --out PREFIX refuse to
+    replace what is there, naming it (exit 2, the file untouched); --force replaces."""
+    from model import save_reference
+
+    cfg = ParcaeConfig(vocab_size=128, d_model=32, n_head=2, n_prelude=1, n_core=2, n_coda=1, max_seq_len=32)
+    weights = save_reference(build_model(cfg), tmp_path / "w.safetensors")
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"precious")
+    assert_one_clean_error(run("import", str(weights), "--out", str(taken)), 2, f"--out {taken}: exists", "--force")
+    assert taken.read_bytes() == b"precious"
+    assert run("import", str(weights), "--out", str(taken), "--force").returncode == 0
+    full = tmp_path / "hf"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    refused = run("export", str(weights), "--format", "hf", "--out", str(full))
+    assert_one_clean_error(refused, 2, f"--out {full}: a directory that is not empty (notes.txt)", "--force")
+    prefix = tokenizer.with_suffix("")  # the session's tokenizer: shards and runs depend on it
+    before = tokenizer.read_bytes()
+    again = run("prep", "tokenizer", "--out", str(prefix), "--vocab-size", "300")
+    assert_one_clean_error(again, 2, f"{prefix}.model", "already there", "--force")
+    assert tokenizer.read_bytes() == before

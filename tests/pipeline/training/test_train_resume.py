@@ -134,7 +134,7 @@ def test_export_gives_the_trained_model(tmp_path, shards):
     assert proc.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
     out = tmp_path / "model.safetensors"
 
-    def export(checkpoints: Path) -> subprocess.CompletedProcess:
+    def export(checkpoints: Path, out: Path = out) -> subprocess.CompletedProcess:
         cmd = [*parcae_cmd(), "export", str(checkpoints), "--out", str(out)]
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
@@ -154,7 +154,7 @@ def test_export_gives_the_trained_model(tmp_path, shards):
             total += float(loss) * batch[:, 1:].numel()
             count += batch[:, 1:].numel()
     assert abs(total / count - val) < 1e-4
-    missing = export(tmp_path / "nowhere")
+    missing = export(tmp_path / "nowhere", tmp_path / "other.safetensors")
     assert missing.returncode == 1 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
     # the run directory as a Hugging Face model: the command checks transformers' logits against ours
     cmd = [*parcae_cmd(), "export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]
