@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,12 +98,35 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def launch_local(argv: list[str], world_size: int, env: dict[str, str] | None = None) -> int:
+_DEATHS = {
+    "SIGKILL": "the kernel's out-of-memory killer sends it when the machine runs out of memory (look for 'Out of "
+    "memory' in `dmesg` or the job's log), as do `kill -9` and a scheduler's hard limit",
+    "SIGSEGV": "a crash in native code (a driver, a compiled extension)",
+    "SIGBUS": "a crash in native code, or a full /dev/shm",
+    "SIGABRT": "an abort in native code (a failed assertion in a library)",
+}
+
+
+def rank_death(rank: int, signum: int) -> str:
+    """Why a rank that a signal killed is gone, as far as the launcher can tell."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    cause = _DEATHS.get(name, "something outside the run sent it")
+    return f"rank {rank} was killed by {name}: {cause}; the other ranks were stopped"
+
+
+def launch_local(
+    argv: list[str], world_size: int, env: dict[str, str] | None = None, after_death: Callable[[], str] | None = None
+) -> int:
     """Start ``world_size`` ranks of ``python -m pipeline ARGV`` on this machine (loopback rendezvous).
 
     Signals to the launcher are passed on to every rank (so a Slurm warning or Ctrl-C reaches them);
     the ranks die with the launcher; when one rank fails the others are stopped (they stay quiet: the
-    failed rank says why). Returns the first non-zero exit code, or 0.
+    failed rank says why). A rank killed by a signal cannot say why: the launcher names it, the signal and
+    its likely cause, and ``after_death()`` (what a rerun does). Returns the first non-zero exit code (128 +
+    the signal for a killed rank), or 0.
     """
     port = free_port()
     procs = []
@@ -133,6 +157,11 @@ def launch_local(argv: list[str], world_size: int, env: dict[str, str] | None = 
             failed = [p for p in procs if p.poll() not in (None, 0, REQUEUE_EXIT_CODE)]
             if failed and code == 0:
                 code, failed_at = failed[0].returncode, time.monotonic()
+                if code < 0:  # killed by a signal: nothing of it said why
+                    print(f"error: {rank_death(procs.index(failed[0]), -code)}", file=sys.stderr)
+                    if after_death is not None:
+                        print(after_death(), file=sys.stderr)
+                    code = 128 - code
                 log.debug("rank %d exited with %d; stopping the other ranks", procs.index(failed[0]), code)
                 for p in procs:
                     if p.poll() is None:

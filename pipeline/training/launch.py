@@ -18,6 +18,20 @@ from pipeline.training.distributed import (
 from pipeline.training.preflight import PREFLIGHT_ENV, preflight
 
 
+def rerun_advice(spec) -> str:
+    """What running the same command again does, read from the checkpoint directory now."""
+    from pipeline.training.checkpoint import CheckpointError, plan_resume
+
+    assert spec.checkpoint.dir
+    try:
+        tag = plan_resume(spec.checkpoint.dir, spec.storage.s3_options()).tag
+    except (CheckpointError, ParcaeError) as exc:
+        return f"before rerunning: {exc}"
+    if tag is None:
+        return "no checkpoint was written yet: the same command starts the run again from step 0"
+    return f"the same command resumes from {tag} ({spec.checkpoint.dir})"
+
+
 def run_train(spec_path: str, overrides: list[str], resume_from: str | None = None, restart: bool = False) -> int:
     """Train the spec (with ``--set`` overrides) to the end; returns the exit code (75: run me again).
     ``resume_from`` names the checkpoint to resume from instead of the newest; ``restart`` starts at step 0
@@ -36,7 +50,7 @@ def run_train(spec_path: str, overrides: list[str], resume_from: str | None = No
             args = ["train", spec_path, *[f"--set={o}" for o in overrides]]
             args += ["--resume-from", resume_from] if resume_from else []
             args += ["--restart"] if restart else []
-            return launch_local(args, spec.world_size, {PREFLIGHT_ENV: "done"})
+            return launch_local(args, spec.world_size, {PREFLIGHT_ENV: "done"}, lambda: rerun_advice(spec))
         info = RankInfo(0, 0, 1, "127.0.0.1", free_port())
     if info.world_size != spec.world_size:
         raise ParcaeError(
