@@ -40,6 +40,27 @@ class TokenizerSettings:
     seed: int = 0
 
 
+MAX_LINE_BYTES = 1 << 16  # SentencePiece's max_sentence_length: longer lines it would drop, silently
+
+
+def split_long_line(line: str, max_bytes: int = MAX_LINE_BYTES) -> list[str]:
+    """``line`` in pieces of at most ``max_bytes`` UTF-8 bytes, cut at a space where one is near the end of a
+    piece (a piece of max_bytes / 4 characters fits whatever the characters)."""
+    if len(line) * 4 <= max_bytes or len(line.encode("utf-8")) <= max_bytes:
+        return [line]
+    step = max_bytes // 4
+    pieces = []
+    while line:
+        head = line[:step]
+        if len(head) < len(line):
+            cut = head.rfind(" ")
+            if cut > step // 2:
+                head = line[:cut]  # the space starts the next piece, as SentencePiece's pieces do
+        pieces.append(head)
+        line = line[len(head) :]
+    return pieces
+
+
 def train_tokenizer(
     documents: Iterable[Document], settings: TokenizerSettings, out_prefix: str | Path
 ) -> dict[str, object]:
@@ -50,7 +71,13 @@ def train_tokenizer(
     check_writable(LocalStore(str(out_prefix.parent)))  # before minutes of training, not after
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(settings.seed)
-    stats = {"documents_seen": 0, "documents_sampled": 0, "documents_truncated": 0, "sample_chars": 0}
+    stats = {
+        "documents_seen": 0,
+        "documents_sampled": 0,
+        "documents_truncated": 0,
+        "long_lines_split": 0,
+        "sample_chars": 0,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         sample = Path(tmp) / "sample.txt"
         with sample.open("w", encoding="utf-8") as f:
@@ -62,8 +89,13 @@ def train_tokenizer(
                 if len(text) > settings.max_chars_per_doc:
                     text = text[: settings.max_chars_per_doc]
                     stats["documents_truncated"] += 1
-                # SentencePiece reads one sentence per line: keep a document's lines apart.
-                lines = [line for line in text.splitlines() if line.strip()]
+                # SentencePiece reads one sentence per line (keep a document's lines apart) and drops any line
+                # over max_sentence_length bytes: a longer line is cut into pieces that it keeps.
+                lines = []
+                for line in text.splitlines():
+                    pieces = split_long_line(line)
+                    stats["long_lines_split"] += len(pieces) > 1
+                    lines += [piece for piece in pieces if piece.strip()]
                 if not lines:
                     continue
                 f.write("\n".join(lines) + "\n")
@@ -96,7 +128,7 @@ def train_tokenizer(
                 eos_piece="<eos>",
                 input_sentence_size=0,
                 shuffle_input_sentence=False,
-                max_sentence_length=1 << 16,
+                max_sentence_length=MAX_LINE_BYTES,
                 num_threads=1,  # one thread keeps the trained model byte-identical run to run
                 minloglevel=2,
             )

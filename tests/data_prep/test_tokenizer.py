@@ -47,3 +47,23 @@ def test_unigram_and_errors(tmp_path, builtin_docs):
         train_tokenizer(docs, TokenizerSettings(vocab_size=100000), tmp_path / "big")
     with pytest.raises(TokenizerError, match="no such tokenizer model"):
         load_tokenizer(tmp_path / "missing.model")
+
+
+def test_documents_of_one_long_line_are_trained_on_not_dropped(tmp_path, builtin_docs):
+    """SentencePiece drops a line over 64 KiB without a word: such lines are cut into pieces it keeps, the
+    card counts them, and a corpus of nothing but one huge line trains (it failed with !sentences_.empty())."""
+    from data_prep.tokenizer import MAX_LINE_BYTES, TokenizerSettings, split_long_line, train_tokenizer
+
+    line = "привет мир " * 40_000  # 440k characters, 880 kB: one line, no newline
+    pieces = split_long_line(line)
+    assert "".join(pieces) == line and all(len(p.encode()) <= MAX_LINE_BYTES for p in pieces)
+    settings = TokenizerSettings(vocab_size=600, max_chars_per_doc=200_000)
+    docs = [Document(line, "long.txt:1"), *(Document(t, f"d{i}") for i, t in enumerate(builtin_docs[:50]))]
+    card = train_tokenizer(iter(docs), settings, tmp_path / "t")
+    assert card["sample"]["documents_sampled"] == 51 and card["sample"]["long_lines_split"] == 1
+    assert card["sample"]["sample_chars"] >= 200_000  # the cropped long document, all of it used
+    vocab = (tmp_path / "t.vocab").read_text()
+    assert "привет" in vocab  # learned from the long line (dropped before: only byte pieces for Cyrillic)
+    small = TokenizerSettings(vocab_size=280, max_chars_per_doc=200_000)
+    alone = train_tokenizer(iter([Document(line, "long.txt:1")]), small, tmp_path / "alone")
+    assert alone["sample"]["documents_sampled"] == 1
