@@ -51,6 +51,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -191,8 +198,10 @@ def add_prep_parser(sub: argparse._SubParsersAction) -> argparse._SubParsersActi
         help="shard sets: directories or s3:// prefixes holding manifest.json (e.g. OUT/train); several: one "
         "summary line each (the sources of a mixture side by side)",
     )
-    p.add_argument("--samples", type=int, default=3, help="samples to decode from a single URL (default 3; 0: none)")
-    p.add_argument("--shard", type=int, default=0, help="which shard to decode from")
+    p.add_argument(
+        "--samples", type=_nonnegative, default=3, help="samples to decode from a single URL (default 3; 0: none)"
+    )
+    p.add_argument("--shard", type=_nonnegative, default=0, help="which shard to decode from (0, 1, ...)")
     p.add_argument("--tokenizer", help="the .model or tokenizer.json (default: the path recorded in the manifest)")
     p.add_argument("--verify", action="store_true", help="check every shard's presence, size and sha256; name extras")
     _s3_args(p)
@@ -346,8 +355,26 @@ def cmd_shards(args: argparse.Namespace) -> int:
             f"({summary['tokens_encoded']} tokens tokenized again)"
         )
     print(f"wrote {args.out} in {summary['seconds']:.1f} s ({rate:.2f}M tokens/s){kept}")
+    _warn_cropping(summary, args.seq_len, args.packing)
     _report(summary["problem_report"])
     return 0
+
+
+CROPPED_WARNING_SHARE = 0.25
+
+
+def _warn_cropping(summary: dict, seq_len: int, packing: str) -> None:
+    """bos-aligned packing crops what does not fit a row: above a quarter of the tokens, say so with the fix."""
+    cropped = summary["train"].get("cropped_tokens", 0) + summary["val"].get("cropped_tokens", 0)
+    produced = summary["train"]["tokens_produced"] + summary["val"]["tokens_produced"]
+    if packing != "bos-aligned" or not produced or cropped / produced <= CROPPED_WARNING_SHARE:
+        return
+    print(
+        f"warning: bos-aligned packing cropped {cropped / produced:.0%} of the tokens ({cropped} of {produced}): "
+        f"the documents are long for rows of {seq_len} tokens; a longer --seq-len keeps more, --packing concat "
+        "keeps all",
+        file=sys.stderr,
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 
 from data_prep.errors import PrepError
 from data_prep.storage import S3Options, StorageError, Store, open_store, sha256_stream
+from parcae_errors import UsageError
 
 MANIFEST = "manifest.json"
 
@@ -166,7 +167,9 @@ def decode_samples(
     if not manifest["shards"] or count <= 0:
         return []
     sp = TextTokenizer(tokenizer_path or manifest["tokenizer"]["path"])
-    entry = manifest["shards"][min(shard, len(manifest["shards"]) - 1)]
+    if not 0 <= shard < len(manifest["shards"]):
+        raise UsageError(f"--shard {shard}: {url} holds shards 0 to {len(manifest['shards']) - 1}")
+    entry = manifest["shards"][shard]
     texts = []
     with store.open(entry["name"]) as stream:
         for key, tokens, starts in iter_samples(stream, store.child_url(entry["name"])):

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -182,6 +183,8 @@ def read_weights(path: str | Path) -> tuple[ParcaeConfig | None, dict[str, torch
             raw = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise WeightsError(f"{config_file}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if isinstance(raw, dict) and raw.get("model_type") == "parcae":  # our own `parcae export --format hf`
+            return _hf_export(path, raw)
         cfg = released_config(raw, config_file)
         weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
         if weights is None:
@@ -194,6 +197,23 @@ def read_weights(path: str | Path) -> tuple[ParcaeConfig | None, dict[str, torch
     except (SafetensorError, OSError) as exc:
         raise WeightsError(f"{path}: cannot read as safetensors: {exc}") from None
     return read_config(path), normalize_names(tensors, path)
+
+
+def _hf_export(path: Path, raw: dict[str, Any]) -> tuple[ParcaeConfig, dict[str, torch.Tensor]]:
+    """A directory `parcae export --format hf` wrote: our config's fields in config.json, our parameter names
+    in model.safetensors."""
+    fields = {f.name for f in dataclasses.fields(ParcaeConfig)}
+    try:
+        cfg = ParcaeConfig(**{k: v for k, v in raw.items() if k in fields})
+        cfg.check()
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{path / 'config.json'}: not a config this version reads: {exc}") from None
+    file = path / "model.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{file}: cannot read as safetensors: {exc}") from None
+    return cfg, normalize_names({to_reference(k): t for k, t in tensors.items()}, file)
 
 
 def _torch_state(path: Path) -> dict[str, torch.Tensor]:

@@ -49,7 +49,13 @@ def configure_logging(verbose: bool = False, all_ranks: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for chatty in ("botocore", "boto3", "urllib3", "s3transfer"):  # their INFO lines are not the user's business
+    for chatty in (
+        "botocore",
+        "boto3",
+        "urllib3",
+        "s3transfer",
+        "werkzeug",
+    ):  # their INFO lines: not the user's business
         logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
@@ -58,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="parcae",
         description="Pretraining pipeline for Parcae stable looped language models.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--all-ranks", action="store_true", help="log from every rank, not only rank 0")
+    parser.add_argument("--version", action="version", version=f"parcae {_version()}")
+    _logging_flags(parser, argparse.SUPPRESS)
+    parser.set_defaults(verbose=False, all_ranks=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     validate.add_parsers(sub)
     prep.add_parsers(add_prep_parser(sub))
@@ -72,7 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parsers(sub)
     tb.add_parsers(sub)
     demo.add_parsers(sub)
+    _everywhere(parser)
     return parser
+
+
+def _logging_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    parser.add_argument(
+        "--all-ranks", action="store_true", default=default, help="log from every rank, not only rank 0"
+    )
+
+
+def _everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v and --all-ranks after any command too (``parcae train SPEC -v``), not only before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _logging_flags(child, argparse.SUPPRESS)
+                _everywhere(child)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("parcae-pipeline")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

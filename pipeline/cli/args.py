@@ -12,6 +12,19 @@ def add_spec_args(parser: argparse.ArgumentParser, positional: bool = True) -> N
     add_overrides(parser)
 
 
+def loop_count(text: str) -> int:
+    """A test-time loop count: 1 to MAX_LOOPS (1024), as the spec's loop counts."""
+    from model.config import MAX_LOOPS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a loop count, an integer from 1 to {MAX_LOOPS}") from None
+    if not 1 <= value <= MAX_LOOPS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a loop count from 1 to {MAX_LOOPS}")
+    return value
+
+
 def add_force(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--force", action="store_true", help=f"replace {what} at --out (refused without it)")
 

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from parcae_errors import UsageError
-from pipeline.cli.args import add_endpoint, add_overrides
+from pipeline.cli.args import add_endpoint, add_overrides, loop_count
 
 
 def add_parsers(sub: Any) -> None:
@@ -37,7 +37,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--batch-tokens", type=int, default=8192, help="downstream: tokens per forward (default 8192)")
     p.add_argument("--procs", type=int, default=1, help="ranks to start on this machine (downstream data-parallel)")
     p.add_argument(
-        "--loops", type=int, nargs="+", help="test-time loop counts (default 1 2 4 8 16 32; downstream 1 2 4 8 16)"
+        "--loops",
+        type=loop_count,
+        nargs="+",
+        help="test-time loop counts (default 1 2 4 8 16 32; downstream 1 2 4 8 16)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
     p.add_argument("--max-batches", type=int, default=50, help="at most this many batches (default 50)")

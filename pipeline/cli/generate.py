@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.cli.args import add_endpoint, add_overrides
+from pipeline.cli.args import add_endpoint, add_overrides, loop_count
 
 
 def add_parsers(sub: Any) -> None:
@@ -17,7 +17,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", help="a file of prompts, one per line")
     p.add_argument(
-        "--loops", type=int, help="loops per token (default: the model's mean recurrence; the maximum with --adaptive)"
+        "--loops",
+        type=loop_count,
+        help="loops per token (default: the model's mean recurrence; the maximum with --adaptive)",
     )
     p.add_argument(
         "--adaptive",

@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from parcae_errors import ParcaeError
+from parcae_errors import ParcaeError, UsageError
 from pipeline.cli.args import add_spec_args
 
 
@@ -48,11 +48,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides).spec
     if args.isoflop:
         if args.flops is None:
-            raise ParcaeError("--isoflop needs the budget as --flops C")
+            raise UsageError("--isoflop needs the budget as --flops C")
         try:
             recurrences = [int(x) for x in args.isoflop.split(",")]
         except ValueError:
-            raise ParcaeError(f"--isoflop: comma-separated integers, got {args.isoflop!r}") from None
+            raise UsageError(f"--isoflop: comma-separated integers, got {args.isoflop!r}") from None
         import yaml
 
         print(
@@ -75,7 +75,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         flops = args.flops
     anchor_args = (args.anchor_flops, args.anchor_recurrence, args.anchor_tokens)
     if any(a is not None for a in anchor_args) and not all(a is not None for a in anchor_args):
-        raise ParcaeError("--anchor-flops, --anchor-recurrence and --anchor-tokens go together (all three or none)")
+        raise UsageError("--anchor-flops, --anchor-recurrence and --anchor-tokens go together (all three or none)")
     anchor = anchor_args if all(a is not None for a in anchor_args) else None
     result = plan(spec, flops, anchor, loops_exponent, tokens_exponent, peak, args.mfu, args.backprop_depth)
     if refitted:

@@ -31,7 +31,7 @@ from data_prep.storage import (
     write_text,
 )
 from data_prep.tokenizer import TextTokenizer, TokenizerError
-from parcae_errors import ParcaeError, ReportedElsewhere
+from parcae_errors import ParcaeError, ReportedElsewhere, UsageError
 from pipeline.evaluation.bundle import Bundle
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
 from pipeline.evaluation.downstream import (
@@ -122,14 +122,14 @@ def run_downstream(
 ) -> dict[str, Any] | None:
     """Score the suites; rank 0 reports and returns the report, the other ranks return None."""
     if loops and min(loops) < 1:
-        raise ParcaeError(f"--loops: loop counts must be >= 1, got {loops}")
+        raise UsageError(f"--loops: loop counts must be >= 1, got {loops}")
     if max_per_task is not None and max_per_task < 1:
-        raise ParcaeError(f"--max-per-task: at least 1 item per task, got {max_per_task}")
+        raise UsageError(f"--max-per-task: at least 1 item per task, got {max_per_task}")
     if batch_tokens < 1:
-        raise ParcaeError(f"--batch-tokens: at least 1, got {batch_tokens}")
+        raise UsageError(f"--batch-tokens: at least 1, got {batch_tokens}")
     seeds = seeds or [DEFAULT_SEED]
     if len(set(seeds)) != len(seeds):
-        raise ParcaeError(f"--seeds: each few-shot seed once, got {seeds}")
+        raise UsageError(f"--seeds: each few-shot seed once, got {seeds}")
     out_dir = Path(out or source.out_dir)
     if rank == 0:
         check_writable(LocalStore(str(out_dir)))  # before the evaluation, not after
@@ -284,7 +284,7 @@ def eval_ranks() -> Iterator[tuple[int, int, torch.device]]:
 def launch_ranks(argv: list[str], procs: int) -> int | None:
     """With ``procs`` > 1 and no ranks launched yet: start them on this machine and return the exit code."""
     if procs < 1:
-        raise ParcaeError(f"--procs: at least 1, got {procs}")
+        raise UsageError(f"--procs: at least 1, got {procs}")
     if procs == 1 or rank_info() is not None:
         return None
     return launch_local(argv, procs)

@@ -11,6 +11,7 @@ target tokens decode to (`pipeline.evaluation.token_bytes`).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from data_prep.storage import LocalStore, check_writable, is_s3, make_dir, open_
 from data_prep.tokenizer import TokenizerError
 from model import ParcaeLM, load_pretrained
 from model.weights import read_config
-from parcae_errors import ParcaeError
+from parcae_errors import ParcaeError, UsageError
 from pipeline.data import rows_loader
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
 from pipeline.evaluation.documents import IGNORE, document_batches, documents_from_rows
@@ -31,6 +32,8 @@ from pipeline.evaluation.token_bytes import TokenBytes, special_ids
 from pipeline.jobspec import JobSpec, load_spec, s3_options
 from pipeline.training import checkpoint
 from pipeline.training.weights import load_checkpoint_model
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LOOPS = (1, 2, 4, 8, 16, 32)
 PROTOCOLS = ("pipeline", "paper")
@@ -75,6 +78,23 @@ def load_source(source: str, given: JobSpec | None, tag: str | None, endpoint_ur
     else:
         run_dir = Path(spec.run_dir or ".")
     return Source(model, given or spec, f"{run_dir.name}/{tag}", step, run_dir / "eval" / tag, tensorboard)
+
+
+def default_validation(spec: JobSpec) -> str | None:
+    """The shard set `parcae eval` scores without --data: data.val_url, else (a mixture) the first source's
+    val_url, said in the log (--data names another)."""
+    if spec.data.val_url:
+        return spec.data.val_url
+    with_val = [s for s in spec.data.sources or [] if s.val_url]
+    if not with_val:
+        return None
+    if len(with_val) > 1:
+        log.info(
+            "validation data: source %r's val_url (of %s); --data picks another",
+            with_val[0].name,
+            ", ".join(repr(s.name) for s in with_val),
+        )
+    return with_val[0].val_url
 
 
 def locate_checkpoints(source: str) -> tuple[Path | None, str]:
@@ -138,21 +158,24 @@ def run_eval(
     documents one per row (truncated to the context, bytes without special tokens), h_0 the like-init
     truncated normal averaged over ``h0_seeds`` seeds, each result with its spread over the seeds."""
     if protocol not in PROTOCOLS:
-        raise ParcaeError(f"--protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+        raise UsageError(f"--protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
     if documents < 1 or h0_seeds < 1:
-        raise ParcaeError("--documents and --h0-seeds must be >= 1")
+        raise UsageError("--documents and --h0-seeds must be >= 1")
     if loops and min(loops) < 1:
-        raise ParcaeError(f"--loops: loop counts must be >= 1, got {loops}")
+        raise UsageError(f"--loops: loop counts must be >= 1, got {loops}")
     if batch_size < 1 or max_batches < 1:
-        raise ParcaeError("--batch-size and --max-batches must be >= 1")
+        raise UsageError("--batch-size and --max-batches must be >= 1")
     out_dir = Path(out or source.out_dir)
     check_writable(LocalStore(str(out_dir)))  # before the evaluation, not after
     model, spec = source.model, source.spec
     model.eval()
     cfg = model.cfg
-    data = data or (spec.data.val_url if spec else None)
+    data = data or (default_validation(spec) if spec else None)
     if not data:
-        raise ParcaeError("no validation data: pass --data (a shard directory or s3:// prefix with manifest.json)")
+        raise ParcaeError(
+            "no validation data: the spec has no data.val_url and no source a val_url; pass --data (a shard "
+            "directory or s3:// prefix with manifest.json)"
+        )
     options = s3_options(endpoint_url, spec)
     manifest = read_manifest(open_store(data, options))
     seq_len = int(manifest["seq_len"])

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from parcae_errors import ParcaeError
+from parcae_errors import ParcaeError, UsageError
 from pipeline.evaluation.downstream import completion, open_tokenizer
 from pipeline.jobs.downstream import prompt_start_of, source_tokenizer
 from pipeline.jobs.evaluate import Source
@@ -35,7 +35,7 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
             raise ParcaeError(f"--prompt-file {prompt_file}: cannot read it as UTF-8 text ({exc})") from None
         texts += [line for line in lines if line.strip()]
     if not texts:
-        raise ParcaeError("give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line)")
+        raise UsageError("give --prompt TEXT (repeatable) or --prompt-file FILE (one prompt per line)")
     return texts
 
 
@@ -57,26 +57,26 @@ def run_generate(
     adaptive: float | None = None,
 ) -> list[dict[str, Any]]:
     if max_new_tokens < 1:
-        raise ParcaeError(f"--max-new-tokens: at least 1, got {max_new_tokens}")
+        raise UsageError(f"--max-new-tokens: at least 1, got {max_new_tokens}")
     if temperature < 0:
-        raise ParcaeError(f"--temperature: 0 (greedy) or more, got {temperature}")
+        raise UsageError(f"--temperature: 0 (greedy) or more, got {temperature}")
     if top_k is not None and top_k < 1:
-        raise ParcaeError(f"--top-k: at least 1, got {top_k}")
+        raise UsageError(f"--top-k: at least 1, got {top_k}")
     model = source.model.eval()
     cfg = model.cfg
     if loops is not None and (loops < 1 or not cfg.looped):
-        raise ParcaeError(
+        raise UsageError(
             f"--loops {loops}: " + ("at least 1" if cfg.looped else "the GPT baseline has no loops; leave it out")
         )
     for flag, value, least in (("--adaptive", adaptive, 0), ("--cache-slots", core_slots, 1)):
         if value is None:
             continue
         if not cfg.looped:
-            raise ParcaeError(f"{flag}: the GPT baseline has no loops; leave it out")
+            raise UsageError(f"{flag}: the GPT baseline has no loops; leave it out")
         if value < least:
-            raise ParcaeError(f"{flag}: at least {least}, got {value}")
+            raise UsageError(f"{flag}: at least {least}, got {value}")
         if not use_cache:
-            raise ParcaeError(f"{flag} works on the KV cache: leave out --no-cache")
+            raise UsageError(f"{flag} works on the KV cache: leave out --no-cache")
     options = s3_options(endpoint_url, source.spec)
     with tempfile.TemporaryDirectory() as tmp:
         location = source_tokenizer(tokenizer, source, source_arg, options)
@@ -91,7 +91,7 @@ def run_generate(
     longest = max(len(row) for row in ids)
     if longest + max_new_tokens > cfg.max_seq_len:
         if len(ids) > 1:
-            raise ParcaeError(
+            raise UsageError(
                 f"a prompt of {longest - 1} tokens + {max_new_tokens} new tokens exceeds the model's context "
                 f"({cfg.max_seq_len}); a batch of prompts must fit: shorten them or lower --max-new-tokens"
             )

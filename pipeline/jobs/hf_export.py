@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from data_prep.storage import make_dir, write_atomic, write_text
 from data_prep.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer, TokenizerError
 from model import ParcaeLM
-from parcae_errors import ParcaeError
+from parcae_errors import ParcaeError, UsageError
 
 TEMPLATE = Path(__file__).resolve().parent / "hf_template"
 REMOTE_CODE = ("configuration_parcae.py", "modeling_parcae.py")
@@ -30,9 +30,9 @@ REMOTE_CODE = ("configuration_parcae.py", "modeling_parcae.py")
 def export_hf(model: ParcaeLM, out: Path, tokenizer: str | None, loops: int | None = None, h0: str = "zeros") -> Path:
     """Write ``out``; ``loops`` is the exported forward's default loop count (the mean recurrence if None)."""
     if out.exists() and not out.is_dir():
-        raise ParcaeError(f"--out {out}: a file; name a directory")
+        raise UsageError(f"--out {out}: a file; name a directory")
     if h0 not in ("zeros", "like_init"):
-        raise ParcaeError(f"--h0 {h0!r}: zeros or like_init")
+        raise UsageError(f"--h0 {h0!r}: zeros or like_init")
     cfg = model.cfg
     text_tokenizer = _read_tokenizer(Path(tokenizer)) if tokenizer else None
     bos, eos, pad = (

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from model.config import paper_flops_per_token
-from parcae_errors import ParcaeError
+from parcae_errors import ParcaeError, UsageError
 from pipeline.jobspec import JobSpec
 
 LOOPS_EXPONENT = 0.40  # the paper's fit for the optimal mean recurrence (PARCAE.md, section 7)
@@ -59,7 +59,7 @@ def plan(
     check_positive("--loops-exponent", loops_exponent)
     check_positive("--tokens-exponent", tokens_exponent)
     if not 0 < mfu <= 1:
-        raise ParcaeError(f"--mfu: a fraction in (0, 1], got {mfu}")
+        raise UsageError(f"--mfu: a fraction in (0, 1], got {mfu}")
     seq_len = spec.data.seq_len
     if anchor is None:
         tokens0 = float(spec.total_steps * spec.tokens_per_step)
@@ -124,7 +124,7 @@ def isoflop_points(
         raise ParcaeError("model.arch: gpt has no recurrence to sweep; use a Parcae spec (model.arch: parcae)")
     check_positive("--flops", flops)
     if not recurrences or min(recurrences) < 1:
-        raise ParcaeError(f"--isoflop: mean recurrences must be integers >= 1, got {recurrences}")
+        raise UsageError(f"--isoflop: mean recurrences must be integers >= 1, got {recurrences}")
     points = []
     for r in sorted(set(recurrences)):
         depth = depth_for(r, backprop_depth)

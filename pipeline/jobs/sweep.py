@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from data_prep.storage import make_dir, write_text
-from parcae_errors import ParcaeError
+from parcae_errors import ParcaeError, UsageError
 from pipeline.jobs import slurm
 from pipeline.jobs.sweep_record import exit_code, write_exit_code, write_record
 from pipeline.jobspec import SpecError, load_spec
@@ -34,12 +34,12 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[Any]]]:
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
-            raise ParcaeError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. optimizer.lr=1e-3,3e-3)")
+            raise UsageError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. optimizer.lr=1e-3,3e-3)")
         parsed = [yaml.safe_load(v) for v in values.split(",")]
         if len(set(map(repr, parsed))) != len(parsed):
-            raise ParcaeError(f"--grid {item!r}: a value is repeated")
+            raise UsageError(f"--grid {item!r}: a value is repeated")
         if any(k == key for k, _ in grid):
-            raise ParcaeError(f"--grid {key}: given twice; put every value in one --grid")
+            raise UsageError(f"--grid {key}: given twice; put every value in one --grid")
         grid.append((key, parsed))
     return grid
 
@@ -102,7 +102,7 @@ def plan_sweep(
     base = load_spec(spec_path, overrides).spec
     name = name or base.name + "-sweep"
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
-        raise ParcaeError(f"--name {name!r}: use letters, digits and . _ -")
+        raise UsageError(f"--name {name!r}: use letters, digits and . _ -")
     root = Path(directory or f"runs/sweeps/{name}").resolve()
     expanded = expand(grid, points)
     problems, planned = [], []
@@ -152,7 +152,7 @@ def array_script(directory: Path, points: list[dict[str, Any]]) -> str:
     """The batch script of the sweep's job array (one cluster section for every point)."""
     clusters = {json.dumps(p["loaded"].spec.cluster.model_dump(), sort_keys=True) for p in points}
     if len(clusters) > 1:
-        raise ParcaeError("--submit: one job array has one cluster section; the grid must not vary cluster.*")
+        raise UsageError("--submit: one job array has one cluster section; the grid must not vary cluster.*")
     return slurm.render(points[0]["loaded"], directory, output=f"{directory}/slurm/%A_%a.out")
 
 

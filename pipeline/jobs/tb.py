@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from data_prep.storage import S3Options, StorageError, is_s3, open_store
-from parcae_errors import ParcaeError
+from parcae_errors import ParcaeError, UsageError
 from pipeline.jobspec import load_spec
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def serve(
 ) -> int:
     """Serve TensorBoard over ``logdirs`` until interrupted."""
     if not 0 <= port < 65536:
-        raise ParcaeError(f"--port: 0-65535, got {port}")
+        raise UsageError(f"--port: 0-65535, got {port}")
     if sync_interval <= 0:
-        raise ParcaeError(f"--sync-interval: seconds > 0, got {sync_interval}")
+        raise UsageError(f"--sync-interval: seconds > 0, got {sync_interval}")
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # -v keeps TensorBoard's own INFO lines
         for name in ("tensorboard", "werkzeug", "absl"):
             logging.getLogger(name).setLevel(logging.WARNING)

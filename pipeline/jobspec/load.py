@@ -243,17 +243,30 @@ def apply_override(data: dict[str, Any], item: str) -> str | None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    node = data
+    node: Any = data
     parts = key.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
-            return f"--set {key}: {where} is a value ({child!r}), not a section"
-        node = child
-    node[parts[-1]] = value
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):  # a list item by its index: data.sources.1.url
+            if not part.isdigit() or int(part) >= len(node):
+                parent = ".".join(parts[:depth])
+                return (
+                    f"--set {key}: {parent} is a list of {len(node)}; address an item by its index 0 to {len(node) - 1}"
+                )
+            if last:
+                node[int(part)] = value
+                return None
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            parent = ".".join(parts[:depth])
+            return f"--set {key}: {parent} is a value ({node!r}), not a section"
+        if last:
+            node[part] = value
+            return None
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
     return None
 
 

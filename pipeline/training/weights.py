@@ -16,7 +16,7 @@ import yaml
 from data_prep.storage import S3Options, is_s3, open_store, write_text
 from model import ParcaeConfig, ParcaeLM, WeightsError, count_params, load_pretrained, save_reference
 from model.weights import config_differences, from_reference, load_state, read_weights
-from parcae_errors import ParcaeError
+from parcae_errors import ParcaeError, UsageError
 from pipeline.jobspec import JobSpec, ModelSpec, load_spec
 from pipeline.training import checkpoint
 
@@ -29,7 +29,7 @@ def import_weights(
     must then agree with it), check a forward with ``loops`` loops is finite, and write them with their
     config, and beside them ``OUT.model.yaml``, the job spec's model section. Returns a summary line."""
     if loops < 1:
-        raise ParcaeError(f"--loops must be >= 1, got {loops}")
+        raise UsageError(f"--loops must be >= 1, got {loops}")
     with tempfile.TemporaryDirectory(prefix="parcae-import-") as tmp:
         local = _local_copy(weights, Path(tmp), options)
         model = load_pretrained(cfg, local) if cfg is not None else load_pretrained(local)

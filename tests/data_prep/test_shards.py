@@ -315,5 +315,8 @@ def test_the_cli_packs_bos_aligned_by_default_and_concat_on_request(tmp_path, bu
         assert done.returncode == 0, done.stderr[-2000:]
         manifest = json.loads((out / "train" / "manifest.json").read_text())
         assert manifest["packing"]["kind"] == kind
+        # docstrings in rows of 64 tokens: most of bos-aligned's tokens are cropped, and it says so, with the fix
+        warned = "warning: bos-aligned packing cropped" in done.stderr and "--packing concat keeps all" in done.stderr
+        assert warned == (kind == "bos-aligned"), done.stderr
     _, rows = samples(tmp_path / "bos-aligned" / "train")
     assert {int(tokens[0]) for tokens, _ in rows} == {2}  # <bos>

@@ -79,3 +79,19 @@ def test_installed_console_script_matches_module():
     assert exe.is_file(), "the parcae console script is installed by `make setup`"
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "validate" in result.stdout
+
+
+def test_version_flags_anywhere_and_argument_ranges(tmp_path, tiny_shards):
+    """--version; -v after the command as before it; loop counts beyond the spec's cap (1024) and shard
+    indices beyond the set are refused as argument errors (exit 2), not taken or clamped."""
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("parcae ")
+    after = run("validate", str(CONFIGS / "demo-tiny.yaml"), "-v")
+    assert after.returncode in (0, 2) and " DEBUG " in after.stderr
+    loops = run("eval", str(tmp_path), "--loops", "1", "5000")
+    assert loops.returncode == 2 and "'5000': expected a loop count from 1 to 1024" in loops.stderr
+    train = str(tiny_shards / "train")
+    shard = run("prep", "inspect", train, "--shard", "999", "--samples", "1")
+    assert shard.returncode == 2 and "--shard 999: " in shard.stderr and "holds shards 0 to" in shard.stderr
+    samples = run("prep", "inspect", train, "--samples", "-1")
+    assert samples.returncode == 2 and "expected an integer >= 0" in samples.stderr

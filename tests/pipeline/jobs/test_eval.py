@@ -151,3 +151,18 @@ def test_documents_come_back_whole_from_packed_rows(tokenizer, builtin_docs, tin
     assert inputs[0, 0] == BOS_ID and torch.equal(targets[0, : min(len(first), 24)], torch.tensor(first[:24]))
     assert torch.equal(inputs[0, 1 : min(len(first), 24)], torch.tensor(first[: min(len(first), 24) - 1]))
     assert sum(int((t != IGNORE).sum()) for _, t in batches) == sum(min(len(d), 24) for d in docs)
+
+
+def test_a_mixture_run_is_evaluated_on_its_sources_validation_set():
+    """Without --data, `parcae eval` of a mixture run (no data.val_url) scores the first source's val_url
+    (it said "no validation data")."""
+    from pipeline.jobs.evaluate import default_validation
+    from pipeline.jobspec import load_spec
+    from tests.conftest import CONFIGS
+
+    sources = "[{name: web, url: s3://b/web, weight: 3}, {name: code, url: s3://b/code, weight: 1, val_url: s3://b/cv}]"
+    overrides = ["data.train_url=null", "data.val_url=null", f"data.sources={sources}"]
+    spec = load_spec(CONFIGS / "demo-tiny.yaml", overrides).spec
+    assert default_validation(spec) == "s3://b/cv"
+    plain = load_spec(CONFIGS / "demo-tiny.yaml").spec
+    assert default_validation(plain) == plain.data.val_url

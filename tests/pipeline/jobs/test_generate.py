@@ -57,16 +57,16 @@ def test_generate_gives_the_models_tokens(tmp_path, tokenizer):
 def test_generate_names_what_is_wrong(tmp_path, tokenizer):
     weights = save_reference(build_model(CFG, seed=0), tmp_path / "w.safetensors")
     nothing = run(str(weights), "--tokenizer", str(tokenizer))
-    assert nothing.returncode == 1 and "give --prompt TEXT" in nothing.stderr and "Traceback" not in nothing.stderr
+    assert nothing.returncode == 2 and "give --prompt TEXT" in nothing.stderr and "Traceback" not in nothing.stderr
     zero = run(str(weights), "--tokenizer", str(tokenizer), "--prompt", "a", "--max-new-tokens", "0")
-    assert zero.returncode == 1 and "--max-new-tokens: at least 1" in zero.stderr
+    assert zero.returncode == 2 and "--max-new-tokens: at least 1" in zero.stderr
     slots = run(str(weights), "--tokenizer", str(tokenizer), "--prompt", "a", "--cache-slots", "2", "--no-cache")
-    assert slots.returncode == 1 and "--cache-slots works on the KV cache: leave out --no-cache" in slots.stderr
+    assert slots.returncode == 2 and "--cache-slots works on the KV cache: leave out --no-cache" in slots.stderr
     gpt = save_reference(
         build_model(ParcaeConfig(arch="gpt", vocab_size=512, d_model=64, n_head=2, n_layers=2)),
         tmp_path / "g.safetensors",
     )
     loops = run(str(gpt), "--tokenizer", str(tokenizer), "--prompt", "a", "--loops", "2")
-    assert loops.returncode == 1 and "the GPT baseline has no loops" in loops.stderr
+    assert loops.returncode == 2 and "the GPT baseline has no loops" in loops.stderr
     long = run(str(weights), "--tokenizer", str(tokenizer), "--prompt", "a b", "--prompt", "one " * 40)
-    assert long.returncode == 1 and "exceeds the model's context (64)" in long.stderr, long.stderr
+    assert long.returncode == 2 and "exceeds the model's context (64)" in long.stderr, long.stderr

@@ -264,3 +264,16 @@ training: {micro_batch_size: 4, total_steps: 10}
     assert [s.name for s in loaded.data.train_sources()] == ["web", "code", "math"]
     one = load_spec(write(tmp_path, MINIMAL), environ={}).spec.data.train_sources()
     assert [(s.name, s.url, s.weight) for s in one] == [("train", "s3://bucket/train", 1.0)]
+
+
+def test_set_addresses_a_list_item_by_its_index():
+    from pipeline.jobspec.load import apply_override
+
+    data = {"data": {"sources": [{"name": "a", "url": "x"}, {"name": "b", "url": "y"}]}}
+    assert apply_override(data, "data.sources.1.url=s3://b/new") is None
+    assert data["data"]["sources"][1] == {"name": "b", "url": "s3://b/new"}
+    assert (
+        apply_override(data, "data.sources.0={name: c, url: z}") is None and data["data"]["sources"][0]["name"] == "c"
+    )
+    problem = apply_override(data, "data.sources.2.url=q")
+    assert problem == "--set data.sources.2.url: data.sources is a list of 2; address an item by its index 0 to 1"

@@ -71,6 +71,8 @@ def test_import_a_released_directory_without_a_spec(tmp_path):
     assert loaded.cfg == TINY and torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
     exported = run("export", str(directory), "--format", "hf", "--out", str(tmp_path / "tiny-hf"))
     assert exported.returncode == 0 and "transformers loads it" in exported.stdout, exported.stderr[-2000:]
+    again = load_pretrained(tmp_path / "tiny-hf")  # an HF export is read back too (eval, generate, import)
+    assert again.cfg == TINY and torch.equal(again.transformer.wte.weight, model.transformer.wte.weight)
     section = yaml.safe_load((tmp_path / "tiny.model.yaml").read_text())["model"]
     assert ModelSpec(**section).build() == TINY  # ready to paste into a job spec
     spec = tmp_path / "spec.yaml"
