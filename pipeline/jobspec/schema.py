@@ -72,6 +72,54 @@ class Spec(BaseModel):
                 raise RuleViolations(problems)
         return data
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_other_types(cls, value: Any, info: Any) -> Any:
+        """A boolean where a number or text is expected is refused, not read as 1 or 0: YAML reads yes, no,
+        on, off, true and false as booleans, and pydantic would turn them into numbers."""
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is None:
+            return value
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) for v in items) and not _takes_bool(field.annotation, isinstance(value, list)):
+            raise ValueError(
+                f"expected {_type_name(field.annotation)}, got a boolean (YAML reads yes, no, on, off, true and "
+                "false as booleans; quote text)"
+            )
+        return value
+
+
+def _takes_bool(annotation: Any, inside_list: bool = False) -> bool:
+    """Whether a field of this type takes a boolean (its items' type, for a list given)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is bool or annotation is Any:
+        return True
+    if origin is Literal:
+        return any(isinstance(a, bool) for a in args)
+    if origin is Annotated:
+        return _takes_bool(args[0], inside_list)
+    if origin in (list, tuple, set) and inside_list:
+        return any(_takes_bool(a) for a in args) if args else True
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        return any(_takes_bool(a, inside_list) for a in args)
+    return False
+
+
+def _type_name(annotation: Any) -> str:
+    """What a field takes, in words: "an integer", "a number (or null)", "a list of numbers"."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is typing.Union or type(annotation).__name__ == "UnionType":
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (" (or null)" if type(None) in args else "")
+    if origin in (list, tuple, set):
+        inner = {_type_name(a) for a in args if a is not Ellipsis}
+        return "a list of " + " or ".join(sorted(i.removeprefix("an ").removeprefix("a ") + "s" for i in inner))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    return {int: "an integer", float: "a number", str: "text"}.get(annotation, getattr(annotation, "__name__", "?"))
+
 
 def _model_fields() -> dict[str, Any]:
     """ModelSpec's fields, from `ParcaeConfig`'s: type, default, bounds and description declared once."""

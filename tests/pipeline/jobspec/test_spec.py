@@ -277,3 +277,32 @@ def test_set_addresses_a_list_item_by_its_index():
     )
     problem = apply_override(data, "data.sources.2.url=q")
     assert problem == "--set data.sources.2.url: data.sources is a list of 2; address an item by its index 0 to 1"
+
+
+def test_booleans_are_not_taken_as_numbers_anywhere_in_the_spec():
+    """YAML reads yes/no/on/off/true/false as booleans and pydantic would take them as 1 or 0 (total_steps
+    true ran one step): refused in every section, named, with the type the field takes."""
+    from pipeline.jobspec import SpecError, load_spec
+    from tests.conftest import CONFIGS
+
+    sources = "[{name: a, url: x, weight: yes}]"
+    overrides = [
+        "training.total_steps=true",
+        "optimizer.lr=on",
+        "model.d_model=true",
+        "optimizer.betas=[true, 0.9]",
+        "data.train_url=null",
+        f"data.sources={sources}",
+    ]
+    with pytest.raises(SpecError) as info:
+        load_spec(CONFIGS / "demo-tiny.yaml", overrides)
+    text = "\n".join(info.value.problems)
+    for needle in (
+        "training.total_steps: expected an integer (or null), got a boolean",
+        "optimizer.lr: expected a number, got a boolean",
+        "model.d_model: expected an integer, got a boolean",
+        "optimizer.betas: expected a list of numbers, got a boolean",
+        "data.sources.0.weight: expected a number, got a boolean",
+    ):
+        assert needle in text, text
+    assert load_spec(CONFIGS / "demo-tiny.yaml", ["training.compile=off", "logging.log_interval=5"]).spec
