@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +25,8 @@ import numpy as np
 
 from data_prep.corpus import Problems
 from data_prep.storage import StorageError, Store
+
+log = logging.getLogger(__name__)
 
 RESUME = "resume.npz"
 
@@ -73,7 +77,8 @@ def load(
         with np.load(io.BytesIO(store.get_bytes(name)), allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
         meta = json.loads(arrays.pop("meta").tobytes())
-    except (StorageError, ValueError, OSError, KeyError):
+    except (StorageError, ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile):  # truncated: from the top
+        log.warning("%s: unreadable (truncated?); preparing from the top", store.child_url(name))
         return None
     return (meta, arrays) if meta.get("fingerprint") == fingerprint else None
 

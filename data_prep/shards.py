@@ -54,7 +54,7 @@ from data_prep.corpus import (
 )
 from data_prep.errors import PrepError
 from data_prep.packing import BestFitPacker, ConcatPacker, make_packer
-from data_prep.storage import S3Options, Store, check_writable, open_store
+from data_prep.storage import S3Options, Store, check_writable, open_store, read_json
 from data_prep.tokenizer import TextTokenizer, file_sha256
 
 FORMAT = "parcae-shards/1"
@@ -351,7 +351,12 @@ def build_shards(
     }
     previous = None
     if store.exists("progress.json"):
-        previous = json.loads(store.get_bytes("progress.json"))
+        previous = read_json(
+            store,
+            "progress.json",
+            "it records the settings and the shards of the run that wrote this output: remove it to start over "
+            "here (every shard is written again), or write to a new location",
+        )
         if previous.get("fingerprint") != fingerprint:
             changed = diff_fields(previous.get("fingerprint", {}), fingerprint)
             raise ShardError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from data_prep.errors import PrepError
 
@@ -342,6 +343,19 @@ def write_atomic(target: Path, write: Callable[[Path], object]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise StorageError(f"{target}: cannot write: {exc.strerror or exc}") from None
+
+
+def read_json(store: Store, name: str, what: str = "") -> Any:
+    """A JSON file of an output (its progress, plan, unit records): one that is truncated or not JSON is named,
+    with what to do, instead of a traceback."""
+    data = store.get_bytes(name)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StorageError(
+            f"{store.child_url(name)}: not valid JSON ({getattr(exc, 'msg', exc)}; {len(data)} bytes: truncated?)"
+            + (f"; {what}" if what else "")
+        ) from None
 
 
 def write_text(target: Path, text: str) -> None:

@@ -55,7 +55,7 @@ from data_prep.shards import (
     tokenizer_pool,
     tokenizer_record,
 )
-from data_prep.storage import S3Options, StorageError, Store, check_writable, open_store, sha256_stream
+from data_prep.storage import S3Options, StorageError, Store, check_writable, open_store, read_json, sha256_stream
 from data_prep.tokenizer import TextTokenizer, file_sha256
 
 PLAN = "plan.json"
@@ -97,7 +97,7 @@ def make_plan(
         "command": command or [],
     }
     if store.exists(PLAN):
-        old = json.loads(store.get_bytes(PLAN))
+        old = read_json(store, PLAN, "remove it to plan here again")
         same = {k: v for k, v in old.items() if k != "command"} == {k: v for k, v in plan.items() if k != "command"}
         if not same:
             raise ShardError(
@@ -138,7 +138,7 @@ def read_plan(out: str, options: S3Options | None = None) -> tuple[Store, dict[s
     store = open_store(out, options)
     if not store.exists(PLAN):
         raise ShardError(f"{store.child_url(PLAN)}: no plan here (make one with `parcae prep plan ... --out {out}`)")
-    plan = json.loads(store.get_bytes(PLAN))
+    plan = read_json(store, PLAN, f"make the plan again with `parcae prep plan ... --out {out}`")
     if plan.get("format") != PLAN_FORMAT:
         raise ShardError(f"{store.child_url(PLAN)}: not a prep plan (format {plan.get('format')!r})")
     return store, plan
@@ -290,7 +290,7 @@ def merge(out: str, options: S3Options | None = None, checksums: bool = True) ->
         if not store.exists(name):
             missing.append(f"{unit_name(index)} ({describe_unit(plan['units'][index])})")
             continue
-        records.append(json.loads(store.get_bytes(name)))
+        records.append(read_json(store, name, f"remove it and run unit {unit_name(index)} again"))
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise ShardError(
@@ -383,11 +383,11 @@ def status(out: str, options: S3Options | None = None) -> dict[str, Any]:
     for index in range(len(plan["units"])):
         name = unit_name(index)
         if f"{name}.json" in names:
-            record = json.loads(store.get_bytes(f"units/{name}.json"))
+            record = read_json(store, f"units/{name}.json", f"remove it and run unit {name} again")
             tokens += sum(record["splits"][s]["tokens_produced"] for s in SPLITS)
             out_units["done"].append(name)
         elif f"{name}.running.json" in names:
-            beat = json.loads(store.get_bytes(f"units/{name}.running.json"))
+            beat = read_json(store, f"units/{name}.running.json", "a heartbeat: remove it if no task runs that unit")
             age = (now - datetime.datetime.fromisoformat(beat["updated"])).total_seconds()
             tokens += beat.get("tokens", 0)
             where = f"{name} (host {beat['host']}, task {beat.get('task')}, last heard {age:.0f} s ago)"

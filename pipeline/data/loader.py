@@ -41,7 +41,14 @@ class DataError(ParcaeError):
 
 
 def rows_loader(
-    url: str, options: S3Options, *, rank: int, world_size: int, batch_size: int, seq_len: int
+    url: str,
+    options: S3Options,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seq_len: int,
+    vocab_size: int | None = None,
 ) -> ShardLoader:
     """A (small) evaluation set: every rank reads all of it and keeps every world_size-th row, unshuffled."""
     loader = ShardLoader(
@@ -56,6 +63,7 @@ def rows_loader(
         shuffle=False,
         prefetch=0,
         split_by="samples",
+        vocab_size=vocab_size,
     )
     if loader.batches_per_epoch(0) == 0:
         raise DataError(f"{url}: too few validation rows for one batch of {batch_size} per rank on {world_size} ranks")
@@ -85,6 +93,7 @@ class ShardLoader:
         options: S3Options | None = None,
         on_bad_shard: str = "error",
         max_bad_shard_share: float = 0.05,
+        vocab_size: int | None = None,
         prefetch: int = 1,
         shuffle: bool = True,
         split_by: str = "shards",
@@ -106,7 +115,7 @@ class ShardLoader:
         self.micro_batch_size, self.seq_len = micro_batch_size, seq_len
         self.seed, self.shuffle_buffer, self.shuffle = seed, shuffle_buffer, shuffle
         self.on_bad_shard, self.prefetch, self.max_retries = on_bad_shard, prefetch, options.max_retries
-        self.max_bad_shard_share = max_bad_shard_share
+        self.max_bad_shard_share, self.vocab_size = max_bad_shard_share, vocab_size
         self.interrupt: threading.Event | None = None  # set by a stop signal: every data wait and retry ends
         self.state = LoaderState()
         self.skipped_shards: list[str] = []
@@ -228,11 +237,24 @@ class ShardLoader:
             self._bad_shard(url, f"corrupt: {len(data)} bytes whose sha256 differs from the manifest's")
             return
         try:
-            yield from (tokens for _key, tokens, _bounds in iter_samples(io.BytesIO(data), url))
+            rows = [tokens for _key, tokens, _bounds in iter_samples(io.BytesIO(data), url)]
         except ParcaeError as exc:
             self._bad_shard(url, str(exc))
+            return
         except Exception as exc:  # a tar or npy that does not parse although its checksum matched
             self._bad_shard(url, f"corrupt: {exc}")
+            return
+        if self.vocab_size is not None and rows:
+            highest = max(int(row.max()) for row in rows)  # one pass over what is in memory anyway
+            if highest >= self.vocab_size:
+                self._bad_shard(
+                    url,
+                    f"token id {highest} is not below the model's vocab_size {self.vocab_size} (on a GPU an "
+                    "embedding lookup would fail with a device-side assert): the shard was made with another "
+                    "tokenizer than its manifest records",
+                )
+                return
+        yield from rows
 
     def _wait(self, seconds: float) -> None:
         """A back-off that a stop signal ends at once."""

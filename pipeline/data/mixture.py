@@ -147,6 +147,7 @@ class MixtureLoader:
         micro_batch_size: int,
         accumulation: int,
         seed: int,
+        vocab_size: int | None = None,
     ):
         self.sources = data.train_sources()
         self.rank, self.world_size, self.micro, self.accumulation = rank, world_size, micro_batch_size, accumulation
@@ -167,6 +168,7 @@ class MixtureLoader:
                         options=options,
                         on_bad_shard=data.on_bad_shard,
                         max_bad_shard_share=data.max_bad_shard_share,
+                        vocab_size=vocab_size,
                         prefetch=0,
                     )
                 )
@@ -333,6 +335,7 @@ def train_loader(
     micro_batch_size: int,
     seed: int,
     accumulation: int = 1,
+    vocab_size: int | None = None,
 ) -> MixtureLoader:
     """The training stream of one rank: its rows of every source (``data.sources``, or ``data.train_url``
     as one source), mixed by weight, read ahead in a thread (`pipeline.data.mixture`)."""
@@ -344,6 +347,7 @@ def train_loader(
         micro_batch_size=micro_batch_size,
         accumulation=accumulation,
         seed=seed,
+        vocab_size=vocab_size,
     )
 
 

@@ -23,9 +23,7 @@ import torch
 
 from data_prep.inspect import read_manifest
 from data_prep.storage import (
-    LocalStore,
     S3Options,
-    check_writable,
     make_dir,
     open_store,
     write_text,
@@ -46,7 +44,7 @@ from pipeline.evaluation.downstream import (
 )
 from pipeline.evaluation.losses import try_fit
 from pipeline.evaluation.report import write_downstream_tensorboard
-from pipeline.jobs.evaluate import Source, say_written, tensorboard_dir
+from pipeline.jobs.evaluate import Source, check_outputs, say_written, tensorboard_dir
 from pipeline.jobspec import s3_options
 from pipeline.training.distributed import (
     accelerator_device,
@@ -132,7 +130,7 @@ def run_downstream(
         raise UsageError(f"--seeds: each few-shot seed once, got {seeds}")
     out_dir = Path(out or source.out_dir)
     if rank == 0:
-        check_writable(LocalStore(str(out_dir)))  # before the evaluation, not after
+        check_outputs(out_dir, tensorboard, source)  # before the evaluation, not after
     options = s3_options(endpoint_url, source.spec)
     model = source.model.to(device or torch.device("cpu"))
     model.eval()

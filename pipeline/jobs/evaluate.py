@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from data_prep.inspect import packing_of, read_manifest
-from data_prep.storage import LocalStore, check_writable, is_s3, make_dir, open_store, write_text
+from data_prep.storage import LocalStore, StorageError, check_writable, is_s3, make_dir, open_store, write_text
 from data_prep.tokenizer import TokenizerError
 from model import ParcaeLM, load_pretrained
 from model.weights import read_config
@@ -166,7 +166,7 @@ def run_eval(
     if batch_size < 1 or max_batches < 1:
         raise UsageError("--batch-size and --max-batches must be >= 1")
     out_dir = Path(out or source.out_dir)
-    check_writable(LocalStore(str(out_dir)))  # before the evaluation, not after
+    check_outputs(out_dir, tensorboard, source)  # before the evaluation, not after
     model, spec = source.model, source.spec
     model.eval()
     cfg = model.cfg
@@ -190,7 +190,9 @@ def run_eval(
     except TokenizerError as exc:
         exc.add_note("pass --tokenizer with the model the shards were made with")
         raise
-    loader = rows_loader(data, options, rank=0, world_size=1, batch_size=batch_size, seq_len=seq_len)
+    loader = rows_loader(
+        data, options, rank=0, world_size=1, batch_size=batch_size, seq_len=seq_len, vocab_size=cfg.vocab_size
+    )
     counts = sorted(set(loops or DEFAULT_LOOPS)) if cfg.looped else None
     if protocol == "paper":
         rows_in_order = (
@@ -247,6 +249,19 @@ def run_eval(
         write_tensorboard(tb_dir, source.step, report, figure)
     say_written(out_dir / "eval.json", out_dir / "eval.png" if counts else None, tb_dir)
     return out_dir
+
+
+def check_outputs(out_dir: Path, tensorboard: str | None, source: Source) -> None:
+    """Before an evaluation: its report directory and its TensorBoard directory (the run's, unless
+    --tensorboard says otherwise) can be written, or it stops naming which (a read-only run with --out
+    elsewhere still logs into the run)."""
+    check_writable(LocalStore(str(out_dir)))
+    tb = tensorboard_dir(tensorboard, source, out_dir)
+    if tb and not is_s3(tb):
+        try:
+            check_writable(LocalStore(tb))
+        except StorageError as exc:
+            raise StorageError(f"TensorBoard: {exc}; pass --tensorboard DIR, or --tensorboard none") from None
 
 
 def tensorboard_dir(given: str | None, source: Source, out_dir: Path) -> str | None:

@@ -167,6 +167,7 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             accumulation=t.gradient_accumulation_steps,
             seed=t.seed,
+            vocab_size=cfg.vocab_size,  # every token id is checked against it as a shard is read
             **ranks,
         )
         # the headline validation (data.val_url), and one per source that names a validation set

@@ -50,7 +50,9 @@ class Validator:
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         # the paper's protocol: every rank reads the (small) set whole, then takes its share of the documents
         ranks = {"rank": 0, "world_size": 1} if spec.protocol == "paper" else {"rank": rank, "world_size": world_size}
-        self.loader = rows_loader(url, options, batch_size=batch_size, seq_len=seq_len, **ranks)
+        self.loader = rows_loader(
+            url, options, batch_size=batch_size, seq_len=seq_len, vocab_size=cfg.vocab_size, **ranks
+        )
         self.batches: list[Batch] | None = None
         paper_seeds = spec.protocol == "paper" and cfg.looped
         self.seeds: list[int | None] = list(range(spec.h0_seeds)) if paper_seeds else [None]

@@ -320,3 +320,19 @@ def test_the_cli_packs_bos_aligned_by_default_and_concat_on_request(tmp_path, bu
         assert warned == (kind == "bos-aligned"), done.stderr
     _, rows = samples(tmp_path / "bos-aligned" / "train")
     assert {int(tokens[0]) for tokens, _ in rows} == {2}  # <bos>
+
+
+def test_a_truncated_progress_or_resume_file_is_named_not_a_traceback(tmp_path, builtin_docs, tokenizer):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_docs[:100]))
+    out = tmp_path / "out"
+    cmd = [*parcae_cmd(), "prep", "shards", "--input", str(corpus), "--tokenizer", str(tokenizer), "--out", str(out)]
+    assert subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120).returncode == 0
+    (out / "resume.npz").write_bytes(b"PK\x03\x04 cut off")  # a resume state cut off mid-write: from the top
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert again.returncode == 0 and "resume.npz: unreadable (truncated?)" in again.stderr, again.stderr[-2000:]
+    progress = out / "progress.json"
+    progress.write_bytes(progress.read_bytes()[:40])
+    cut = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert cut.returncode == 1 and "Traceback" not in cut.stderr, cut.stderr[-2000:]
+    assert f"{progress}: not valid JSON" in cut.stderr and "remove it to start over here" in cut.stderr

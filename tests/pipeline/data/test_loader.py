@@ -141,3 +141,11 @@ def test_skipping_bad_shards_is_bounded_and_said_once_per_shard(tmp_path, shard_
     with caplog.at_level(logging.WARNING):
         rows = list(itertools.islice(reader.rows_from(0), 3 * reader.rows_per_epoch(0)))  # three epochs
     assert len(rows) == 3 * reader.rows_per_epoch(0) and caplog.text.count("skipping shard") == 1
+
+
+def test_token_ids_at_or_above_the_models_vocabulary_name_the_shard(shard_dir):
+    """Shards of a 512-token tokenizer read for a model of vocab_size 300 (a manifest that hides it): the
+    loader names the shard and the id before a row reaches the model (on a GPU: a device-side assert)."""
+    with pytest.raises(DataError, match=r"shard-000000.tar: token id \d+ is not below the model's vocab_size 300"):
+        take(iter(loader(shard_dir / "train", shuffle=False, vocab_size=300)), 5)
+    assert len(take(iter(loader(shard_dir / "train", shuffle=False, vocab_size=512)), 5)) == 5
