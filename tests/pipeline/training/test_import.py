@@ -104,6 +104,7 @@ def test_import_a_released_directory_from_s3(tmp_path, s3_server):
     loaded = load_pretrained(tmp_path / "t.safetensors")
     assert loaded.cfg == TINY and torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
     cmd[cmd.index("import") + 1] = f"s3://{bucket}/models/no-such-model"
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "other.safetensors")
     missing = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
     assert missing.returncode == 1 and "no-such-model: no such weights object or prefix" in missing.stderr
     assert "Traceback" not in missing.stderr
