@@ -66,7 +66,7 @@ def latest_tag(directory: str, options: S3Options | None = None) -> str | None:
 def _advice(store: Any) -> str:
     """What to do when the newest checkpoint cannot be used: resume from the newest complete one (named), or
     start over with --restart, which moves the checkpoints aside and deletes nothing."""
-    tags = sorted({n.split("/")[0] for n in store.list() if n.startswith("step-") and n.endswith("/spec.yaml")})
+    tags = _complete(store.list())
     restart = "or start over with `parcae train SPEC --restart` (it moves every checkpoint aside, deleting none)"
     if tags:
         return (
@@ -98,7 +98,7 @@ def plan_resume(
     store = _store(directory, options)
     names = store.list()
     steps = sorted({n.split("/")[0] for n in names if n.startswith("step-") and "/" in n})
-    complete = [t for t in steps if f"{t}/spec.yaml" in names]
+    complete = _complete(names)
     if restart and resume_from:
         raise CheckpointError("--restart starts at step 0 and --resume-from at a checkpoint: give one of them")
     if restart:
@@ -190,7 +190,11 @@ def _check_layout(store: Any, tag: str, where: str, current: list[str]) -> None:
 
 def complete_tags(directory: str, options: S3Options | None = None) -> list[str]:
     """Tags of complete checkpoints (their spec.yaml is written last), oldest first."""
-    names = _store(directory, options).list()
+    return _complete(_store(directory, options).list())
+
+
+def _complete(names: list[str]) -> list[str]:
+    """The complete checkpoints among a listing (spec.yaml is written last), oldest first."""
     return sorted({n.split("/")[0] for n in names if n.startswith("step-") and n.endswith("/spec.yaml")})
 
 

@@ -30,7 +30,7 @@ from pipeline.data import DataWaitInterrupted, train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
 from pipeline.evaluation.downstream import document_start, open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec
-from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, ResumePlan, plan_resume, set_aside
+from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, plan_resume, set_aside
 from pipeline.training.distributed import (
     RankInfo,
     accelerator_device,
@@ -221,7 +221,7 @@ class Trainer:
             assert spec.run_dir and spec.checkpoint.dir
             options = spec.storage.s3_options()
             lock = RunLock(spec.run_dir, spec.checkpoint.dir, options).acquire()
-            plan = self.checkpointer_plan(spec, options)
+            plan = plan_resume(spec.checkpoint.dir, options, self.resume_from, self.restart)
             set_aside(spec.checkpoint.dir, plan.set_aside, options)  # nothing is ever written over
             self.resume_tag = plan.tag
             # checkpoint.init_from counts only for a run that starts at step 0
@@ -234,10 +234,6 @@ class Trainer:
                 lock.release()
             self.claim_failure = exc
             return None
-
-    def checkpointer_plan(self, spec: JobSpec, options) -> ResumePlan:
-        assert spec.checkpoint.dir
-        return plan_resume(spec.checkpoint.dir, options, self.resume_from, self.restart)
 
     def run(self) -> int:
         try:
