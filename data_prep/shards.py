@@ -28,6 +28,7 @@ import io
 import itertools
 import json
 import multiprocessing
+import os
 import sys
 import tarfile
 import time
@@ -54,7 +55,7 @@ from data_prep.corpus import (
 )
 from data_prep.errors import PrepError
 from data_prep.packing import BestFitPacker, ConcatPacker, make_packer
-from data_prep.storage import S3Options, Store, check_writable, open_store, read_json
+from data_prep.storage import S3Options, Store, check_writable, is_s3, open_store, read_json
 from data_prep.tokenizer import TextTokenizer, file_sha256
 
 FORMAT = "parcae-shards/1"
@@ -467,9 +468,10 @@ def pack_documents(
 
 
 def tokenizer_record(tokenizer: TextTokenizer, path: str, sha256: str) -> dict[str, Any]:
-    """What a manifest says of the tokenizer its shards were made with."""
+    """What a manifest says of the tokenizer its shards were made with (its path absolute, so that a run or
+    `parcae eval` finds it from any directory)."""
     return {
-        "path": str(path),
+        "path": path if is_s3(str(path)) else os.path.abspath(path),
         "sha256": sha256,
         "vocab_size": tokenizer.vocab_size,
         "kind": tokenizer.kind,

@@ -92,7 +92,7 @@ def make_plan(
         "shard_format": FORMAT,
         "units": _units(files, row_groups_per_unit, options),
         "builtin": builtin_description() if BUILTIN in files else None,
-        "tokenizer": {"path": str(tokenizer_path), "sha256": file_sha256(Path(tokenizer_path))},
+        "tokenizer": {"path": os.path.abspath(tokenizer_path), "sha256": file_sha256(Path(tokenizer_path))},
         "settings": {**settings.fingerprint_fields(), "on_error": on_error, "chunk_chars": settings.chunk_chars},
         "command": command or [],
     }

@@ -71,11 +71,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     refuse_existing(args.out, args.force)
     if args.format == "safetensors":
         from pipeline.jobs.evaluate import locate_checkpoints
-        from pipeline.jobspec import load_spec, s3_options
+        from pipeline.jobspec import load_run_spec, s3_options
         from pipeline.training.weights import export_checkpoint
 
         run_dir, source = locate_checkpoints(args.source)
-        spec = load_spec(run_dir / "spec.yaml").spec if run_dir else None
+        spec = load_run_spec(run_dir) if run_dir else None
         print(export_checkpoint(source, args.out, args.tag, s3_options(args.endpoint_url, spec)))
         return 0
     from pathlib import Path

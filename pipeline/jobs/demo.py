@@ -56,7 +56,7 @@ def start_local_s3(log_path: Path | None = None) -> tuple[subprocess.Popen, str]
 def run_demo(workdir: str) -> int:
     from data_prep.corpus import BUILTIN, CorpusSpec, Problems, iter_documents
     from data_prep.shards import ShardSettings, build_shards
-    from data_prep.storage import S3Options
+    from data_prep.storage import S3Options, open_store
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
     from pipeline.training.launch import run_train
 
@@ -103,11 +103,21 @@ def run_demo(workdir: str) -> int:
             "as CORE prompts and samples do"
         )
 
+        # The validation set is copied here too: `parcae eval runs/demo/run` works after the demo, when the
+        # local S3 endpoint is gone (the training shards stream from S3 as on a cluster).
+        val_dir = root / "shards" / "val"
+        val_store = open_store(f"s3://{BUCKET}/shards/val", S3Options(endpoint))
+        for name in val_store.list():
+            (val_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (val_dir / name).write_bytes(val_store.get_bytes(name))
+        print(f"      validation shards copied to {val_dir} (evaluation after the demo reads them)")
+
         _step(3, "training: tiny Parcae, DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), streaming from S3")
         run_dir = root / "run"
         overrides = [
             f"run_dir={run_dir}",
             f"tokenizer.path={root / 'tokenizer' / 'demo.model'}",
+            f"data.val_url={val_dir}",
             f"storage.endpoint_url={endpoint}",
         ]
         code = run_train(str(DEMO_SPEC), overrides)
@@ -137,7 +147,7 @@ def run_demo(workdir: str) -> int:
     tb = run_dir / "tensorboard"
     print(
         f"\nTensorBoard logs: {tb}\nView them with:  .venv/bin/parcae tb {run_dir} --port 6006   "
-        "(the Custom Scalars tab first: README, 'Watching a run')"
+        "(the Custom Scalars tab first: docs/monitoring.md)"
     )
     print(f"Checkpoints: {run_dir / 'checkpoints'}; metrics per step: {run_dir / 'metrics.jsonl'}")
     if tail >= head - 1.0:

@@ -1,11 +1,12 @@
 """`parcae eval SOURCE --tasks core|core-extended`: CORE and Core-Extended at test-time loop counts.
 
-The model is any source `parcae eval` reads; the tokenizer is ``--tokenizer``, else the spec's
-``tokenizer.path``, else a released directory's ``tokenizer.json``, else the one the run's shards were
-made with (their manifest). Items are split over the ranks (``--procs N`` starts N on this machine;
-under Slurm or torchrun the launched ranks take part) and gathered; rank 0 prints the table (tasks x
-loop counts) and writes ``downstream.json``, ``downstream.png`` (CORE against loops, with the fitted
-S(T) = S_inf + k exp(-z T) when there are three loop counts or more) and TensorBoard.
+The model is any source `parcae eval` reads; the tokenizer is ``--tokenizer``, else the copy a run
+keeps (``RUN/tokenizer/``), else the spec's ``tokenizer.path``, else a released directory's
+``tokenizer.json``, else the one the run's shards were made with (their manifest). Items are split
+over the ranks (``--procs N`` starts N on this machine; under Slurm or torchrun the launched ranks take
+part) and gathered; rank 0 prints the table (tasks x loop counts) and writes ``downstream.json``,
+``downstream.png`` (CORE against loops, with the fitted S(T) = S_inf + k exp(-z T) when there are
+three loop counts or more) and TensorBoard.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pipeline.evaluation.losses import try_fit
 from pipeline.evaluation.report import write_downstream_tensorboard
 from pipeline.jobs.evaluate import Source, check_outputs, say_written, tensorboard_dir
 from pipeline.jobspec import s3_options
+from pipeline.jobspec.run_dir import run_tokenizer
 from pipeline.training.distributed import (
     accelerator_device,
     close_distributed,
@@ -66,6 +68,9 @@ def source_tokenizer(given: str | None, source: Source, source_arg: str, options
     spec = source.spec
     if given:
         return given
+    kept = run_tokenizer(source.run_dir)
+    if kept is not None:  # the copy the run trained with: found wherever the run directory is now
+        return str(kept)
     if spec and spec.tokenizer.path:
         return spec.tokenizer.path
     if (Path(source_arg) / "tokenizer.json").is_file():

@@ -19,7 +19,7 @@ import torch
 
 from data_prep.inspect import packing_of, read_manifest
 from data_prep.storage import LocalStore, StorageError, check_writable, is_s3, make_dir, open_store, write_text
-from data_prep.tokenizer import TokenizerError
+from data_prep.tokenizer import TokenizerError, file_sha256
 from model import ParcaeLM, load_pretrained
 from model.weights import read_config
 from parcae_errors import ParcaeError, UsageError
@@ -29,7 +29,8 @@ from pipeline.evaluation.documents import IGNORE, document_batches, documents_fr
 from pipeline.evaluation.losses import loss_sums
 from pipeline.evaluation.report import fit_results, print_table, seed_results, write_tensorboard
 from pipeline.evaluation.token_bytes import TokenBytes, special_ids
-from pipeline.jobspec import JobSpec, load_spec, s3_options
+from pipeline.jobspec import JobSpec, load_run_spec, s3_options
+from pipeline.jobspec.run_dir import run_tokenizer
 from pipeline.training import checkpoint
 from pipeline.training.weights import load_checkpoint_model
 
@@ -49,6 +50,7 @@ class Source:
     step: int
     out_dir: Path
     tensorboard_dir: str | None
+    run_dir: Path | None = None  # a run's directory as given here (its saved tokenizer, its eval/ outputs)
 
 
 def load_source(source: str, given: JobSpec | None, tag: str | None, endpoint_url: str | None = None) -> Source:
@@ -69,15 +71,15 @@ def load_source(source: str, given: JobSpec | None, tag: str | None, endpoint_ur
         model = load_pretrained(given.model.build(), path) if given else load_pretrained(path)  # a released model
         return Source(model, given, path.name, 0, path.with_name(path.name + "-eval"), None)
     run_dir, ckpt_dir = locate_checkpoints(source)  # the run directory as given here (maybe a copy)
-    options = s3_options(endpoint_url, given or (load_spec(run_dir / "spec.yaml").spec if run_dir else None))
+    run_spec = load_run_spec(run_dir) if run_dir else None
+    options = s3_options(endpoint_url, given or run_spec)
     model, spec, tag = load_checkpoint_model(ckpt_dir, tag, options)
     step = int(tag.split("-")[-1]) if tag.split("-")[-1].isdigit() else 0
+    if run_spec is not None:
+        spec = run_spec  # the run's own files where the run is now (the checkpoint's model section is the same)
     tensorboard = spec.logging.tensorboard_dir
-    if run_dir is not None:
-        tensorboard = rebase(tensorboard, spec.run_dir, run_dir) if tensorboard else None
-    else:
-        run_dir = Path(spec.run_dir or ".")
-    return Source(model, given or spec, f"{run_dir.name}/{tag}", step, run_dir / "eval" / tag, tensorboard)
+    run_dir = run_dir or Path(spec.run_dir or ".")
+    return Source(model, given or spec, f"{run_dir.name}/{tag}", step, run_dir / "eval" / tag, tensorboard, run_dir)
 
 
 def default_validation(spec: JobSpec) -> str | None:
@@ -122,17 +124,7 @@ def locate_checkpoints(source: str) -> tuple[Path | None, str]:
 
 def run_checkpoint_dir(run_dir: Path) -> str:
     """A run directory's checkpoint directory, as its spec.yaml names it (moved with a copied run)."""
-    saved = load_spec(run_dir / "spec.yaml").spec
-    return rebase(saved.checkpoint.dir or "checkpoints", saved.run_dir, run_dir)
-
-
-def rebase(location: str, old_root: str | None, new_root: Path) -> str:
-    """A location inside the run directory that wrote the spec, moved to the run directory given here (a
-    copied or moved run reads and writes its own files); locations elsewhere (s3://, shared) stay."""
-    old = (old_root or "").rstrip("/")
-    if old and (location == old or location.startswith(old + "/")):
-        return str(new_root / location[len(old) :].lstrip("/"))
-    return location
+    return load_run_spec(run_dir).checkpoint.dir or str(run_dir / "checkpoints")
 
 
 def run_eval(
@@ -186,7 +178,7 @@ def run_eval(
         raise ParcaeError(f"{data}: tokenizer vocabulary {vocab_in_data} is larger than the model's {cfg.vocab_size}")
     bos, eos = special_ids(manifest)
     try:
-        counter = TokenBytes(tokenizer or manifest["tokenizer"]["path"], cfg.padded_vocab_size, eos)
+        counter = TokenBytes(tokenizer or shards_tokenizer(manifest, source), cfg.padded_vocab_size, eos)
     except TokenizerError as exc:
         exc.add_note("pass --tokenizer with the model the shards were made with")
         raise
@@ -249,6 +241,16 @@ def run_eval(
         write_tensorboard(tb_dir, source.step, report, figure)
     say_written(out_dir / "eval.json", out_dir / "eval.png" if counts else None, tb_dir)
     return out_dir
+
+
+def shards_tokenizer(manifest: dict, source: Source) -> str:
+    """The tokenizer a shard set was made with: the copy the run keeps when it is the same file (sha256), as
+    it is wherever the run directory is; else the path the manifest records."""
+    recorded = manifest["tokenizer"]
+    kept = run_tokenizer(source.run_dir)
+    if kept is not None and recorded.get("sha256") == file_sha256(kept):
+        return str(kept)
+    return str(recorded["path"])
 
 
 def check_outputs(out_dir: Path, tensorboard: str | None, source: Source) -> None:

@@ -18,7 +18,7 @@ from string import Template
 from data_prep.storage import make_dir, write_text
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError
 from pipeline.jobs.sweep_record import is_sweep, metrics_records, point_run_dir
-from pipeline.jobspec import ClusterSpec, LoadedSpec, load_spec
+from pipeline.jobspec import ClusterSpec, LoadedSpec, load_run_spec, load_spec
 from pipeline.training import checkpoint
 from pipeline.training.distributed import die_with_parent
 from pipeline.training.preflight import PREFLIGHT_ENV, PreflightError, data_problems, preflight
@@ -191,7 +191,7 @@ def _newest_checkpoint(run: Path) -> str:
     directory = str(run / "checkpoints")
     options = None
     if (run / "spec.yaml").is_file():
-        spec = load_spec(run / "spec.yaml").spec
+        spec = load_run_spec(run)
         directory = spec.checkpoint.dir or directory
         options = spec.storage.s3_options()
     try:

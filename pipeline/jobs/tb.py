@@ -19,7 +19,7 @@ from pathlib import Path
 
 from data_prep.storage import S3Options, StorageError, is_s3, open_store
 from parcae_errors import ParcaeError, UsageError
-from pipeline.jobspec import load_spec
+from pipeline.jobspec import load_run_spec, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _local_logdir(arg: str) -> Path:
     if not path.exists():
         raise ParcaeError(f"{arg}: no such directory (a run directory, a TensorBoard log directory or an s3:// prefix)")
     if (path / "spec.yaml").is_file():
-        tb = load_spec(path / "spec.yaml").spec.logging.tensorboard_dir
+        tb = load_run_spec(path).logging.tensorboard_dir  # a copied run: its own copy of the logs
         if tb and Path(tb).is_dir():
             return Path(tb)
     return path

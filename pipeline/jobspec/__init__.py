@@ -5,6 +5,7 @@ once) and `data_prep.storage` (what a `StorageSpec` builds), nothing else of the
 """
 
 from pipeline.jobspec.load import LoadedSpec, SpecError, load_spec
+from pipeline.jobspec.run_dir import load_run_spec
 from pipeline.jobspec.schema import (
     CheckpointSpec,
     ClusterSpec,
@@ -40,6 +41,7 @@ __all__ = [
     "StorageSpec",
     "TrainingSpec",
     "ZeroSpec",
+    "load_run_spec",
     "load_spec",
     "s3_options",
 ]

@@ -7,6 +7,13 @@ log lines and saved specs show ``${NAME}`` instead.
 
 A spec file must be UTF-8 YAML whose mappings have no repeated key (YAML would let a second ``model:``
 replace the first wholesale); `load_yaml` refuses both with the line numbers.
+
+Paths (one rule, `absolute_paths`): a relative local path in a spec, or in a ``--set``, means relative to
+the directory the command runs in, as on a shell's command line, and becomes absolute when the spec is
+loaded: `parcae validate` shows and checks the same paths `parcae train` uses, and the spec a run saves
+names its files wherever it is read from. ``${SPEC_DIR}`` is the spec file's own directory, for paths
+written relative to the file (``tokenizer.path: ${SPEC_DIR}/../tok/t.model``). A run directory moved or
+copied elsewhere is read with `load_run_spec`, which moves the run's own files along with it.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from pydantic import ValidationError
 
 from data_prep.storage import write_text
 from parcae_errors import UsageError
-from pipeline.jobspec.schema import JobSpec, RuleViolations, find_spec_class
+from pipeline.jobspec.schema import JobSpec, RuleViolations, find_spec_class, is_base_config_path
 from pipeline.jobspec.secrets import is_secret_name, redact, remember
 
 ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+SPEC_DIR = "SPEC_DIR"  # ${SPEC_DIR}: the directory of the spec file being loaded
 
 
 class YamlProblem(ValueError):
@@ -111,7 +119,7 @@ def load_spec(
     environ: Mapping[str, str] | None = None,
 ) -> LoadedSpec:
     """Read, interpolate, override and validate a spec file; raise `SpecError` listing every problem."""
-    environ = os.environ if environ is None else environ
+    environ = {**(os.environ if environ is None else environ), SPEC_DIR: str(Path(path).resolve().parent)}
     source = str(path)
     try:
         raw = Path(path).read_bytes()
@@ -148,7 +156,33 @@ def resolve_spec(
         spec = JobSpec.model_validate(data)
     except ValidationError:
         raise SpecError(source, [redact(p, secrets) for p in collect_problems(data)]) from None
-    return LoadedSpec(spec=spec, source=source, secrets=secrets)
+    return LoadedSpec(spec=absolute_paths(spec, Path.cwd()), source=source, secrets=secrets)
+
+
+def _absolute(location: str | None, base: Path) -> str | None:
+    """A local path made absolute against ``base`` and normalised (``a/../b`` is ``b``); s3:// stays."""
+    if not location or "://" in location:
+        return location
+    return os.path.normpath(base / location)
+
+
+def absolute_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """Every local path of ``spec`` made absolute against ``base`` (the module doc's rule), in place."""
+    spec.run_dir = _absolute(spec.run_dir, base)
+    spec.tokenizer.path = _absolute(spec.tokenizer.path, base)
+    data = spec.data
+    data.train_url, data.val_url = _absolute(data.train_url, base), _absolute(data.val_url, base)
+    for source in data.sources or []:
+        source.url = _absolute(source.url, base) or source.url
+        source.val_url = _absolute(source.val_url, base)
+    ckpt = spec.checkpoint
+    ckpt.dir, ckpt.staging_dir = _absolute(ckpt.dir, base), _absolute(ckpt.staging_dir, base)
+    ckpt.init_from = _absolute(ckpt.init_from, base)
+    spec.logging.tensorboard_dir = _absolute(spec.logging.tensorboard_dir, base)
+    spec.eval.downstream.bundle = _absolute(spec.eval.downstream.bundle, base)
+    if is_base_config_path(spec.zero.base_config):
+        spec.zero.base_config = _absolute(spec.zero.base_config, base) or spec.zero.base_config
+    return spec
 
 
 # Stand-ins for required values that had to be set aside, so that later passes can still check rules.

@@ -359,6 +359,11 @@ class TrainingSpec(Spec):
         return self
 
 
+def is_base_config_path(name: str) -> bool:
+    """zero.base_config names a JSON file (a slash or a .json suffix), not a shipped base config."""
+    return "/" in name or name.endswith(".json")
+
+
 class ZeroSpec(Spec):
     """ZeRO stage, offload and bucket sizes; ``base_config`` names a file in ds_configs/ or a path."""
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from parcae_errors import UsageError
 from pipeline.jobspec import OptimizerSpec, TrainingSpec, ZeroSpec
+from pipeline.jobspec.schema import is_base_config_path
 
 
 class ConfigError(UsageError):
@@ -82,7 +83,7 @@ SPEC_OWNED = {
 
 def base_config_path(name: str) -> Path:
     """``zero3`` -> ds_configs/zero3.json; anything with a slash or .json suffix is a path."""
-    if "/" in name or name.endswith(".json"):
+    if is_base_config_path(name):
         return Path(name)
     return DS_CONFIG_DIR / f"{name}.json"
 

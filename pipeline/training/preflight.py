@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.inspect import read_manifest
-from data_prep.storage import LocalStore, StorageError, check_writable, open_store
+from data_prep.storage import LocalStore, StorageError, check_writable, is_s3, open_store
 from parcae_errors import ParcaeError, UsageError
 from pipeline.data.mixture import check_same_tokenizer
 from pipeline.jobspec import JobSpec
@@ -35,7 +35,8 @@ class PreflightError(UsageError):
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        n = sum(not p.startswith("(") for p in problems)  # a note in parentheses is not a problem
+        count = f"{n} problem{'s' if n != 1 else ''}"
         super().__init__(f"cannot train ({count}):\n" + "\n".join(f"  {p}" for p in problems))
 
 
@@ -51,10 +52,11 @@ def data_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
         try:
             tokenizer_sha = hashlib.sha256(open_store(parent or ".", options).get_bytes(name)).hexdigest()
         except StorageError as exc:  # generate, eval and CORE read it later: refused now, not after the run
-            unreadable.append(
+            line = (
                 f"tokenizer.path: {exc} (the run's generation and evaluation read it; name the tokenizer the "
                 "shards were made with, or set tokenizer.path to null to use the one their manifest names)"
             )
+            _cannot_read(spec.tokenizer.path, line, problems, unreadable)
     source = spec.checkpoint.init_from
     if source and not source.startswith("s3://") and not Path(source).exists():
         problems.append(f"checkpoint.init_from: {source}: no such weights file or directory")
@@ -64,7 +66,7 @@ def data_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
         try:
             manifest = read_manifest(open_store(url, options))
         except ParcaeError as exc:
-            unreadable.append(f"{key}: {exc}")
+            _cannot_read(url, f"{key}: {exc}", problems, unreadable)
             continue
         problems += _manifest_problems(key, url, manifest, spec, tokenizer_sha)
         rows = sum(shard["samples"] for shard in manifest["shards"])
@@ -86,6 +88,25 @@ def data_problems(spec: JobSpec) -> tuple[list[str], list[str]]:
     downstream_problems(spec, problems, unreadable)
     tokenizer_problems(spec, problems, unreadable)
     return problems, unreadable
+
+
+PATH_RULE = (
+    "(a relative path in a spec or --set starts from the directory the command runs in, here {cwd}; "
+    "write ${{SPEC_DIR}}/... for a path relative to the spec file)"
+)
+
+
+def _cannot_read(location: str, line: str, problems: list[str], unreadable: list[str]) -> None:
+    """An s3:// location that cannot be read may be out of reach from here only; a local path is a problem
+    (with the path rule said once)."""
+    if is_s3(location):
+        unreadable.append(line)
+        return
+    problems.append(line)
+    rule = PATH_RULE.format(cwd=Path.cwd())
+    if rule in problems:
+        problems.remove(rule)
+    problems.append(rule)
 
 
 def data_sets(spec: JobSpec) -> list[tuple[str, str, bool]]:
@@ -137,7 +158,7 @@ def downstream_problems(spec: JobSpec, problems: list[str], unreadable: list[str
         for suite in dict.fromkeys(downstream.tasks):
             bundle.suite(suite)
     except BundleUnreachable as exc:
-        unreadable.append(f"eval.downstream.bundle: {exc}")
+        _cannot_read(downstream.bundle, f"eval.downstream.bundle: {exc}", problems, unreadable)
     except ParcaeError as exc:
         problems.append(f"eval.downstream.bundle: {exc}")
 
@@ -156,7 +177,7 @@ def tokenizer_problems(spec: JobSpec, problems: list[str], unreadable: list[str]
     try:
         readable = open_store(parent or ".", spec.storage.s3_options()).exists(name)
     except StorageError as exc:
-        unreadable.append(f"the run's tokenizer {location} (for prompts): {exc}")
+        _cannot_read(str(location), f"the run's tokenizer {location} (for prompts): {exc}", problems, unreadable)
         return
     if not readable:
         where = "tokenizer.path" if spec.tokenizer.path else "the tokenizer the shards name"

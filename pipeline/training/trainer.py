@@ -30,6 +30,7 @@ from pipeline.data import DataWaitInterrupted, train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
 from pipeline.evaluation.downstream import document_start, open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec
+from pipeline.jobspec.run_dir import keep_tokenizer
 from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, plan_resume, set_aside
 from pipeline.training.distributed import (
     RankInfo,
@@ -248,6 +249,9 @@ class Trainer:
         progress = self.resume()
         if self.info.rank == 0:
             self.loaded.save(self.run_dir / "spec.yaml")
+            location = self.spec.tokenizer.path or self.loader.manifest["tokenizer"].get("path")
+            if location:  # the run carries its tokenizer: generate / eval of a copied run need it
+                keep_tokenizer(str(location), self.run_dir, self.spec.storage.s3_options())
         self.metrics.open(progress.step)
         self.metrics.write_text("spec", self.loaded.redact(self.loaded.to_yaml()), "yaml")  # URL passwords too
         self.metrics.write_hparams(hparams_of(self.spec.model_dump(mode="json")))

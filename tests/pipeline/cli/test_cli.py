@@ -26,7 +26,15 @@ def test_validate_prints_a_resolved_summary():
 
 
 def test_validate_json_summary():
-    result = run("validate", str(CONFIGS / "demo-tiny.yaml"), "--json", "--set", "training.seed=3")
+    result = run(
+        "validate",
+        str(CONFIGS / "demo-tiny.yaml"),
+        "--json",
+        "--set",
+        "training.seed=3",
+        "--set",
+        "tokenizer.path=null",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["tokens_per_step"] == 16 * 64 and summary["total_steps"] == 300
@@ -95,3 +103,21 @@ def test_version_flags_anywhere_and_argument_ranges(tmp_path, tiny_shards):
     assert shard.returncode == 2 and "--shard 999: " in shard.stderr and "holds shards 0 to" in shard.stderr
     samples = run("prep", "inspect", train, "--samples", "-1")
     assert samples.returncode == 2 and "expected an integer >= 0" in samples.stderr
+
+
+def test_validate_refuses_a_local_path_that_train_would_refuse(tmp_path):
+    """A local path that is not there is a problem for validate as for train (exit 2, the absolute path it
+    looked at, the rule for relative paths), not "not checked": only s3:// may be out of reach from here."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text((CONFIGS / "demo-tiny.yaml").read_text())
+    result = subprocess.run(
+        [*parcae_cmd(), "validate", str(spec), "--set", "tokenizer.path=tok/none.model"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"tokenizer.path: {tmp_path}/tok/none.model: cannot read" in result.stderr
+    assert f"starts from the directory the command runs in, here {tmp_path}" in result.stderr
+    assert "cannot train (1 problem)" in result.stderr  # the S3 shards, out of reach here, are not problems

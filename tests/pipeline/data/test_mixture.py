@@ -203,6 +203,7 @@ def test_validate_lists_the_sources_and_refuses_a_mixture_that_runs_out(tmp_path
         {"name": "b", "url": str(two_sources / "b" / "train"), "weight": 1, "max_epochs": 2},
     ]
     base = [*parcae_cmd(), "validate", str(CONFIGS / "demo-tiny.yaml"), "--set", "data.train_url=null"]
+    base += ["--set", "tokenizer.path=null"]
     base += ["--set", "data.val_url=null", "--set", "data.seq_len=32", "--set", f"data.sources={json.dumps(mix)}"]
     ok = subprocess.run([*base, "--set", "training.total_steps=10"], capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stderr

@@ -62,3 +62,29 @@ def test_demo_trains_and_logs(tmp_path):
     assert [e.value for e in events.Scalars("loss/val")] == [e.value for e in events.Scalars("scaling/val_loss_T4")]
     assert all(0 < e.value < 1 for e in events.Scalars("loops/spectral_radius"))
     assert "loops/sampled" in events.Tags()["histograms"]
+
+    # The README's follow-up commands work after the demo (its S3 endpoint is gone), from another directory,
+    # and on a moved copy of the run: the run names its files by absolute paths, keeps its tokenizer and
+    # finds its own checkpoints, TensorBoard and eval/ outputs where it is now.
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    (workdir / "run").rename(moved)
+    assert (moved / "tokenizer" / "demo.model").is_file()
+    evaluated = subprocess.run(
+        [*parcae_cmd(), "eval", str(moved), "--loops", "1", "4", "--max-batches", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-2000:]
+    assert (moved / "eval" / "step-00000300" / "eval.json").is_file()
+    generated = subprocess.run(
+        [*parcae_cmd(), "generate", str(moved), "--prompt", "The history of", "--max-new-tokens", "8"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert generated.returncode == 0, generated.stdout[-2000:] + generated.stderr[-2000:]
+    assert f"tokenizer {moved / 'tokenizer' / 'demo.model'}" in generated.stdout + generated.stderr

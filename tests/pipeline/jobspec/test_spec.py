@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -28,13 +29,14 @@ def problems(tmp_path: Path, text: str, overrides=(), environ=None) -> list[str]
     return info.value.problems
 
 
-def test_minimal_spec_fills_defaults_and_derives_batch(tmp_path):
+def test_minimal_spec_fills_defaults_and_derives_batch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     spec = load_spec(write(tmp_path, MINIMAL), environ={}).spec
     assert spec.training.gradient_accumulation_steps == 1
     assert spec.training.global_batch_size == 4
-    assert spec.run_dir == "runs/t"
-    assert spec.checkpoint.dir == "runs/t/checkpoints"
-    assert spec.logging.tensorboard_dir == "runs/t/tensorboard"
+    assert spec.run_dir == f"{tmp_path}/runs/t"  # relative paths start from the current directory
+    assert spec.checkpoint.dir == f"{tmp_path}/runs/t/checkpoints"
+    assert spec.logging.tensorboard_dir == f"{tmp_path}/runs/t/tensorboard"
     assert spec.model.injection == "diagonal" and spec.model.mean_recurrence == 8
 
 
@@ -306,3 +308,73 @@ def test_booleans_are_not_taken_as_numbers_anywhere_in_the_spec():
     ):
         assert needle in text, text
     assert load_spec(CONFIGS / "demo-tiny.yaml", ["training.compile=off", "logging.log_interval=5"]).spec
+
+
+def test_relative_paths_start_from_the_current_directory_and_spec_dir_from_the_file(tmp_path, monkeypatch):
+    """One rule for paths: a relative local path (in the file or a --set) is taken from the directory the
+    command runs in and made absolute at load, so validate, train and every later reader agree;
+    ${SPEC_DIR} is the spec file's directory; s3:// stays as written."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    spec_file = specs / "spec.yaml"
+    spec_file.write_text(
+        textwrap.dedent(
+            """
+            name: t
+            tokenizer: {path: tok/t.model}
+            data:
+              sources:
+                - {name: a, url: ../shards/a, val_url: s3://b/val, weight: 1}
+                - {name: b, url: "${SPEC_DIR}/../shards/b", weight: 1}
+            training: {micro_batch_size: 4, total_steps: 10}
+            zero: {base_config: my/zero.json}
+            checkpoint: {init_from: w.safetensors}
+            eval: {downstream: {bundle: bundle.zip}}
+            """
+        )
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    spec = load_spec(spec_file, ["checkpoint.dir=ckpt"], environ={}).spec
+    assert spec.tokenizer.path == f"{work}/tok/t.model"
+    assert [s.url for s in spec.data.sources] == [f"{tmp_path}/shards/a", f"{tmp_path}/shards/b"]
+    assert spec.data.sources[0].val_url == "s3://b/val"
+    assert spec.zero.base_config == f"{work}/my/zero.json"
+    assert spec.checkpoint.init_from == f"{work}/w.safetensors"
+    assert spec.checkpoint.dir == f"{work}/ckpt"
+    assert spec.eval.downstream.bundle == f"{work}/bundle.zip"
+    assert spec.run_dir == f"{work}/runs/t"
+    assert load_spec(spec_file, environ={}).spec.zero.base_config == f"{work}/my/zero.json"
+    assert load_spec(write(tmp_path, MINIMAL), ["zero.base_config=zero2"], environ={}).spec.zero.base_config == "zero2"
+
+
+def test_a_moved_run_reads_its_own_files(tmp_path, monkeypatch):
+    """load_run_spec: the checkpoints, staging and TensorBoard directories inside the run directory that
+    wrote the spec follow the run to where it is now; locations elsewhere stay."""
+    from pipeline.jobspec import load_run_spec
+
+    monkeypatch.chdir(tmp_path)
+    loaded = load_spec(write(tmp_path, MINIMAL), ["logging.tensorboard_dir=/shared/tb"], environ={})
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    loaded.save(tmp_path / "runs" / "t" / "spec.yaml")
+    (tmp_path / "runs" / "t").rename(tmp_path / "copy")
+    spec = load_run_spec(tmp_path / "copy")
+    assert spec.run_dir == f"{tmp_path}/copy"
+    assert spec.checkpoint.dir == f"{tmp_path}/copy/checkpoints"
+    assert spec.logging.tensorboard_dir == "/shared/tb"
+
+
+def test_tb_and_eval_of_a_copied_run_read_the_copy(tmp_path, monkeypatch):
+    """`parcae tb COPY` serves the copy's logs (it served the original's), eval finds the copy's checkpoints."""
+    from pipeline.jobs.evaluate import run_checkpoint_dir
+    from pipeline.jobs.tb import _local_logdir
+
+    monkeypatch.chdir(tmp_path)
+    original = tmp_path / "runs" / "t"
+    (original / "tensorboard").mkdir(parents=True)
+    load_spec(write(tmp_path, MINIMAL), environ={}).save(original / "spec.yaml")
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    assert _local_logdir(str(copy)) == copy / "tensorboard"
+    assert run_checkpoint_dir(copy) == str(copy / "checkpoints")
