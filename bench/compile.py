@@ -1,4 +1,4 @@
-"""Compile, precision and the chunked loss on this CPU, side by side in one run (issue 15).
+"""Compile, precision and the chunked loss on this CPU, side by side in one run.
 
 1. Matmul peak: dense square matmuls at 1024/2048/4096, fp32 and bf16, GFLOP/s (the best size).
 2. Bare model, compiled (`ParcaeLM.compile_units`) against eager, the same batches and loop draws (mean

@@ -1,4 +1,4 @@
-"""Generation speed with and without the KV cache, and what the cache holds per token (issue 16).
+"""Generation speed with and without the KV cache, and what the cache holds per token.
 
 configs/demo-tiny.yaml's model shape (d=64, 1/1/1 blocks) with a 512-token context, random weights (speed
 does not depend on them), one process: a 256-token prompt, 256 new greedy tokens, at T = 1, 4 and 8 loops,

@@ -1,4 +1,4 @@
-"""What a loop costs at inference, at tiny scale on CPU (issue 16): a Parcae model at T = 1, 2, 4, 8 loops
+"""What a loop costs at inference, at tiny scale on CPU: a Parcae model at T = 1, 2, 4, 8 loops
 against the GPT baseline with the same unique layers (same parameter count, bar the injection and C) and
 one with twice the layers; then what the bounded caches and adaptive depth cost in quality.
 

@@ -6,7 +6,7 @@ before the step; measured with torch.profiler's allocation events (profile_memor
 every tensor the CPU allocator hands out. Step times are measured separately (no profiler), the two
 variants interleaved, median of the repeats.
 
-Target (issue 3): with checkpointing, each extra loop costs at most 1.5 hidden states
+Target: with checkpointing, each extra loop costs at most 1.5 hidden states
 (batch x seq_len x d values; the floor is 1), and the checkpointed step takes at most 1.4x the time of
 the uncheckpointed one at the same loop count.
 

@@ -4,7 +4,7 @@ Each point trains the demo spec (widened, on the embedded corpus) for 2 steps un
 ``logging.profile_memory_steps=2``: every rank records its allocations with torch.profiler and writes
 its peak live bytes over those steps (RUN/memory/rank<R>.json). The plan is computed for the same spec
 on CPU (fp32). Buckets are set small (2M values) so the comparison is about the model's own memory,
-not DeepSpeed's fixed 200 MB reduce bucket. Target (issue 20): every estimate within 15% of the
+not DeepSpeed's fixed 200 MB reduce bucket. Target: every estimate within 15% of the
 measurement. Then the plan of every shipped config on 80 GB devices.
 
     python bench/memory_plan.py [--work runs/memory-bench] [--quick]

@@ -1,7 +1,7 @@
 """Throughput of `parcae prep shards` (read JSONL + tokenize + pack + write tar shards) with 1 and 2
 worker processes, against the raw SentencePiece encode speed of one process on the same text, in one run.
 
-Target (issue 4): 2 workers reach at least 0.8 x (2 x the single-process raw encode speed).
+Target: 2 workers reach at least 0.8 x (2 x the single-process raw encode speed).
 
     python bench/prep_throughput.py [--megabytes 80] [--vocab-size 8192] [--repeats 2]
 """

@@ -1,7 +1,7 @@
 """Training throughput: `parcae train` (DeepSpeed ZeRO-3, 1 rank and 2 ranks) against a bare PyTorch loop
 (same model, batch, loop-count sampling, AdamW, clipping; no DeepSpeed), in one run, on local shards.
 
-Targets (issue 5): `parcae train` on 1 rank reaches at least 0.9x the bare loop's tokens/s; 2 ranks
+Targets: `parcae train` on 1 rank reaches at least 0.9x the bare loop's tokens/s; 2 ranks
 against 1 is reported (on a 2-core machine two ranks share the cores). With --compile both sides compile
 (the bare model's `compile_units` and `warm_up_compiled`, `training.compile=on`: every compiled variant
 before the first step on both sides). The first --warmup steps are not timed on either side (default 5).

@@ -1,6 +1,6 @@
 """Parcae: a stable looped language model, and the fixed-depth GPT baseline built from the same block.
 
-Read top to bottom; ../shared/PARCAE.md is the brief every choice here follows.
+Read top to bottom; docs/parcae.md is the account of the paper every choice here follows.
 
     ids -> wte -> PRELUDE blocks -> ln_prelude -> e                       (the injected signal)
     h_0 = truncated normal (std sigma, cut at 3 sigma, fresh each forward) or zeros

@@ -1,6 +1,6 @@
 """`parcae plan`: compute-optimal mean recurrence and token budget for a compute budget, from power laws.
 
-The paper reports (../shared/PARCAE.md, section 7, marked unverified there) that at the training-time
+The paper reports (docs/parcae.md, "What the paper reports", marked unverified there) that at the training-time
 compute optimum the mean recurrence grows as C^0.40 and the tokens as C^0.78. Power laws need an
 anchor: by default the job spec itself (its mean recurrence and token budget at its own compute, taken
 to be a good point), or an explicit ``--anchor-flops/--anchor-recurrence/--anchor-tokens``. Then
@@ -28,7 +28,7 @@ from model.config import paper_flops_per_token
 from parcae_errors import ParcaeError, UsageError
 from pipeline.jobspec import JobSpec
 
-LOOPS_EXPONENT = 0.40  # the paper's fit for the optimal mean recurrence (PARCAE.md, section 7)
+LOOPS_EXPONENT = 0.40  # the paper's fit for the optimal mean recurrence (docs/parcae.md, "What the paper reports")
 TOKENS_EXPONENT = 0.78  # the paper's fit for the optimal token budget
 DEFAULT_PEAK = 989e12  # H100 SXM dense bf16 FLOP/s, as logging.peak_flops_per_device defaults on GPU
 DEFAULT_MFU = 0.4

@@ -85,7 +85,7 @@ def test_flops_per_token_of_every_shipped_config(path):
         assert paper == pytest.approx(1.36e9, rel=0.01) and hardware == pytest.approx(1.07e9, rel=0.01)
 
 
-RELEASED_OPTIMIZER = {  # the released runs (issue 21): Muon lr, AdamW lr
+RELEASED_OPTIMIZER = {  # the released runs: Muon lr, AdamW lr
     "140m": (8e-3, 8e-3),
     "370m": (8e-3, 8e-3),
     "770m": (8e-3, 6e-3),

@@ -1,5 +1,5 @@
 """The reference Muon variant's pure update against an independent implementation written here from the
-description (issue 21): Nesterov-style momentum with warm-up, Polar Express in bf16 (the transposed form
+description: Nesterov-style momentum with warm-up, Polar Express in bf16 (the transposed form
 computed directly for tall matrices), per-neuron second-moment normalisation, the aspect-scaled rate and
 cautious, linearly decaying weight decay; on square, tall and wide matrices, over several steps."""
 
