@@ -110,3 +110,24 @@ def test_importing_model_does_not_load_deepspeed():
     code = "import sys, model, model.parcae; print('deepspeed' in sys.modules, 'pipeline' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_command_line_and_the_launcher_start_without_torch(tmp_path):
+    """`parcae --help`, a spec's checks and the launcher of `parcae train` (it reads the spec and the
+    manifests, then starts the ranks) import no torch: its import is most of a second or two of every
+    command, paid before a single rank can start. A launch whose preflight refuses the data is run here."""
+    code = f"""
+import sys
+import pipeline.cli, pipeline.training.launch
+assert 'torch' not in sys.modules, 'importing the command line imported torch'
+from parcae_errors import ParcaeError
+try:
+    pipeline.training.launch.run_train({str(REPO / "configs" / "demo-tiny.yaml")!r},
+        ['data.train_url={tmp_path}/none/train', 'data.val_url=null', 'tokenizer.path=null', 'run_dir={tmp_path}/run'])
+except ParcaeError as exc:
+    print('refused:', str(exc).splitlines()[0])
+print('torch' in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused:" in out.stdout and out.stdout.split()[-1] == "False", out.stdout

@@ -32,12 +32,9 @@ import torch
 from data_prep.inspect import iter_samples, read_manifest
 from data_prep.storage import S3Options, StorageError, open_store
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError
+from pipeline.data.manifests import DataError
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ParcaeError):
-    """A shard set that cannot feed training: named by URL and what is wrong."""
 
 
 def rows_loader(

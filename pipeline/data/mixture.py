@@ -41,6 +41,7 @@ from data_prep.inspect import packing_of
 from data_prep.storage import S3Options
 from parcae_errors import ParcaeError
 from pipeline.data.loader import DataError, ShardLoader, _prefetched
+from pipeline.data.manifests import check_same_tokenizer
 from pipeline.jobspec import DataSpec, SourceSpec
 
 log = logging.getLogger(__name__)
@@ -362,31 +363,6 @@ def mixture_changes(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> l
                 if before[name].get(key) != after[name].get(key):
                     out.append(f"{name}.{key} {before[name].get(key)} -> {after[name].get(key)}")
     return out or ["the order of the sources"]
-
-
-def check_same_tokenizer(sets: list[tuple[str, str, dict[str, Any]]]) -> None:
-    """Every source of a mixture must be tokenized alike (same tokenizer file, or at least same kind and
-    vocabulary); raises `DataError` naming the source that differs from the first."""
-    first_name, first_url, first = sets[0]
-    for name, url, manifest in sets[1:]:
-        a, b = first["tokenizer"], manifest["tokenizer"]
-        differs = (a.get("sha256") and b.get("sha256") and a["sha256"] != b["sha256"]) or any(
-            a.get(k) != b.get(k) for k in ("vocab_size", "kind")
-        )
-        if differs:
-            raise DataError(
-                f"data source {name!r} ({url}) was tokenized with another tokenizer (vocab {b.get('vocab_size')}, "
-                f"sha256 {str(b.get('sha256'))[:12]}...) than source {first_name!r} ({first_url}: vocab "
-                f"{a.get('vocab_size')}, sha256 {str(a.get('sha256'))[:12]}...); every source must share one tokenizer"
-            )
-    packings = {name: packing_of(manifest) for name, _, manifest in sets}
-    if len(set(packings.values())) > 1:
-        log.warning(
-            "the mixture's sources are packed differently (%s): documents start with <bos> in some and after <eos> "
-            "in others; prompts (CORE, samples) start the way source %r does",
-            ", ".join(f"{n} {p}" for n, p in packings.items()),
-            first_name,
-        )
 
 
 def describe(sources: list[SourceSpec], manifests: list[dict[str, Any]]) -> list[str]:

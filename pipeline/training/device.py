@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import torch
-
 from parcae_errors import ParcaeError
 
 SLURM_GPU_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
@@ -24,6 +22,8 @@ class DeviceError(ParcaeError):
 
 def what_is_visible(env: Mapping[str, str], devices: int) -> str:
     """What this process sees, for a message: torch's CUDA build and devices, CUDA_VISIBLE_DEVICES, Slurm's GPUs."""
+    import torch
+
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
     seen = [f"torch {torch.__version__} built with {build}", f"{devices} CUDA device(s) visible"]
     seen.append(f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '(unset)')!s}")
@@ -39,6 +39,8 @@ def device_problems(
     """Before any rank starts (on the node that starts them): can this node give every rank a GPU?"""
     if device != "cuda":
         return []
+    import torch  # here, not at the top: the launcher of a CPU run never imports torch
+
     env = os.environ if env is None else env
     devices = torch.cuda.device_count() if devices is None else devices
     if devices == 0:
@@ -68,5 +70,7 @@ def select_accelerator(device: str, local_rank: int) -> None:
     problems = device_problems(device, local_rank + 1)
     if problems:
         raise DeviceError(problems[0])
+    import torch
+
     if device == "auto" and "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"

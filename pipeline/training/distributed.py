@@ -19,10 +19,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,7 @@ def launch_local(
 
 def accelerator_device(local_rank: int) -> tuple[torch.device, str]:
     """This rank's device and its type ("cpu", "cuda", ...), as DeepSpeed's accelerator reports it."""
+    import torch
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
@@ -264,6 +267,8 @@ def memory_metrics(device_type: str) -> dict[str, float]:
     """Peak memory of this rank: resident set on CPU, allocated device memory otherwise."""
     if device_type == "cpu":
         return {"memory_max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    import torch
+
     return {"memory_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -282,6 +287,7 @@ def lost_a_peer(exc: BaseException) -> bool:
 def agree_on_failure(failure: Exception | None) -> None:
     """A collective after a check that one rank ran: every rank raises. The rank whose check failed raises
     its error; the others raise `ReportedElsewhere` with the same exit code, and stay quiet."""
+    import torch
     import torch.distributed as dist
 
     code = torch.tensor([failure.exit_code if isinstance(failure, ParcaeError) else 0], dtype=torch.int64)

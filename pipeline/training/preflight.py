@@ -19,7 +19,7 @@ from typing import Any
 from data_prep.inspect import read_manifest
 from data_prep.storage import LocalStore, StorageError, check_writable, is_s3, open_store
 from parcae_errors import ParcaeError, UsageError
-from pipeline.data.mixture import check_same_tokenizer
+from pipeline.data.manifests import check_same_tokenizer
 from pipeline.jobspec import JobSpec
 from pipeline.training.device import device_problems
 
