@@ -12,8 +12,10 @@ TORCH_INDEX_URL ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.parcae-setup-done
 export DS_ACCELERATOR ?= cpu
+# pytest-xdist workers: the tests wait on processes (ranks, daemons, servers) as much as they compute
+TEST_WORKERS ?= 2
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test test-fast lint format clean
 
 setup: $(STAMP)
 
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check "setuptools>=64" wheel
 	# DeepSpeed builds from source against the torch above (no isolated build env that could pull another torch).
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[dev,parquet,hf]"
-	$(BIN)/python -c "import torch, deepspeed, webdataset, sentencepiece, tensorboard, pydantic, boto3, transformers, lm_eval; \
+	$(BIN)/python -c "import torch, deepspeed, webdataset, sentencepiece, tensorboard, pydantic, boto3, transformers, lm_eval, xdist; \
 		print('set-up ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
 	touch $@
 
@@ -40,7 +42,11 @@ format: setup
 	$(BIN)/ruff format .
 
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
+# the inner loop: everything but the slow and multi-rank tests (docs/testing.md), about 2 minutes
+test-fast: setup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not distributed"
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs/demo-*

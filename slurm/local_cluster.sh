@@ -28,9 +28,13 @@ install_packages() {
     [ ${#missing[@]} -eq 0 ] && return 0
     [ "$(id -u)" = 0 ] || die "Slurm is not installed (${missing[*]}) and installing it needs root"
     command -v apt-get >/dev/null || die "Slurm is not installed (${missing[*]}) and there is no apt-get"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        slurmctld slurmd slurm-client munge >/dev/null
+    # one apt at a time: the tests install chromium the same way, possibly at the same moment (pytest -n)
+    (
+        flock -w 900 9 || die "another apt-get held /tmp/parcae-apt.lock for 15 minutes"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends \
+            slurmctld slurmd slurm-client munge >/dev/null
+    ) 9>/tmp/parcae-apt.lock
 }
 
 write_configs() {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -37,9 +38,11 @@ def chromium() -> str:
     if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:  # stale package lists
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
-            subprocess.run(install, env=env, capture_output=True, check=True)
+        with open("/tmp/parcae-apt.lock", "w") as lock:  # one apt at a time (local_cluster.sh takes it too)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if subprocess.run(install, env=env, capture_output=True).returncode != 0:  # stale package lists
+                subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
+                subprocess.run(install, env=env, capture_output=True, check=True)
         path = shutil.which("chromium")
     assert path, "chromium is not installed (apt-get install chromium): the dashboard tests render TensorBoard with it"
     return path
@@ -202,3 +205,10 @@ def reference_losses(tiny_shards, tmp_path_factory) -> dict[int, float]:
     assert sorted(result) == list(range(1, REFERENCE_STEPS + 1))
     assert result[REFERENCE_STEPS] < result[1] - 0.5  # it learns
     return result
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests run first (each module's tests kept together and in order): under
+    ``pytest -n`` the workers then finish together instead of one starting a minute-long test at the end."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)

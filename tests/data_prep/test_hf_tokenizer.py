@@ -100,6 +100,7 @@ def test_shards_frame_documents_with_the_tokenizers_own_specials(hf_shards, hf_t
     assert inspect.returncode == 0 and "\n<|bos|>" in inspect.stdout, inspect.stderr
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_eval_scores_bits_per_byte_of_the_text(tmp_path, hf_shards):
     from model import ParcaeConfig, build_model, save_reference
 
@@ -144,6 +145,7 @@ def test_export_carries_the_tokenizer_json_and_generates_with_it(tmp_path, hf_to
     assert not (tmp_path / "hf2").exists()  # checked before anything is written
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_downstream_eval_of_a_released_directory_with_its_tokenizer_json(tmp_path, hf_tokenizer):
     """A released directory that carries its tokenizer.json is scored with it: prompts start with its BOS."""
     import dataclasses

@@ -322,6 +322,7 @@ def test_the_cli_packs_bos_aligned_by_default_and_concat_on_request(tmp_path, bu
     assert {int(tokens[0]) for tokens, _ in rows} == {2}  # <bos>
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_a_truncated_progress_or_resume_file_is_named_not_a_traceback(tmp_path, builtin_docs, tokenizer):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in builtin_docs[:100]))

@@ -131,6 +131,7 @@ def test_merge_checks_every_shard_and_status_finds_stalled_units(tmp_path, input
         make_plan([str(inputs)], str(tokenizer), str(out), ShardSettings(seq_len=64, shard_bytes=20_000))
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_cli_plan_run_merge_status(tmp_path, inputs, tokenizer, reference):
     def parcae(*args):
         return subprocess.run([sys.executable, "-m", "pipeline", "prep", *args], cwd=REPO, capture_output=True,

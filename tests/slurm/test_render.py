@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from tests.conftest import CONFIGS, REPO, parcae_cmd
 
 
@@ -63,6 +65,7 @@ def test_values_cannot_inject_shell():
     assert bad_dir.returncode == 1 and "run_dir: '" in bad_dir.stderr and "cannot carry safely" in bad_dir.stderr
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_prep_submit_renders_an_array_and_its_merge(tmp_path, corpus_jsonl, tokenizer):
     lines = corpus_jsonl.read_text().splitlines()
     inputs = tmp_path / "in"

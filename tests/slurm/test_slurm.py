@@ -18,7 +18,7 @@ from data_prep.shards import ShardSettings, build_shards
 from data_prep.storage import S3Options
 from tests.conftest import CONFIGS, REPO, parcae_cmd, step_losses, tiny_run
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.xdist_group("slurm")]  # one cluster per run
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
 
 

@@ -16,6 +16,7 @@ def run(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_validate_prints_a_resolved_summary():
     result = run("validate", str(CONFIGS / "parcae-140m.yaml"))
     assert result.returncode == 0, result.stderr
@@ -25,6 +26,7 @@ def test_validate_prints_a_resolved_summary():
     assert "world_size       8" in out and "flops_per_token" in out
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_validate_json_summary():
     result = run(
         "validate",
@@ -89,6 +91,7 @@ def test_installed_console_script_matches_module():
     assert result.returncode == 0 and "validate" in result.stdout
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_version_flags_anywhere_and_argument_ranges(tmp_path, tiny_shards):
     """--version; -v after the command as before it; loop counts beyond the spec's cap (1024) and shard
     indices beyond the set are refused as argument errors (exit 2), not taken or clamped."""
@@ -105,6 +108,7 @@ def test_version_flags_anywhere_and_argument_ranges(tmp_path, tiny_shards):
     assert samples.returncode == 2 and "expected an integer >= 0" in samples.stderr
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_validate_refuses_a_local_path_that_train_would_refuse(tmp_path):
     """A local path that is not there is a problem for validate as for train (exit 2, the absolute path it
     looked at, the rule for relative paths), not "not checked": only s3:// may be out of reach from here."""

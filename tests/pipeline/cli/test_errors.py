@@ -77,6 +77,7 @@ def test_values_out_of_range_are_refused_with_the_range(override, needle):
     assert_one_clean_error(run("validate", str(TINY), "--set", override), 2, needle)
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_shards_of_a_larger_vocabulary_are_refused_before_training(tmp_path, shards):
     """Shards of a 512-token tokenizer, a model of vocab 256: validate and train both refuse, by name, at once."""
     args = tiny(shards, tmp_path / "run", "model.vocab_size=256")
@@ -92,6 +93,7 @@ def test_shards_of_a_larger_vocabulary_are_refused_before_training(tmp_path, sha
     assert_one_clean_error(run("validate", *wrong_kind), 2, needle)
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_a_downstream_bundle_that_cannot_work_is_refused_before_training(tmp_path, shards, tokenizer):
     from tests.icl_bundles import make_bundle
 
@@ -114,6 +116,7 @@ def test_a_downstream_bundle_that_cannot_work_is_refused_before_training(tmp_pat
     assert_one_clean_error(run("validate", *extended), 2, "core_extended.yaml: no such file", "set tokenizer.path")
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_outputs_that_cannot_be_written_are_found_before_training(tmp_path, shards, s3_server):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -127,6 +130,7 @@ def test_outputs_that_cannot_be_written_are_found_before_training(tmp_path, shar
     assert_one_clean_error(run_through_file, 2, "run_dir:", "logging.tensorboard_dir:")
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_prep_of_inputs_that_hold_nothing(tmp_path, tokenizer):
     out = tmp_path / "out"
     missing = run(
@@ -144,6 +148,7 @@ def test_prep_of_inputs_that_hold_nothing(tmp_path, tokenizer):
     assert_one_clean_error(through, 1, str(blocker / "o"), "cannot write")
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_weights_written_atomically_where_they_can_be(tmp_path):
     cfg = ParcaeConfig(vocab_size=128, d_model=32, n_head=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=32)
     model = build_model(cfg)
@@ -165,6 +170,7 @@ def test_weights_written_atomically_where_they_can_be(tmp_path):
     assert partial_files(tmp_path) == []
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_secrets_stay_hidden_on_every_path(tmp_path, shards):
     password = "hunter2-very-secret"
     env = {"MINIO_PASSWORD": password, "AWS_SECRET_ACCESS_KEY": password + "-aws", "AWS_ACCESS_KEY_ID": "id"}
@@ -200,6 +206,7 @@ def test_sweep_points_with_a_repeated_key(tmp_path):
     assert_one_clean_error(result, 1, f"--points {points}", "appears twice")
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_manifests_and_weights_that_are_not_what_they_claim(tmp_path, tiny_shards):
     broken = tmp_path / "train"
     broken.mkdir()
@@ -231,6 +238,7 @@ def test_a_missing_tokenizer_is_refused_before_training(tmp_path, shards):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_outputs_that_exist_are_not_replaced_without_force(tmp_path, tokenizer):
     """import --out FILE, export --format hf --out DIR (not empty) and prep tokenizer --out PREFIX refuse to
     replace what is there, naming it (exit 2, the file untouched); --force replaces."""

@@ -122,6 +122,7 @@ def test_prompts_longer_than_the_context_keep_their_last_tokens(suite, text):
         assert text.decode(list(tokens[start:end])) == suite.items["counting_long"][p.index]["continuation"]
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_a_model_trained_on_the_tasks_scores_far_above_a_random_one(trained, suite, text):
     good = score(trained, suite, text)["results"][0]
     bad = score(build_model(CFG, seed=3), suite, text)["results"][0]

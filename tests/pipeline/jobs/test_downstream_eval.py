@@ -56,6 +56,7 @@ def test_downstream_eval_is_identical_on_one_and_two_ranks(tmp_path, tokenizer):
     assert "downstream/core_vs_loops" in images
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_downstream_eval_names_what_is_wrong(tmp_path, tokenizer):
     weights = save_reference(build_model(CFG, seed=5), tmp_path / "w.safetensors")
     no_bundle = run("eval", str(weights), "--tasks", "core")

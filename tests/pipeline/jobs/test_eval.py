@@ -50,6 +50,7 @@ def test_bytes_per_token_add_up_to_the_text(tokenizer, builtin_docs):
         assert counter.count(row) == len(text.encode("utf-8")), text
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_eval_of_saved_weights_is_reproducible_and_consistent(tmp_path, val_shards):
     weights = save_reference(build_model(CFG, seed=1), tmp_path / "w.safetensors")
     args = ["eval", str(weights), "--data", str(val_shards), "--loops", "1", "2", "4", "8", "--max-batches", "3"]
@@ -74,6 +75,7 @@ def test_eval_of_saved_weights_is_reproducible_and_consistent(tmp_path, val_shar
     assert not (tmp_path / "b" / "tensorboard").exists()
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_reference_weights_need_the_spec(tmp_path, val_shards):
     model = build_model(CFG, seed=2)
     save_file({k: v.contiguous() for k, v in reference_state_dict(model).items()}, str(tmp_path / "ref.safetensors"))
@@ -103,6 +105,7 @@ def test_reference_weights_need_the_spec(tmp_path, val_shards):
     assert "no fit: the curve has 3 parameters" in ok.stdout
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_bad_inputs_are_named(tmp_path, val_shards):
     weights = save_reference(build_model(CFG), tmp_path / "w.safetensors")
     cases = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 import torch
 
 from data_prep.tokenizer import BOS_ID, TextTokenizer
@@ -20,6 +21,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*parcae_cmd(), "generate", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_generate_gives_the_models_tokens(tmp_path, tokenizer):
     model, _ = train_on_tasks(build_model(CFG, seed=0), make_bundle(tmp_path / "bundle"), tokenizer, steps=60)
     weights = save_reference(model, tmp_path / "w.safetensors")
@@ -54,6 +56,7 @@ def test_generate_gives_the_models_tokens(tmp_path, tokenizer):
     assert [json.loads(line)["prompt"] for line in from_file.stdout.splitlines()] == prompts[::-1]
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_generate_names_what_is_wrong(tmp_path, tokenizer):
     weights = save_reference(build_model(CFG, seed=0), tmp_path / "w.safetensors")
     nothing = run(str(weights), "--tokenizer", str(tokenizer))

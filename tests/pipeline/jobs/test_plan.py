@@ -76,6 +76,7 @@ def test_refit_recovers_exponents_from_a_sweep_summary(tmp_path):
         refit(tmp_path / "one")
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_nonsense_is_refused_by_name():
     spec = str(CONFIGS / "parcae-140m.yaml")
     cases = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -23,6 +24,7 @@ def run(*args):
     return subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_import_reference_weights(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC)
@@ -56,6 +58,7 @@ def test_import_reference_weights(tmp_path):
     assert missing.returncode == 1 and "no such weights file" in missing.stderr
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_import_a_released_directory_without_a_spec(tmp_path):
     import yaml
 
@@ -85,6 +88,7 @@ def test_import_a_released_directory_without_a_spec(tmp_path):
     assert "Traceback" not in refused.stderr and not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_import_a_released_directory_from_s3(tmp_path, s3_server):
     """The released directory on a real S3 endpoint (moto's server on loopback), read through boto3."""
     import os

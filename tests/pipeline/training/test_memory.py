@@ -93,6 +93,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_validate_memory_says_whether_it_fits_and_exits_1_when_not():
     spec = str(CONFIGS / "parcae-1.3b.yaml")
     fits = run("validate", spec, "--memory", "--device-memory", "80GiB")
