@@ -276,10 +276,6 @@ class TextTokenizer:
         return sizes, [False] * self.vocab_size, False
 
 
-def tokenizer_kind(path: str | Path) -> str:
-    return TextTokenizer(path).kind
-
-
 def _byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte-level alphabet: every byte as one printable character (byte-level BPE token strings are
     made of these, one character per byte)."""

@@ -5,7 +5,8 @@ Tags are grouped in the order a reader looks: ``loss/`` (train, validation at th
 radius beside the stability limit 1, the state norm and its relative change at every loop index, the
 sampled loop counts), ``optim/``, ``throughput/``, ``system/``; ``downstream/`` and ``eval/`` are written
 by the evaluations. `LAYOUT` puts the related tags on one chart each (TensorBoard's custom-scalars plugin,
-its first tab): the test-time scaling curve over training is one chart with a line per T.
+its first tab): the test-time scaling curve over training is one chart with a line per T. A chart holds
+lines of one scale only (mean A_bar, in (0, 1), and the sampled loop counts, about 8, are two charts).
 
 metrics.jsonl keeps the flat keys (``loss``, ``val_loss_loops_4``, ...); only TensorBoard's tags are laid out.
 """
@@ -104,7 +105,8 @@ LAYOUT = {
         "spectral radius of A_bar (stable below 1)": ["Multiline", ["loops/spectral_radius$", STABILITY_LIMIT + "$"]],
         "state norm |h| at each loop": ["Multiline", [r"loops/h_norm_L\d+$"]],
         "relative change |h_t - h_t-1| / |h_t-1| at each loop": ["Multiline", [r"loops/h_change_L\d+$"]],
-        "mean A_bar, and the sampled loops": ["Multiline", ["loops/a_bar_mean$", "loops/loops_mean$"]],
+        "mean A_bar (in (0, 1))": ["Multiline", ["loops/a_bar_mean$"]],
+        "sampled loops per sequence (mean)": ["Multiline", ["loops/loops_mean$"]],
     },
     "data mixture": {
         "share of the rows since the last log, per source": ["Multiline", [r"data/[^/]+/share$"]],

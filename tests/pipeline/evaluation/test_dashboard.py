@@ -42,3 +42,19 @@ def test_every_chart_of_the_layout_finds_its_tags():
                 assert any(re.match(pattern, t) for t in written), (category, title, pattern)
     curve = LAYOUT["test-time scaling"]["validation loss at each loop count T, and the fitted L_inf"][1][0]
     assert not re.match(curve, "scaling/val_loss_T4_std")  # the spread is not a line of the curve
+
+
+def test_a_chart_holds_lines_of_one_scale():
+    """Mean A_bar lies in (0, 1) and the sampled loop counts are about the mean recurrence (8): on one chart
+    the first would be a flat line at the bottom; so would the relative change beside the state norm."""
+
+    def charts_of(name: str) -> set[str]:
+        return {
+            title
+            for charts in LAYOUT.values()
+            for title, (_, pats) in charts.items()
+            if any(re.match(p, name) for p in pats)
+        }
+
+    for a, b in [("loops/a_bar_mean", "loops/loops_mean"), ("loops/h_norm_L01", "loops/h_change_L01")]:
+        assert charts_of(a) and charts_of(b) and not charts_of(a) & charts_of(b), (a, b)
