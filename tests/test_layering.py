@@ -118,11 +118,11 @@ def test_the_command_line_and_the_launcher_start_without_torch(tmp_path):
     command, paid before a single rank can start. A launch whose preflight refuses the data is run here."""
     code = f"""
 import sys
-import pipeline.cli, pipeline.training.launch
+import pipeline.cli, pipeline.jobs.launch
 assert 'torch' not in sys.modules, 'importing the command line imported torch'
 from parcae_errors import ParcaeError
 try:
-    pipeline.training.launch.run_train({str(REPO / "configs" / "demo-tiny.yaml")!r},
+    pipeline.jobs.launch.run_train({str(REPO / "configs" / "demo-tiny.yaml")!r},
         ['data.train_url={tmp_path}/none/train', 'data.val_url=null', 'tokenizer.path=null', 'run_dir={tmp_path}/run'])
 except ParcaeError as exc:
     print('refused:', str(exc).splitlines()[0])

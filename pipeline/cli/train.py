@@ -31,6 +31,6 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.training.launch import run_train
+    from pipeline.jobs.launch import run_train
 
     return run_train(args.spec, args.overrides, args.resume_from, args.restart)

@@ -58,7 +58,7 @@ def run_demo(workdir: str) -> int:
     from data_prep.shards import ShardSettings, build_shards
     from data_prep.storage import S3Options, open_store
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
-    from pipeline.training.launch import run_train
+    from pipeline.jobs.launch import run_train
 
     root = Path(workdir)
     if root.exists():

@@ -1,4 +1,11 @@
-"""`parcae train SPEC`: start the ranks on this machine, or run as one rank under Slurm or torchrun."""
+"""`parcae train SPEC`: start the ranks on this machine, or run as one rank under Slurm or torchrun.
+
+A job, not library: it checks the run before anything starts (preflight, once, here) and starts the ranks.
+Each rank gets the user's own command line (spec path and ``--set`` overrides) and reads the spec from it,
+plus one variable saying preflight is done. That is the one hand-over that works the same everywhere: under
+torchrun and Slurm (`parcae slurm-job`) the scheduler starts every rank with the command the user wrote,
+and a resolved spec written for the ranks would not exist there; re-reading a spec costs milliseconds.
+"""
 
 from __future__ import annotations
 
