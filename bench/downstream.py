@@ -37,7 +37,8 @@ def items_per_second(bundle: Path, tokenizer: Path, rounds: int) -> dict[str, fl
     from data_prep.tokenizer import TextTokenizer
     from model import build_model
     from pipeline.evaluation.bundle import Bundle
-    from pipeline.evaluation.downstream import Suite, evaluate_downstream, forward_at, prompt_start
+    from pipeline.evaluation.downstream import Suite, evaluate_downstream, forward_at
+    from pipeline.evaluation.text import prompt_start
     from pipeline.jobspec import load_spec
 
     spec = load_spec(REPO / "configs" / "demo-tiny.yaml").spec

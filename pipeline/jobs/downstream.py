@@ -33,18 +33,10 @@ from data_prep.tokenizer import TextTokenizer, TokenizerError
 from parcae_errors import ParcaeError, ReportedElsewhere, UsageError
 from pipeline.evaluation.bundle import Bundle
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
-from pipeline.evaluation.downstream import (
-    DEFAULT_BATCH_TOKENS,
-    DEFAULT_SEED,
-    PromptStart,
-    Suite,
-    document_start,
-    evaluate_downstream,
-    forward_at,
-    open_tokenizer,
-)
+from pipeline.evaluation.downstream import DEFAULT_BATCH_TOKENS, DEFAULT_SEED, Suite, evaluate_downstream, forward_at
 from pipeline.evaluation.losses import try_fit
 from pipeline.evaluation.report import write_downstream_tensorboard
+from pipeline.evaluation.text import PromptStart, document_start, open_tokenizer
 from pipeline.jobs.evaluate import Source, check_outputs, say_written, tensorboard_dir
 from pipeline.jobspec import s3_options
 from pipeline.jobspec.run_dir import run_tokenizer

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from parcae_errors import ParcaeError, UsageError
-from pipeline.evaluation.downstream import completion, open_tokenizer
+from pipeline.evaluation.text import completion, open_tokenizer
 from pipeline.jobs.downstream import prompt_start_of, source_tokenizer
 from pipeline.jobs.evaluate import Source
 from pipeline.jobspec import s3_options

@@ -28,7 +28,7 @@ from model.sampling import expected_loop_counts
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
 from pipeline.data import DataWaitInterrupted, train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
-from pipeline.evaluation.downstream import document_start, open_tokenizer
+from pipeline.evaluation.text import document_start, open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec
 from pipeline.jobspec.run_dir import keep_tokenizer
 from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, plan_resume, set_aside

@@ -19,9 +19,10 @@ from model import ParcaeConfig
 from pipeline.data import rows_loader
 from pipeline.evaluation.bundle import Bundle
 from pipeline.evaluation.documents import document_batches, documents_from_rows
-from pipeline.evaluation.downstream import Suite, completion, evaluate_downstream, forward_at
+from pipeline.evaluation.downstream import Suite, evaluate_downstream, forward_at
 from pipeline.evaluation.losses import Batch, loss_sums, seed_metrics
 from pipeline.evaluation.report import downstream_scalars
+from pipeline.evaluation.text import completion
 from pipeline.evaluation.token_bytes import special_ids
 from pipeline.jobspec import DownstreamSpec, EvalSpec, LoggingSpec
 

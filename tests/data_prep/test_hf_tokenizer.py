@@ -153,7 +153,8 @@ def test_downstream_eval_of_a_released_directory_with_its_tokenizer_json(tmp_pat
 
     from model import build_model
     from pipeline.evaluation.bundle import Bundle
-    from pipeline.evaluation.downstream import Suite, prompt_items, prompt_start
+    from pipeline.evaluation.downstream import Suite, prompt_items
+    from pipeline.evaluation.text import prompt_start
     from tests.icl_bundles import make_bundle
     from tests.model.reference import write_released
     from tests.model.test_parcae import TINY, randomize

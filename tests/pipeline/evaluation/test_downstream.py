@@ -245,7 +245,7 @@ def test_prompts_start_the_way_the_training_shards_start_documents(text):
     """A model trained on concat shards of our tokenizer never saw <bos>: every document there follows
     <eos>, so its prompts start with <eos>; bos-aligned shards, a tokenizer.json that frames documents
     with its own BOS, and weights without shards (the reference's protocol) start with BOS."""
-    from pipeline.evaluation.downstream import document_start
+    from pipeline.evaluation.text import document_start
 
     ours = {"kind": "sentencepiece", "bos_id": None, "eos_id": 3}
     concat = document_start(text, {"tokenizer": ours, "packing": {"kind": "concat"}})
