@@ -131,3 +131,13 @@ print('torch' in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "refused:" in out.stdout and out.stdout.split()[-1] == "False", out.stdout
+
+
+def test_the_trainer_reads_as_steps():
+    """No method of `Trainer` is longer than 60 lines: the loop is a list of named steps, and what has
+    state registers with the checkpointer instead of being assembled by hand in a save or a resume."""
+    tree = ast.parse((REPO / "pipeline" / "training" / "trainer.py").read_text())
+    (trainer,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
+    long = {f.name: f.end_lineno - f.lineno + 1 for f in trainer.body if isinstance(f, ast.FunctionDef)}
+    assert all(n <= 60 for n in long.values()), {k: v for k, v in long.items() if v > 60}
+    assert "def save(" not in ast.unparse(trainer), "checkpoint state belongs to the parts (Checkpointer.register)"

@@ -11,9 +11,12 @@ it wrote (``*pp_rank_R_*``; rank 0 also the rest), and only then rank 0 writes `
 ``LATEST``; the staged copy is removed. To resume, the first rank of every node downloads the newest
 checkpoint into its staging directory and the ranks load it from there.
 
-`Checkpointer` is the trainer's component (built from `CheckpointSpec` and the storage options, with
-``load`` and ``save``); the module's functions read checkpoints for everything else (`parcae eval`,
-`export`, `status`).
+`Checkpointer` is the trainer's component (built from `CheckpointSpec` and the storage options): the
+parts of the trainer that have state (progress, loader position, loss guard, ...) register themselves with
+it by name (`register`), each with ``state_dict`` / ``load_state_dict``; ``save`` writes every part's state
+beside DeepSpeed's, ``load`` gives each part its own back, and ``due`` says when a save is due. A new part
+needs no change here or in the trainer's loop. The module's functions read checkpoints for everything
+else (`parcae eval`, `export`, `status`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
@@ -39,6 +42,26 @@ log = logging.getLogger(__name__)
 LATEST = "LATEST"
 LAYOUT = "layout.json"  # parameter names and shapes in order, checked before a resume loads anything
 _OWNER = re.compile(r"pp_rank_(\d+)_")  # DeepSpeed's per-data-parallel-rank files
+
+
+class Stateful(Protocol):
+    """A part of the trainer whose state a checkpoint carries."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# Checkpoints written before the parts registered themselves kept the progress's fields at the top level.
+_FLAT_PROGRESS = ("step", "tokens", "nonfinite_total", "spikes_skipped")
+
+
+def parts_state(client_state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's client state by part name (a checkpoint of the earlier flat layout read the same way)."""
+    if "progress" in client_state or "step" not in client_state:
+        return client_state
+    rest = {k: v for k, v in client_state.items() if k not in _FLAT_PROGRESS}
+    return {**rest, "progress": {k: client_state[k] for k in _FLAT_PROGRESS if k in client_state}}
 
 
 def tag_for(step: int) -> str:
@@ -229,15 +252,25 @@ class Checkpointer:
     def __init__(self, spec: CheckpointSpec, options: S3Options, spec_yaml: str):
         assert spec.dir is not None  # JobSpec fills it in
         self.dir, self.staging, self.keep_last = spec.dir, spec.staging_dir, spec.keep_last
+        self.interval = spec.interval_steps
+        self.parts: dict[str, Stateful] = {}
         self.options, self.spec_yaml = options, spec_yaml
         self.remote = is_s3(self.dir)
         if self.remote and not self.staging:
             raise ParcaeError(f"checkpoint.dir: {self.dir}: an s3:// destination needs checkpoint.staging_dir")
 
+    def register(self, name: str, part: Stateful) -> None:
+        """``part``'s state goes into every checkpoint under ``name`` and comes back to it on resume."""
+        self.parts[name] = part
+
+    def due(self, step: int, last: bool = False, stop: bool = False) -> bool:
+        """A checkpoint is written every ``checkpoint.interval_steps``, at the last step and on a stop signal."""
+        return step % self.interval == 0 or last or stop
+
     def load(self, engine: Any, tag: str | None, local_rank: int = 0) -> dict[str, Any] | None:
-        """Load checkpoint ``tag`` (a `plan`'s; None: nothing to load) into the engine; its client state. A
-        checkpoint that fails to load is named, with the earlier one to use instead; nothing falls back on
-        its own."""
+        """Load checkpoint ``tag`` (a `plan`'s; None: nothing to load) into the engine and every registered
+        part; its client state by part name. A checkpoint that fails to load is named, with the earlier one
+        to use instead; nothing falls back on its own."""
         if tag is None:
             return None
         where = f"{self.dir.rstrip('/')}/{tag}"
@@ -261,12 +294,20 @@ class Checkpointer:
             dist.barrier()
             if local_rank == 0:
                 shutil.rmtree(path, ignore_errors=True)
+        state = parts_state(client_state or {})
+        for name, part in self.parts.items():
+            if name in state:
+                part.load_state_dict(state[name])
+            else:  # a part this checkpoint predates starts from its initial state
+                log.warning("%s holds no state for %r: it starts afresh", where, name)
         log.info("resumed from %s", where)
-        return client_state
+        return state
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
-        """Write step ``step``, then mark it newest (``LATEST``) and drop all but the newest ``keep_last``."""
+    def save(self, engine: Any, step: int) -> str:
+        """Write step ``step`` with every registered part's state, then mark it newest (``LATEST``) and drop
+        all but the newest ``keep_last``."""
         tag = tag_for(step)
+        client_state = {name: part.state_dict() for name, part in self.parts.items()}
         path = Path(self.staging) if self.remote else Path(self.dir)
         if _store(self.dir, self.options).exists(f"{tag}/spec.yaml"):  # the resume plan sets such ones aside
             raise CheckpointError(f"{self.dir.rstrip('/')}/{tag}: a complete checkpoint is there; not writing over it")

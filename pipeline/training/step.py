@@ -7,10 +7,12 @@ draws exactly what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -71,12 +73,19 @@ class DepthSampler:
 
 @dataclass
 class Progress:
-    """What a checkpoint restores besides the engine and the loader."""
+    """Where the run is: steps and tokens done, micro-batches skipped (a stateful part of a checkpoint)."""
 
     step: int = 0
     tokens: int = 0
     nonfinite_total: int = 0
     spikes_skipped: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, int(state.get(f.name, 0)))
 
 
 @dataclass

@@ -128,6 +128,12 @@ class StopSignal:
         return flag.item() > 0
 
 
+def set_cpu_threads(procs_per_node: int) -> None:
+    threads = cpu_threads_per_rank(procs_per_node)
+    torch.set_num_threads(threads)
+    log.info("CPU: %d intra-op thread(s) per rank (set OMP_NUM_THREADS to choose)", threads)
+
+
 class Trainer:
     def __init__(self, loaded: LoadedSpec, info: RankInfo, resume_from: str | None = None, restart: bool = False):
         spec = self.spec = loaded.spec
@@ -136,9 +142,7 @@ class Trainer:
         memory_file = Path(spec.run_dir or ".") / "memory" / f"rank{info.rank}.json"
         self.memory_trace = MemoryTrace(device_type, spec.logging.profile_memory_steps, memory_file, info.rank)
         if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            threads = cpu_threads_per_rank(spec.cluster.procs_per_node)
-            torch.set_num_threads(threads)
-            log.info("CPU: %d intra-op thread(s) per rank (set OMP_NUM_THREADS to choose)", threads)
+            set_cpu_threads(spec.cluster.procs_per_node)
         init_distributed(device_type, spec.training.collective_timeout_s)
         self.initial: dict[str, torch.Tensor] | None = None
         self.resume_tag: str | None = None  # the checkpoint to resume from (rank 0's resume plan), None: step 0
@@ -171,9 +175,27 @@ class Trainer:
             vocab_size=cfg.vocab_size,  # every token id is checked against it as a shard is read
             **ranks,
         )
-        # the headline validation (data.val_url), and one per source that names a validation set
+        self.validators = self.build_validators(spec, cfg, options, ranks)
+        self.source_weights = {s.name: s.weight for s in spec.data.train_sources()}
+        self.downstream, self.samples = self.prompted_evaluations(spec, cfg, options, ranks)
+        self.checkpointer = Checkpointer(spec.checkpoint, options, loaded.to_yaml())
+        self.sampler = DepthSampler.for_model(cfg, seed=t.seed, micro_batch_size=t.micro_batch_size, **ranks)
+        self.guard = LossGuard(t.spike_zscore)
+        self.progress = Progress()
+        # what a checkpoint carries besides the engine (the depth sampler has none: its draws are a function
+        # of the seed and the step)
+        for name, part in (("progress", self.progress), ("loader", self.loader), ("guard", self.guard)):
+            self.checkpointer.register(name, part)
+        self.run_dir = Path(spec.run_dir or ".")
+        self.metrics = self.build_metrics(spec, cfg, device_type, ranks)
+        self.stop = StopSignal()
+        self.loaded = loaded
+
+    def build_validators(self, spec: JobSpec, cfg, options, ranks: dict[str, int]) -> dict[str | None, Validator]:
+        """The headline validation (``data.val_url``, key None) and one per source that names a validation set."""
+        t = spec.training
         sets = [(None, spec.data.val_url)] + [(s.name, s.val_url) for s in spec.data.train_sources() if s.val_url]
-        self.validators = {
+        return {
             name: Validator(
                 spec.eval,
                 url,
@@ -187,15 +209,11 @@ class Trainer:
             for name, url in sets
             if url
         }
-        self.source_weights = {s.name: s.weight for s in spec.data.train_sources()}
-        self.downstream, self.samples = self.prompted_evaluations(spec, cfg, options, ranks)
-        self.checkpointer = Checkpointer(spec.checkpoint, options, loaded.to_yaml())
-        self.sampler = DepthSampler.for_model(cfg, seed=t.seed, micro_batch_size=t.micro_batch_size, **ranks)
-        self.guard = LossGuard(t.spike_zscore)
-        self.run_dir = Path(spec.run_dir or ".")
+
+    def build_metrics(self, spec: JobSpec, cfg, device_type: str, ranks: dict[str, int]) -> MetricsLogger:
         # MFU's FLOPs at the loop counts a long run averages (E[min(T, k)] < k), not the configured means
         means = expected_loop_counts(cfg.mean_recurrence, cfg.mean_backprop_depth) if cfg.looped else (None, None)
-        self.metrics = MetricsLogger(
+        return MetricsLogger(
             spec.logging,
             self.run_dir,
             seq_len=spec.data.seq_len,
@@ -207,8 +225,6 @@ class Trainer:
             val_loops=validation_loops(spec) if cfg.looped else None,
             **ranks,
         )
-        self.stop = StopSignal()
-        self.loaded = loaded
 
     claim_failure: ParcaeError | None = None
 
@@ -246,17 +262,9 @@ class Trainer:
     def _run(self) -> int:
         import torch.distributed as dist
 
-        progress = self.resume()
-        if self.info.rank == 0:
-            self.loaded.save(self.run_dir / "spec.yaml")
-            location = self.spec.tokenizer.path or self.loader.manifest["tokenizer"].get("path")
-            if location:  # the run carries its tokenizer: generate / eval of a copied run need it
-                keep_tokenizer(str(location), self.run_dir, self.spec.storage.s3_options())
-        self.metrics.open(progress.step)
-        self.metrics.write_text("spec", self.loaded.redact(self.loaded.to_yaml()), "yaml")  # URL passwords too
-        self.metrics.write_hparams(hparams_of(self.spec.model_dump(mode="json")))
-        ds_config = json.dumps(self.engine.config, indent=2, default=str)  # the dict the engine was built from
-        self.metrics.write_text("deepspeed_config", self.loaded.redact(ds_config), "json")
+        self.resume()
+        progress = self.progress
+        self.open_run(progress.step)
         self.stop.install()
         self.loader.interrupt_on(self.stop.event)
         batches = iter(self.loader)
@@ -264,28 +272,13 @@ class Trainer:
         try:
             while progress.step < self.total_steps:
                 step_start = time.perf_counter()
-                with self.memory_trace.step(progress.step + 1):
-                    try:
-                        result = self.train_step(batches, progress)
-                    except DataWaitInterrupted as exc:  # every rank got the signal: rank 0 says it
-                        raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
-                progress.step += 1
-                progress.tokens += self.spec.tokens_per_step
-                self.guard.accept(result.loss)
+                result = self.one_step(batches, progress)
                 last = progress.step == self.total_steps
                 self.metrics.log_step(progress, result, step_start, last, self.details)
-                if self.validators and self.validation_due(progress.step, last):
-                    self.metrics.write_validation(progress.step, self.validate(), self.spec.name)
-                if self.downstream and self.downstream.due(progress.step, last):
-                    started = time.perf_counter()
-                    scores = self.downstream.run(self.engine)
-                    scores["downstream/seconds"] = time.perf_counter() - started
-                    self.metrics.write({"step": progress.step, **scores})
-                if self.samples and self.samples.due(progress.step, last):
-                    self.metrics.write_samples(progress.step, self.samples.run(self.engine))
+                self.evaluate_if_due(progress.step, last)
                 stop = self.stop.agreed(lost_lease=self.lock is not None and self.lock.lost)
-                if progress.step % self.spec.checkpoint.interval_steps == 0 or last or stop:
-                    self.save(progress)
+                if self.checkpointer.due(progress.step, last, stop):
+                    self.checkpointer.save(self.engine, progress.step)
                 if stop:
                     log.warning(
                         "signal %s: checkpoint written at step %d; exiting with %d for a requeue",
@@ -296,7 +289,7 @@ class Trainer:
                     code = REQUEUE_EXIT_CODE
                     break
         except TrainingHalted as exc:
-            self.save(progress)
+            self.checkpointer.save(self.engine, progress.step)
             exc.saved_to = self.checkpointer.dir
             raise
         finally:
@@ -312,6 +305,43 @@ class Trainer:
             )
         dist.barrier()  # every rank is done with the group; run_train tears it down
         return code
+
+    def open_run(self, step: int) -> None:
+        """Before the first step: the run's spec and tokenizer into its directory (rank 0), the logs opened."""
+        if self.info.rank == 0:
+            self.loaded.save(self.run_dir / "spec.yaml")
+            location = self.spec.tokenizer.path or self.loader.manifest["tokenizer"].get("path")
+            if location:  # the run carries its tokenizer: generate / eval of a copied run need it
+                keep_tokenizer(str(location), self.run_dir, self.spec.storage.s3_options())
+        self.metrics.open(step)
+        self.metrics.write_text("spec", self.loaded.redact(self.loaded.to_yaml()), "yaml")  # URL passwords too
+        self.metrics.write_hparams(hparams_of(self.spec.model_dump(mode="json")))
+        ds_config = json.dumps(self.engine.config, indent=2, default=str)  # the dict the engine was built from
+        self.metrics.write_text("deepspeed_config", self.loaded.redact(ds_config), "json")
+
+    def one_step(self, batches, progress: Progress):
+        """One optimizer step; ``progress`` advanced past it."""
+        with self.memory_trace.step(progress.step + 1):
+            try:
+                result = self.train_step(batches, progress)
+            except DataWaitInterrupted as exc:  # every rank got the signal: rank 0 says it
+                raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
+        progress.step += 1
+        progress.tokens += self.spec.tokens_per_step
+        self.guard.accept(result.loss)
+        return result
+
+    def evaluate_if_due(self, step: int, last: bool) -> None:
+        """Validation, downstream scores and text samples, each on its own schedule."""
+        if self.validators and self.validation_due(step, last):
+            self.metrics.write_validation(step, self.validate(), self.spec.name)
+        if self.downstream and self.downstream.due(step, last):
+            started = time.perf_counter()
+            scores = self.downstream.run(self.engine)
+            scores["downstream/seconds"] = time.perf_counter() - started
+            self.metrics.write({"step": step, **scores})
+        if self.samples and self.samples.due(step, last):
+            self.metrics.write_samples(step, self.samples.run(self.engine))
 
     def validation_due(self, step: int, last: bool) -> bool:
         return next(iter(self.validators.values())).due(step, last)
@@ -416,31 +446,11 @@ class Trainer:
     def details(self) -> dict[str, Any]:
         return {**engine_metrics(self.engine), **memory_metrics(self.device_type), **self.loader.metrics()}
 
-    def resume(self) -> Progress:
+    def resume(self) -> None:
+        """The checkpoint the resume plan chose, if any, into the engine and every registered part."""
         try:
             state = self.checkpointer.load(self.engine, self.resume_tag, local_rank=self.info.local_rank)
         except LayoutMismatch as exc:  # every rank finds it; rank 0 says it
             raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
-        if state is None:
-            return Progress()
-        progress = Progress(
-            step=int(state["step"]),
-            tokens=int(state["tokens"]),
-            nonfinite_total=int(state.get("nonfinite_total", 0)),
-            spikes_skipped=int(state.get("spikes_skipped", 0)),
-        )
-        self.guard.load_state_dict(state.get("guard", {}))
-        self.loader.load_state_dict(state["loader"])
-        log.info("resuming at step %d (%d tokens seen)", progress.step, progress.tokens)
-        return progress
-
-    def save(self, progress: Progress) -> None:
-        state = {
-            "step": progress.step,
-            "tokens": progress.tokens,
-            "loader": self.loader.state_dict(),
-            "nonfinite_total": progress.nonfinite_total,
-            "spikes_skipped": progress.spikes_skipped,
-            "guard": self.guard.state_dict(),
-        }
-        self.checkpointer.save(self.engine, progress.step, state)
+        if state is not None:
+            log.info("resuming at step %d (%d tokens seen)", self.progress.step, self.progress.tokens)

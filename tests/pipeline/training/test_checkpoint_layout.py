@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from model import build_model
 from parcae_errors import ParcaeError
 from pipeline.jobspec import CheckpointSpec
 from pipeline.training import checkpoint
+from pipeline.training.step import Progress
 from tests.model.test_parcae import TINY
 
 
@@ -45,8 +47,8 @@ def test_matching_layout_loads_and_a_different_one_is_named(tmp_path):
     layout = checkpoint.param_layout(model)
     assert layout[0].startswith("transformer.wte.weight:") and any("recurrence.adapter" in x for x in layout)
     (tmp_path / "step-00000005" / checkpoint.LAYOUT).write_text(json.dumps(layout))
-    state = load(FakeEngine(model, {"step": 5}), str(tmp_path))
-    assert state["step"] == 5
+    state = load(FakeEngine(model, {"progress": {"step": 5}}), str(tmp_path))
+    assert state["progress"]["step"] == 5
     other = build_model(dataclasses.replace(TINY, injection="concat"))
     with pytest.raises(
         ParcaeError,
@@ -127,5 +129,60 @@ def test_a_save_never_writes_over_a_complete_checkpoint(tmp_path):
     make_checkpoints(tmp_path, ["step-00000020"], latest="step-00000020")
     saver = checkpoint.Checkpointer(CheckpointSpec(dir=str(tmp_path)), S3Options(), "")
     with pytest.raises(checkpoint.CheckpointError, match="step-00000020: a complete checkpoint is there"):
-        saver.save(FakeEngine(build_model(TINY), {}), 20, {})
+        saver.save(FakeEngine(build_model(TINY), {}), 20)
     assert (tmp_path / "step-00000020" / "mp_rank_00_model_states.pt").read_bytes() == b"x"
+
+
+class Counter:
+    """A stateful part as a future one would be (a data scheduler, say): registered, nothing else."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+
+class SavingEngine(FakeEngine):
+    """Also what Checkpointer.save touches: save_checkpoint writes the client state where load finds it."""
+
+    def save_checkpoint(self, directory, tag, client_state, save_latest):
+        self.client_state = client_state
+        (Path(directory) / tag).mkdir(parents=True)
+
+
+def test_registered_parts_are_saved_and_given_back_and_the_flat_layout_still_loads(tmp_path, monkeypatch):
+    """Every registered part's state goes into a checkpoint and comes back on resume, with no change to
+    the checkpointer or the trainer for a new part. Checkpoints written before the parts registered
+    themselves (progress fields at the top level: step, tokens, nonfinite_total, spikes_skipped, beside
+    loader and guard) load the same way."""
+    monkeypatch.setattr(checkpoint.dist, "barrier", lambda: None)
+    monkeypatch.setattr(checkpoint.dist, "get_rank", lambda: 0)
+    model = build_model(TINY)
+    engine = SavingEngine(model, None)
+    saver = checkpoint.Checkpointer(CheckpointSpec(dir=str(tmp_path), interval_steps=5), S3Options(), "name: x\n")
+    progress, counter = Progress(step=10, tokens=640, spikes_skipped=2), Counter()
+    counter.seen = 7
+    saver.register("progress", progress)
+    saver.register("counter", counter)
+    assert [s for s in range(1, 13) if saver.due(s)] == [5, 10] and saver.due(12, last=True) and saver.due(3, stop=True)
+    saver.save(engine, 10)
+    assert engine.client_state == {"progress": progress.state_dict(), "counter": {"seen": 7}}
+
+    again, fresh = Progress(), Counter()
+    loader = checkpoint.Checkpointer(CheckpointSpec(dir=str(tmp_path)), S3Options(), "")
+    loader.register("progress", again)
+    loader.register("counter", fresh)
+    loader.load(engine, "step-00000010")
+    assert (again, fresh.seen) == (progress, 7)
+
+    flat = {"step": 10, "tokens": 640, "nonfinite_total": 1, "spikes_skipped": 2, "loader": {"format": 2}, "guard": {}}
+    older = Progress()
+    reader = checkpoint.Checkpointer(CheckpointSpec(dir=str(tmp_path)), S3Options(), "")
+    reader.register("progress", older)
+    state = reader.load(FakeEngine(model, flat), "step-00000010")
+    assert older == Progress(step=10, tokens=640, nonfinite_total=1, spikes_skipped=2)
+    assert state["loader"] == {"format": 2} and state["guard"] == {}
