@@ -154,9 +154,12 @@ def launch_local(
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         code, failed_at = 0, None
-        while any(p.poll() is None for p in procs):
+        while True:
+            running = any(p.poll() is None for p in procs)  # before the failures: both seen in one look
             # a rank that exits 75 was asked to stop and has checkpointed: let the others finish theirs
             failed = [p for p in procs if p.poll() not in (None, 0, REQUEUE_EXIT_CODE)]
+            # a rank killed by a signal is the cause; one that exited with an error as well lost it as a peer
+            failed.sort(key=lambda p: p.returncode >= 0)
             if failed and code == 0:
                 code, failed_at = failed[0].returncode, time.monotonic()
                 if code < 0:  # killed by a signal: nothing of it said why
@@ -169,6 +172,8 @@ def launch_local(
                     if p.poll() is None:
                         p.terminate()
                         p.send_signal(signal.SIGCONT)  # a stopped (hung) rank handles its SIGTERM
+            if not running:
+                break
             if failed_at is not None and time.monotonic() - failed_at > 15:  # stuck in a collective
                 for p in procs:
                     if p.poll() is None:
