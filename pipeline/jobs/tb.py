@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -77,7 +79,8 @@ def serve(
         raise UsageError(f"--port: 0-65535, got {port}")
     if sync_interval <= 0:
         raise UsageError(f"--sync-interval: seconds > 0, got {sync_interval}")
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # -v keeps TensorBoard's own INFO lines
+    quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)  # -v keeps TensorBoard's own INFO lines
+    if quiet:
         for name in ("tensorboard", "werkzeug", "absl"):
             logging.getLogger(name).setLevel(logging.WARNING)
     options = S3Options.from_env(endpoint_url)
@@ -103,28 +106,43 @@ def serve(
     from tensorboard import program
 
     tb = program.TensorBoard()
-    spec = ",".join(f"{name}:{path}" for name, path in dirs.items())
-    argv = [None, "--logdir_spec", spec, "--host", host, "--port", str(port), "--reload_interval", "5"]
+    links = labelled(dirs, cache_root)
+    argv = [None, "--logdir", str(links), "--load_fast", "false", "--host", host]
+    argv += ["--port", str(port), "--reload_interval", "5"]
     tb.configure(argv=argv)
     try:
         url = tb.launch()
+        if quiet:  # TensorBoard's server resets werkzeug's level when it starts: its request lines need -v
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)
     except program.TensorBoardServerException as exc:
+        shutil.rmtree(links, ignore_errors=True)
         raise ParcaeError(f"--port {port}: TensorBoard could not start: {exc}") from None
     print(f"TensorBoard at {url} ({', '.join(f'{n} = {p}' for n, p in dirs.items())}); Ctrl-C to stop", flush=True)
     # Ctrl-C and SIGTERM stop it even when it was started with SIGINT ignored (a background job of a
     # non-interactive shell, and everything that shell starts, inherits an ignored SIGINT: Python then
     # installs no KeyboardInterrupt handler and the server outlived the signal)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: _exit_now(stop, syncer))
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now(stop, syncer, links))
     try:
         while True:  # short sleeps: a SIGINT delivered to one of TensorBoard's threads wakes no long sleep
             time.sleep(0.5)
     except KeyboardInterrupt:
-        _exit_now(stop, syncer)
+        _exit_now(stop, syncer, links)
     return 0
 
 
-def _exit_now(stop: threading.Event, syncer: threading.Thread) -> None:
+def labelled(dirs: dict[str, Path], cache_root: Path) -> Path:
+    """A directory of links, one per log directory, named by its label: TensorBoard names a run by its path
+    under the directory it is given, so a run's own events show as NAME (TensorBoard's ``--logdir_spec
+    NAME:PATH`` shows them as ``NAME/.``) and a sweep's points as NAME/POINT."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    links = Path(tempfile.mkdtemp(prefix="runs-", dir=cache_root))
+    for name, path in dirs.items():
+        (links / name).symlink_to(path.resolve(), target_is_directory=True)
+    return links
+
+
+def _exit_now(stop: threading.Event, syncer: threading.Thread, links: Path) -> None:
     """Ctrl-C: stop syncing, then leave at once with 0. TensorBoard's server, its reloader and an S3 sync
     are daemon threads that may be mid-request; the interpreter's own shutdown around them was seen to
     hang, and a foreground server has nothing left to save."""
@@ -134,6 +152,7 @@ def _exit_now(stop: threading.Event, syncer: threading.Thread) -> None:
     if syncer.is_alive():
         syncer.join(timeout=10)
     manager.remove_info_file()
+    shutil.rmtree(links, ignore_errors=True)  # the links only: rmtree does not follow them
     print("TensorBoard stopped", flush=True)
     logging.shutdown()
     sys.stderr.flush()

@@ -82,11 +82,12 @@ def _serve(args: list[str], port: int, log: Path) -> subprocess.Popen:
 
 
 def _scalars_over_http(port: int, run_prefix: str, tag: str, deadline: float) -> list:
+    """The scalars of ``tag`` of the run named ``run_prefix`` (or a run under it, NAME/SUB)."""
     base = f"http://127.0.0.1:{port}"
     while time.monotonic() < deadline:
         try:
             tags = _get(f"{base}/data/plugin/scalars/tags")
-            runs = [r for r in tags if r.startswith(run_prefix) and tag in tags[r]]
+            runs = [r for r in tags if (r == run_prefix or r.startswith(run_prefix + "/")) and tag in tags[r]]
             if runs:
                 query = urllib.parse.urlencode({"run": runs[0], "tag": tag})
                 return _get(f"{base}/data/plugin/scalars/scalars?{query}")
@@ -135,8 +136,9 @@ def test_tensorboard_serves_a_run_locally_and_from_s3(trained_run, tmp_path, s3_
     try:
         deadline = time.monotonic() + 90
         served = _scalars_over_http(port, "demo-tiny", "loss/train", deadline)  # labelled by the spec's name
+        assert "demo-tiny" in _get(f"http://127.0.0.1:{port}/data/runs")  # the name itself, not "demo-tiny/."
         assert {int(step): value for _, step, value in served} == pytest.approx(losses, rel=1e-6)
-        from_s3 = _scalars_over_http(port, "demo/", "loss/train", deadline)
+        from_s3 = _scalars_over_http(port, "demo", "loss/train", deadline)
         assert {int(step): value for _, step, value in from_s3} == pytest.approx(losses, rel=1e-6)
         assert f"http://127.0.0.1:{port}" in (tmp_path / "tb.log").read_text()
         check_dashboards(f"http://127.0.0.1:{port}")
@@ -146,6 +148,7 @@ def test_tensorboard_serves_a_run_locally_and_from_s3(trained_run, tmp_path, s3_
     log = (tmp_path / "tb.log").read_text()
     assert code == 0 and "TensorBoard stopped" in log
     assert "INFO tensorboard" not in log and log.count(f"http://127.0.0.1:{port}") == 1  # quiet, the URL once
+    assert "werkzeug" not in log and "GET /data" not in log, log[-2000:]  # no request lines without -v
 
 
 def test_the_dashboards_render_in_a_browser(trained_run, tmp_path, chromium):
