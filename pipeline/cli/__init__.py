@@ -125,6 +125,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     except ReportedElsewhere as exc:
         return exc.exit_code
     except ParcaeError as exc:
+        if _stopped_for_a_peer():  # a rank the launcher stopped because another failed: that one said why
+            return exc.exit_code
         print(redact(f"error: {exc}"), file=sys.stderr)
         for note in getattr(exc, "__notes__", ()):
             print(redact(note), file=sys.stderr)
@@ -141,12 +143,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if timed_out := collective_timeout(exc):
             print(f"error: {timed_out}", file=sys.stderr)
             return 1
-        if lost_a_peer(exc):  # another rank failed and said why; this one stops quietly
+        if lost_a_peer(exc) or _stopped_for_a_peer():  # another rank failed and said why: stop quietly
             logging.getLogger(__name__).debug("stopped: another rank is gone (%s)", exc)
             return 1
         # a bug, not a user mistake: the traceback, with secrets hidden
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         return 1
+
+
+def _stopped_for_a_peer() -> bool:
+    distributed = sys.modules.get("pipeline.training.distributed")  # loaded in every rank, not imported here
+    return distributed is not None and distributed.stopped_for_a_peer()
 
 
 if __name__ == "__main__":

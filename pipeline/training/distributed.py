@@ -109,6 +109,22 @@ _DEATHS = {
 }
 
 
+# The launcher's word to the other ranks when one failed: stop, and say nothing (the failed rank said why).
+PEER_FAILED_SIGNAL = signal.SIGUSR2
+_PEER_FAILED = False
+
+
+def mark_peer_failed() -> None:
+    """In a rank, on PEER_FAILED_SIGNAL: whatever this rank meets on its way out (a data wait cut short,
+    a collective with a rank gone) is not news; `stopped_for_a_peer` keeps the command line quiet."""
+    global _PEER_FAILED
+    _PEER_FAILED = True
+
+
+def stopped_for_a_peer() -> bool:
+    return _PEER_FAILED
+
+
 def rank_death(rank: int, signum: int) -> str:
     """Why a rank that a signal killed is gone, as far as the launcher can tell."""
     try:
@@ -125,10 +141,10 @@ def launch_local(
     """Start ``world_size`` ranks of ``python -m pipeline ARGV`` on this machine (loopback rendezvous).
 
     Signals to the launcher are passed on to every rank (so a Slurm warning or Ctrl-C reaches them);
-    the ranks die with the launcher; when one rank fails the others are stopped (they stay quiet: the
-    failed rank says why). A rank killed by a signal cannot say why: the launcher names it, the signal and
-    its likely cause, and ``after_death()`` (what a rerun does). Returns the first non-zero exit code (128 +
-    the signal for a killed rank), or 0.
+    the ranks die with the launcher; when one rank fails the others are stopped with PEER_FAILED_SIGNAL
+    (they stay quiet: the failed rank says why). A rank killed by a signal cannot say why: the launcher
+    names it, the signal and its likely cause, and ``after_death()`` (what a rerun does). Returns the first
+    non-zero exit code (128 + the signal for a killed rank), or 0.
     """
     port = free_port()
     procs = []
@@ -170,8 +186,8 @@ def launch_local(
                 log.debug("rank %d exited with %d; stopping the other ranks", procs.index(failed[0]), code)
                 for p in procs:
                     if p.poll() is None:
-                        p.terminate()
-                        p.send_signal(signal.SIGCONT)  # a stopped (hung) rank handles its SIGTERM
+                        p.send_signal(PEER_FAILED_SIGNAL)  # stop, quietly: the failed rank said why
+                        p.send_signal(signal.SIGCONT)  # a stopped (hung) rank handles it too
             if not running:
                 break
             if failed_at is not None and time.monotonic() - failed_at > 15:  # stuck in a collective

@@ -33,11 +33,13 @@ from pipeline.jobspec import JobSpec, LoadedSpec
 from pipeline.jobspec.run_dir import keep_tokenizer
 from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, plan_resume, set_aside
 from pipeline.training.distributed import (
+    PEER_FAILED_SIGNAL,
     RankInfo,
     accelerator_device,
     agree_on_failure,
     cpu_threads_per_rank,
     init_distributed,
+    mark_peer_failed,
     memory_metrics,
 )
 from pipeline.training.ds_config import build_ds_config, load_base_config
@@ -108,8 +110,13 @@ class StopSignal:
             self.received = signum
             self.event.set()
 
+        def peer_failed(_signum, frame):  # the launcher: another rank failed; stop as on SIGTERM, quietly
+            mark_peer_failed()
+            handler(signal.SIGTERM, frame)
+
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, handler)
+        signal.signal(PEER_FAILED_SIGNAL, peer_failed)
 
     def agreed(self, lost_lease: bool = False) -> bool:
         """True on every rank if any rank got the signal (a collective: every rank calls it each step).
