@@ -118,7 +118,7 @@ def plan_memory(spec: JobSpec, device_type: str | None = None) -> MemoryPlan:
         plan.static["gradient partition (fp32)"] = part * 4
     else:
         plan.static["gradients"] = total * param_bytes + (part * 4 if stage == 1 else 0)
-    optimizer_where["optimizer state"] = optimizer_state_bytes(spec, cfg, numels, world, stage)
+    optimizer_where["optimizer state"] = optimizer_state_bytes(spec.optimizer.name, numels, world, stage)
     if zero.get("contiguous_gradients", True) and stage >= 2:
         comm_bytes = 4 if ds.get("communication_data_type") == "fp32" or param_bytes == 4 else 2
         plan.static["reduce bucket (zero.reduce_bucket_size)"] = int(zero.get("reduce_bucket_size", 5e8)) * comm_bytes
@@ -184,13 +184,13 @@ def parameter_numels(cfg: ParcaeConfig) -> dict[str, int]:
     return {name: p.numel() for name, p in model.named_parameters()}
 
 
-def optimizer_state_bytes(spec: JobSpec, cfg: ParcaeConfig, numels: dict[str, int], world: int, stage: int) -> int:
+def optimizer_state_bytes(optimizer: str, numels: dict[str, int], world: int, stage: int) -> int:
     """AdamW: two fp32 moments per value; Muon: a momentum (and a small second moment) for the blocks'
     matrices, AdamW's two for the rest. Partitioned over ranks from stage 1."""
     from pipeline.training.engine import NO_DECAY_SUFFIXES
 
     share = (lambda n: n) if stage == 0 else (lambda n: math.ceil(n / world))
-    if spec.optimizer.name == "adamw":
+    if optimizer == "adamw":
         return sum(2 * 4 * share(n) for n in numels.values())
     total = 0
     for name, n in numels.items():

@@ -87,11 +87,11 @@ def engine_for_job(
     )
 
 
-def validation_loops(spec: JobSpec) -> int:
+def validation_loops(loop_counts: list[int], mean_recurrence: int) -> int:
     """The evaluated loop count whose validation loss is the run's headline (``loss/val``): the mean
     recurrence if it is evaluated, else the nearest evaluated count below it (or the smallest)."""
-    counts = sorted(spec.eval.loop_counts)
-    below = [c for c in counts if c <= spec.model.mean_recurrence]
+    counts = sorted(loop_counts)
+    below = [c for c in counts if c <= mean_recurrence]
     return below[-1] if below else counts[0]
 
 
@@ -220,6 +220,7 @@ class Trainer:
     def build_metrics(self, spec: JobSpec, cfg, device_type: str, ranks: dict[str, int]) -> MetricsLogger:
         # MFU's FLOPs at the loop counts a long run averages (E[min(T, k)] < k), not the configured means
         means = expected_loop_counts(cfg.mean_recurrence, cfg.mean_backprop_depth) if cfg.looped else (None, None)
+        measure_peak = device_type == "cpu" and not spec.logging.peak_flops_per_device  # the MFU denominator
         return MetricsLogger(
             spec.logging,
             self.run_dir,
@@ -228,8 +229,8 @@ class Trainer:
             flops_per_token=hardware_flops_per_token(cfg, spec.data.seq_len, *means),
             recompute_flops_per_token=recompute_flops_per_token(cfg, spec.data.seq_len, *means),
             device_type=device_type,
-            measured_peak=self.cpu_peak(spec) if device_type == "cpu" else None,
-            val_loops=validation_loops(spec) if cfg.looped else None,
+            measured_peak=self.cpu_peak(spec.training.precision) if measure_peak else None,
+            val_loops=validation_loops(spec.eval.loop_counts, cfg.mean_recurrence) if cfg.looped else None,
             **ranks,
         )
 
@@ -395,12 +396,10 @@ class Trainer:
         else:
             log.info("memory plan: %.3g GiB per rank at the peak (%s)", gib, plan.peak_phase)
 
-    def cpu_peak(self, spec: JobSpec) -> float | None:
+    def cpu_peak(self, precision: str) -> float:
         """This rank's measured matmul peak (in the matmuls' dtype), the MFU denominator on CPU; every rank
         measures at once, each on its own threads."""
-        if spec.logging.peak_flops_per_device:
-            return None
-        dtype = torch.bfloat16 if spec.training.precision in ("bf16", "bf16-mixed") else torch.float32
+        dtype = torch.bfloat16 if precision in ("bf16", "bf16-mixed") else torch.float32
         peak = gemm_peak(dtype)
         if self.info.rank == 0:
             log.info(
