@@ -62,7 +62,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.jobs.downstream import eval_ranks, launch_ranks, run_downstream
+    from pipeline.jobs.downstream import eval_ranks, launch_ranks, print_downstream, run_downstream
     from pipeline.jobs.evaluate import load_source
     from pipeline.jobspec import load_spec
 
@@ -76,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with eval_ranks() as (rank, world_size, device):
         source = load_source(args.source, given, args.tag, args.endpoint_url)
         if suites:
-            run_downstream(
+            written = run_downstream(
                 source,
                 source_arg=str(args.source),
                 bundle=args.bundle,
@@ -93,6 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 world_size=world_size,
                 device=device,
             )
+            if written is not None:
+                print_downstream(written.report)
+                print(written.summary())
     if "val" in args.tasks and rank == 0:  # validation loss: on rank 0
         source.model.cpu()
         run_val(args, source)
@@ -100,9 +103,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def run_val(args: argparse.Namespace, source) -> None:
+    from pipeline.evaluation.report import print_table
     from pipeline.jobs.evaluate import run_eval
 
-    run_eval(
+    written = run_eval(
         source,
         data=args.data,
         loops=args.loops,
@@ -117,3 +121,5 @@ def run_val(args: argparse.Namespace, source) -> None:
         documents=args.documents,
         h0_seeds=args.h0_seeds,
     )
+    print_table(written.report)
+    print(written.summary())

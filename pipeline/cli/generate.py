@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from typing import Any
 
 from pipeline.cli.args import add_endpoint, add_overrides, loop_count
@@ -55,7 +57,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompt, args.prompt_file)
     given = load_spec(args.spec, args.overrides).spec if args.spec else None
-    run_generate(
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    made = run_generate(
         load_source(args.source, given, args.tag, args.endpoint_url),
         source_arg=str(args.source),
         prompts=prompts,
@@ -66,9 +73,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         tokenizer=args.tokenizer,
         endpoint_url=args.endpoint_url,
-        as_json=args.json,
+        on_text=None if args.json else show,
         use_cache=not args.no_cache,
         core_slots=args.cache_slots,
         adaptive=args.adaptive,
     )
+    if args.json:
+        for result in made.results:
+            print(json.dumps({**result, **made.stats}))
+        return 0
+    if made.streamed:
+        print()
+    else:
+        for result in made.results:
+            print(f"{result['prompt']}{result['completion']}\n")
+    print(made.line, file=sys.stderr)
     return 0

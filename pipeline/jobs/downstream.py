@@ -37,7 +37,7 @@ from pipeline.evaluation.downstream import DEFAULT_BATCH_TOKENS, DEFAULT_SEED, S
 from pipeline.evaluation.losses import try_fit
 from pipeline.evaluation.report import write_downstream_tensorboard
 from pipeline.evaluation.text import PromptStart, document_start, open_tokenizer
-from pipeline.jobs.evaluate import Source, check_outputs, say_written, tensorboard_dir
+from pipeline.jobs.evaluate import Source, Written, check_outputs, tensorboard_dir
 from pipeline.jobspec import s3_options
 from pipeline.jobspec.run_dir import run_tokenizer
 from pipeline.training.distributed import (
@@ -114,8 +114,9 @@ def run_downstream(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | None = None,
-) -> dict[str, Any] | None:
-    """Score the suites; rank 0 reports and returns the report, the other ranks return None."""
+) -> Written | None:
+    """Score the suites; rank 0 writes the outputs and returns the report and where it went, the other
+    ranks return None."""
     if loops and min(loops) < 1:
         raise UsageError(f"--loops: loop counts must be >= 1, got {loops}")
     if max_per_task is not None and max_per_task < 1:
@@ -187,7 +188,6 @@ def run_downstream(
     }
     make_dir(out_dir)
     write_text(out_dir / "downstream.json", json.dumps(report, indent=2) + "\n")
-    print_downstream(report)
     figure = None
     if counts:
         curves = {
@@ -203,8 +203,7 @@ def run_downstream(
     tb_dir = tensorboard_dir(tensorboard, source, out_dir)
     if tb_dir:
         write_downstream_tensorboard(tb_dir, source.step, report, figure)
-    say_written(out_dir / "downstream.json", out_dir / "downstream.png" if counts else None, tb_dir)
-    return report
+    return Written(report, out_dir / "downstream.json", out_dir / "downstream.png" if counts else None, tb_dir)
 
 
 def curve_fit(results: list[dict[str, Any]], name: str) -> tuple[CurveFit | None, str | None]:

@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ from pipeline.data import rows_loader
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
 from pipeline.evaluation.documents import IGNORE, document_batches, documents_from_rows
 from pipeline.evaluation.losses import loss_sums
-from pipeline.evaluation.report import fit_results, print_table, seed_results, write_tensorboard
+from pipeline.evaluation.report import fit_results, seed_results, write_tensorboard
 from pipeline.evaluation.token_bytes import TokenBytes, special_ids
 from pipeline.jobspec import JobSpec, load_run_spec, s3_options
 from pipeline.jobspec.run_dir import run_tokenizer
@@ -142,8 +143,8 @@ def run_eval(
     protocol: str = "pipeline",
     documents: int = 1000,
     h0_seeds: int = 3,
-) -> Path:
-    """Evaluate, print the table, write the outputs; returns the output directory.
+) -> Written:
+    """Evaluate and write the outputs (eval.json, the plot, TensorBoard); returns the report and where it went.
 
     ``protocol`` "pipeline": rows of the packed token stream (at most ``max_batches``), h_0 = 0 (the
     numbers are identical run to run). "paper": the reference's evaluation, ``documents`` held-out
@@ -229,7 +230,6 @@ def run_eval(
         "fit_error": fit_error,
     }
     write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
-    print_table(report)
     figure = None
     if counts:
         curve = (counts, [r["loss"] for r in results], CurveFit(**fit) if fit else None)
@@ -239,8 +239,7 @@ def run_eval(
     tb_dir = tensorboard_dir(tensorboard, source, out_dir)
     if tb_dir:
         write_tensorboard(tb_dir, source.step, report, figure)
-    say_written(out_dir / "eval.json", out_dir / "eval.png" if counts else None, tb_dir)
-    return out_dir
+    return Written(report, out_dir / "eval.json", out_dir / "eval.png" if counts else None, tb_dir)
 
 
 def shards_tokenizer(manifest: dict, source: Source) -> str:
@@ -271,5 +270,15 @@ def tensorboard_dir(given: str | None, source: Source, out_dir: Path) -> str | N
     return None if given == "none" else (given or source.tensorboard_dir or str(out_dir / "tensorboard"))
 
 
-def say_written(report: Path, figure: Path | None, tb_dir: str | None) -> None:
-    print(f"wrote {report}" + (f", {figure}" if figure else "") + (f"; TensorBoard: {tb_dir}" if tb_dir else ""))
+@dataclass
+class Written:
+    """What an evaluation produced: its report (the data) and where it wrote it."""
+
+    report: dict[str, Any]
+    path: Path  # the JSON report
+    figure: Path | None
+    tensorboard: str | None
+
+    def summary(self) -> str:
+        figure = f", {self.figure}" if self.figure else ""
+        return f"wrote {self.path}{figure}" + (f"; TensorBoard: {self.tensorboard}" if self.tensorboard else "")

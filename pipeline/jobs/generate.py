@@ -10,10 +10,10 @@ generated as one left-padded batch. A completion ends at the tokenizer's end-of-
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,13 @@ def run_generate(
     seed: int,
     tokenizer: str | None,
     endpoint_url: str | None,
-    as_json: bool,
+    on_text: Callable[[str], None] | None = None,
     use_cache: bool = True,
     core_slots: int | None = None,
     adaptive: float | None = None,
-) -> list[dict[str, Any]]:
+) -> Generated:
+    """Generate from every prompt (one left-padded batch); the completions and the speed. With one prompt,
+    ``on_text`` gets the prompt and then the text each new token adds, as it comes."""
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens: at least 1, got {max_new_tokens}")
     if temperature < 0:
@@ -117,10 +119,9 @@ def run_generate(
         adaptive=adaptive,
         loops_used=loops_used,
     )
-    live = len(ids) == 1 and not as_json
+    live = on_text is not None and len(ids) == 1
     if live:
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
+        on_text(prompts[0])
     new: list[list[int]] = [[] for _ in ids]
     done = [False] * len(ids)
     started, shown = time.perf_counter(), ""
@@ -132,8 +133,7 @@ def run_generate(
                     new[r].append(token)
         if live:
             decoded = completion(text, ids[0], new[0])
-            sys.stdout.write(decoded[len(shown) :])
-            sys.stdout.flush()
+            on_text(decoded[len(shown) :])
             shown = decoded
         if all(done):
             break
@@ -163,24 +163,24 @@ def run_generate(
         "cache": use_cache,
         "prompt_start": prompt_start.to_dict(),
     }
-    if as_json:
-        for result in results:
-            print(json.dumps({**result, **stats}))
-    else:
-        if live:
-            print()
-        else:
-            for result in results:
-                print(f"{result['prompt']}{result['completion']}\n")
-        loops_text = f"{used} loops, " if used is not None else ""
-        if adaptive is not None:
-            mean = sum(r["mean_loops"] for r in results) / len(results)
-            loops_text = f"adaptive (KL < {adaptive:g}, at most {used} loops): {mean:.2f} loops per token, "
-        if core_slots is not None:
-            loops_text += f"{core_slots} cache slot(s) per core layer, "
-        print(
-            f"[{generated} tokens in {seconds:.2f} s, {stats['tokens_per_s']:.1f} tokens/s; {loops_text}"
-            f"{'KV cache' if use_cache else 'no cache'}; tokenizer {location}]",
-            file=sys.stderr,
-        )
-    return results
+    loops_text = f"{used} loops, " if used is not None else ""
+    if adaptive is not None:
+        mean = sum(r["mean_loops"] for r in results) / len(results)
+        loops_text = f"adaptive (KL < {adaptive:g}, at most {used} loops): {mean:.2f} loops per token, "
+    if core_slots is not None:
+        loops_text += f"{core_slots} cache slot(s) per core layer, "
+    line = (
+        f"[{generated} tokens in {seconds:.2f} s, {stats['tokens_per_s']:.1f} tokens/s; {loops_text}"
+        f"{'KV cache' if use_cache else 'no cache'}; tokenizer {location}]"
+    )
+    return Generated(results, stats, line, streamed=live)
+
+
+@dataclass
+class Generated:
+    """What `run_generate` made: a result per prompt, the speed and settings, and them in one line."""
+
+    results: list[dict[str, Any]]
+    stats: dict[str, Any]
+    line: str
+    streamed: bool  # the single prompt's text went to on_text as it came
