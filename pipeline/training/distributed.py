@@ -162,7 +162,10 @@ def launch_local(
             subprocess.Popen([sys.executable, "-m", "pipeline", *argv], env=rank_env, preexec_fn=die_with_parent)
         )
 
+    asked_to_stop: list[int] = []
+
     def forward(signum, _frame):
+        asked_to_stop.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -176,6 +179,10 @@ def launch_local(
             failed = [p for p in procs if p.poll() not in (None, 0, REQUEUE_EXIT_CODE)]
             # a rank killed by a signal is the cause; one that exited with an error as well lost it as a peer
             failed.sort(key=lambda p: p.returncode >= 0)
+            if asked_to_stop:  # ranks leave a stop in their own order: none of them is the run's failure
+                if failed_at is None and any(p.poll() is not None for p in procs):
+                    failed_at = time.monotonic()  # the first one out: the others get as long as after a failure
+                failed = []
             if failed and code == 0:
                 code, failed_at = failed[0].returncode, time.monotonic()
                 if code < 0:  # killed by a signal: nothing of it said why
@@ -195,9 +202,11 @@ def launch_local(
                     if p.poll() is None:
                         p.kill()
             time.sleep(0.2)
+        if asked_to_stop and any(p.returncode == REQUEUE_EXIT_CODE for p in procs):
+            return REQUEUE_EXIT_CODE  # stopped as asked (a rank that lost a peer on the way out is no failure)
         if code == 0:
             code = next((p.returncode for p in procs if p.returncode != 0), 0)
-        return code
+        return 128 - code if code < 0 else code
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
