@@ -13,8 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # the workspace this project is built in: its shared folder beside the clone, the clone's own path, the tools
-WORKSPACE = ("shared", "work")
-OUTSIDE = re.compile(rf"\.\./{WORKSPACE[0]}|/{WORKSPACE[1]}/(main|{WORKSPACE[0]})|\.library/")
+SHARED, WORK, TOOLS = "shared", "work", "library"
+OUTSIDE = re.compile(rf"\.\./{SHARED}|/{WORK}/(main|{SHARED})|\.{TOOLS}/")
 MD_LINK = re.compile(r"\]\(([^)\s#]+)(#[^)]*)?\)")
 
 
