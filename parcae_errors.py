@@ -3,7 +3,7 @@
 Every error a user can act on is a `ParcaeError`: its message names the field, file or shard and what
 would be accepted, and ``exit_code`` is what the command line exits with. Each area subclasses it
 (`data_prep.errors.PrepError`, `model.weights.WeightsError`, `pipeline.jobspec.SpecError`,
-`pipeline.data.DataError`, ...), and `parcae` catches this one class, prints the message and exits
+`pipeline.data.manifests.DataError`, ...), and `parcae` catches this one class, prints the message and exits
 with its code: never a traceback, never a rewrap of one project error into another.
 
 This module imports nothing, so the layering rules (model/ imports torch and itself only, data_prep/

@@ -237,7 +237,7 @@ def corpus_batches(cfg, steps: int, micro: int, seq: int):
     from data_prep.shards import ShardSettings, build_shards
     from data_prep.storage import S3Options
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
-    from pipeline.data import rows_loader
+    from pipeline.data.loader import rows_loader
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -67,7 +67,7 @@ def prepare(work: Path, steps: int) -> dict[str, Path]:
 
 def val_rows(shards: Path, n: int) -> torch.Tensor:
     from data_prep.storage import S3Options
-    from pipeline.data import rows_loader
+    from pipeline.data.loader import rows_loader
 
     loader = rows_loader(str(shards / "val"), S3Options.from_env(None), rank=0, world_size=1, batch_size=8, seq_len=256)
     rows = [row for _, batch in zip(range(loader.batches_per_epoch(0)), loader, strict=False) for row in batch]

@@ -2,7 +2,7 @@
 
 The embedded corpus is split into 4 shard sets of its documents (every 4th document to each) and also
 prepared whole as 1 shard set (shards of 250 kB in both); the training loader
-(`pipeline.data.train_loader`, what `parcae train` reads through) streams micro batches from each
+(`pipeline.data.mixture.train_loader`, what `parcae train` reads through) streams micro batches from each
 configuration, alternating rounds, best round of each kept. No read-ahead thread (``prefetch_batches:
 0``): this is the loader's own cost, which the trainer otherwise hides behind the step. For scale, the
 rows per second one GPU trains at the parcae-140m config is printed beside it (paper FLOPs per token, an
@@ -36,7 +36,7 @@ def main() -> None:
     from data_prep.shards import ShardSettings, build_shards
     from data_prep.storage import S3Options
     from model.config import paper_flops_per_token
-    from pipeline.data import train_loader
+    from pipeline.data.mixture import train_loader
     from pipeline.jobspec import DataSpec, load_spec
 
     work = args.work.resolve()

@@ -39,7 +39,7 @@ def main() -> None:
     from data_prep.storage import S3Options
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
     from model import ParcaeConfig, build_model, sample_loop_counts, seeded_generator
-    from pipeline.data import rows_loader
+    from pipeline.data.loader import rows_loader
 
     cfg = ParcaeConfig(
         vocab_size=2048, d_model=args.d_model, n_head=2, n_prelude=2, n_core=2, n_coda=2,

@@ -50,7 +50,7 @@ def main() -> None:
     from data_prep.shards import ShardSettings, build_shards
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
     from model import build_model, loop_generator, sample_loop_counts
-    from pipeline.data import train_loader
+    from pipeline.data.mixture import train_loader
     from pipeline.jobspec import load_spec
     from pipeline.training.engine import param_groups
     from pipeline.training.schedule import lr_multiplier

@@ -1,29 +1,4 @@
-"""Shard streams: one shard set (`ShardLoader`, also the evaluation sets) and the training mixture.
-
-The names below are imported on first use (PEP 562): `pipeline.data.manifests`, which the launcher's
-preflight reads, imports no torch.
-"""
-
-from __future__ import annotations
-
-import importlib
-
-_WHERE = {
-    "DataError": "pipeline.data.manifests",
-    "DataWaitInterrupted": "pipeline.data.loader",
-    "ShardLoader": "pipeline.data.loader",
-    "rows_loader": "pipeline.data.loader",
-    "MixSchedule": "pipeline.data.mixture",
-    "MixtureLoader": "pipeline.data.mixture",
-    "train_loader": "pipeline.data.mixture",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'pipeline.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
+"""Shard streams: one shard set (`loader.ShardLoader`, also the evaluation sets), the training mixture
+(`mixture`), and what shard sets must agree on (`manifests`, torch-free: the launcher's preflight reads it).
+Import from the module that defines a name; this package re-exports nothing, so importing one module
+loads only what it needs."""

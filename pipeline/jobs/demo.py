@@ -56,9 +56,10 @@ def start_local_s3(log_path: Path | None = None) -> tuple[subprocess.Popen, str]
 def run_demo(workdir: str) -> int:
     from data_prep.corpus import BUILTIN, CorpusSpec, Problems, iter_documents
     from data_prep.shards import ShardSettings, build_shards
-    from data_prep.storage import S3Options, open_store
+    from data_prep.storage import S3Options
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
     from pipeline.jobs.launch import run_train
+    from pipeline.jobs.tb import sync_s3
 
     root = Path(workdir)
     if root.exists():
@@ -106,10 +107,7 @@ def run_demo(workdir: str) -> int:
         # The validation set is copied here too: `parcae eval runs/demo/run` works after the demo, when the
         # local S3 endpoint is gone (the training shards stream from S3 as on a cluster).
         val_dir = root / "shards" / "val"
-        val_store = open_store(f"s3://{BUCKET}/shards/val", S3Options(endpoint))
-        for name in val_store.list():
-            (val_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            (val_dir / name).write_bytes(val_store.get_bytes(name))
+        sync_s3(f"s3://{BUCKET}/shards/val", val_dir, S3Options(endpoint))
         print(f"      validation shards copied to {val_dir} (evaluation after the demo reads them)")
 
         _step(3, "training: tiny Parcae, DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), streaming from S3")

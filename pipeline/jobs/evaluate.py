@@ -24,7 +24,7 @@ from data_prep.tokenizer import TokenizerError, file_sha256
 from model import ParcaeLM, load_pretrained
 from model.weights import read_config
 from parcae_errors import ParcaeError, UsageError
-from pipeline.data import rows_loader
+from pipeline.data.loader import rows_loader
 from pipeline.evaluation.curves import CurveFit, plot_loop_curve
 from pipeline.evaluation.documents import IGNORE, document_batches, documents_from_rows
 from pipeline.evaluation.losses import loss_sums

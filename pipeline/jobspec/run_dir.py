@@ -59,6 +59,9 @@ def keep_tokenizer(location: str, run_dir: Path, options: S3Options | None = Non
     if not (target.is_file() and target.read_bytes() == data):
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, lambda tmp: tmp.write_bytes(data))
+    for other in target.parent.iterdir():  # one tokenizer: the one this run trains with now
+        if other != target:
+            other.unlink()
     return target
 
 

@@ -26,7 +26,8 @@ import torch
 from model.config import hardware_flops_per_token, recompute_flops_per_token
 from model.sampling import expected_loop_counts
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError, ReportedElsewhere
-from pipeline.data import DataWaitInterrupted, train_loader
+from pipeline.data.loader import DataWaitInterrupted
+from pipeline.data.mixture import train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
 from pipeline.evaluation.text import document_start, open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec

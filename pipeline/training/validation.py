@@ -16,7 +16,7 @@ from data_prep.inspect import packing_of
 from data_prep.storage import S3Options
 from data_prep.tokenizer import TextTokenizer
 from model import ParcaeConfig
-from pipeline.data import rows_loader
+from pipeline.data.loader import rows_loader
 from pipeline.evaluation.bundle import Bundle
 from pipeline.evaluation.documents import document_batches, documents_from_rows
 from pipeline.evaluation.downstream import Suite, evaluate_downstream, forward_at

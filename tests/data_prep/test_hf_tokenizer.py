@@ -72,7 +72,7 @@ def test_a_tokenizer_json_without_an_end_token_or_unreadable_is_named(tmp_path, 
 
 def test_shards_frame_documents_with_the_tokenizers_own_specials(hf_shards, hf_tokenizer, builtin_docs):
     from data_prep.storage import S3Options
-    from pipeline.data import rows_loader
+    from pipeline.data.loader import rows_loader
     from pipeline.evaluation.documents import documents_from_rows
     from pipeline.evaluation.token_bytes import TokenBytes, special_ids
 

@@ -82,7 +82,7 @@ def test_any_number_of_tasks_gives_the_same_shards(tmp_path, inputs, tokenizer, 
     names = [s["name"] for s in json.loads((out / "train" / "manifest.json").read_text())["shards"]]
     assert names[0] == "u00000-000000.tar" and len(set(names)) == len(names)
     # training reads the merged manifest
-    from pipeline.data import ShardLoader
+    from pipeline.data.loader import ShardLoader
 
     loader = ShardLoader(str(out / "train"), rank=0, world_size=2, micro_batch_size=4, seq_len=32, seed=0,
                          shuffle_buffer=0, prefetch=0)  # fmt: skip

@@ -9,7 +9,8 @@ import pytest
 
 from data_prep.shards import ShardSettings, build_shards
 from data_prep.storage import S3Options
-from pipeline.data import DataError, ShardLoader
+from pipeline.data.loader import ShardLoader
+from pipeline.data.manifests import DataError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import pytest
 
 from data_prep.shards import ShardSettings, build_shards
 from data_prep.storage import S3Options
-from pipeline.data import DataError, MixSchedule, train_loader
+from pipeline.data.manifests import DataError
+from pipeline.data.mixture import MixSchedule, train_loader
 from pipeline.jobspec import DataSpec
 
 

@@ -136,7 +136,7 @@ def test_documents_come_back_whole_from_packed_rows(tokenizer, builtin_docs, tin
     becomes one row (<bos> as context, every document token a target), and its bytes are its text's."""
     from data_prep.storage import S3Options
     from data_prep.tokenizer import BOS_ID
-    from pipeline.data import rows_loader
+    from pipeline.data.loader import rows_loader
     from pipeline.evaluation.documents import IGNORE, document_batches, documents_from_rows
 
     loader = rows_loader(str(tiny_shards / "val"), S3Options(), rank=0, world_size=1, batch_size=4, seq_len=32)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.storage import S3Options, StorageError, open_store
-from pipeline.data import ShardLoader
+from pipeline.data.loader import ShardLoader
 from pipeline.jobspec import load_spec
 from tests.conftest import (
     CONFIGS,

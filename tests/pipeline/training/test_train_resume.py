@@ -127,7 +127,7 @@ def test_export_gives_the_trained_model(tmp_path, shards):
 
     from data_prep.storage import S3Options
     from model import load_pretrained
-    from pipeline.data import rows_loader
+    from pipeline.data.loader import rows_loader
 
     run_dir = tmp_path / "run"
     proc = start_run(train_cmd(shards, run_dir, 10), tmp_path / "train.log")
@@ -233,7 +233,7 @@ def test_continued_pretraining_starts_from_the_given_weights(tmp_path, shards):
 
     from data_prep.storage import S3Options
     from model import ParcaeConfig, build_model
-    from pipeline.data import train_loader
+    from pipeline.data.mixture import train_loader
     from pipeline.jobspec import load_spec
     from pipeline.training.step import DepthSampler
     from tests.model.reference import write_released
