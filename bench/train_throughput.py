@@ -126,7 +126,8 @@ def main() -> None:
                 seed=spec.training.seed,
             )
             start, counted = 0.0, 0
-            for step, batch in enumerate(itertools.islice(iter(loader), args.steps)):
+            for step, rows in enumerate(itertools.islice(iter(loader), args.steps)):
+                batch = rows.tokens
                 if step == warmup:
                     start, counted = time.perf_counter(), 0
                 loops = sample_loop_counts(

@@ -49,6 +49,7 @@ from model.config import VE_GATE_CHANNELS, ParcaeConfig
 from model.loss import linear_cross_entropy
 
 LoopCounts = tuple[torch.Tensor, torch.Tensor]  # (no-grad loops, grad loops), each (batch,) int64 on CPU
+Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per row
 
 
 class RMSNorm(nn.Module):
@@ -428,7 +429,7 @@ class ParcaeLM(nn.Module):
         *,
         loops: LoopCounts | int | None = None,
         h0: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         skip_finished_rows: bool = True,
         min_iterations: tuple[int, int] = (0, 0),
         loop_stats: list[dict[str, float]] | None = None,
@@ -439,7 +440,7 @@ class ParcaeLM(nn.Module):
         ``loops`` (looped model only): an int T runs T loops, all of them with gradients when grad is
         enabled; a pair (n_nograd, n_grad) of per-row int64 tensors runs n_nograd[i] loops without
         gradients, then n_grad[i] with them, for row i. ``h0`` overrides the initial state; otherwise
-        it follows ``cfg.h0_init`` (``generator`` seeds the like-init draw). ``loop_stats``, if a list,
+        it follows ``cfg.h0_init`` (``generator``, or one per row, seeds the like-init draw). ``loop_stats``, if a list,
         receives one dict per loop: the mean norm of h over active rows and its relative change.
         ``min_iterations`` (no-grad, grad) runs at least that many iterations of each phase, calling the
         core on zero rows when none is active: data-parallel ranks whose batches drew different counts
@@ -561,12 +562,16 @@ class ParcaeLM(nn.Module):
         rows = self.loss_chunk_rows or max(1, LOSS_CHUNK_ELEMENTS // self.cfg.padded_vocab_size)
         return self.transformer.wte(x, targets=targets, chunk_rows=rows) / (targets != -100).sum()
 
-    def initial_state(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def initial_state(self, e: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """h_0 for the rows of ``e``: zeros, or a truncated normal draw (one generator for the batch, or one
+        per row, so that a row's draw does not depend on the rows beside it)."""
         if self.cfg.h0_init == "zeros":
             return torch.zeros_like(e)
         sigma = self.cfg.sigma
         h = torch.empty(e.shape, dtype=torch.float32, device=e.device)
-        nn.init.trunc_normal_(h, 0.0, sigma, -3 * sigma, 3 * sigma, generator=generator)
+        rows = list(zip(h, generator, strict=True)) if isinstance(generator, list | tuple) else [(h, generator)]
+        for part, draw in rows:
+            nn.init.trunc_normal_(part, 0.0, sigma, -3 * sigma, 3 * sigma, generator=draw)
         return h.to(e.dtype)
 
     def _loop_counts(self, loops: LoopCounts | int | None, batch: int) -> LoopCounts:

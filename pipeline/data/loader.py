@@ -166,13 +166,14 @@ class ShardLoader:
             epoch += 1
         return epoch, position
 
-    def rows_from(self, position: int) -> Iterator[np.ndarray]:
-        """This rank's rows from its ``position``-th on, epoch after epoch, forever: each epoch's stream
-        (``_samples``) cut to the rows every rank has."""
+    def rows_from(self, position: int, stream: int | None = None) -> Iterator[np.ndarray]:
+        """The rows of ``stream`` (default: this rank's; a mixture reads the stream of another rank of the run
+        that wrote its checkpoint) from its ``position``-th on, epoch after epoch, forever: each epoch's
+        stream (``_samples``) cut to the rows every rank has."""
         epoch, skip = self.locate(position)
         while True:
             limit, read = self.rows_per_epoch(epoch), 0
-            for index, tokens in enumerate(self._samples(epoch)):
+            for index, tokens in enumerate(self._samples(epoch, stream)):
                 if index >= limit:
                     break
                 read += 1
@@ -190,18 +191,19 @@ class ShardLoader:
                 f"is left: {_first(self.skipped_shards)}; check them with `parcae prep inspect {self.url} --verify`"
             )
 
-    def _samples(self, epoch: int) -> Iterator[np.ndarray]:
-        rng = random.Random(f"{self.seed}:samples:{epoch}:{self.rank}")
+    def _samples(self, epoch: int, stream: int | None = None) -> Iterator[np.ndarray]:
+        stream = self.rank if stream is None else stream
+        rng = random.Random(f"{self.seed}:samples:{epoch}:{stream}")
         buffer: list[np.ndarray] = []
         if self.split_by == "samples":
             position = 0
             for index in self.shard_order(epoch):
                 for tokens in self._read_shard(self.shards[index]):
-                    if position % self.world_size == self.rank:
+                    if position % self.world_size == stream:
                         yield tokens
                     position += 1
             return
-        for index in self.rank_shards(epoch):
+        for index in self.rank_shards(epoch, stream):
             for tokens in self._read_shard(self.shards[index]):
                 if not self.shuffle or self.shuffle_buffer <= 1:
                     yield tokens

@@ -1,21 +1,26 @@
 """Training rows from a mixture of shard sets, with exact resume.
 
 Each source (a ``data.sources`` entry; ``data.train_url`` is a one-source mixture named "train") is
-read as `ShardLoader` reads a shard set: per epoch a seeded permutation of its shards, rank r reading
-every W-th one, rows shuffled through a bounded buffer, every rank using the smallest rank's share.
+split into S streams as `ShardLoader` splits a shard set over S ranks: per epoch a seeded permutation of
+its shards, stream s reading every S-th one, rows shuffled through a bounded buffer, every stream cut to
+the smallest one's share. S and the stream run length R are the data layout: the world size and micro
+batch size of the run that started the data, kept in every checkpoint.
 
-Which source fills each row of a step is decided for the whole global batch of G rows at once, the
-same way on every rank, from the weights and the seed alone (`MixSchedule`):
+The run's rows form one sequence: position p = step x G + slot (G the global batch). Which source and
+row fill each slot is decided for the whole global batch at once, the same way on every rank, from the
+weights, the seed and the layout alone (`MixSchedule`):
 
 - source i gets its share G w_i of the step's rows, the fractional parts carried from step to step
   (largest remainder), so after n steps every source is within one row of n G w_i;
-- the G slots are shuffled by a generator seeded with (seed, step); micro batch m of rank r takes slots
-  (m W + r) b to (m W + r + 1) b - 1 (b the micro batch size).
+- the G slots are shuffled by a generator seeded with (seed, step); slot q is read from stream
+  (q // R) mod S of its source, the streams' rows taken in order.
 
-So the sources of a step's rows do not depend on the world size at a given global batch; each rank
-reads its own rows of each source. The schedule's state (steps planned, the carried fractions, the
-rows each rank took from each source, the sources stopped) is small and the same on every rank: it is
-the loader's state in every checkpoint, and every source's position on every rank follows from it.
+A rank of W takes positions (k W + r) b to (k W + r + 1) b - 1 for its k-th micro batch (b its micro batch
+size). With W = S and b = R that is its own stream only, as a data-parallel loader reads; on another world
+size or micro batch size (a resume after a requeue onto other nodes) each rank reads the streams its rows
+are in and passes over the rows of the others, so every position holds the row the uninterrupted run has
+there. The schedule's state (steps planned, carried fractions, rows taken from each stream, sources
+stopped) and the position are small and the same on every rank: the loader's state in every checkpoint.
 
 ``max_epochs``: a source stops at the first step for which some rank would need more of its rows than
 that many passes hold; the other sources share its slots from then on, so no row is used more than
@@ -31,6 +36,7 @@ import math
 import random
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -46,12 +52,16 @@ from pipeline.jobspec import DataSpec, SourceSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT = "parcae-mixture/1"
+FORMAT = "parcae-mixture/2"  # the position in global rows, the data layout
+FORMAT_1 = "parcae-mixture/1"  # the position in micro batches of the writing run
 
 
 class MixSchedule:
-    """The source of every row slot of every step (see the module's doc): the mixture's fixed parameters;
-    the state that advances (`initial_state`, plain JSON) is passed to `plan`."""
+    """The source of every row slot of every step, and the stream and row that fills it (see the module's
+    doc): the mixture's fixed parameters; the state that advances (`initial_state`, plain JSON) is passed
+    to `plan`. ``streams`` and ``stream_rows`` are the data layout (the world size and micro batch size of
+    the run that started the data): slot q of a step is read from stream (q // stream_rows) % streams,
+    whatever the world size reading it now."""
 
     def __init__(
         self,
@@ -60,26 +70,25 @@ class MixSchedule:
         capacities: list[int | None],
         *,
         seed: int,
-        world_size: int,
-        micro_batch_size: int,
-        accumulation: int,
+        streams: int,
+        stream_rows: int,
+        global_batch: int,
     ):
         self.names, self.capacities = names, capacities
         self.weights = [Fraction(str(w)) for w in weights]  # exact: the counts are the same on every machine
-        self.seed, self.world_size, self.micro, self.accumulation = seed, world_size, micro_batch_size, accumulation
+        self.seed, self.streams, self.stream_rows, self.global_batch = seed, streams, stream_rows, global_batch
 
     def initial_state(self) -> dict[str, Any]:
-        """Steps planned, carried fractions, rows each rank took from each source, sources stopped."""
+        """Steps planned, carried fractions, rows read from each stream of each source, sources stopped."""
         return {
             "step": 0,
             "credit": {n: "0" for n in self.names},
-            "used": {n: [0] * self.world_size for n in self.names},
+            "used": {n: [0] * self.streams for n in self.names},
             "stopped": [],
         }
 
-    @property
-    def global_batch(self) -> int:
-        return self.accumulation * self.world_size * self.micro
+    def stream_of(self, slot: int) -> int:
+        return (slot // self.stream_rows) % self.streams
 
     def plan(self, state: dict[str, Any]) -> list[int]:
         """The next step's G slots (source indices, in slot order); advances ``state`` in place."""
@@ -99,9 +108,9 @@ class MixSchedule:
                 counts[i] += 1
             slots = [i for i in active for _ in range(counts[i])]
             random.Random(f"{self.seed}:mix:{state['step']}").shuffle(slots)
-            taken = {i: [0] * self.world_size for i in active}
+            taken = {i: [0] * self.streams for i in active}
             for position, i in enumerate(slots):
-                taken[i][(position // self.micro) % self.world_size] += 1
+                taken[i][self.stream_of(position)] += 1
             over = [
                 i
                 for i in active
@@ -125,9 +134,33 @@ class MixSchedule:
         state["step"] += 1
         return slots
 
-    def rank_slots(self, slots: list[int], micro: int, rank: int) -> list[int]:
-        first = (micro * self.world_size + rank) * self.micro
-        return slots[first : first + self.micro]
+    def rows(self, before: dict[str, Any], slots: list[int]) -> list[tuple[int, int, int]]:
+        """(source, stream, row of that stream) of every slot of the step that ``before`` starts."""
+        seen = {name: list(used) for name, used in before["used"].items()}
+        out = []
+        for position, i in enumerate(slots):
+            stream, counter = self.stream_of(position), seen[self.names[i]]
+            out.append((i, stream, counter[stream]))
+            counter[stream] += 1
+        return out
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """A rank's micro batch and where its rows sit in the run's sequence of rows (position p = step x global
+    batch + slot): the global micro batch (every rank's rows) is positions ``first`` to ``first + size - 1``;
+    this rank's rows start at ``first + offset``. The depth sampler draws from these positions, so the draws
+    do not depend on how many ranks share a global batch."""
+
+    tokens: torch.Tensor  # (rows, seq_len + 1) int64
+    first: int
+    size: int
+    offset: int
+
+    @property
+    def positions(self) -> range:
+        start = self.first + self.offset
+        return range(start, start + len(self.tokens))
 
 
 def source_fingerprint(sources: list[SourceSpec]) -> list[dict[str, Any]]:
@@ -135,8 +168,14 @@ def source_fingerprint(sources: list[SourceSpec]) -> list[dict[str, Any]]:
 
 
 class MixtureLoader:
-    """A rank's micro batches from ``data.sources`` (or ``data.train_url``); `state_dict` goes into every
-    checkpoint. Built at start-up: every source's manifest is read and checked then."""
+    """A rank's micro batches (`MicroBatch`) from ``data.sources`` (or ``data.train_url``); `state_dict` goes
+    into every checkpoint. Built at start-up: every source's manifest is read and checked then.
+
+    The position is a global row count p (rows of every rank handed out), so a checkpoint resumes on another
+    world size or micro batch size at the same row: the data layout (the streams every source is split into,
+    and the rows a stream gives a slot run of) stays the one of the run that started the data, and each rank
+    reads its rows from whichever streams hold them (with the layout unchanged, a rank reads its own stream
+    only; after a change, it reads the streams its rows are in and passes over the others' rows)."""
 
     def __init__(
         self,
@@ -150,48 +189,60 @@ class MixtureLoader:
         seed: int,
         vocab_size: int | None = None,
     ):
+        self.data, self.options, self.seed, self.vocab_size = data, options, seed, vocab_size
         self.sources = data.train_sources()
         self.rank, self.world_size, self.micro, self.accumulation = rank, world_size, micro_batch_size, accumulation
+        self.global_batch = accumulation * world_size * micro_batch_size
         self.seq_len, self.prefetch = data.seq_len, data.prefetch_batches
         self.on_mixture_change = data.on_mixture_change
+        self.interrupt: threading.Event | None = None
+        self._use_layout(world_size, micro_batch_size)
+        check_same_tokenizer([(s.name, s.url, st.manifest) for s, st in zip(self.sources, self.streams, strict=True)])
+        self.manifest = self.streams[0].manifest  # the run's tokenizer (prompts) is the sources' one
+        self.rows = {s.name: sum(shard["samples"] for shard in st.shards) for s, st in self._pairs()}  # for epochs
+        self.position: dict[str, Any] = {"schedule": self.schedule.initial_state(), "rows": 0}
+        self._window_rows: dict[str, int] | None = None
+
+    def _pairs(self) -> list[tuple[SourceSpec, ShardLoader]]:
+        return list(zip(self.sources, self.streams, strict=True))
+
+    def _use_layout(self, streams: int, stream_rows: int) -> None:
+        """Split every source into ``streams`` streams (what ``streams`` ranks would each read), a run of
+        ``stream_rows`` slots from each in turn."""
+        self.layout = {"streams": streams, "stream_rows": stream_rows}
         self.streams: list[ShardLoader] = []
         for source in self.sources:
             try:
                 self.streams.append(
                     ShardLoader(
                         source.url,
-                        rank=rank,
-                        world_size=world_size,
-                        micro_batch_size=micro_batch_size,
-                        seq_len=data.seq_len,
-                        seed=seed,
-                        shuffle_buffer=data.shuffle_buffer,
-                        options=options,
-                        on_bad_shard=data.on_bad_shard,
-                        max_bad_shard_share=data.max_bad_shard_share,
-                        vocab_size=vocab_size,
+                        rank=self.rank % streams,
+                        world_size=streams,
+                        micro_batch_size=stream_rows,
+                        seq_len=self.data.seq_len,
+                        seed=self.seed,
+                        shuffle_buffer=self.data.shuffle_buffer,
+                        options=self.options,
+                        on_bad_shard=self.data.on_bad_shard,
+                        max_bad_shard_share=self.data.max_bad_shard_share,
+                        vocab_size=self.vocab_size,
                         prefetch=0,
                     )
                 )
             except ParcaeError as exc:
                 raise DataError(f"data source {source.name!r}: {exc}") from None
-        check_same_tokenizer([(s.name, s.url, st.manifest) for s, st in zip(self.sources, self.streams, strict=True)])
-        self.manifest = self.streams[0].manifest  # the run's tokenizer (prompts) is the sources' one
-        pairs = list(zip(self.sources, self.streams, strict=True))
-        self.rows = {s.name: sum(shard["samples"] for shard in st.shards) for s, st in pairs}  # for epochs
-        capacities = [st.rows_in_epochs(s.max_epochs) if s.max_epochs else None for s, st in pairs]
+        if self.interrupt is not None:
+            self.interrupt_on(self.interrupt)
+        capacities = [st.rows_in_epochs(s.max_epochs) if s.max_epochs else None for s, st in self._pairs()]
         self.schedule = MixSchedule(
             [s.name for s in self.sources],
             [s.weight for s in self.sources],
             capacities,
-            seed=seed,
-            world_size=world_size,
-            micro_batch_size=micro_batch_size,
-            accumulation=accumulation,
+            seed=self.seed,
+            streams=streams,
+            stream_rows=stream_rows,
+            global_batch=self.global_batch,
         )
-        self.position: dict[str, Any] = {"schedule": self.schedule.initial_state(), "micro": 0}
-        self.interrupt: threading.Event | None = None
-        self._window_rows: dict[str, int] | None = None
 
     def interrupt_on(self, event: threading.Event) -> None:
         """A stop signal (``event``) ends every data wait and retry of every source."""
@@ -200,8 +251,8 @@ class MixtureLoader:
             stream.interrupt = event
 
     # -- the stream
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        """Batches of (micro_batch_size, seq_len + 1) int64 rows, forever, from the current position.
+    def __iter__(self) -> Iterator[MicroBatch]:
+        """Micro batches of (micro_batch_size, seq_len + 1) int64 rows, forever, from the current position.
         The position advances when a batch is handed to the caller, not when it is read ahead."""
         source = self._batches(copy.deepcopy(self.position))
         if self.prefetch > 0:
@@ -210,29 +261,43 @@ class MixtureLoader:
             self.position = position
             yield batch
 
-    def _batches(self, position: dict[str, Any]) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
-        schedule, state = self.schedule, position["schedule"]  # a copy: planning advances it in place
-        rows = {
-            s.name: st.rows_from(state["used"][s.name][self.rank])
-            for s, st in zip(self.sources, self.streams, strict=True)
-        }
-        skip = position["micro"]
-        before = copy.deepcopy(state)  # the state at the start of the step (handed out, never changed)
+    def _batches(self, position: dict[str, Any]) -> Iterator[tuple[MicroBatch, dict[str, Any]]]:
+        schedule, G = self.schedule, self.global_batch
+        state = position["schedule"]  # a copy: planning advances it in place
+        step, before = state["step"], copy.deepcopy(state)  # the step being read, and its state at its start
+        where, after = schedule.rows(before, schedule.plan(state)), copy.deepcopy(state)
+        cursors: dict[tuple[int, int], list[Any]] = {}  # (source, stream): [its rows, index of the next one]
+        span, first = self.world_size * self.micro, step * G + int(position["rows"])
         while True:
-            slots = schedule.plan(state)
-            after = copy.deepcopy(state)
-            for m in range(self.accumulation):
-                batch = [next(rows[schedule.names[i]]) for i in schedule.rank_slots(slots, m, self.rank)]
-                if m < skip:  # resumed inside a step: these rows were used before the checkpoint
-                    continue
-                last = m == self.accumulation - 1
-                handed = {"schedule": after, "micro": 0} if last else {"schedule": before, "micro": m + 1}
-                yield torch.from_numpy(np.stack(batch).astype(np.int64)), handed
-            skip, before = 0, after
+            batch = []
+            for p in range(first + self.rank * self.micro, first + (self.rank + 1) * self.micro):
+                if p >= (step + 1) * G:  # planned only when a row of it is needed (it may be past the data)
+                    step, before = step + 1, after
+                    where, after = schedule.rows(before, schedule.plan(state)), copy.deepcopy(state)
+                batch.append(self._row(cursors, *where[p - step * G]))
+            first += span  # every rank's rows of this micro batch are used: the position is past them
+            handed = {"schedule": before, "rows": first - step * G}
+            if first >= (step + 1) * G:  # at most one step on: a micro batch is at most a global batch
+                handed = {"schedule": after, "rows": first - (step + 1) * G}
+            tokens = torch.from_numpy(np.stack(batch).astype(np.int64))
+            yield MicroBatch(tokens, first - span, span, self.rank * self.micro), copy.deepcopy(handed)
+
+    def _row(self, cursors: dict[tuple[int, int], list[Any]], source: int, stream: int, index: int) -> np.ndarray:
+        """Row ``index`` of a stream of a source; rows before it that this rank has not read are passed over
+        (other ranks use them)."""
+        cursor = cursors.get((source, stream))
+        if cursor is None:
+            cursor = cursors[(source, stream)] = [self.streams[source].rows_from(index, stream), index]
+        rows, at = cursor
+        assert index >= at, f"row {index} of stream {stream} was needed after row {at}"
+        for _ in range(index - at):
+            next(rows)
+        cursor[1] = index + 1
+        return next(rows)
 
     # -- what the run logs
     def rows_used(self) -> dict[str, int]:
-        """Rows of each source used so far, over all ranks (up to the last batch handed out)."""
+        """Rows of each source planned up to the current step, over all ranks."""
         return {name: sum(used) for name, used in self.position["schedule"]["used"].items()}
 
     def metrics(self) -> dict[str, float]:
@@ -258,18 +323,34 @@ class MixtureLoader:
         return {
             "format": FORMAT,
             **copy.deepcopy(self.position),
+            **self.layout,
+            "global_batch": self.global_batch,
             "sources": source_fingerprint(self.sources),
             "world_size": self.world_size,
             "skipped_shards": self.skipped_shards,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != FORMAT:  # a checkpoint of the one-source loader: (epoch, batches)
+        if state.get("format") not in (FORMAT, FORMAT_1):  # a checkpoint of the one-source loader
             self._load_single_source(state)
             return
         saved, now = state["sources"], source_fingerprint(self.sources)
         schedule = copy.deepcopy(state["schedule"])
-        micro = int(state["micro"])
+        old_world = int(state.get("world_size", self.world_size))
+        if state.get("format") == FORMAT_1:  # micro batches of the writing run; its micro batch size is ours
+            layout = {"streams": old_world, "stream_rows": self.micro}
+            rows, old_batch = int(state["micro"]) * old_world * self.micro, self.global_batch
+        else:
+            layout = {"streams": int(state["streams"]), "stream_rows": int(state["stream_rows"])}
+            rows, old_batch = int(state["rows"]), int(state["global_batch"])
+        if layout != self.layout:
+            self._use_layout(layout["streams"], layout["stream_rows"])
+        if old_batch != self.global_batch and rows:  # only a global batch kept resumes inside a step
+            log.warning(
+                "the global batch changed (%d -> %d rows) inside step %d: its last %d rows are not used",
+                old_batch, self.global_batch, schedule["step"], old_batch - rows,
+            )  # fmt: skip
+            rows = 0
         if saved != now:
             changes = mixture_changes(saved, now)
             if self.on_mixture_change == "refuse":
@@ -279,11 +360,8 @@ class MixtureLoader:
                     "from this step on (each kept source continues where it was)"
                 )
             log.warning("data.sources changed (%s): the new mixture applies from here on", "; ".join(changes))
-            schedule, micro = self._applied(saved, schedule), 0
-        if int(state.get("world_size", self.world_size)) != self.world_size:
-            schedule = self._restarted_epochs(schedule, int(state["world_size"]))
-            micro = 0
-        self.position = {"schedule": schedule, "micro": micro}
+            schedule, rows = self._applied(saved, schedule), 0
+        self.position = {"schedule": schedule, "rows": rows}
         self._window_rows = self.rows_used()
 
     def _applied(self, saved: list[dict[str, Any]], schedule: dict[str, Any]) -> dict[str, Any]:
@@ -298,19 +376,6 @@ class MixtureLoader:
                 fresh["used"][source.name] = list(schedule["used"][source.name])
         return fresh
 
-    def _restarted_epochs(self, schedule: dict[str, Any], old_world: int) -> dict[str, Any]:
-        """Another world size reads other shards on every rank: each source starts its next epoch."""
-        for source, stream in zip(self.sources, self.streams, strict=True):
-            passes = math.ceil(sum(schedule["used"][source.name]) / (self.rows[source.name] or 1))
-            schedule["used"][source.name] = [stream.rows_in_epochs(passes)] * self.world_size
-        log.warning(
-            "the checkpoint was written by %d ranks, this run has %d: every source continues at the start of its "
-            "next epoch (the rows differ from an uninterrupted run)",
-            old_world,
-            self.world_size,
-        )
-        return schedule
-
     def _load_single_source(self, state: dict[str, Any]) -> None:
         if len(self.sources) != 1:
             raise DataError(
@@ -321,8 +386,8 @@ class MixtureLoader:
         epoch, batches = int(state["epoch"]), int(state["batches"])
         position = stream.rows_in_epochs(epoch) + batches * self.micro
         schedule = self.schedule.initial_state()
-        schedule["used"][name] = [position] * self.world_size
-        self.position = {"schedule": schedule, "micro": 0}
+        schedule["used"][name] = [position] * self.layout["streams"]
+        self.position = {"schedule": schedule, "rows": 0}
         self._window_rows = self.rows_used()
         log.info("checkpoint of the one-source loader: continuing at epoch %d, row %d", epoch, batches * self.micro)
 

@@ -284,13 +284,13 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-def global_mean(value: torch.Tensor, world_size: int) -> float:
+def global_mean(value: torch.Tensor) -> float:
     """The mean of a scalar over all ranks (a collective: every rank calls it)."""
     import torch.distributed as dist
 
     total = value.detach().float().reshape(1).clone()
     dist.all_reduce(total)
-    return float(total) / world_size
+    return float(total) / dist.get_world_size()
 
 
 def memory_metrics(device_type: str) -> dict[str, float]:

@@ -1,13 +1,14 @@
 """One optimizer step: the micro-batches, their loop counts and h_0 draws, the loss guard, backward and step.
 
 `train_step` is what `parcae train` runs and what the ZeRO-3 parity test runs; `DepthSampler` makes the
-per-sequence depths and initial states reproducible from (seed, step, micro-step), so a resumed run
-draws exactly what the uninterrupted one would have.
+per-sequence depths and initial states reproducible from (seed, step, row of the global batch), so a
+resumed run draws exactly what the uninterrupted one would have, on any world size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import torch
 
 from model import ParcaeConfig, sample_loop_counts, seeded_generator
 from parcae_errors import ParcaeError
+from pipeline.data.mixture import MicroBatch
 from pipeline.training.distributed import global_mean
 from pipeline.training.guard import LossGuard
 
@@ -26,49 +28,55 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DepthSampler:
-    """This rank's loop counts and h_0 generators.
-
-    Every rank draws the same global counts for the whole global micro-batch from (seed, step,
-    micro-step) and takes its own rows: sequences on different ranks get different depths, yet every
-    rank knows the largest counts and runs that many iterations, so the ranks stay in step under ZeRO-3.
-    """
+    """The loop counts and h_0 generators of a rank's rows, as functions of the rows' positions in the run
+    (`MicroBatch`): step s draws the counts of its G rows at once from (seed, s), and each row's h_0 comes
+    from (seed, s, slot). So the same global batch on 2 ranks or on 1 rank accumulating 2 micro batches
+    draws the same, and a run resumed on another world size draws what the uninterrupted one would have.
+    Every rank knows the largest counts of the whole global micro batch and runs that many iterations, so
+    the ranks stay in step under ZeRO-3."""
 
     mean_recurrence: int
     mean_backprop_depth: int
     seed: int
-    micro_batch_size: int
-    world_size: int
-    rank: int
+    global_batch: int
     looped: bool = True  # False: the fixed-depth GPT baseline, which takes no loop counts
 
     @classmethod
-    def for_model(cls, cfg: ParcaeConfig, *, seed: int, micro_batch_size: int, world_size: int, rank: int):
-        return cls(cfg.mean_recurrence, cfg.mean_backprop_depth, seed, micro_batch_size, world_size, rank, cfg.looped)
+    def for_model(cls, cfg: ParcaeConfig, *, seed: int, global_batch: int) -> DepthSampler:
+        return cls(cfg.mean_recurrence, cfg.mean_backprop_depth, seed, global_batch, cfg.looped)
 
-    def forward_kwargs(self, step: int, micro: int, device: torch.device) -> dict:
+    def forward_kwargs(self, batch: MicroBatch, device: torch.device) -> dict:
         """The loop arguments of this micro-batch's forward (none for the GPT baseline)."""
         if not self.looped:
             return {}
-        n_nograd, n_grad, at_least = self.loop_counts(step, micro)
-        return {
-            "loops": (n_nograd, n_grad),
-            "min_iterations": at_least,
-            "generator": self.h0_generator(step, micro, device),
-        }
+        n_nograd, n_grad, at_least = self.loop_counts(batch)
+        return {"loops": (n_nograd, n_grad), "min_iterations": at_least, "generator": self.h0_generators(batch, device)}
 
-    def loop_counts(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """(n_nograd, n_grad) for this rank's rows, and the largest of each over all ranks."""
-        n_nograd, n_grad = sample_loop_counts(
-            self.micro_batch_size * self.world_size,
-            self.mean_recurrence,
-            self.mean_backprop_depth,
-            seeded_generator("loops", self.seed, -1, step, micro),
-        )
-        rows = slice(self.rank * self.micro_batch_size, (self.rank + 1) * self.micro_batch_size)
-        return n_nograd[rows], n_grad[rows], (int(n_nograd.max()), int(n_grad.max()))
+    def loop_counts(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(n_nograd, n_grad) for this rank's rows, and the largest of each over the global micro batch."""
+        every = [self._step_counts(*divmod(p, self.global_batch)) for p in range(batch.first, batch.first + batch.size)]
+        n_nograd = torch.tensor([c[0] for c in every], dtype=torch.long)
+        n_grad = torch.tensor([c[1] for c in every], dtype=torch.long)
+        mine = slice(batch.offset, batch.offset + len(batch.tokens))
+        return n_nograd[mine], n_grad[mine], (int(n_nograd.max()), int(n_grad.max()))
 
-    def h0_generator(self, step: int, micro: int, device: torch.device) -> torch.Generator:
-        return seeded_generator("h0", self.seed, self.rank, step, micro, device)
+    def _step_counts(self, step: int, slot: int) -> tuple[int, int]:
+        rows, mean, depth = self.global_batch, self.mean_recurrence, self.mean_backprop_depth
+        n_nograd, n_grad = _counts_of_step(self.seed, step, rows, mean, depth)
+        return int(n_nograd[slot]), int(n_grad[slot])
+
+    def h0_generators(self, batch: MicroBatch, device: torch.device) -> list[torch.Generator]:
+        """One generator per row of this rank, seeded by (seed, step, slot) of the row."""
+        return [seeded_generator("h0", self.seed, slot, step, 0, device) for step, slot in self.slots(batch)]
+
+    def slots(self, batch: MicroBatch) -> list[tuple[int, int]]:
+        return [divmod(p, self.global_batch) for p in batch.positions]
+
+
+@functools.lru_cache(maxsize=4)
+def _counts_of_step(seed: int, step: int, rows: int, mean: int, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop counts of every row of a step (one draw per step, shared by its micro batches)."""
+    return sample_loop_counts(rows, mean, depth, seeded_generator("loops", seed, -1, step, 0))
 
 
 @dataclass
@@ -110,7 +118,7 @@ class TrainingHalted(ParcaeError):
 
 def train_step(
     engine,
-    batches: Iterator[torch.Tensor],
+    batches: Iterator[MicroBatch],
     sampler: DepthSampler,
     guard: LossGuard,
     progress: Progress,
@@ -132,12 +140,13 @@ def train_step(
     micro = draw = nonfinite_in_a_row = 0
     while micro < accumulation:
         waited = time.perf_counter()
-        batch = next(batches).to(device, non_blocking=True)
+        rows = next(batches)
+        batch = rows.tokens.to(device, non_blocking=True)
         wait += time.perf_counter() - waited
-        loop_args = sampler.forward_kwargs(progress.step, draw, device)
+        loop_args = sampler.forward_kwargs(rows, device)
         loss = engine(batch[:, :-1], batch[:, 1:], **loop_args, loop_stats=loop_stats if micro == 0 else None)
         draw += 1
-        verdict = guard.check(global_mean(loss.detach(), sampler.world_size))
+        verdict = guard.check(global_mean(loss.detach()))
         if verdict == "spike":
             progress.spikes_skipped += 1
             log.warning(
@@ -169,7 +178,7 @@ def train_step(
         micro += 1
         nonfinite_in_a_row = 0
     return StepResult(
-        loss=global_mean(torch.stack(losses).mean(), sampler.world_size),
+        loss=global_mean(torch.stack(losses).mean()),
         loop_counts=torch.cat(counts) if counts else None,
         data_wait_s=wait,
         loop_stats=loop_stats,

@@ -187,11 +187,11 @@ class Trainer:
         self.source_weights = {s.name: s.weight for s in spec.data.train_sources()}
         self.downstream, self.samples = self.prompted_evaluations(spec, cfg, options, ranks)
         self.checkpointer = Checkpointer(spec.checkpoint, options, loaded.to_yaml())
-        self.sampler = DepthSampler.for_model(cfg, seed=t.seed, micro_batch_size=t.micro_batch_size, **ranks)
+        self.sampler = DepthSampler.for_model(cfg, seed=t.seed, global_batch=self.loader.global_batch)
         self.guard = LossGuard(t.spike_zscore)
         self.progress = Progress()
         # what a checkpoint carries besides the engine (the depth sampler has none: its draws are a function
-        # of the seed and the step)
+        # of the seed and the rows' positions, which the loader's state carries)
         for name, part in (("progress", self.progress), ("loader", self.loader), ("guard", self.guard)):
             self.checkpointer.register(name, part)
         self.run_dir = Path(spec.run_dir or ".")

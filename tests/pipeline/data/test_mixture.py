@@ -69,7 +69,7 @@ def steps(loader_list, n, accumulation=1):
         step = []
         for _ in range(accumulation):
             for it in its:
-                step += [tuple(r.tolist()) for r in next(it)]
+                step += [tuple(r.tolist()) for r in next(it).tokens]
         out.append(step)
     return out
 
@@ -97,9 +97,64 @@ def test_shares_follow_the_weights_identically_across_runs_and_rank_counts(two_s
     assert all(count <= a_rows[r] + b_rows[r] for r, count in rows.items())
 
 
+def by_position(loader_list, micro_batches):
+    """``micro_batches`` micro batches of every rank, as {position in the run: row}."""
+    out = {}
+    for batches in zip(*[itertools.islice(iter(ld), micro_batches) for ld in loader_list], strict=True):
+        for batch in batches:
+            out.update({p: tuple(row.tolist()) for p, row in zip(batch.positions, batch.tokens, strict=True)})
+    return out
+
+
+def resumed(data, state, world, micro, accumulation):
+    out = loaders(data, world=world, micro=micro, accumulation=accumulation)
+    for loader in out:
+        loader.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint keeps it
+    return out
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_another_world_size_continues_at_the_same_row_of_every_source(two_sources, prefetch):
+    """2 ranks of 2 rows accumulating 2 (a global batch of 8) stop after 21 micro batches (inside a step),
+    go on as 1 rank of 8 rows, then as 4 ranks of 1 row accumulating 2, then as 2 ranks again: every
+    position of the run holds the row the uninterrupted run has there (so the depth draws, a function of
+    the positions, are the same too), each rank reading the streams its rows are in."""
+    data = spec(two_sources).model_copy(update={"prefetch_batches": prefetch})
+    uninterrupted = by_position(loaders(data, world=2, micro=2, accumulation=2), 200)  # 100 steps
+    first = loaders(data, world=2, micro=2, accumulation=2)
+    seen = by_position(first, 21)
+    state = first[0].state_dict()
+    assert state["schedule"]["step"] == 10 and state["rows"] == 4 and state["streams"] == 2
+    one = resumed(data, state, world=1, micro=8, accumulation=1)  # its first micro batch spans two steps
+    seen.update(by_position(one, 30))
+    four = resumed(data, one[0].state_dict(), world=4, micro=1, accumulation=2)
+    seen.update(by_position(four, 40))
+    again = resumed(data, four[0].state_dict(), world=2, micro=2, accumulation=2)
+    seen.update(by_position(again, (800 - 84 - 30 * 8 - 40 * 4) // 4))
+    assert sorted(seen) == list(range(800)) and seen == uninterrupted
+    assert four[0].state_dict()["stream_rows"] == 2  # the layout of the run that started the data
+    # the per-source shares and every row used: no row skipped or repeated within the first pass
+    a_rows = rows_of_set(two_sources / "a" / "train")
+    assert sum(r in a_rows for r in seen.values()) == 600
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_on_its_world_size(two_sources):
+    """A checkpoint written before positions were counted in rows (micro batches of the writing run) resumes at
+    the same row; on another world size each stream continues where it was."""
+    data = spec(two_sources)
+    reference = by_position(loaders(data, world=2, micro=2, accumulation=2), 40)
+    first = loaders(data, world=2, micro=2, accumulation=2)
+    head = by_position(first, 11)
+    new = first[0].state_dict()
+    old = {"format": "parcae-mixture/1", "schedule": new["schedule"], "micro": 1, "world_size": 2}
+    old.update(sources=new["sources"], skipped_shards=[])
+    tail = by_position(resumed(data, old, world=2, micro=2, accumulation=2), 29)
+    assert {**head, **tail} == reference
+
+
 def test_the_schedule_is_within_one_row_of_the_weights():
-    schedule = MixSchedule(["x", "y", "z"], [0.5, 0.3, 0.2], [None] * 3, seed=1, world_size=4, micro_batch_size=3,
-                           accumulation=2)  # fmt: skip
+    schedule = MixSchedule(["x", "y", "z"], [0.5, 0.3, 0.2], [None] * 3, seed=1, streams=4, stream_rows=3,
+                           global_batch=24)  # fmt: skip
     counts, state = collections.Counter(), schedule.initial_state()
     for step in range(1, 200):
         counts.update(schedule.plan(state))
@@ -132,15 +187,15 @@ def test_a_source_with_max_epochs_stops_and_the_others_take_its_rows(two_sources
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_resume_inside_a_step_continues_with_the_same_rows(two_sources, prefetch):
     data = spec(two_sources).model_copy(update={"prefetch_batches": prefetch})
-    reference = list(itertools.islice(iter(loaders(data, micro=4, accumulation=3)[0]), 40))
+    reference = [b.tokens for b in itertools.islice(iter(loaders(data, micro=4, accumulation=3)[0]), 40)]
     (first,) = loaders(data, micro=4, accumulation=3)
     it = iter(first)
-    head = list(itertools.islice(it, 17))  # 5 steps and 2 micro batches of the 6th
+    head = [b.tokens for b in itertools.islice(it, 17)]  # 5 steps and 2 micro batches of the 6th
     state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint keeps it
-    assert state["micro"] == 2 and state["schedule"]["step"] == 5
+    assert state["rows"] == 8 and state["schedule"]["step"] == 5
     (resumed,) = loaders(data, micro=4, accumulation=3)
     resumed.load_state_dict(state)
-    tail = list(itertools.islice(iter(resumed), 23))
+    tail = [b.tokens for b in itertools.islice(iter(resumed), 23)]
     assert all((x == y).all() for x, y in zip(head + tail, reference, strict=True))
 
 
@@ -165,7 +220,7 @@ def test_a_checkpoint_of_the_one_source_loader_resumes(two_sources):
     (loader,) = loaders(data, micro=4)
     loader.load_state_dict({"epoch": 1, "batches": 3, "skipped_shards": []})
     assert loader.rows_used() == {"train": loader.streams[0].rows_in_epochs(1) + 12}
-    assert next(iter(loader)).shape == (4, 33)
+    assert next(iter(loader)).tokens.shape == (4, 33)
 
 
 def test_sources_that_cannot_mix_are_refused_by_name(tmp_path, two_sources, corpus_jsonl, tokenizer):

@@ -253,14 +253,14 @@ def test_continued_pretraining_starts_from_the_given_weights(tmp_path, shards):
         ranks = {"rank": rank, "world_size": 2}
         loader = train_loader(spec.data, S3Options(), micro_batch_size=8, seed=spec.training.seed, **ranks)
         batch = next(iter(loader))
-        sampler = DepthSampler.for_model(cfg, seed=spec.training.seed, micro_batch_size=8, world_size=2, rank=rank)
-        n_nograd, n_grad, _ = sampler.loop_counts(0, 0)
+        sampler = DepthSampler.for_model(cfg, seed=spec.training.seed, global_batch=16)
+        n_nograd, n_grad, _ = sampler.loop_counts(batch)
         with torch.no_grad():
             loss = weights(
-                batch[:, :-1],
-                batch[:, 1:],
+                batch.tokens[:, :-1],
+                batch.tokens[:, 1:],
                 loops=(n_nograd, n_grad),
-                generator=sampler.h0_generator(0, 0, torch.device("cpu")),
+                generator=sampler.h0_generators(batch, torch.device("cpu")),
             )
         expected += float(loss) / 2
     assert step_losses(tmp_path / "run")[1] == pytest.approx(expected, abs=1e-5)

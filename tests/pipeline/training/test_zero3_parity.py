@@ -22,7 +22,7 @@ from pipeline.training.engine import param_groups
 from pipeline.training.schedule import lr_multiplier
 from pipeline.training.step import DepthSampler
 from tests.conftest import REPO
-from tests.pipeline.training.zero3_parity_rank import batches
+from tests.pipeline.training.zero3_parity_rank import micro_batch
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STEPS = 20
@@ -95,11 +95,9 @@ def run_ranks(tmp_path: Path, spec: dict, **extra_env: str) -> dict:
     return torch.load(out)
 
 
-def sampler(spec: JobSpec, rank: int) -> DepthSampler:
+def sampler(spec: JobSpec) -> DepthSampler:
     micro = spec.training.micro_batch_size
-    return DepthSampler.for_model(
-        spec.model.build(), seed=spec.training.seed, micro_batch_size=micro, world_size=2, rank=rank
-    )
+    return DepthSampler.for_model(spec.model.build(), seed=spec.training.seed, global_batch=2 * micro)
 
 
 def reference(spec: JobSpec) -> dict:
@@ -110,19 +108,17 @@ def reference(spec: JobSpec) -> dict:
     opt = spec.optimizer
     optimizer = torch.optim.AdamW(param_groups(model, opt), lr=opt.lr, betas=opt.betas, eps=opt.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, STEPS, spec.schedule))
-    micro = spec.training.micro_batch_size
     grads = []
     for step in range(STEPS):
-        full = batches(spec, step)
         total = 0.0
         for rank in range(2):
-            rows = full[rank * micro : (rank + 1) * micro]
-            n_nograd, n_grad, _ = sampler(spec, rank).loop_counts(step, 0)
+            rows = micro_batch(spec, step, rank)
+            n_nograd, n_grad, _ = sampler(spec).loop_counts(rows)
             loss = model(
-                rows[:, :-1],
-                rows[:, 1:],
+                rows.tokens[:, :-1],
+                rows.tokens[:, 1:],
                 loops=(n_nograd, n_grad),
-                generator=sampler(spec, rank).h0_generator(step, 0, torch.device("cpu")),
+                generator=sampler(spec).h0_generators(rows, torch.device("cpu")),
             )
             total = total + loss / 2
         optimizer.zero_grad(set_to_none=True)
@@ -150,9 +146,8 @@ def test_zero3_matches_plain_pytorch_gradients_every_step(tmp_path, gather_unit)
         raw["training"] = {**SPEC["training"], "compile": "on"}
     spec = JobSpec.model_validate(raw)
     # the draws differ between the ranks' sequences (and between steps)
-    assert not torch.equal(
-        torch.cat(sampler(spec, 0).loop_counts(0, 0)[:2]), torch.cat(sampler(spec, 1).loop_counts(0, 0)[:2])
-    )
+    draws = [torch.cat(sampler(spec).loop_counts(micro_batch(spec, 0, rank))[:2]) for rank in range(2)]
+    assert not torch.equal(*draws)
     zero3 = run_ranks(tmp_path, raw, **({"LOSS_CHUNK_ROWS": str(chunks)} if chunks else {}))
     plain = reference(spec)
     assert len(zero3["grads"]) == STEPS

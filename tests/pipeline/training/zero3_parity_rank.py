@@ -27,6 +27,14 @@ def batches(spec, step: int) -> torch.Tensor:
     return torch.randint(0, spec.model.vocab_size, (rows, spec.data.seq_len + 1), generator=g)
 
 
+def micro_batch(spec, step: int, rank: int):
+    """Rank ``rank``'s rows of step ``step`` (accumulation 1), placed in the run's rows as the loader places them."""
+    from pipeline.data.mixture import MicroBatch
+
+    micro, rows = spec.training.micro_batch_size, spec.training.micro_batch_size * spec.world_size
+    return MicroBatch(batches(spec, step)[rank * micro : (rank + 1) * micro], step * rows, rows, rank * micro)
+
+
 class GradientRecorder:
     """The real engine; `step` first copies every full gradient (ZeRO-3 collectives: every rank calls it)."""
 
@@ -65,16 +73,14 @@ def main() -> None:
     # the recurrence is gathered as one unit only when asked (it then has no per-module hooks of its own)
     assert z3_leaf_module(engine.module.transformer.recurrence) == (spec.zero.gather_unit == "block")
     recorder = GradientRecorder(engine)
-    sampler = DepthSampler.for_model(
-        spec.model.build(), seed=t.seed, micro_batch_size=t.micro_batch_size, world_size=world, rank=rank
-    )
-    micro, guard, losses = t.micro_batch_size, LossGuard(None), []
+    sampler = DepthSampler.for_model(spec.model.build(), seed=t.seed, global_batch=t.micro_batch_size * world)
+    guard, losses = LossGuard(None), []
     first, checkpoint = int(os.environ.get("STEP_FROM", "0")), os.environ.get("CHECKPOINT")
     if checkpoint and first:  # the second half of a run interrupted after step `first`
         engine.load_checkpoint(checkpoint, tag="mid")
     progress = Progress(step=first)
     for step in range(first, int(os.environ.get("STEPS", "20"))):
-        rows = iter([batches(spec, step)[rank * micro : (rank + 1) * micro]])
+        rows = iter([micro_batch(spec, step, rank)])
         result = train_step(
             recorder, rows, sampler, guard, progress, accumulation=1, max_nonfinite=1, device=torch.device("cpu")
         )
