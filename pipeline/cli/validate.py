@@ -48,6 +48,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     sources = source_lines(loaded.spec)
     if sources:
         summary["sources"] = sources
+    resume = resume_line(loaded.spec)
+    if resume:
+        summary["resume"] = resume
     if args.json:
         print(loaded.redact(json.dumps(summary, indent=2)))
     else:
@@ -62,6 +65,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.memory or args.device_memory:
         return memory_plan(loaded.spec, args.device_memory, args.json)
     return 0
+
+
+def resume_line(spec: JobSpec) -> str | None:
+    """What `parcae train` would resume, and what that changes (a refused change raises, exit 2); None when
+    the checkpoint directory holds no checkpoint or cannot be read from here."""
+    from data_prep.storage import StorageError
+    from pipeline.training.checkpoint import CheckpointError, latest_tag
+    from pipeline.training.resize import check_resume
+
+    assert spec.checkpoint.dir is not None
+    try:
+        tag = latest_tag(spec.checkpoint.dir, spec.storage.s3_options())
+    except (CheckpointError, StorageError, OSError):
+        return None  # `train` says what is wrong with the checkpoints, with the way out
+    if tag is None:
+        return None
+    return f"{tag}: " + (check_resume(spec, tag) or "same world size and batch split")
 
 
 def source_lines(spec: JobSpec) -> list[str]:

@@ -316,6 +316,11 @@ class TrainingSpec(Spec):
     gradient_accumulation_steps: Annotated[int, Field(gt=0, le=2**16)] | None = None
     total_steps: Count | None = None
     total_tokens: Annotated[int, Field(gt=0, le=10**16)] | None = None
+    on_world_size_change: Literal["convert", "refuse"] = Field(
+        "convert",
+        description="A checkpoint resumed on another world size (same global batch): convert rewrites its ZeRO-3 "
+        "state for the new ranks (once, kept beside it) and continues exactly; refuse stops, as torchtitan does.",
+    )
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 1337
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from data_prep.storage import S3Options, is_s3, open_store
 from parcae_errors import ParcaeError
 from pipeline.jobspec import CheckpointSpec
+from pipeline.training import reshard
 
 log = logging.getLogger(__name__)
 
@@ -236,14 +237,28 @@ def corrupt_file(tag_dir: Path) -> Path | None:
 
 
 def unreadable(where: str, tag_dir: Path, exc: Exception, earlier: list[str], how: str) -> CheckpointError:
-    """The error for a checkpoint that failed to load: which file, why, and what to do instead."""
+    """The error for a checkpoint that failed to load: which file, why, and what to do instead. An earlier
+    checkpoint is advised only when a file of this one is damaged: when every file reads back, the cause is
+    not this checkpoint's bytes, and an earlier one would fail the same way."""
     file = corrupt_file(tag_dir)
-    what = f"{file.name} is corrupt or truncated" if file else f"{type(exc).__name__}: {str(exc)[:200]}"
+    if file is None:
+        return CheckpointError(
+            f"{where}: cannot be loaded ({type(exc).__name__}: {str(exc)[:300]}); its files read back intact, so "
+            "an earlier checkpoint would most likely fail the same way: the spec or the software differs from the "
+            "run that wrote it"
+        )
     if earlier:
         advice = f"the newest complete earlier checkpoint is {earlier[-1]}: {how.format(tag=earlier[-1])}"
     else:
         advice = "there is no earlier complete checkpoint"
-    return CheckpointError(f"{where}: cannot be loaded ({what}); {advice}")
+    return CheckpointError(f"{where}: cannot be loaded ({file.name} is corrupt or truncated); {advice}")
+
+
+def saved_spec(directory: str, tag: str, options: S3Options | None = None) -> dict[str, Any]:
+    """The resolved spec a checkpoint was written with (its ``spec.yaml``), parsed."""
+    import yaml
+
+    return yaml.safe_load(_store(directory, options).get_bytes(f"{tag}/spec.yaml")) or {}
 
 
 class Checkpointer:
@@ -282,8 +297,9 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
                 fetch(self.dir, tag, path, self.options)
             dist.barrier()
+        load_dir = self._for_this_world_size(engine, path, tag)
         try:
-            loaded, client_state = engine.load_checkpoint(str(path), tag=tag)
+            loaded, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
         except Exception as exc:  # torch's zip reader, pickle, DeepSpeed: whatever a damaged file raises
             earlier = [t for t in complete_tags(self.dir, self.options) if t < tag]
             how = "resume from it with `parcae train SPEC --resume-from {tag}`"
@@ -302,6 +318,30 @@ class Checkpointer:
                 log.warning("%s holds no state for %r: it starts afresh", where, name)
         log.info("resumed from %s", where)
         return state
+
+    def _for_this_world_size(self, engine: Any, path: Path, tag: str) -> Path:
+        """Where DeepSpeed loads ``tag`` from: ``path``, or, for a ZeRO-3 checkpoint written by another number of
+        ranks, its copy rewritten for this engine's ranks in ``tag/world-<N>/`` (made once: every rank writes
+        its own files, and on S3 uploads them beside the checkpoint for the next resume on N ranks)."""
+        written_by, world = reshard.world_size_of(path / tag), engine.world_size
+        if not written_by or written_by == world:
+            return path
+        converted = path / tag / f"world-{world}"
+        rank = dist.get_rank()
+        mine = reshard.files(converted / tag, rank)
+        if not all(f.is_file() for f in mine):
+            started = time.perf_counter()
+            reshard.reshard(path / tag, converted / tag, engine, rank)
+            log.info(
+                "%s: rewritten from %d rank(s) for %d in %.1f s (%.1f MB for this rank)",
+                tag, written_by, world, time.perf_counter() - started, sum(f.stat().st_size for f in mine) / 1e6,
+            )  # fmt: skip
+            if self.remote:
+                store = _store(self.dir, self.options)
+                for file in mine:
+                    store.put_file(file, f"{tag}/{file.relative_to(path / tag)}")
+        dist.barrier()
+        return converted
 
     def save(self, engine: Any, step: int) -> str:
         """Write step ``step`` with every registered part's state, then mark it newest (``LATEST``) and drop

@@ -52,6 +52,7 @@ from pipeline.training.memory_trace import MemoryTrace
 from pipeline.training.metrics import MetricsLogger
 from pipeline.training.peak import gemm_peak
 from pipeline.training.preflight import PREFLIGHT_ENV, preflight
+from pipeline.training.resize import check_resume
 from pipeline.training.schedule import lr_multiplier
 from pipeline.training.step import DepthSampler, Progress, TrainingHalted, train_step
 from pipeline.training.validation import DownstreamEvaluator, TextSamples, Validator
@@ -236,6 +237,7 @@ class Trainer:
         )
 
     claim_failure: ParcaeError | None = None
+    change: str | None = None  # what resuming the checkpoint changes (another world size, ...), rank 0
 
     def claim_run(self, spec: JobSpec) -> RunLock | None:
         """Rank 0, before anything is built or written: the checks (unless the launcher ran them), then
@@ -248,6 +250,7 @@ class Trainer:
             options = spec.storage.s3_options()
             lock = RunLock(spec.run_dir, spec.checkpoint.dir, options).acquire()
             plan = plan_resume(spec.checkpoint.dir, options, self.resume_from, self.restart)
+            self.change = check_resume(spec, plan.tag) if plan.tag else None  # refused before anything moves
             set_aside(spec.checkpoint.dir, plan.set_aside, options)  # nothing is ever written over
             self.resume_tag = plan.tag
             # checkpoint.init_from counts only for a run that starts at step 0
@@ -455,6 +458,8 @@ class Trainer:
 
     def resume(self) -> None:
         """The checkpoint the resume plan chose, if any, into the engine and every registered part."""
+        if self.change:
+            log.warning("%s: %s", self.resume_tag, self.change)
         try:
             state = self.checkpointer.load(self.engine, self.resume_tag, local_rank=self.info.local_rank)
         except LayoutMismatch as exc:  # every rank finds it; rank 0 says it

@@ -1,0 +1,33 @@
+"""What a resume on other ranks changes: the global batch is kept, or the resume is refused with the sizes that
+keep it; the world-size policy and the ZeRO stages whose checkpoints cannot be rewritten."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.training.resize import Layout, ResumeRefused, resume_change, splits
+
+
+def test_splits_of_a_global_batch():
+    assert splits(16, 1) == [(16, 1), (8, 2), (4, 4), (2, 8), (1, 16)]
+    assert splits(16, 3) == []
+
+
+def test_a_kept_global_batch_is_described_and_a_changed_one_refused():
+    saved = Layout(world_size=2, micro_batch_size=8, accumulation=1, zero_stage=3)
+    assert resume_change(saved, saved, "step-00000010") is None
+    change = resume_change(saved, Layout(1, 8, 2, 3), "step-00000010")
+    assert change.startswith("world size 2 -> 1, micro batch 8 -> 8, accumulation 1 -> 2, global batch 16 kept")
+    assert "rewritten for the new ranks" in change
+    assert resume_change(saved, Layout(2, 4, 2, 3), "t") == (
+        "world size 2 -> 2, micro batch 8 -> 4, accumulation 1 -> 2, global batch 16 kept"
+    )
+    with pytest.raises(ResumeRefused, match=r"global batch of 16 rows, this run's is 8.*global_batch_size=16"):
+        resume_change(saved, Layout(1, 8, 1, 3), "t")
+    with pytest.raises(ResumeRefused, match=r"cannot be split over 3 ranks; world sizes that can: 1, 2, 4, 8, 16"):
+        resume_change(saved, Layout(3, 5, 1, 3), "t")
+    with pytest.raises(ResumeRefused, match=r"on_world_size_change: refuse.*resume on 2 rank\(s\)"):
+        resume_change(saved, Layout(1, 8, 2, 3), "t", policy="refuse")
+    with pytest.raises(ResumeRefused, match=r"only ZeRO-3 \(and stage 0\) checkpoints are rewritten"):
+        resume_change(Layout(2, 8, 1, 2), Layout(1, 8, 2, 2), "t")
+    assert resume_change(Layout(2, 8, 1, 0), Layout(1, 8, 2, 0), "t").endswith("global batch 16 kept")
