@@ -346,7 +346,7 @@ class Checkpointer:
     def save(self, engine: Any, step: int) -> str:
         """Write step ``step`` with every registered part's state, then mark it newest (``LATEST``) and drop
         all but the newest ``keep_last``."""
-        tag = tag_for(step)
+        tag, started = tag_for(step), time.perf_counter()
         client_state = {name: part.state_dict() for name, part in self.parts.items()}
         path = Path(self.staging) if self.remote else Path(self.dir)
         if _store(self.dir, self.options).exists(f"{tag}/spec.yaml"):  # the resume plan sets such ones aside
@@ -377,7 +377,7 @@ class Checkpointer:
         dist.barrier()
         if self.remote:
             shutil.rmtree(path / tag, ignore_errors=True)  # what is left of the staged copy: empty directories
-        log.info("checkpoint %s written", store.child_url(tag))
+        log.info("checkpoint %s written in %.2f s", store.child_url(tag), time.perf_counter() - started)
         return tag
 
     def _prune(self, store: Any, path: Path) -> None:
