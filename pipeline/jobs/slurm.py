@@ -19,6 +19,7 @@ from data_prep.storage import make_dir, write_text
 from parcae_errors import REQUEUE_EXIT_CODE, ParcaeError
 from pipeline.jobs.sweep_record import is_sweep, metrics_records, point_run_dir
 from pipeline.jobspec import ClusterSpec, LoadedSpec, load_run_spec, load_spec
+from pipeline.jobspec.run_dir import segments
 from pipeline.training import checkpoint
 from pipeline.training.distributed import die_with_parent
 from pipeline.training.preflight import PREFLIGHT_ENV, PreflightError, data_problems, preflight
@@ -77,7 +78,7 @@ def render(spec: LoadedSpec, run_dir: Path, python: str = sys.executable, output
     optional += [f"#SBATCH {line}" for line in cluster.extra_sbatch]
     return Template(TEMPLATE.read_text()).substitute(
         job_name=spec.spec.name,
-        nodes=cluster.nodes,
+        nodes=f"{cluster.min_nodes}-{cluster.nodes}" if cluster.min_nodes else cluster.nodes,
         tasks_per_node=cluster.procs_per_node,
         output=output or f"{run_dir}/slurm/%j.out",
         workdir=workdir,
@@ -180,6 +181,12 @@ def status(run: str) -> int:
         f"job {job}: {fields.get('JobState', '?')}, nodes {fields.get('NodeList', '?')}, "
         f"elapsed {fields.get('RunTime', '?')}, restarts {fields.get('Restarts', '0')}"
     )
+    for number, segment in enumerate(segments(Path(run)), 1):
+        job_of = f", job {segment['job']} (restart {segment.get('restart', 0)})" if "job" in segment else ""
+        print(
+            f"segment {number}: from step {segment['step']} on {segment['world_size']} rank(s), "
+            f"{segment['nodes']} node(s){job_of}, started {segment['started']}"
+        )
     last = [r for r in metrics_records(Path(run)) if "loss" in r]
     if last:
         print(f"last logged step {last[-1]['step']}, loss {last[-1]['loss']:.4f}")
@@ -208,6 +215,20 @@ def cancel(run: str) -> int:
     return 0
 
 
+def allocation_overrides(cluster: ClusterSpec, env: dict[str, str] | os._Environ[str]) -> list[str]:
+    """``--set`` overrides for an allocation of another node count than the spec names (a ``--nodes=min-max``
+    range, or a job requeued or resubmitted with other ``--nodes``): the ranks are what Slurm gave, the global
+    batch is kept and the accumulation follows (refused by the spec's own check when it cannot)."""
+    nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or cluster.nodes)
+    if nodes == cluster.nodes:
+        return []
+    log.warning(
+        "the job has %d node(s), the spec names %d: training on %d x %d rank(s), the global batch kept",
+        nodes, cluster.nodes, nodes, cluster.procs_per_node,
+    )  # fmt: skip
+    return [f"cluster.nodes={nodes}", "training.gradient_accumulation_steps=null"]
+
+
 def slurm_job(run_dir: str) -> int:
     """Inside the batch script: rendezvous, one rank per task via srun, the warning signal, requeue."""
     env = os.environ
@@ -224,10 +245,14 @@ def slurm_job(run_dir: str) -> int:
     if is_sweep(Path(run_dir)):  # a sweep's job array: this task's point
         run_dir = str(point_run_dir(Path(run_dir), int(env.get("SLURM_ARRAY_TASK_ID", "-1"))))
     spec = Path(run_dir) / "spec.yaml"
-    loaded = load_spec(spec)
+    resized = allocation_overrides(load_spec(spec).spec.cluster, env)
+    loaded = load_spec(spec, resized)
     preflight(loaded.spec)  # once, here, before any rank starts: one clear message in the job log
     rank_env[PREFLIGHT_ENV] = "done"
-    cmd = ["srun", "--kill-on-bad-exit=1", sys.executable, "-m", "pipeline", "train", str(spec)]
+    ranks = loaded.spec.cluster  # the allocation's nodes: srun's task count follows them, not the submission's
+    layout = [f"--nodes={ranks.nodes}", f"--ntasks={ranks.world_size}", f"--ntasks-per-node={ranks.procs_per_node}"]
+    cmd = ["srun", "--kill-on-bad-exit=1", *layout, sys.executable, "-m", "pipeline", "train", str(spec)]
+    cmd += [f"--set={override}" for override in resized]
     proc = subprocess.Popen(cmd, env=rank_env, preexec_fn=die_with_parent)
 
     forwarded: list[int] = []

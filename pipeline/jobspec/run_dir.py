@@ -9,8 +9,11 @@ eval RUN` work from another directory, on a copy, or on another machine.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 from data_prep.storage import S3Options, StorageError, open_store, write_atomic
 from pipeline.jobspec.load import load_spec
@@ -19,6 +22,22 @@ from pipeline.jobspec.schema import JobSpec
 log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"
+SEGMENTS = "segments.jsonl"  # one line per start of training: the step, the ranks, the Slurm job
+
+
+def record_segment(run_dir: Path, **fields: Any) -> None:
+    """Append the start of a segment of training (a first start, a resume, a requeue) to ``RUN/segments.jsonl``."""
+    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    with (run_dir / SEGMENTS).open("a") as out:
+        out.write(json.dumps(record) + "\n")
+
+
+def segments(run_dir: Path) -> list[dict[str, Any]]:
+    """The segments a run recorded, oldest first (none for a run that predates them)."""
+    path = run_dir / SEGMENTS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def load_run_spec(run_dir: str | Path) -> JobSpec:

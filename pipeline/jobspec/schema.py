@@ -505,6 +505,11 @@ class ClusterSpec(Spec):
     """Where the ranks run: one machine or a Slurm allocation."""
 
     nodes: Annotated[int, Field(gt=0, le=10**5)] = 1
+    min_nodes: Annotated[int, Field(gt=0, le=10**5)] | None = Field(
+        None,
+        description="Slurm: accept an allocation of min_nodes to nodes nodes (--nodes=min-max); the job trains on "
+        "what it gets, the global batch kept (training.global_batch_size), resuming its checkpoint on that world size.",
+    )
     procs_per_node: Annotated[int, Field(gt=0, le=1024)] = Field(1, description="Ranks (GPUs) per node.")
     cpus_per_task: Annotated[int, Field(gt=0, le=4096)] | None = Field(
         None,
@@ -544,6 +549,13 @@ class ClusterSpec(Spec):
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
 
+    @model_validator(mode="after")
+    def _node_range(self) -> ClusterSpec:
+        if self.min_nodes is not None and self.min_nodes > self.nodes:
+            message = f"more than cluster.nodes ({self.nodes}): the range is min_nodes to nodes"
+            raise RuleViolations([Problem("min_nodes", self.min_nodes, message, ("min_nodes", "nodes"))])
+        return self
+
     @field_validator("time_limit", mode="before")
     @classmethod
     def _quoted_time(cls, value: Any) -> Any:
@@ -576,6 +588,7 @@ class JobSpec(Spec):
     @model_validator(mode="after")
     def _cross(self) -> JobSpec:
         problems = batch_problems(self.training, self.cluster.world_size)
+        problems += node_range_problems(self.training, self.cluster) if not problems else []
         if self.data.seq_len > self.model.max_seq_len:
             message = f"exceeds the model's context model.max_seq_len={self.model.max_seq_len}"
             deps = ("data.seq_len", "model.max_seq_len")
@@ -629,6 +642,25 @@ class JobSpec(Spec):
             return self.training.total_steps
         assert self.training.total_tokens is not None
         return -(-self.training.total_tokens // self.tokens_per_step)
+
+
+def node_range_problems(training: TrainingSpec, cluster: ClusterSpec) -> list[Problem]:
+    """With ``cluster.min_nodes``, every node count of the range must form the global batch with the micro
+    batch size (the accumulation follows), or an allocation of that size could not train."""
+    if cluster.min_nodes is None:
+        return []
+    assert training.global_batch_size is not None and training.micro_batch_size is not None
+    rows = training.micro_batch_size * cluster.procs_per_node
+    bad = [n for n in range(cluster.min_nodes, cluster.nodes) if training.global_batch_size % (rows * n)]
+    if not bad:
+        return []
+    message = (
+        f"on {', '.join(map(str, bad))} node(s) the global batch {training.global_batch_size} is not a multiple of "
+        f"micro_batch_size x procs_per_node x nodes ({training.micro_batch_size} x {cluster.procs_per_node} x n): "
+        "narrow the range, or choose a global batch every node count divides"
+    )
+    deps = ("cluster.min_nodes", "cluster.nodes", "training.global_batch_size", "training.micro_batch_size")
+    return [Problem("cluster.min_nodes", cluster.min_nodes, message, deps)]
 
 
 def batch_problems(training: TrainingSpec, world_size: int) -> list[Problem]:

@@ -31,7 +31,7 @@ from pipeline.data.mixture import train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
 from pipeline.evaluation.text import document_start, open_tokenizer
 from pipeline.jobspec import JobSpec, LoadedSpec
-from pipeline.jobspec.run_dir import keep_tokenizer
+from pipeline.jobspec.run_dir import keep_tokenizer, record_segment
 from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, plan_resume, set_aside
 from pipeline.training.distributed import (
     PEER_FAILED_SIGNAL,
@@ -322,6 +322,11 @@ class Trainer:
         """Before the first step: the run's spec and tokenizer into its directory (rank 0), the logs opened."""
         if self.info.rank == 0:
             self.loaded.save(self.run_dir / "spec.yaml")
+            env, job = os.environ, {}
+            if "SLURM_JOB_ID" in env:
+                job = {"job": env["SLURM_JOB_ID"], "restart": int(env.get("SLURM_RESTART_COUNT", 0))}
+            nodes = self.spec.cluster.nodes
+            record_segment(self.run_dir, step=step, world_size=self.info.world_size, nodes=nodes, **job)
             location = self.spec.tokenizer.path or self.loader.manifest["tokenizer"].get("path")
             if location:  # the run carries its tokenizer: generate / eval of a copied run need it
                 keep_tokenizer(str(location), self.run_dir, self.spec.storage.s3_options())

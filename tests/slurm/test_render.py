@@ -55,6 +55,26 @@ def test_script_from_the_cluster_section():
     assert script.splitlines()[-1].endswith("-m pipeline slurm-job /scratch/runs/demo")
 
 
+def test_a_node_range_every_count_of_which_forms_the_global_batch():
+    """``cluster.min_nodes``: ``--nodes=min-max``; refused when a node count of the range cannot form the global
+    batch; inside the job, an allocation of another size trains on it with the global batch kept."""
+    from pipeline.jobs.slurm import allocation_overrides
+    from pipeline.jobspec import ClusterSpec
+
+    nodes = ("cluster.nodes=4", "cluster.min_nodes=2", "cluster.procs_per_node=1", "training.micro_batch_size=4")
+    ok = dry_run(*nodes, "training.global_batch_size=48", "training.gradient_accumulation_steps=null")
+    assert ok.returncode == 0 and "#SBATCH --nodes=2-4" in ok.stdout.splitlines(), ok.stderr
+    bad = dry_run(*nodes, "training.global_batch_size=16", "training.gradient_accumulation_steps=null")
+    assert bad.returncode == 2, bad.stderr
+    assert "cluster.min_nodes: on 3 node(s) the global batch 16 is not a multiple" in bad.stderr
+    cluster = ClusterSpec(nodes=4, min_nodes=2)
+    assert allocation_overrides(cluster, {"SLURM_JOB_NUM_NODES": "4"}) == []
+    assert allocation_overrides(cluster, {"SLURM_JOB_NUM_NODES": "2"}) == [
+        "cluster.nodes=2",
+        "training.gradient_accumulation_steps=null",
+    ]
+
+
 def test_values_cannot_inject_shell():
     assert "cluster.partition: String should match pattern" in dry_run("cluster.partition='gpu; rm -rf ~'").stderr
     assert (

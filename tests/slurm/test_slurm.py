@@ -116,7 +116,11 @@ def test_two_node_job_trains_from_s3_and_logs(uninterrupted):
     assert f"job {job}: COMPLETED" in status.stdout and "checkpoint: step-00000024" in status.stdout
 
 
-def test_warning_signal_checkpoints_requeues_and_resumes_exactly(uninterrupted, s3_shards, tmp_path):
+def test_warning_signal_checkpoints_requeues_and_resumes_exactly_on_fewer_nodes(uninterrupted, s3_shards, tmp_path):
+    """The warning signal: checkpoint, requeue; the requeued job gets 1 node instead of 2 (as a user resubmitting
+    with other --nodes, or a --nodes=min-max range, would): it trains on 1 rank accumulating 2 micro batches,
+    the checkpoint rewritten for it, to the uninterrupted 2-node run's losses. (This test also covers the
+    requeue onto the same node count: every step of it but the rewrite.)"""
     expected = step_losses(uninterrupted[0])
     run_dir = tmp_path / "run"
     job = submit(s3_shards, run_dir, 24)
@@ -131,13 +135,18 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(uninterrupted, 
     # Slurm holds a requeued job for about two minutes before it is eligible again. The test shortens that to
     # 15 s: slurmd refuses to relaunch a job id it has just killed ("Job N already killed, do not launch batch
     # job"), so an immediate restart fails.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1"], check=True)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+15"], check=True)
     assert wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
     log = (run_dir / "slurm" / f"{job}.out").read_text()
     assert "preempted: requeueing" in log and f"resuming at step {stopped_at}" in log
+    assert "the job has 1 node(s), the spec names 2" in log and "world size 2 -> 1" in log, log[-3000:]
     after = step_losses(run_dir)
     for step in range(stopped_at + 1, 25):
         assert after[step] == expected[step], (step, after[step], expected[step])
+    status = parcae("status", str(run_dir)).stdout
+    assert f"segment 1: from step 0 on 2 rank(s), 2 node(s), job {job} (restart 0)" in status, status
+    assert f"segment 2: from step {stopped_at} on 1 rank(s), 1 node(s), job {job} (restart 1)" in status, status
 
 
 GPU = "training.device=cuda"

@@ -31,3 +31,21 @@ def test_a_kept_global_batch_is_described_and_a_changed_one_refused():
     with pytest.raises(ResumeRefused, match=r"only ZeRO-3 \(and stage 0\) checkpoints are rewritten"):
         resume_change(Layout(2, 8, 1, 2), Layout(1, 8, 2, 2), "t")
     assert resume_change(Layout(2, 8, 1, 0), Layout(1, 8, 2, 0), "t").endswith("global batch 16 kept")
+
+
+def test_a_load_failure_with_intact_files_does_not_advise_an_earlier_checkpoint(tmp_path):
+    """An earlier checkpoint is the way out only when a file of this one is damaged; when every file reads back,
+    the earlier one would fail the same way (a world-size refusal used to be answered with "resume from it")."""
+    import torch
+
+    from pipeline.training.checkpoint import unreadable
+
+    tag = tmp_path / "step-00000010"
+    tag.mkdir()
+    torch.save({"x": torch.zeros(3)}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    how = "resume from it with `parcae train SPEC --resume-from {tag}`"
+    intact = str(unreadable("dir/step-00000010", tag, RuntimeError("world size 2, now 1"), ["step-00000005"], how))
+    assert "read back intact" in intact and "world size 2, now 1" in intact and "step-00000005" not in intact
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 truncated")
+    damaged = str(unreadable("dir/step-00000010", tag, RuntimeError("bad"), ["step-00000005"], how))
+    assert "is corrupt or truncated" in damaged and "--resume-from step-00000005" in damaged
