@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +24,25 @@ from pipeline.training.muon_optimizer import MuonAdamW
 log = logging.getLogger(__name__)
 
 NO_DECAY_SUFFIXES = ("A_log", "dt_bias", "adapter.B", "adapter.weight", "C.weight")
+
+# DeepSpeed's ZeRO optimizers import this module only to ask isinstance(optimizer, MuonWithAuxAdam); importing
+# it applies torch.compile decorators, which import dynamo and inductor: 1.2-2.5 s of every rank's start-up
+# on CPU, for a class a run that does not use DeepSpeed's Muon never instantiates.
+_DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _deepspeed_muon_stand_in(needed: bool) -> None:
+    """Unless ``needed`` (optimizer.name: muon-deepspeed), give DeepSpeed a stand-in for its Muon module whose
+    class nothing is an instance of; when needed, take a stand-in out so the real module is imported."""
+    current = sys.modules.get(_DEEPSPEED_MUON)
+    stand_in = getattr(current, "PARCAE_STAND_IN", False)
+    if needed and stand_in:
+        del sys.modules[_DEEPSPEED_MUON]
+    elif not needed and current is None:
+        module = types.ModuleType(_DEEPSPEED_MUON, "stand-in: this run does not use DeepSpeed's Muon")
+        module.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})  # type: ignore[attr-defined]
+        module.PARCAE_STAND_IN = True  # type: ignore[attr-defined]
+        sys.modules[_DEEPSPEED_MUON] = module
 
 
 def is_no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -135,6 +156,7 @@ def build_engine(
     before the first step (`compile_and_warm_up`)."""
     import deepspeed
 
+    _deepspeed_muon_stand_in(needed=optimizer.name == "muon-deepspeed")
     model = build_model_sharded(cfg, ds_config, zero, seed, rank, initial)
 
     def scheduler(torch_optimizer):

@@ -49,3 +49,27 @@ def test_a_load_failure_with_intact_files_does_not_advise_an_earlier_checkpoint(
     (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 truncated")
     damaged = str(unreadable("dir/step-00000010", tag, RuntimeError("bad"), ["step-00000005"], how))
     assert "is corrupt or truncated" in damaged and "--resume-from step-00000005" in damaged
+
+
+def test_deepspeeds_muon_module_is_a_stand_in_unless_the_run_uses_it():
+    """DeepSpeed's ZeRO only asks isinstance(optimizer, MuonWithAuxAdam); importing the real module imports
+    inductor (a second of every rank's start-up). The stand-in goes when muon-deepspeed needs the real class."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import sys, torch\n"
+        "from pipeline.training.engine import _deepspeed_muon_stand_in, _DEEPSPEED_MUON\n"
+        "_deepspeed_muon_stand_in(needed=False)\n"
+        "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam\n"
+        "assert not isinstance(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), MuonWithAuxAdam)\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules\n"
+        "_deepspeed_muon_stand_in(needed=True)\n"
+        "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam as Real\n"
+        "assert Real is not MuonWithAuxAdam and hasattr(sys.modules[_DEEPSPEED_MUON], 'MuonWithAuxAdam')\n"
+        "assert not getattr(sys.modules[_DEEPSPEED_MUON], 'PARCAE_STAND_IN', False)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -197,6 +197,16 @@ def test_muon_with_auxiliary_adamw(tmp_path, shards):
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 
+def test_deepspeeds_own_muon_trains(tmp_path, shards):
+    """optimizer.name: muon-deepspeed needs DeepSpeed's Muon module, which the other optimizers replace by a
+    stand-in to save its import (`pipeline.training.engine`): the real one is used here. One rank, 4 steps."""
+    extra = ["optimizer.name=muon-deepspeed", "optimizer.lr=0.02", "optimizer.adam_lr=0.003"]
+    extra += ["cluster.procs_per_node=1", "logging.log_interval=1"]
+    records = run_variant(tmp_path, shards, "ds-muon", 4, extra)
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4 and all(math.isfinite(r["loss"]) for r in steps)
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
 def test_bf16_precisions_train_and_evaluate_under_zero3(tmp_path, shards, precision):
     """The GPU paths, run on CPU: the reference's bf16 mixed precision (fp32 weights under DeepSpeed's
