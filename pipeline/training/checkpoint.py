@@ -323,9 +323,10 @@ class Checkpointer:
         """Where DeepSpeed loads ``tag`` from: ``path``, or, for a ZeRO-3 checkpoint written by another number of
         ranks, its copy rewritten for this engine's ranks in ``tag/world-<N>/`` (made once: every rank writes
         its own files, and on S3 uploads them beside the checkpoint for the next resume on N ranks)."""
-        written_by, world = reshard.world_size_of(path / tag), engine.world_size
-        if not written_by or written_by == world:
+        written_by = reshard.world_size_of(path / tag)  # 0: not ZeRO's files (stage 0 loads on any world size)
+        if not written_by or written_by == engine.world_size:
             return path
+        world = engine.world_size
         converted = path / tag / f"world-{world}"
         rank = dist.get_rank()
         mine = reshard.files(converted / tag, rank)
