@@ -141,3 +141,15 @@ def test_the_trainer_reads_as_steps():
     long = {f.name: f.end_lineno - f.lineno + 1 for f in trainer.body if isinstance(f, ast.FunctionDef)}
     assert all(n <= 60 for n in long.values()), {k: v for k, v in long.items() if v > 60}
     assert "def save(" not in ast.unparse(trainer), "checkpoint state belongs to the parts (Checkpointer.register)"
+
+
+def test_jobs_return_data_and_the_command_line_prints():
+    """One rule for the boundary: a job (`pipeline/jobs/`) returns what it did, or hands progress lines to a
+    ``say`` callback; only `pipeline/cli/` writes to the terminal. So every job can be called from code (a
+    notebook, a test, another job) without output it did not ask for."""
+    printing = []
+    for path in sorted((REPO / "pipeline" / "jobs").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                printing.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not printing, printing

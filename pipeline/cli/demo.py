@@ -15,4 +15,4 @@ def add_parsers(sub: Any) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.jobs.demo import run_demo
 
-    return run_demo(args.workdir)
+    return run_demo(args.workdir, say=lambda line: print(line, flush=True))

@@ -62,7 +62,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.jobs.downstream import eval_ranks, launch_ranks, print_downstream, run_downstream
+    from pipeline.jobs.downstream import downstream_table, eval_ranks, launch_ranks, run_downstream
     from pipeline.jobs.evaluate import load_source
     from pipeline.jobspec import load_spec
 
@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 device=device,
             )
             if written is not None:
-                print_downstream(written.report)
+                print("\n".join(downstream_table(written.report)))
                 print(written.summary())
     if "val" in args.tasks and rank == 0:  # validation loss: on rank 0
         source.model.cpu()

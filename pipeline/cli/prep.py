@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 
@@ -52,7 +53,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         flag = {"time_limit": "time"}.get(str(first["loc"][0]), str(first["loc"][0])).replace("_", "-")
         value = first.get("input")
         raise UsageError(f"--{flag} {value}: {first['msg']} (e.g. 90, 4:00:00 or 1-00:00:00)") from None
-    return submit_prep(
+    done = submit_prep(
         args.out,
         args.tasks,
         workers=args.workers,
@@ -65,3 +66,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         setup_lines=args.setup_line,
         dry_run=args.dry_run,
     )
+    for note in done.notes:
+        print(note, file=sys.stderr)
+    if done.array_id is None:
+        print(done.scripts, end="")
+        return 0
+    print(
+        f"submitted {done.tasks} prep tasks as job array {done.array_id} (logs {done.logs}/{done.array_id}_<task>.out) "
+        f"and the merge as job {done.merge_id} after them; follow with `parcae prep status {args.out}`"
+    )
+    print(f"{done.array_id} {done.merge_id}")
+    return 0

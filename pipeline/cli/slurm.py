@@ -30,19 +30,27 @@ def add_parsers(sub: Any) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.jobs.slurm import submit
 
-    return submit(args.spec, args.overrides, args.dry_run)
+    done = submit(args.spec, args.overrides, args.dry_run)
+    if done.job_id is None:
+        print(done.script, end="")
+        return 0
+    print(f"submitted job {done.job_id}: {done.path} (log {done.log})")
+    print(done.job_id)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.jobs.slurm import status
 
-    return status(args.run)
+    print("\n".join(status(args.run)))
+    return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from pipeline.jobs.slurm import cancel
 
-    return cancel(args.run)
+    print(f"cancelled job {cancel(args.run)}")
+    return 0
 
 
 def cmd_slurm_job(args: argparse.Namespace) -> int:

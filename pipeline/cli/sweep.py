@@ -47,7 +47,7 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
         return 0
     if args.dry_run:
         return 0
-    failed = sweep.run_locally(args.spec, directory, planned)
+    failed = sweep.run_locally(args.spec, directory, planned, say=lambda line: print(line, flush=True))
     done = len(planned) - len(failed)
     print(f"done: {done} finished, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
     print(f"summary: parcae sweep summary {directory}")
@@ -55,10 +55,10 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_summary(args: argparse.Namespace) -> int:
-    from pipeline.jobs.sweep_summary import print_summary, summarize
+    from pipeline.jobs.sweep_summary import summarize, summary_table
 
     directory = Path(args.dir)
     runs, keys = summarize(directory)
-    print_summary(runs, keys)
+    print("\n".join(summary_table(runs, keys)))
     print(f"wrote {directory / 'summary.json'}, {directory / 'curves.png'}, {directory / 'training.png'}")
     return 0

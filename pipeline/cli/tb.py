@@ -27,4 +27,5 @@ def cmd_tb(args: argparse.Namespace) -> int:
         endpoint_url=args.endpoint_url,
         cache=args.cache,
         sync_interval=args.sync_interval,
+        say=lambda line: print(line, flush=True),
     )

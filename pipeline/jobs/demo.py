@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from parcae_errors import ParcaeError
@@ -25,10 +26,6 @@ from pipeline.training.distributed import free_port
 
 DEMO_SPEC = Path(__file__).resolve().parents[2] / "configs" / "demo-tiny.yaml"
 BUCKET = "parcae-demo"
-
-
-def _step(n: int, text: str) -> None:
-    print(f"\n[{n}/4] {text}", flush=True)
 
 
 def start_local_s3(log_path: Path | None = None) -> tuple[subprocess.Popen, str]:
@@ -53,7 +50,9 @@ def start_local_s3(log_path: Path | None = None) -> tuple[subprocess.Popen, str]
             time.sleep(0.1)
 
 
-def run_demo(workdir: str) -> int:
+def run_demo(workdir: str, say: Callable[[str], None] = lambda _: None) -> int:
+    """The demo in ``workdir`` (started afresh); ``say`` gets its progress and results, line by line (the CLI
+    prints them; training logs as any run does)."""
     from data_prep.corpus import BUILTIN, CorpusSpec, Problems, iter_documents
     from data_prep.shards import ShardSettings, build_shards
     from data_prep.storage import S3Options
@@ -72,17 +71,17 @@ def run_demo(workdir: str) -> int:
     ):
         os.environ.setdefault(key, value)
 
-    _step(1, "tokenizer: SentencePiece BPE, vocab 2048, on the embedded corpus (standard-library docstrings)")
+    say("\n[1/4] tokenizer: SentencePiece BPE, vocab 2048, on the embedded corpus (standard-library docstrings)")
     card = train_tokenizer(
         iter_documents(CorpusSpec((BUILTIN,)), Problems()),
         TokenizerSettings(vocab_size=2048),
         root / "tokenizer" / "demo",
     )
-    print(f"      {root / 'tokenizer' / 'demo.model'}: trained on {card['sample']['documents_sampled']} documents")
+    say(f"      {root / 'tokenizer' / 'demo.model'}: trained on {card['sample']['documents_sampled']} documents")
 
     s3, endpoint = start_local_s3(root / "s3-server.log")
     try:
-        _step(2, f"shards: rows of 65 tokens into s3://{BUCKET}/shards on the local S3 endpoint {endpoint}")
+        say(f"\n[2/4] shards: rows of 65 tokens into s3://{BUCKET}/shards on the local S3 endpoint {endpoint}")
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
@@ -97,9 +96,9 @@ def run_demo(workdir: str) -> int:
         )
         for split in ("train", "val"):
             t = summary[split]
-            print(f"      {split}: {t['shards']} shards, {t['samples']} rows, {t['tokens']} tokens")
+            say(f"      {split}: {t['shards']} shards, {t['samples']} rows, {t['tokens']} tokens")
         at_start = summary["train"]["rows_at_document_start"]
-        print(
+        say(
             f"      packing bos-aligned: {at_start} of {summary['train']['samples']} rows start a document with <bos>, "
             "as CORE prompts and samples do"
         )
@@ -108,9 +107,9 @@ def run_demo(workdir: str) -> int:
         # local S3 endpoint is gone (the training shards stream from S3 as on a cluster).
         val_dir = root / "shards" / "val"
         sync_s3(f"s3://{BUCKET}/shards/val", val_dir, S3Options(endpoint))
-        print(f"      validation shards copied to {val_dir} (evaluation after the demo reads them)")
+        say(f"      validation shards copied to {val_dir} (evaluation after the demo reads them)")
 
-        _step(3, "training: tiny Parcae, DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), streaming from S3")
+        say("\n[3/4] training: tiny Parcae, DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), streaming from S3")
         run_dir = root / "run"
         overrides = [
             f"run_dir={run_dir}",
@@ -125,29 +124,29 @@ def run_demo(workdir: str) -> int:
         s3.terminate()
         s3.wait(timeout=30)
 
-    _step(4, "results")
+    say("\n[4/4] results")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(k.startswith("val_loss") for k in r)]
     first, last = train[0], train[-1]
     head = sum(r["loss"] for r in train[:10]) / min(10, len(train))
     tail = sum(r["loss"] for r in train[-10:]) / min(10, len(train))
-    print(
+    say(
         f"      training loss: step {first['step']} {first['loss']:.3f} -> step {last['step']} {last['loss']:.3f} "
         f"(mean of the first 10 steps {head:.3f}, of the last 10 {tail:.3f})"
     )
     if evals:
         final = evals[-1]
-        print(f"      validation loss at step {final['step']} by test-time loop count:")
+        say(f"      validation loss at step {final['step']} by test-time loop count:")
         for key, value in final.items():
             if key.startswith("val_loss_loops_"):
-                print(f"        {int(key.rsplit('_', 1)[1]):>3} loops: {value:.4f}")
+                say(f"        {int(key.rsplit('_', 1)[1]):>3} loops: {value:.4f}")
     tb = run_dir / "tensorboard"
-    print(
+    say(
         f"\nTensorBoard logs: {tb}\nView them with:  .venv/bin/parcae tb {run_dir} --port 6006   "
         "(the Custom Scalars tab first: docs/monitoring.md)"
     )
-    print(f"Checkpoints: {run_dir / 'checkpoints'}; metrics per step: {run_dir / 'metrics.jsonl'}")
+    say(f"Checkpoints: {run_dir / 'checkpoints'}; metrics per step: {run_dir / 'metrics.jsonl'}")
     if tail >= head - 1.0:
         raise ParcaeError(f"the loss did not fall clearly ({head:.3f} -> {tail:.3f}); something is wrong")
     return 0

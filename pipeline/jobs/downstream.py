@@ -212,28 +212,31 @@ def curve_fit(results: list[dict[str, Any]], name: str) -> tuple[CurveFit | None
     return try_fit([r["loops"] for r in results], [r[name] for r in results])
 
 
-def print_downstream(report: dict[str, Any]) -> None:
+def downstream_table(report: dict[str, Any]) -> list[str]:
+    """A downstream report as text: what was scored, per task accuracy / centered accuracy at every loop count,
+    the aggregates and their fits."""
+    lines: list[str] = []
     results = report["results"]
     seeds = report["seeds"]
-    print(
+    lines.append(
         f"{report['label']}: {', '.join(LABELS[a] for a in report['aggregates'])} from {report['bundle']}; "
         f"{len(report['tasks'])} tasks, {report['rows']} scored rows, few-shot seed(s) {', '.join(map(str, seeds))}"
         + (f", at most {report['max_per_task']} items per task" if report["max_per_task"] else "")
         + (f"; {report['cropped_items']} prompt(s) cut to the context" if report["cropped_items"] else "")
     )
     heads = ["-" if r["loops"] is None else f"T={r['loops']}" for r in results]
-    print(f"  {'task':<34} {'type':<6} {'shots':>5}  " + "  ".join(f"{h:>13}" for h in heads))
+    lines.append(f"  {'task':<34} {'type':<6} {'shots':>5}  " + "  ".join(f"{h:>13}" for h in heads))
     kinds = {"multiple_choice": "mc", "schema": "schema", "language_modeling": "lm"}
     for task in report["tasks"]:
         cells = [
             f"{100 * r['tasks'][task['label']]['accuracy']:5.1f} /{100 * r['tasks'][task['label']]['centered']:6.1f}"
             for r in results
         ]
-        print(
+        lines.append(
             f"  {task['label'][:34]:<34} {kinds[task['type']]:<6} {task['num_fewshot']:>5}  "
             + "  ".join(f"{c:>13}" for c in cells)
         )
-    print("  (accuracy / centered accuracy, in %)")
+    lines.append("  (accuracy / centered accuracy, in %)")
     for name in report["aggregates"]:
         cells = []
         for r in results:
@@ -241,15 +244,16 @@ def print_downstream(report: dict[str, Any]) -> None:
             if f"{name}_std" in r:
                 cell += f"±{100 * r[f'{name}_std']:.2f}"
             cells.append(cell)
-        print(f"  {LABELS[name]:<47} " + "  ".join(f"{c:>13}" for c in cells))
+        lines.append(f"  {LABELS[name]:<47} " + "  ".join(f"{c:>13}" for c in cells))
         fit = report["fit"].get(name)
         if fit:
-            print(
+            lines.append(
                 f"  {LABELS[name]} fit S(T) = S_inf + k exp(-z T): S_inf {100 * fit['l_inf']:.2f}, "
                 f"k {100 * fit['k']:.2f}, z {fit['z']:.3g}"
             )
         elif report["fit_error"].get(name):
-            print(f"  {LABELS[name]}: no fit: {report['fit_error'][name]}")
+            lines.append(f"  {LABELS[name]}: no fit: {report['fit_error'][name]}")
+    return lines
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
@@ -56,6 +57,18 @@ def render(
     )
 
 
+@dataclass(frozen=True)
+class PrepSubmitted:
+    """The rendered scripts (array, then merge), the task count, notes; the job ids unless a dry run."""
+
+    scripts: str
+    tasks: int
+    notes: list[str]
+    array_id: str | None = None
+    merge_id: str | None = None
+    logs: str | None = None
+
+
 def submit_prep(
     out: str,
     tasks: int,
@@ -69,11 +82,13 @@ def submit_prep(
     log_dir: str,
     setup_lines: list[str],
     dry_run: bool = False,
-) -> int:
+) -> PrepSubmitted:
+    """Render (and unless ``dry_run`` submit) the prep tasks as one job array and the merge after them; more
+    tasks than the plan has units become one task per unit (the result says so)."""
     _, plan = read_plan(out, options)  # the plan must exist; its units decide how many tasks are useful
-    units = len(plan["units"])
+    units, notes = len(plan["units"]), []
     if tasks > units:
-        print(f"--tasks {tasks}: the plan has {units} units; submitting {units} tasks", file=sys.stderr)
+        notes.append(f"--tasks {tasks}: the plan has {units} units; submitting {units} tasks")
         tasks = units
     s3 = [*(["--endpoint-url", endpoint_url] if endpoint_url else []), *(["--region", region] if region else [])]
     run = [sys.executable, "-m", "pipeline", "prep", "run", out, "--task", '"$SLURM_ARRAY_TASK_ID"',
@@ -89,9 +104,7 @@ def submit_prep(
     merge_script = render(merge, job_name=f"{name}-merge", output=f"{logs}/merge-%j.out", cpus=1,
                           cluster=cluster, setup_lines=setup_lines)  # fmt: skip
     if dry_run:
-        print(array_script, end="")
-        print(merge_script, end="")
-        return 0
+        return PrepSubmitted(array_script + merge_script, tasks, notes)
     check_against_cluster(cluster)
     make_dir(Path(logs))
     write_text(Path(logs) / "prep.sbatch", array_script)
@@ -100,9 +113,4 @@ def submit_prep(
     merge_id = sbatch(Path(logs) / "merge.sbatch", f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes")
     with (Path(logs) / "jobs.txt").open("a") as f:
         f.write(f"{array_id} {merge_id}\n")
-    print(
-        f"submitted {tasks} prep tasks as job array {array_id} (logs {logs}/{array_id}_<task>.out) and the merge "
-        f"as job {merge_id} after them; follow with `parcae prep status {out}`"
-    )
-    print(f"{array_id} {merge_id}")
-    return 0
+    return PrepSubmitted(array_script + merge_script, tasks, notes, array_id, merge_id, logs)

@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
@@ -138,13 +139,22 @@ def check_against_cluster(cluster: ClusterSpec) -> None:
         )
 
 
-def submit(spec_path: str, overrides: list[str], dry_run: bool) -> int:
+@dataclass(frozen=True)
+class Submitted:
+    """What `submit` did: the rendered batch script, and (unless a dry run) the job and where it logs."""
+
+    script: str
+    job_id: str | None = None
+    path: Path | None = None
+    log: Path | None = None
+
+
+def submit(spec_path: str, overrides: list[str], dry_run: bool) -> Submitted:
     loaded = load_spec(spec_path, overrides)
     run_dir = Path(loaded.spec.run_dir or f"runs/{loaded.spec.name}").resolve()
     script = render(loaded, run_dir)
     if dry_run:
-        print(script, end="")
-        return 0
+        return Submitted(script)
     check_against_cluster(loaded.spec.cluster)
     problems, _ = data_problems(loaded.spec)  # data the login node cannot read is checked by the job
     if problems:
@@ -157,9 +167,7 @@ def submit(spec_path: str, overrides: list[str], dry_run: bool) -> int:
     job_id = sbatch(path)
     with (run_dir / "slurm" / "jobs.txt").open("a") as f:
         f.write(job_id + "\n")
-    print(f"submitted job {job_id}: {path} (log {run_dir}/slurm/{job_id}.out)")
-    print(job_id)
-    return 0
+    return Submitted(script, job_id, path, run_dir / "slurm" / f"{job_id}.out")
 
 
 def _job_id(run: str) -> str:
@@ -169,7 +177,9 @@ def _job_id(run: str) -> str:
     return jobs.read_text().split()[-1]
 
 
-def status(run: str) -> int:
+def status(run: str) -> list[str]:
+    """A submitted run's Slurm state, its segments (where it started, on how many ranks), its last logged
+    step and loss and its newest checkpoint, one line each."""
     job = _job_id(run)
     fields = {}
     try:
@@ -177,21 +187,21 @@ def status(run: str) -> int:
         fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
     except SlurmError as exc:
         fields = {"JobState": f"unknown ({exc})"}
-    print(
+    lines = [
         f"job {job}: {fields.get('JobState', '?')}, nodes {fields.get('NodeList', '?')}, "
         f"elapsed {fields.get('RunTime', '?')}, restarts {fields.get('Restarts', '0')}"
-    )
+    ]
     for number, segment in enumerate(segments(Path(run)), 1):
         job_of = f", job {segment['job']} (restart {segment.get('restart', 0)})" if "job" in segment else ""
-        print(
+        lines.append(
             f"segment {number}: from step {segment['step']} on {segment['world_size']} rank(s), "
             f"{segment['nodes']} node(s){job_of}, started {segment['started']}"
         )
     last = [r for r in metrics_records(Path(run)) if "loss" in r]
     if last:
-        print(f"last logged step {last[-1]['step']}, loss {last[-1]['loss']:.4f}")
-    print(f"checkpoint: {_newest_checkpoint(Path(run))}")
-    return 0
+        lines.append(f"last logged step {last[-1]['step']}, loss {last[-1]['loss']:.4f}")
+    lines.append(f"checkpoint: {_newest_checkpoint(Path(run))}")
+    return lines
 
 
 def _newest_checkpoint(run: Path) -> str:
@@ -208,11 +218,11 @@ def _newest_checkpoint(run: Path) -> str:
     return f"{tag} (in {directory})" if tag else "none yet"
 
 
-def cancel(run: str) -> int:
+def cancel(run: str) -> str:
+    """Cancel a run's newest job; its id."""
     job = _job_id(run)
     _run(["scancel", job])
-    print(f"cancelled job {job}")
-    return 0
+    return job
 
 
 def allocation_overrides(cluster: ClusterSpec, env: dict[str, str] | os._Environ[str]) -> list[str]:

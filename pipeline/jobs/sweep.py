@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,18 +126,21 @@ def plan_sweep(
     return root, planned
 
 
-def run_locally(spec_path: str, directory: Path, points: list[dict[str, Any]]) -> list[str]:
-    """Train the points one after another, each its own `parcae train`; returns the failed points' names."""
+def run_locally(
+    spec_path: str, directory: Path, points: list[dict[str, Any]], say: Callable[[str], None] = lambda _: None
+) -> list[str]:
+    """Train the points one after another, each its own `parcae train`; returns the failed points' names.
+    ``say`` receives a line as each point starts, is skipped or fails (the CLI prints them)."""
     make_dir(directory)
     write_record(directory, spec_path, points)
     failed = []
     for i, point in enumerate(points, 1):
         run_dir = Path(point["run_dir"])
         if exit_code(run_dir) == 0:
-            print(f"[{i}/{len(points)}] {point['name']}: finished before, skipped")
+            say(f"[{i}/{len(points)}] {point['name']}: finished before, skipped")
             continue
         make_dir(run_dir)
-        print(f"[{i}/{len(points)}] {point['name']}: training (log {run_dir / 'train.log'})", flush=True)
+        say(f"[{i}/{len(points)}] {point['name']}: training (log {run_dir / 'train.log'})")
         cmd = [sys.executable, "-m", "pipeline", "train", spec_path, *[f"--set={o}" for o in point["overrides"]]]
         with (run_dir / "train.log").open("a") as log:
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
@@ -144,7 +148,7 @@ def run_locally(spec_path: str, directory: Path, points: list[dict[str, Any]]) -
         if code != 0:
             failed.append(point["name"])
             tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or [""]
-            print(f"    exit {code}: {tail[0][:200]}")
+            say(f"    exit {code}: {tail[0][:200]}")
     return failed
 
 

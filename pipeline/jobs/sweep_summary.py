@@ -105,7 +105,9 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
     return "-" if x is None else (format(x, spec) if isinstance(x, float) else str(x))
 
 
-def print_summary(runs: list[dict[str, Any]], keys: list[str]) -> None:
+def summary_table(runs: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """The sweep's runs as a table: the grid's values, steps, losses, the largest spectral radius, the fitted
+    L_inf and whether (and why) a run diverged; one line each, after the header."""
     header = [
         *(k.split(".")[-1] for k in keys),
         "steps",
@@ -132,9 +134,8 @@ def print_summary(runs: list[dict[str, Any]], keys: list[str]) -> None:
             ]
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for row in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    return lines + ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
 
 
 def _plot(directory: Path, runs: list[dict[str, Any]]) -> None:

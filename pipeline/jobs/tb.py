@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from data_prep.storage import S3Options, StorageError, is_s3, open_store
@@ -72,9 +73,17 @@ def _name(arg: str, used: set[str]) -> str:
 
 
 def serve(
-    logdirs: list[str], *, port: int, host: str, endpoint_url: str | None, cache: str, sync_interval: float
+    logdirs: list[str],
+    *,
+    port: int,
+    host: str,
+    endpoint_url: str | None,
+    cache: str,
+    sync_interval: float,
+    say: Callable[[str], None] = lambda _: None,
 ) -> int:
-    """Serve TensorBoard over ``logdirs`` until interrupted."""
+    """Serve TensorBoard over ``logdirs`` until interrupted; ``say`` gets a line when it serves (its URL and
+    runs) and when it stops (the CLI prints them)."""
     if not 0 <= port < 65536:
         raise UsageError(f"--port: 0-65535, got {port}")
     if sync_interval <= 0:
@@ -117,17 +126,17 @@ def serve(
     except program.TensorBoardServerException as exc:
         shutil.rmtree(links, ignore_errors=True)
         raise ParcaeError(f"--port {port}: TensorBoard could not start: {exc}") from None
-    print(f"TensorBoard at {url} ({', '.join(f'{n} = {p}' for n, p in dirs.items())}); Ctrl-C to stop", flush=True)
+    say(f"TensorBoard at {url} ({', '.join(f'{n} = {p}' for n, p in dirs.items())}); Ctrl-C to stop")
     # Ctrl-C and SIGTERM stop it even when it was started with SIGINT ignored (a background job of a
     # non-interactive shell, and everything that shell starts, inherits an ignored SIGINT: Python then
     # installs no KeyboardInterrupt handler and the server outlived the signal)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, lambda *_: _exit_now(stop, syncer, links))
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now(stop, syncer, links, say))
     try:
         while True:  # short sleeps: a SIGINT delivered to one of TensorBoard's threads wakes no long sleep
             time.sleep(0.5)
     except KeyboardInterrupt:
-        _exit_now(stop, syncer, links)
+        _exit_now(stop, syncer, links, say)
     return 0
 
 
@@ -142,7 +151,7 @@ def labelled(dirs: dict[str, Path], cache_root: Path) -> Path:
     return links
 
 
-def _exit_now(stop: threading.Event, syncer: threading.Thread, links: Path) -> None:
+def _exit_now(stop: threading.Event, syncer: threading.Thread, links: Path, say: Callable[[str], None]) -> None:
     """Ctrl-C: stop syncing, then leave at once with 0. TensorBoard's server, its reloader and an S3 sync
     are daemon threads that may be mid-request; the interpreter's own shutdown around them was seen to
     hang, and a foreground server has nothing left to save."""
@@ -153,7 +162,7 @@ def _exit_now(stop: threading.Event, syncer: threading.Thread, links: Path) -> N
         syncer.join(timeout=10)
     manager.remove_info_file()
     shutil.rmtree(links, ignore_errors=True)  # the links only: rmtree does not follow them
-    print("TensorBoard stopped", flush=True)
+    say("TensorBoard stopped")
     logging.shutdown()
     sys.stderr.flush()
     os._exit(0)
