@@ -117,15 +117,7 @@ def run_downstream(
 ) -> Written | None:
     """Score the suites; rank 0 writes the outputs and returns the report and where it went, the other
     ranks return None."""
-    if loops and min(loops) < 1:
-        raise UsageError(f"--loops: loop counts must be >= 1, got {loops}")
-    if max_per_task is not None and max_per_task < 1:
-        raise UsageError(f"--max-per-task: at least 1 item per task, got {max_per_task}")
-    if batch_tokens < 1:
-        raise UsageError(f"--batch-tokens: at least 1, got {batch_tokens}")
-    seeds = seeds or [DEFAULT_SEED]
-    if len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds: each few-shot seed once, got {seeds}")
+    seeds = check_downstream_settings(loops, max_per_task, batch_tokens, seeds)
     out_dir = Path(out or source.out_dir)
     if rank == 0:
         check_outputs(out_dir, tensorboard, source)  # before the evaluation, not after
@@ -133,17 +125,7 @@ def run_downstream(
     model = source.model.to(device or torch.device("cpu"))
     model.eval()
     cfg = model.cfg
-    with tempfile.TemporaryDirectory() as tmp:
-        location = source_tokenizer(tokenizer, source, source_arg, options)
-        try:
-            text = open_tokenizer(location, options, Path(tmp))
-        except TokenizerError as exc:
-            exc.add_note("pass --tokenizer with the model's tokenizer")
-            raise
-    if text.vocab_size > cfg.vocab_size:
-        raise ParcaeError(
-            f"tokenizer {location}: vocabulary {text.vocab_size} is larger than the model's {cfg.vocab_size}"
-        )
+    location, text = model_tokenizer(tokenizer, source, source_arg, options, cfg.vocab_size)
     suite = Suite.load(Bundle(bundle, options), suites, max_per_task)
     counts = sorted(set(loops or DEFAULT_LOOPS)) if cfg.looped else None
     start = prompt_start_of(source, options, text, rank)
@@ -186,13 +168,57 @@ def run_downstream(
         "fit": {name: (fit.to_dict() if fit else None) for name, (fit, _) in fits.items()},
         "fit_error": {name: error for name, (_, error) in fits.items()},
     }
+    return write_downstream(report, counts, fits, source, out_dir, tensorboard)
+
+
+def check_downstream_settings(
+    loops: list[int] | None, max_per_task: int | None, batch_tokens: int, seeds: list[int] | None
+) -> list[int]:
+    """Refuse, naming the flag, what cannot be scored; the few-shot seeds (the default one when none)."""
+    if loops and min(loops) < 1:
+        raise UsageError(f"--loops: loop counts must be >= 1, got {loops}")
+    if max_per_task is not None and max_per_task < 1:
+        raise UsageError(f"--max-per-task: at least 1 item per task, got {max_per_task}")
+    if batch_tokens < 1:
+        raise UsageError(f"--batch-tokens: at least 1, got {batch_tokens}")
+    seeds = seeds or [DEFAULT_SEED]
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds: each few-shot seed once, got {seeds}")
+    return seeds
+
+
+def model_tokenizer(
+    given: str | None, source: Source, source_arg: str, options: S3Options, vocab_size: int
+) -> tuple[str, TextTokenizer]:
+    """(location, tokenizer) of the model's tokenizer, which must fit the model's vocabulary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        location = source_tokenizer(given, source, source_arg, options)
+        try:
+            text = open_tokenizer(location, options, Path(tmp))
+        except TokenizerError as exc:
+            exc.add_note("pass --tokenizer with the model's tokenizer")
+            raise
+    if text.vocab_size > vocab_size:
+        raise ParcaeError(f"tokenizer {location}: vocabulary {text.vocab_size} is larger than the model's {vocab_size}")
+    return location, text
+
+
+def write_downstream(
+    report: dict[str, Any],
+    counts: list[int] | None,
+    fits: dict[str, Any],
+    source: Source,
+    out_dir: Path,
+    tensorboard: str | None,
+) -> Written:
+    """downstream.json, the curves (looped models) and TensorBoard; what was written where."""
     make_dir(out_dir)
     write_text(out_dir / "downstream.json", json.dumps(report, indent=2) + "\n")
     figure = None
     if counts:
         curves = {
-            f"{source.label} {LABELS[name]}": (counts, [r[name] for r in results], fits[name][0])
-            for name in suite.aggregates
+            f"{source.label} {LABELS[name]}": (counts, [r[name] for r in report["results"]], fits[name][0])
+            for name in report["aggregates"]
         }
         figure = plot_loop_curve(
             curves,

@@ -150,33 +150,13 @@ def run_eval(
     numbers are identical run to run). "paper": the reference's evaluation, ``documents`` held-out
     documents one per row (truncated to the context, bytes without special tokens), h_0 the like-init
     truncated normal averaged over ``h0_seeds`` seeds, each result with its spread over the seeds."""
-    if protocol not in PROTOCOLS:
-        raise UsageError(f"--protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
-    if documents < 1 or h0_seeds < 1:
-        raise UsageError("--documents and --h0-seeds must be >= 1")
-    if loops and min(loops) < 1:
-        raise UsageError(f"--loops: loop counts must be >= 1, got {loops}")
-    if batch_size < 1 or max_batches < 1:
-        raise UsageError("--batch-size and --max-batches must be >= 1")
+    check_eval_settings(protocol, documents, h0_seeds, loops, batch_size, max_batches)
     out_dir = Path(out or source.out_dir)
     check_outputs(out_dir, tensorboard, source)  # before the evaluation, not after
     model, spec = source.model, source.spec
     model.eval()
     cfg = model.cfg
-    data = data or (default_validation(spec) if spec else None)
-    if not data:
-        raise ParcaeError(
-            "no validation data: the spec has no data.val_url and no source a val_url; pass --data (a shard "
-            "directory or s3:// prefix with manifest.json)"
-        )
-    options = s3_options(endpoint_url, spec)
-    manifest = read_manifest(open_store(data, options))
-    seq_len = int(manifest["seq_len"])
-    if seq_len > cfg.max_seq_len:
-        raise ParcaeError(f"{data}: rows of {seq_len} tokens, longer than the model's max_seq_len {cfg.max_seq_len}")
-    vocab_in_data = int(manifest["tokenizer"].get("vocab_size", cfg.vocab_size))
-    if vocab_in_data > cfg.vocab_size:
-        raise ParcaeError(f"{data}: tokenizer vocabulary {vocab_in_data} is larger than the model's {cfg.vocab_size}")
+    data, options, manifest = validation_data(data, spec, endpoint_url, cfg)
     bos, eos = special_ids(manifest)
     try:
         counter = TokenBytes(tokenizer or shards_tokenizer(manifest, source), cfg.padded_vocab_size, eos)
@@ -184,8 +164,9 @@ def run_eval(
         exc.add_note("pass --tokenizer with the model the shards were made with")
         raise
     loader = rows_loader(
-        data, options, rank=0, world_size=1, batch_size=batch_size, seq_len=seq_len, vocab_size=cfg.vocab_size
-    )
+        data, options, rank=0, world_size=1, batch_size=batch_size, seq_len=int(manifest["seq_len"]),
+        vocab_size=cfg.vocab_size,
+    )  # fmt: skip
     counts = sorted(set(loops or DEFAULT_LOOPS)) if cfg.looped else None
     if protocol == "paper":
         rows_in_order = (
@@ -212,16 +193,14 @@ def run_eval(
     with torch.no_grad():
         per_seed = [loss_sums(model, batches, counts, cfg.d_model, h0_seed=seed) for seed in seeds]
     results = seed_results(counts, per_seed, n_bytes)
-    sums = per_seed[0]
     fit, fit_error = fit_results(results)
-    make_dir(out_dir)
     report = {
         "source": source_name,
         "label": source.label,
         "step": source.step,
         "data": data,
         "rows": int(sum((b[0] if isinstance(b, tuple) else b).shape[0] for b in batches)),
-        "tokens": int(sums[0, 1]),
+        "tokens": int(per_seed[0][0, 1]),
         "bytes": n_bytes,
         "h0": described["h0"],
         "protocol": described,
@@ -229,10 +208,54 @@ def run_eval(
         "fit": fit,
         "fit_error": fit_error,
     }
+    return write_eval(report, counts, source, out_dir, tensorboard)
+
+
+def check_eval_settings(
+    protocol: str, documents: int, h0_seeds: int, loops: list[int] | None, batch_size: int, max_batches: int
+) -> None:
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+    if documents < 1 or h0_seeds < 1:
+        raise UsageError("--documents and --h0-seeds must be >= 1")
+    if loops and min(loops) < 1:
+        raise UsageError(f"--loops: loop counts must be >= 1, got {loops}")
+    if batch_size < 1 or max_batches < 1:
+        raise UsageError("--batch-size and --max-batches must be >= 1")
+
+
+def validation_data(
+    data: str | None, spec: JobSpec | None, endpoint_url: str | None, cfg: Any
+) -> tuple[str, Any, dict[str, Any]]:
+    """(shard set, storage options, manifest) of the validation data: ``data``, else the spec's; its rows must
+    fit the model's context and its tokenizer the model's vocabulary."""
+    data = data or (default_validation(spec) if spec else None)
+    if not data:
+        raise ParcaeError(
+            "no validation data: the spec has no data.val_url and no source a val_url; pass --data (a shard "
+            "directory or s3:// prefix with manifest.json)"
+        )
+    options = s3_options(endpoint_url, spec)
+    manifest = read_manifest(open_store(data, options))
+    seq_len = int(manifest["seq_len"])
+    if seq_len > cfg.max_seq_len:
+        raise ParcaeError(f"{data}: rows of {seq_len} tokens, longer than the model's max_seq_len {cfg.max_seq_len}")
+    vocab_in_data = int(manifest["tokenizer"].get("vocab_size", cfg.vocab_size))
+    if vocab_in_data > cfg.vocab_size:
+        raise ParcaeError(f"{data}: tokenizer vocabulary {vocab_in_data} is larger than the model's {cfg.vocab_size}")
+    return data, options, manifest
+
+
+def write_eval(
+    report: dict[str, Any], counts: list[int] | None, source: Source, out_dir: Path, tensorboard: str | None
+) -> Written:
+    """eval.json, the loss curve (looped models) and TensorBoard; what was written where."""
+    make_dir(out_dir)
     write_text(out_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     figure = None
     if counts:
-        curve = (counts, [r["loss"] for r in results], CurveFit(**fit) if fit else None)
+        fit = report["fit"]
+        curve = (counts, [r["loss"] for r in report["results"]], CurveFit(**fit) if fit else None)
         figure = plot_loop_curve(
             {source.label: curve}, f"{source.label}: loss vs test-time loops", out_dir / "eval.png"
         )
