@@ -50,15 +50,13 @@ def start_local_s3(log_path: Path | None = None) -> tuple[subprocess.Popen, str]
             time.sleep(0.1)
 
 
-def run_demo(workdir: str, say: Callable[[str], None] = lambda _: None) -> int:
+Say = Callable[[str], None]
+
+
+def run_demo(workdir: str, say: Say = lambda _: None) -> int:
     """The demo in ``workdir`` (started afresh); ``say`` gets its progress and results, line by line (the CLI
     prints them; training logs as any run does)."""
-    from data_prep.corpus import BUILTIN, CorpusSpec, Problems, iter_documents
-    from data_prep.shards import ShardSettings, build_shards
-    from data_prep.storage import S3Options
-    from data_prep.tokenizer import TokenizerSettings, train_tokenizer
     from pipeline.jobs.launch import run_train
-    from pipeline.jobs.tb import sync_s3
 
     root = Path(workdir)
     if root.exists():
@@ -70,50 +68,15 @@ def run_demo(workdir: str, say: Callable[[str], None] = lambda _: None) -> int:
         ("AWS_DEFAULT_REGION", "us-east-1"),
     ):
         os.environ.setdefault(key, value)
-
-    say("\n[1/4] tokenizer: SentencePiece BPE, vocab 2048, on the embedded corpus (standard-library docstrings)")
-    card = train_tokenizer(
-        iter_documents(CorpusSpec((BUILTIN,)), Problems()),
-        TokenizerSettings(vocab_size=2048),
-        root / "tokenizer" / "demo",
-    )
-    say(f"      {root / 'tokenizer' / 'demo.model'}: trained on {card['sample']['documents_sampled']} documents")
-
+    tokenizer = demo_tokenizer(root, say)
     s3, endpoint = start_local_s3(root / "s3-server.log")
     try:
-        say(f"\n[2/4] shards: rows of 65 tokens into s3://{BUCKET}/shards on the local S3 endpoint {endpoint}")
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        summary = build_shards(
-            [BUILTIN],
-            str(root / "tokenizer" / "demo.model"),
-            f"s3://{BUCKET}/shards",
-            ShardSettings(seq_len=64, shard_bytes=256_000, val_fraction=0.03, packing="bos-aligned"),
-            workers=2,
-            options=S3Options(endpoint),
-            progress=False,
-        )
-        for split in ("train", "val"):
-            t = summary[split]
-            say(f"      {split}: {t['shards']} shards, {t['samples']} rows, {t['tokens']} tokens")
-        at_start = summary["train"]["rows_at_document_start"]
-        say(
-            f"      packing bos-aligned: {at_start} of {summary['train']['samples']} rows start a document with <bos>, "
-            "as CORE prompts and samples do"
-        )
-
-        # The validation set is copied here too: `parcae eval runs/demo/run` works after the demo, when the
-        # local S3 endpoint is gone (the training shards stream from S3 as on a cluster).
-        val_dir = root / "shards" / "val"
-        sync_s3(f"s3://{BUCKET}/shards/val", val_dir, S3Options(endpoint))
-        say(f"      validation shards copied to {val_dir} (evaluation after the demo reads them)")
-
+        val_dir = demo_shards(root, tokenizer, endpoint, say)
         say("\n[3/4] training: tiny Parcae, DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), streaming from S3")
         run_dir = root / "run"
         overrides = [
             f"run_dir={run_dir}",
-            f"tokenizer.path={root / 'tokenizer' / 'demo.model'}",
+            f"tokenizer.path={tokenizer}",
             f"data.val_url={val_dir}",
             f"storage.endpoint_url={endpoint}",
         ]
@@ -123,7 +86,62 @@ def run_demo(workdir: str, say: Callable[[str], None] = lambda _: None) -> int:
     finally:
         s3.terminate()
         s3.wait(timeout=30)
+    return demo_results(run_dir, say)
 
+
+def demo_tokenizer(root: Path, say: Say) -> Path:
+    """Step 1: a SentencePiece tokenizer trained on the embedded corpus; its model file."""
+    from data_prep.corpus import BUILTIN, CorpusSpec, Problems, iter_documents
+    from data_prep.tokenizer import TokenizerSettings, train_tokenizer
+
+    say("\n[1/4] tokenizer: SentencePiece BPE, vocab 2048, on the embedded corpus (standard-library docstrings)")
+    card = train_tokenizer(
+        iter_documents(CorpusSpec((BUILTIN,)), Problems()),
+        TokenizerSettings(vocab_size=2048),
+        root / "tokenizer" / "demo",
+    )
+    model = root / "tokenizer" / "demo.model"
+    say(f"      {model}: trained on {card['sample']['documents_sampled']} documents")
+    return model
+
+
+def demo_shards(root: Path, tokenizer: Path, endpoint: str, say: Say) -> Path:
+    """Step 2: the corpus as shards on the local S3 endpoint, the validation set copied to local disk (so
+    `parcae eval` of the demo's run works after the endpoint is gone); the local validation directory."""
+    import boto3
+
+    from data_prep.corpus import BUILTIN
+    from data_prep.shards import ShardSettings, build_shards
+    from data_prep.storage import S3Options
+    from pipeline.jobs.tb import sync_s3
+
+    say(f"\n[2/4] shards: rows of 65 tokens into s3://{BUCKET}/shards on the local S3 endpoint {endpoint}")
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    summary = build_shards(
+        [BUILTIN],
+        str(tokenizer),
+        f"s3://{BUCKET}/shards",
+        ShardSettings(seq_len=64, shard_bytes=256_000, val_fraction=0.03, packing="bos-aligned"),
+        workers=2,
+        options=S3Options(endpoint),
+        progress=False,
+    )
+    for split in ("train", "val"):
+        t = summary[split]
+        say(f"      {split}: {t['shards']} shards, {t['samples']} rows, {t['tokens']} tokens")
+    at_start = summary["train"]["rows_at_document_start"]
+    say(
+        f"      packing bos-aligned: {at_start} of {summary['train']['samples']} rows start a document with <bos>, "
+        "as CORE prompts and samples do"
+    )
+    val_dir = root / "shards" / "val"
+    sync_s3(f"s3://{BUCKET}/shards/val", val_dir, S3Options(endpoint))
+    say(f"      validation shards copied to {val_dir} (evaluation after the demo reads them)")
+    return val_dir
+
+
+def demo_results(run_dir: Path, say: Say) -> int:
+    """Step 4: the loss curve's ends and the validation loss per loop count; refused if the loss did not fall."""
     say("\n[4/4] results")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
