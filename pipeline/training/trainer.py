@@ -30,7 +30,7 @@ from pipeline.data.loader import DataWaitInterrupted
 from pipeline.data.mixture import train_loader
 from pipeline.evaluation.dashboard import hparams_of, source_val_key
 from pipeline.evaluation.text import document_start, open_tokenizer
-from pipeline.jobspec import JobSpec, LoadedSpec
+from pipeline.jobspec import EvalSpec, JobSpec, LoadedSpec, LoggingSpec
 from pipeline.jobspec.run_dir import keep_tokenizer, record_segment
 from pipeline.training.checkpoint import Checkpointer, LayoutMismatch, plan_resume, set_aside
 from pipeline.training.distributed import (
@@ -186,7 +186,9 @@ class Trainer:
         )
         self.validators = self.build_validators(spec, cfg, options, ranks)
         self.source_weights = {s.name: s.weight for s in spec.data.train_sources()}
-        self.downstream, self.samples = self.prompted_evaluations(spec, cfg, options, ranks)
+        self.downstream, self.samples = self.prompted_evaluations(
+            spec.eval, spec.logging, spec.tokenizer.path, cfg, options, ranks
+        )
         self.checkpointer = Checkpointer(spec.checkpoint, options, loaded.to_yaml())
         self.sampler = DepthSampler.for_model(cfg, seed=t.seed, global_batch=self.loader.global_batch)
         self.guard = LossGuard(t.spike_zscore)
@@ -420,13 +422,20 @@ class Trainer:
         return peak
 
     def prompted_evaluations(
-        self, spec: JobSpec, cfg, options, ranks: dict[str, int]
+        self,
+        evaluation: EvalSpec,
+        logging_spec: LoggingSpec,
+        tokenizer: str | None,
+        cfg,
+        options,
+        ranks: dict[str, int],
     ) -> tuple[DownstreamEvaluator | None, TextSamples | None]:
         """``eval.downstream`` and ``logging.sample_prompts``, built on every rank with the run's tokenizer
-        (opened once, for both); a problem, which every rank finds, is said by rank 0."""
-        if not (spec.eval.downstream.bundle or spec.logging.sample_prompts):
+        (``tokenizer.path``, else the shards'; opened once, for both); a problem, which every rank finds, is
+        said by rank 0."""
+        if not (evaluation.downstream.bundle or logging_spec.sample_prompts):
             return None, None
-        location = spec.tokenizer.path or self.loader.manifest["tokenizer"]["path"]
+        location = tokenizer or self.loader.manifest["tokenizer"]["path"]
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 text = open_tokenizer(location, options, Path(tmp))
@@ -436,13 +445,14 @@ class Trainer:
                 )
             start = document_start(text, self.loader.manifest).id  # as the training rows start documents
             downstream = None
-            if spec.eval.downstream.bundle:
+            if evaluation.downstream.bundle:
+                settings, counts = evaluation.downstream, evaluation.loop_counts
                 downstream = DownstreamEvaluator(
-                    spec.eval.downstream, spec.eval.loop_counts, cfg, text, start, options, device=self.device, **ranks
+                    settings, counts, cfg, text, start, options, device=self.device, **ranks
                 )
         except ParcaeError as exc:
             raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
-        samples = TextSamples(spec.logging, cfg, text, start, self.device) if spec.logging.sample_prompts else None
+        samples = TextSamples(logging_spec, cfg, text, start, self.device) if logging_spec.sample_prompts else None
         return downstream, samples
 
     def train_step(self, batches, progress: Progress):
