@@ -1,6 +1,8 @@
 """Parcae: a stable looped language model, and the fixed-depth GPT baseline built from the same block.
 
-Read top to bottom; docs/parcae.md is the account of the paper every choice here follows.
+Read top to bottom; docs/parcae.md is the account of the paper every choice here follows. A second,
+self-contained copy for Hugging Face remote code is `model/hf_template/modeling_parcae.py`;
+tests/pipeline/jobs/test_hf_export.py holds the two to the same logits and tokens (change both together).
 
     ids -> wte -> PRELUDE blocks -> ln_prelude -> e                       (the injected signal)
     h_0 = truncated normal (std sigma, cut at 3 sigma, fresh each forward) or zeros

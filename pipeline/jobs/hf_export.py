@@ -3,7 +3,7 @@
 
 DIR holds ``config.json`` (the model config, ``loops`` and ``h0`` for a forward, ``auto_map`` naming the
 two remote-code files), ``configuration_parcae.py`` and ``modeling_parcae.py`` (self-contained: torch and
-transformers only, copied from ``hf_template/``), ``model.safetensors`` (fp32, our parameter names) and
+transformers only, copied from ``model/hf_template/``), ``model.safetensors`` (fp32, our parameter names) and
 the tokenizer: a SentencePiece model as ``tokenizer.model`` with a ``tokenizer_config.json`` that
 `AutoTokenizer` reads, or a Hugging Face ``tokenizer.json`` as it is.
 """
@@ -23,7 +23,7 @@ from data_prep.tokenizer import BOS_ID, EOS_ID, PAD_ID, TextTokenizer, Tokenizer
 from model import ParcaeLM
 from parcae_errors import ParcaeError, UsageError
 
-TEMPLATE = Path(__file__).resolve().parent / "hf_template"
+TEMPLATE = Path(__file__).resolve().parents[2] / "model" / "hf_template"  # the model's remote-code copy
 REMOTE_CODE = ("configuration_parcae.py", "modeling_parcae.py")
 
 

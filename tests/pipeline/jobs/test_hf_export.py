@@ -1,7 +1,8 @@
 """`parcae export --format hf`: transformers loads the directory (remote code), gives our logits at 1 and at
 several loop counts and our greedy tokens (generate() through its KV cache, one position per new token, as
 without it; left-padded batches; beyond the context); lm-evaluation-harness scores it end to end on a local task
-(nothing downloaded), with the log-likelihoods our model gives."""
+(nothing downloaded), with the log-likelihoods our model gives. This is the test that holds the remote-code copy
+of the model (model/hf_template/modeling_parcae.py) to model/parcae.py."""
 
 from __future__ import annotations
 

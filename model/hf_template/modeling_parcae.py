@@ -12,6 +12,10 @@ loop count is ``config.loops`` unless a forward (or ``generate``) passes ``loops
 token at loop t attends to the earlier tokens' keys and values at loop t), so cached generation gives the
 uncached tokens. ``attention_mask`` is honoured (left-padded batches: no position attends to padding);
 beyond ``max_seq_len`` tokens generation slides a window without the cache, as the pipeline does.
+
+This file is the second copy of the model (`model/parcae.py` is the first): it must stay self-contained for
+remote code. tests/pipeline/jobs/test_hf_export.py holds the two to the same logits, loop counts and greedy
+tokens; a change to either needs the other.
 """
 
 import math
