@@ -1,16 +1,15 @@
 """Streaming one shard set from its manifest (local directory or s3:// prefix).
 
-Each epoch, the shard order is a permutation drawn from (seed, epoch); rank r of W reads the shards
-at positions r, r + W, ... of it, reading each one through boto3 (or the file system) into memory,
-never to disk, and using its rows only once its size and sha256 match the manifest; samples are
-shuffled through a bounded buffer seeded by (seed, epoch, rank). The stream of an epoch is a pure
-function of the manifest, the seed, the rank and the world size.
+Each epoch, the shard order is a permutation drawn from (seed, epoch); stream s of S (a rank of the run
+that started the data) reads the shards at positions s, s + S, ... of it, reading each one through boto3
+(or the file system) into memory, never to disk, and using its rows only once its size and sha256 match
+the manifest; samples are shuffled through a bounded buffer seeded by (seed, epoch, stream). The stream
+of an epoch is a pure function of the manifest, the seed, the stream and S.
 
-Training reads rows (`rows_from`): every rank uses the smallest rank's share of rows per epoch,
+Training reads rows (`rows_from`): every stream uses the smallest stream's share of rows per epoch,
 computed from the manifest alone (no communication), and a position is a row count, from which the
 mixture (`pipeline.data.mixture`) resumes exactly. The evaluation sets (`rows_loader`) are read as
-batches (``__iter__``, every rank the same number per epoch); the batch position (epoch, batches) and
-its ``state_dict`` date from before mixtures and are no longer what a checkpoint holds.
+batches from the first epoch (``__iter__``, every rank the same number).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -67,15 +65,6 @@ def rows_loader(
     return loader
 
 
-@dataclass
-class LoaderState:
-    epoch: int = 0
-    batches: int = 0  # yielded in this epoch
-
-    def as_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches}
-
-
 class ShardLoader:
     def __init__(
         self,
@@ -114,7 +103,6 @@ class ShardLoader:
         self.on_bad_shard, self.prefetch, self.max_retries = on_bad_shard, prefetch, options.max_retries
         self.max_bad_shard_share, self.vocab_size = max_bad_shard_share, vocab_size
         self.interrupt: threading.Event | None = None  # set by a stop signal: every data wait and retry ends
-        self.state = LoaderState()
         self.skipped_shards: list[str] = []
         self._epoch_rows: list[int] = []
         self._epoch_lock = threading.Lock()
@@ -299,15 +287,12 @@ class ShardLoader:
         self._check_epoch(read)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """Batches of (micro_batch_size, seq_len + 1) int64 token rows, forever, from the current state.
-
-        The state advances when a batch is handed to the caller, not when it is read ahead.
-        """
-        source = self._batches(self.state.epoch, self.state.batches)
+        """Batches of (micro_batch_size, seq_len + 1) int64 token rows, forever, from the first epoch (the
+        evaluation sets; training reads rows through a mixture, whose state resumes exactly)."""
+        source = self._batches(0, 0)
         if self.prefetch > 0:
             source = _prefetched(source, self.prefetch, self.interrupt, self.url)
-        for epoch, index, batch in source:
-            self.state = LoaderState(epoch, index + 1)
+        for _epoch, _index, batch in source:
             yield batch
 
     def _batches(self, epoch: int, skip: int) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -320,13 +305,6 @@ class ShardLoader:
             for index, batch in self._epoch_batches(epoch, skip):
                 yield epoch, index, batch
             epoch, skip = epoch + 1, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.state.as_dict(), "skipped_shards": list(self.skipped_shards)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = LoaderState(int(state["epoch"]), int(state["batches"]))
-        self.skipped_shards = list(state.get("skipped_shards", []))
 
 
 def _first(urls: list[str], n: int = 3) -> str:
