@@ -1,5 +1,6 @@
-"""A tiny model learns: a few hundred steps on a fixed text lower the loss well below the unigram
-entropy, for Parcae and both RDM baselines, with per-sequence loop sampling and checkpointing on."""
+"""A tiny model learns: 100 steps on a fixed text lower the loss well below the unigram entropy, for Parcae
+and both RDM baselines, with per-sequence loop sampling and checkpointing on. (Measured 2026-12-06: the mean
+of the last 20 losses is 0.10-0.12 of the entropy at step 100, 0.05 at step 300; the bound is 0.5.)"""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_tiny_model_learns_the_text(injection):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     seq, batch, losses = 48, 16, []
-    for step in range(300):
+    for step in range(100):
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
         rows = torch.stack([data[s : s + seq + 1] for s in starts])
         loops = sample_loop_counts(batch, cfg.mean_recurrence, cfg.mean_backprop_depth, loop_generator(0, 0, step, 0))
