@@ -255,8 +255,10 @@ def slurm_job(run_dir: str) -> int:
     if is_sweep(Path(run_dir)):  # a sweep's job array: this task's point
         run_dir = str(point_run_dir(Path(run_dir), int(env.get("SLURM_ARRAY_TASK_ID", "-1"))))
     spec = Path(run_dir) / "spec.yaml"
-    resized = allocation_overrides(load_spec(spec).spec.cluster, env)
-    loaded = load_spec(spec, resized)
+    loaded = load_spec(spec)
+    resized = allocation_overrides(loaded.spec.cluster, env)
+    if resized:  # another node count: the spec as the ranks will read it (accumulation derived again)
+        loaded = load_spec(spec, resized)
     preflight(loaded.spec)  # once, here, before any rank starts: one clear message in the job log
     rank_env[PREFLIGHT_ENV] = "done"
     ranks = loaded.spec.cluster  # the allocation's nodes: srun's task count follows them, not the submission's

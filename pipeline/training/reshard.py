@@ -60,7 +60,9 @@ class _Old:
     def __init__(self, tag_dir: Path):
         self.world = world_size_of(tag_dir)
         self.models = [_load(files(tag_dir, r)[0]) for r in range(self.world)]
-        self.optims = [_load(files(tag_dir, r)[1])["optimizer_state_dict"] for r in range(self.world)]
+        first, *others = [_load(files(tag_dir, r)[1]) for r in range(self.world)]
+        self.top = {k: v for k, v in first.items() if k != "optimizer_state_dict"}  # DeepSpeed's config, version
+        self.optims = [whole["optimizer_state_dict"] for whole in (first, *others)]
         self.where: dict[str, tuple[int, int, int, int]] = {}  # name: (sub-group, index, offset, numel)
         for group, shapes in enumerate(self.models[0]["param_shapes"]):
             offset = 0
@@ -148,13 +150,7 @@ def reshard(old_dir: Path, new_dir: Path, engine: Any, rank: int) -> None:
     model = {**old.models[0], "param_shapes": shapes, "dp_world_size": world}
     new_dir.mkdir(parents=True, exist_ok=True)
     model_file, optim_file = files(new_dir, rank)
-    for content, file in (({**_top(old_dir), "optimizer_state_dict": new_optim}, optim_file), (model, model_file)):
+    for content, file in (({**old.top, "optimizer_state_dict": new_optim}, optim_file), (model, model_file)):
         part = file.with_name(file.name + ".part")  # a conversion cut off is made again, never loaded half
         torch.save(content, part)
         part.replace(file)
-
-
-def _top(old_dir: Path) -> dict[str, Any]:
-    """The optimizer-states file's other fields (DeepSpeed's config and version)."""
-    whole = _load(files(old_dir, 0)[1])
-    return {k: v for k, v in whole.items() if k != "optimizer_state_dict"}
