@@ -1,34 +1,43 @@
 # The two commands of the README: `make demo` and `make test`. Both set everything up first.
 # Set-up is idempotent: it reruns only when pyproject.toml or this file changes.
 #
-# torch is installed first and pinned, so that pip takes the right build for the machine:
-# the CPU wheel here (torch==2.13.0); on a GPU cluster, e.g.
+# torch is installed first and pinned, so that pip takes the right build for the machine: the CPU wheel
+# here (torch==2.13.0). On a GPU cluster (docs/gpu.md), one of:
 #   make setup TORCH_SPEC='torch==2.13.0' TORCH_INDEX_URL=<the CUDA wheel index of your CUDA version>
+#   make setup TORCH_SPEC=system                  # keep the site's torch (its container or module)
+#   make setup TORCH_SPEC=system WHEELHOUSE=DIR   # and no network: the wheels from `make wheelhouse`
+# `make wheelhouse WHEELHOUSE=DIR [PY=3.12] [PLATFORM=manylinux_2_28_x86_64] [WHEELHOUSE_TORCH='torch==2.13.0']`
+# writes those wheels on a machine that reaches the index (tools/wheelhouse.py).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
+WHEELHOUSE ?=
+EXTRAS ?= dev,parquet,hf
+PY ?=
+PLATFORM ?=
+WHEELHOUSE_TORCH ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.parcae-setup-done
 export DS_ACCELERATOR ?= cpu
 # pytest-xdist workers: the tests wait on processes (ranks, daemons, servers) as much as they compute
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup wheelhouse demo test test-fast lint format clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check \
-		$(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet --disable-pip-version-check "setuptools>=64" wheel
-	# DeepSpeed builds from source against the torch above (no isolated build env that could pull another torch).
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[dev,parquet,hf]"
-	$(BIN)/python -c "import torch, deepspeed, webdataset, sentencepiece, tensorboard, pydantic, boto3, transformers, lm_eval, xdist; \
-		print('set-up ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
+$(STAMP): pyproject.toml Makefile tools/setup.sh
+	PYTHON="$(PYTHON)" VENV="$(VENV)" TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)" \
+		WHEELHOUSE="$(WHEELHOUSE)" EXTRAS="$(EXTRAS)" tools/setup.sh
 	touch $@
+
+wheelhouse:
+	$(MAKE) setup WHEELHOUSE=
+	$(BIN)/python tools/wheelhouse.py "$(or $(WHEELHOUSE),wheelhouse)" --extras "$(EXTRAS)" \
+		$(if $(PY),--python $(PY)) $(if $(PLATFORM),--platform $(PLATFORM)) \
+		$(if $(WHEELHOUSE_TORCH),--torch "$(WHEELHOUSE_TORCH)") $(if $(TORCH_INDEX_URL),--torch-index-url $(TORCH_INDEX_URL))
 
 demo: setup
 	$(BIN)/parcae demo

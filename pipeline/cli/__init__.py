@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from data_prep.cli import add_prep_parser
 from parcae_errors import ParcaeError, ReportedElsewhere
-from pipeline.cli import demo, evaluate, generate, plan, prep, slurm, sweep, tb, train, validate, weights
+from pipeline.cli import acceptance, demo, evaluate, generate, plan, prep, slurm, sweep, tb, train, validate, weights
 from pipeline.jobspec.secrets import redact
 
 
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parsers(sub)
     tb.add_parsers(sub)
     demo.add_parsers(sub)
+    acceptance.add_parsers(sub)
     _everywhere(parser)
     return parser
 

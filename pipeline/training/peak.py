@@ -14,15 +14,22 @@ import time
 import torch
 
 
-def gemm_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.3) -> float:
-    """FLOP/s of ``size`` x ``size`` matmuls in ``dtype`` on this process's threads (best of short rounds)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+def gemm_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.3, device: str = "cpu") -> float:
+    """FLOP/s of ``size`` x ``size`` matmuls in ``dtype`` on this process's threads, or on a GPU (``device``
+    "cuda", timed between synchronizations; `parcae check-gpu` measures its bf16 peak so)
+    (best of short rounds)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    repeat = 10 if device.startswith("cuda") else 1  # a GPU matmul is too short to time alone
     for _ in range(2):  # warm-up: allocation, thread pool, kernel selection
         torch.mm(a, b)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
+        sync()
         start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+        for _ in range(repeat):
+            torch.mm(a, b)
+        sync()
+        best = max(best, repeat * 2 * size**3 / (time.perf_counter() - start))
     return best
