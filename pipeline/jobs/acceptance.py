@@ -136,6 +136,9 @@ def run_acceptance(out: str, plan: Plan, say: Say = lambda _: None) -> dict[str,
         mode = [f"training.precision={precision}", f"training.compile={_on(compile_on)}"]
         return [*base, *mode, f"checkpoint.interval_steps={checkpoint_every}", *more]
 
+    # one micro batch for all runs of the main shape (the same batches in bf16 and fp32): fp32's must fit
+    base.append(fitting_micro_batch(main, runs("fp32", False, main.steps), plan.device))
+
     say(f"[3/5] training {main.name}, {main.steps} steps: bf16-mixed{', compiled' if compiled else ''}")
     profile = f"logging.profile_memory_steps={plan.profile_steps}"
     bf16 = train(root / "bf16", main, runs(bf16_mixed, compiled, main.steps - 1, "checkpoint.keep_last=2", profile))
@@ -149,12 +152,8 @@ def run_acceptance(out: str, plan: Plan, say: Say = lambda _: None) -> dict[str,
     resumed = train(root / "bf16", main, runs(bf16_mixed, compiled, main.steps), resume_from=tag)
     lap("resume")
     say(f"      {large.name}, {large.steps} steps, for its peak memory")
-    micro = fitting_micro_batch(large, base, plan.device)
-    big = train(
-        root / "large",
-        large,
-        runs(bf16_mixed, False, large.steps, micro, f"logging.profile_memory_steps={large.steps}"),
-    )
+    large_runs = runs(bf16_mixed, False, large.steps, f"logging.profile_memory_steps={large.steps}")
+    big = train(root / "large", large, [*large_runs, fitting_micro_batch(large, large_runs, plan.device)])
     lap("train large")
     report["training"] = training_report(plan, bf16, fp32, resumed, big)
     say("[4/5] generation and CORE, from the trained model")
@@ -306,16 +305,17 @@ def train(run_dir: Path, shape: Shape, overrides: list[str], resume_from: str | 
     return Trained(run_dir, records, memory, load_spec(str(shape.spec), sets).spec)
 
 
-def fitting_micro_batch(shape: Shape, base: list[str], device: str) -> str:
-    """The shipped micro batch, halved until `parcae validate --memory`'s plan fits this device."""
+def fitting_micro_batch(shape: Shape, overrides: list[str], device: str) -> str:
+    """The micro batch of the shape's spec with ``overrides``, halved until `parcae validate --memory`'s plan
+    fits 90% of this device."""
     from pipeline.jobspec import load_spec
     from pipeline.training.memory import device_memory_here, plan_memory
 
     here = device_memory_here(device, 1)
-    spec = load_spec(str(shape.spec), [*shape.overrides, *base]).spec
+    spec = load_spec(str(shape.spec), [*shape.overrides, *overrides]).spec
     micro = spec.training.micro_batch_size
     while here and micro > 1:
-        trial = load_spec(str(shape.spec), [*shape.overrides, *base, f"training.micro_batch_size={micro}"]).spec
+        trial = load_spec(str(shape.spec), [*shape.overrides, *overrides, f"training.micro_batch_size={micro}"]).spec
         if plan_memory(trial, device).peak_bytes <= 0.9 * here[0]:
             break
         micro //= 2

@@ -164,9 +164,11 @@ def test_zero3_matches_plain_pytorch_gradients_every_step(tmp_path, gather_unit)
     for name, ref in plain["weights"].items():
         torch.testing.assert_close(zero3["weights"][name], ref, atol=1e-5, rtol=1e-4, msg=name)
     if compiled:  # compiled against eager: fused kernels round differently, and no more than that
+        # (worst relative gradient difference over the 8 steps: 4e-4 on torch 2.13, 3.1e-3 on torch 2.11, the
+        # lowest release supported; a wrong gradient differs by order 1)
         eager = reference(JobSpec.model_validate(SPEC), steps)
         drift = [max(relative(zero3["grads"][s][n], g) for n, g in eager["grads"][s].items()) for s in range(steps)]
-        assert max(drift) < 5e-4, [f"{w:.1e}" for w in drift]
+        assert max(drift) < 5e-3, [f"{w:.1e}" for w in drift]
 
 
 MUON = {
