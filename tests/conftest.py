@@ -9,9 +9,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -93,6 +95,23 @@ def s3_server():
                 os.environ[key] = value
 
 
+def once_per_run(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A directory that ``build`` fills once per test run, not once per pytest-xdist worker: the first worker
+    to get here builds it beside the workers' own temporary directories, the others wait on its lock and
+    read it. For what is deterministic and never written to by a test (tokenizer, shards, reference run)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run (pytest-xdist's own recipe)
+    out = root / f"once-{name}"
+    with FileLock(f"{out}.lock"):
+        if not (out / ".done").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            build(out)
+            (out / ".done").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def builtin_docs() -> list[str]:
     from data_prep.corpus import BUILTIN, CorpusSpec, Problems, iter_documents
@@ -115,10 +134,11 @@ def tokenizer(tmp_path_factory, corpus_jsonl) -> Path:
     from data_prep.corpus import CorpusSpec, Problems, iter_documents
     from data_prep.tokenizer import TokenizerSettings, train_tokenizer
 
-    out = tmp_path_factory.mktemp("tok") / "t"
-    docs = iter_documents(CorpusSpec((str(corpus_jsonl),)), Problems())
-    train_tokenizer(docs, TokenizerSettings(vocab_size=512, max_sample_chars=300_000), out)
-    return Path(f"{out}.model")
+    def build(out: Path) -> None:
+        docs = iter_documents(CorpusSpec((str(corpus_jsonl),)), Problems())
+        train_tokenizer(docs, TokenizerSettings(vocab_size=512, max_sample_chars=300_000), out / "t")
+
+    return once_per_run(tmp_path_factory, "tokenizer", build) / "t.model"
 
 
 @pytest.fixture(scope="session")
@@ -126,15 +146,11 @@ def tiny_shards(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
     """Train and val shards of 32-token rows (about 40 kB a shard, 5% validation) for the tiny runs."""
     from data_prep.shards import ShardSettings, build_shards
 
-    out = tmp_path_factory.mktemp("tiny-shards")
-    build_shards(
-        [str(corpus_jsonl)],
-        str(tokenizer),
-        str(out),
-        ShardSettings(seq_len=32, shard_bytes=40_000, val_fraction=0.05),
-        workers=0,
-    )
-    return out
+    def build(out: Path) -> None:
+        settings = ShardSettings(seq_len=32, shard_bytes=40_000, val_fraction=0.05)
+        build_shards([str(corpus_jsonl)], str(tokenizer), str(out), settings, workers=0)
+
+    return once_per_run(tmp_path_factory, "tiny-shards", build)
 
 
 def tiny_run(shards: str | Path, run_dir: str | Path, steps: int, **settings: object) -> list[str]:
@@ -199,10 +215,12 @@ REFERENCE_STEPS = 24
 def reference_losses(tiny_shards, tmp_path_factory) -> dict[int, float]:
     """Per-step losses of an uninterrupted 2-rank run of REFERENCE_STEPS steps: what every interrupted and
     resumed run must reproduce exactly."""
-    tmp_path = tmp_path_factory.mktemp("reference")
-    reference = start_run(train_cmd(tiny_shards, tmp_path / "reference", REFERENCE_STEPS), tmp_path / "reference.log")
-    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
-    result = step_losses(tmp_path / "reference")
+
+    def build(out: Path) -> None:
+        reference = start_run(train_cmd(tiny_shards, out / "reference", REFERENCE_STEPS), out / "reference.log")
+        assert reference.wait(timeout=600) == 0, (out / "reference.log").read_text()[-3000:]
+
+    result = step_losses(once_per_run(tmp_path_factory, "reference", build) / "reference")
     assert sorted(result) == list(range(1, REFERENCE_STEPS + 1))
     assert result[REFERENCE_STEPS] < result[1] - 0.5  # it learns
     return result
