@@ -281,6 +281,11 @@ class Trained:
     memory: dict[str, Any] | None
     spec: Any  # the resolved job spec (for the memory plan)
 
+    def speed(self) -> dict[str, float]:
+        """Median tokens/s, MFU and HFU of the steps past the first third (compiles and warm-up)."""
+        timed = [self.records[s] for s in sorted(self.records)[len(self.records) // 3 :]]
+        return {key: statistics.median(r.get(key, math.nan) for r in timed) for key in ("tokens_per_s", "mfu", "hfu")}
+
 
 def train(run_dir: Path, shape: Shape, overrides: list[str], resume_from: str | None = None) -> Trained:
     from pipeline.jobspec import load_spec
@@ -326,7 +331,6 @@ def training_report(plan: Plan, bf16: Trained, fp32: Trained, resumed: Trained, 
     from pipeline.training.memory import plan_memory
 
     steps = sorted(bf16.records)
-    timed = [bf16.records[s] for s in steps[len(steps) // 3 :]]  # past the compiles and warm-up
     losses = {s: bf16.records[s]["loss"] for s in steps}
     half = steps[len(steps) // 2 :]
     last = steps[-1]
@@ -345,9 +349,7 @@ def training_report(plan: Plan, bf16: Trained, fp32: Trained, resumed: Trained, 
         "shape": plan.main.name,
         "compiled": plan.compile,
         "steps": len(steps),
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-        "mfu": statistics.median(r.get("mfu", math.nan) for r in timed),
-        "hfu": statistics.median(r.get("hfu", math.nan) for r in timed),
+        **bf16.speed(),
         "loss_first": losses[steps[0]],
         "loss_last": losses[last],
         "loss_finite": all(math.isfinite(v) for v in losses.values()),
@@ -426,11 +428,9 @@ def core_score(source: Any, root: Path, plan: Plan) -> dict[str, float]:
 
 
 def _speed_line(run: Trained) -> str:
-    timed = list(run.records.values())[len(run.records) // 3 :]
-    rate = statistics.median(r["tokens_per_s"] for r in timed)
-    mfu = statistics.median(r.get("mfu", math.nan) for r in timed)
+    speed = run.speed()
     first, last = run.records[min(run.records)]["loss"], run.records[max(run.records)]["loss"]
-    return f"{rate:,.0f} tokens/s, MFU {mfu:.3f}; loss {first:.3f} -> {last:.3f}"
+    return f"{speed['tokens_per_s']:,.0f} tokens/s, MFU {speed['mfu']:.3f}; loss {first:.3f} -> {last:.3f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
