@@ -103,6 +103,7 @@ def run_acceptance(out: str, plan: Plan, say: Say = lambda _: None) -> dict[str,
         raise ParcaeError(f"--out {root}: not empty; give a new directory (the check keeps every file it makes)")
     started = time.monotonic()
     report: dict[str, Any] = {"tiny": plan.tiny, "seq_len": plan.seq_len}
+    lap = Laps(report)
     say("[1/5] environment")
     report["environment"] = environment(plan.device)  # no GPU: stops here, before anything is written
     root.mkdir(parents=True, exist_ok=True)
@@ -111,7 +112,6 @@ def run_acceptance(out: str, plan: Plan, say: Say = lambda _: None) -> dict[str,
     peak = matmul_peak(plan.device)
     report["matmul_peak_flops"] = peak
     say(f"      {'bf16' if plan.device == 'cuda' else 'fp32'} matmul peak measured: {peak / 1e12:.1f} TFLOP/s")
-    lap = Laps(report)
     lap("environment")
     say("[2/5] data: the embedded corpus, tokenised and packed into local shards")
     data = prepare_data(root, plan.seq_len, 300_000 if plan.tiny else 10_000_000)
@@ -223,26 +223,31 @@ def environment(device: str) -> dict[str, Any]:
     env["ops_installed"] = sorted(name for name, built in installed_ops.items() if built) or "none (JIT when needed)"
     # the ops a run of this pipeline may ask for: fused AdamW (adamw on a GPU) and CPU Adam (optimizer offload)
     env["ops_used"] = {
-        "fused_adam (optimizer adamw on GPU)": _op_state("FusedAdamBuilder", installed_ops, ninja),
-        "cpu_adam (zero.offload_optimizer)": _op_state("CPUAdamBuilder", installed_ops, ninja),
+        "fused_adam (optimizer adamw on GPU)": _op_state("FusedAdamBuilder", installed_ops, ninja, nvcc),
+        "cpu_adam (zero.offload_optimizer)": _op_state("CPUAdamBuilder", installed_ops, ninja, nvcc),
         "muon (the shipped configs)": "no op: the pipeline's own optimizer",
     }
     return env
 
 
-def _op_state(builder_name: str, installed: dict[str, bool], ninja: bool) -> str:
+def _op_state(builder_name: str, installed: dict[str, bool], ninja: bool, nvcc: bool) -> str:
+    """An op's state: installed, or whether a JIT compile can run here (ninja; on a GPU also nvcc)."""
     from deepspeed.accelerator import get_accelerator
 
-    builder_class = get_accelerator().get_op_builder(builder_name)
+    accelerator = get_accelerator()
+    builder_class = accelerator.get_op_builder(builder_name)
     if builder_class is None:
         return "not offered by this accelerator"
     builder = builder_class()
     if installed.get(builder.name):
         return "installed"
-    compatible = builder.is_compatible(verbose=False)
-    if compatible and ninja:
+    needs = {"ninja": ninja, "nvcc": nvcc or accelerator.device_name() == "cpu"}  # a CPU op needs gcc only
+    missing = [name for name, there in needs.items() if not there]
+    if not builder.is_compatible(verbose=False):
+        missing.append("incompatible: see `ds_report`")
+    if not missing:
         return "JIT-compiles on first use (can here)"
-    return "JIT-compiles on first use: cannot here (" + ("no ninja" if not ninja else "incompatible") + ")"
+    return f"JIT-compiles on first use: cannot here ({', '.join(missing)})"
 
 
 def matmul_peak(device: str) -> float:
