@@ -228,11 +228,18 @@ def test_a_stop_signal_ends_a_wait_for_data(tmp_path, tiny_shards, s3_server, pr
     """The endpoint gone while shards stream, with retries that would back off for minutes: SIGTERM (as
     `scancel` sends it) ends the wait at once; the run exits 75 (requeue) naming why, no traceback."""
     data = upload(s3_server, tiny_shards)
-    cmd = train_cmd(data, tmp_path / "run", STEPS, f"storage.endpoint_url={proxy.endpoint}", "storage.max_retries=60")
-    proc = start_run(cmd, tmp_path / "run.log")
+    through = (f"storage.endpoint_url={proxy.endpoint}", "storage.max_retries=60", "logging.log_interval=1")
+    proc = start_run(train_cmd(data, tmp_path / "run", STEPS, *through), tmp_path / "run.log")
     wait_for_step(tmp_path / "run", proc, 3)
     proxy.kill()
-    time.sleep(3)  # the ranks are retrying now
+    # the ranks are retrying once their buffered rows are used up: no new step for 4 s (a fixed 3 s wait after
+    # the kill once caught a loaded run still training on buffered rows: it stopped the ordinary way)
+    seen, since = -1, time.monotonic()
+    while time.monotonic() - since < 4:
+        assert proc.poll() is None and time.monotonic() - since < 120, "the run did not stall without its endpoint"
+        step = max(step_losses(tmp_path / "run"), default=0)
+        seen, since = (step, time.monotonic()) if step != seen else (seen, since)
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)
     started = time.monotonic()
     assert proc.wait(timeout=120) == 75
