@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set everything up first.
-# Set-up is idempotent: it reruns only when pyproject.toml or this file changes.
+# Set-up (tools/setup.sh) is idempotent: it reruns only when pyproject.toml, this file or tools/setup.sh change.
 #
 # torch is installed first and pinned, so that pip takes the right build for the machine: the CPU wheel
 # here (torch==2.13.0). On a GPU cluster (docs/gpu.md), one of:
