@@ -128,7 +128,7 @@ def build(args: argparse.Namespace) -> dict:
     (out / "requirements.txt").write_text("\n".join(pins) + "\n")
     pip(
         "download", "--quiet", "--no-deps", "--dest", str(out), "--find-links", str(out),
-        "--only-binary=:all:", *options, *extra_index, "--requirement", str(out / "requirements.txt"),
+        *(options or ["--only-binary=:all:"]), *extra_index, "--requirement", str(out / "requirements.txt"),
     )  # fmt: skip
     summary = {
         "python": args.python or f"{sys.version_info.major}.{sys.version_info.minor}",

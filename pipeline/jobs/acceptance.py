@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class Plan:
     prompt: int
     new_tokens: int
     bf16_tolerance: float  # largest mean |bf16 - fp32| loss over the second half of the steps
-    notes: list[str] = field(default_factory=list)
 
 
 def acceptance_plan(tiny: bool, steps: int | None = None, seq_len: int | None = None) -> Plan:
