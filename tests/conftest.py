@@ -20,6 +20,11 @@ CONFIGS = REPO / "configs"
 
 # Everything runs on CPU here; keep DeepSpeed off any accelerator probing.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# One intra-op thread per process (set before torch loads, inherited by every run a test starts): the pytest
+# workers and the ranks they start already share the cores, and two OpenMP threads per process spin against
+# each other (a tiny model's training took 50% more CPU for the same wall time). The demo test runs without it,
+# as a user does, and checks the rank's own choice (`cpu_threads_per_rank`).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ accelerator API (`accelerator_device`): this file and `engine.py` are the only d
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import resource
@@ -236,6 +237,12 @@ def init_distributed(device_type: str, timeout_s: int = 1800) -> None:
 
     global _INITIALISED, _TIMEOUT_S
     backend = "gloo" if device_type == "cpu" else get_accelerator().communication_backend_name()
+    if device_type == "cpu":
+        # DeepSpeed's CPU backend JIT-builds its shared-memory all-reduce op (deepspeed_shm_comm: about a minute
+        # of gcc the first time a venv runs, a ninja check in every rank after). The op serves only
+        # `inference_all_reduce` (tensor-parallel inference), which training never calls: gloo does the rest.
+        # (the module by its full name: the package's attribute `torch` is torch itself)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out collective ends the process
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -5,6 +5,7 @@ TensorBoard's own EventAccumulator."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -16,11 +17,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 def test_demo_trains_and_logs(tmp_path):
     workdir = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # as a user runs it (conftest sets it)
     result = subprocess.run(
-        [*parcae_cmd(), "demo", "--workdir", str(workdir)], cwd=REPO, capture_output=True, text=True, timeout=1200
+        [*parcae_cmd(), "demo", "--workdir", str(workdir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
+    cores = len(os.sched_getaffinity(0))
+    assert f"CPU: {max(1, cores // 2)} intra-op thread(s) per rank" in out + result.stderr  # the node's cores split
+    assert "shm_comm" not in out + result.stderr  # DeepSpeed's inference-only CPU op is neither built nor loaded
     rows = next(line for line in out.splitlines() if "packing bos-aligned:" in line).split(":")[1].split()
     assert rows[0] == rows[2]  # "N of N rows": every training row starts at a document
     for marker in (
