@@ -158,6 +158,25 @@ def tiny_shards(tmp_path_factory, corpus_jsonl, tokenizer) -> Path:
     return once_per_run(tmp_path_factory, "tiny-shards", build)
 
 
+@pytest.fixture(scope="session")
+def tasks_model(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """The sample eval bundle and a tiny Parcae (`tests.icl_bundles.TASKS_CFG`, seed 0) trained 150 full-batch
+    steps on its gold texts (`train_on_tasks`), as (bundle, weights): built once per run for the downstream
+    scoring and generation tests. The final training loss is in ``loss.txt`` beside the weights."""
+
+    def build(out: Path) -> None:
+        from model import build_model, save_reference
+        from tests.icl_bundles import TASKS_CFG, make_bundle, train_on_tasks
+
+        bundle = make_bundle(out / "eval_bundle")
+        model, loss = train_on_tasks(build_model(TASKS_CFG, seed=0), bundle, tokenizer, steps=150)
+        save_reference(model, out / "w.safetensors")
+        (out / "loss.txt").write_text(f"{loss}\n")
+
+    out = once_per_run(tmp_path_factory, "tasks-model", build)
+    return out / "eval_bundle", out / "w.safetensors"
+
+
 def tiny_run(shards: str | Path, run_dir: str | Path, steps: int, **settings: object) -> list[str]:
     """``--set`` overrides of configs/demo-tiny.yaml for a short run on `tiny_shards` (local or s3://):
     checkpoints every 5 steps, evaluation at 1 and 4 loops every 10, metrics every 5; ``settings``

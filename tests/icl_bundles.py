@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from model import ParcaeConfig
 from pipeline.evaluation.sample_bundle import COLORS, NUMBERS, make_bundle
 
-__all__ = ["COLORS", "NUMBERS", "make_bundle", "train_on_tasks"]
+__all__ = ["COLORS", "NUMBERS", "TASKS_CFG", "make_bundle", "train_on_tasks"]
+
+# the model the downstream and generation tests train on the bundle's texts (`tasks_model` in tests/conftest.py)
+TASKS_CFG = ParcaeConfig(vocab_size=512, d_model=64, n_head=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=64)
 
 
 def train_on_tasks(model, bundle: Path, tokenizer: Path, steps: int, loops: int = 2):

@@ -12,9 +12,7 @@ import torch
 from data_prep.tokenizer import BOS_ID, TextTokenizer
 from model import ParcaeConfig, build_model, load_pretrained, save_reference
 from tests.conftest import REPO, parcae_cmd
-from tests.icl_bundles import make_bundle, train_on_tasks
-
-CFG = ParcaeConfig(vocab_size=512, d_model=64, n_head=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=64)
+from tests.icl_bundles import TASKS_CFG as CFG
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -22,9 +20,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
-def test_generate_gives_the_models_tokens(tmp_path, tokenizer):
-    model, _ = train_on_tasks(build_model(CFG, seed=0), make_bundle(tmp_path / "bundle"), tokenizer, steps=60)
-    weights = save_reference(model, tmp_path / "w.safetensors")
+def test_generate_gives_the_models_tokens(tmp_path, tokenizer, tasks_model):
+    weights = tasks_model[1]  # trained on the sample bundle's texts: it completes its prompts
     text = TextTokenizer(tokenizer)
     prompts = ["The apple is =>", "one two three"]
     args = [str(weights), "--tokenizer", str(tokenizer), "--max-new-tokens", "6", "--loops", "3"]
