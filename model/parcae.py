@@ -285,6 +285,11 @@ class Recurrence(nn.Module):
         ``self.loop_stats`` holds one dict per loop afterwards (an attribute, not an argument: a sharding
         wrapper's hooks may rebuild the arguments of a forward, so appending to a passed list is unsafe)."""
         b = h.shape[0]
+        # One layout of the ids for every call of the loop body: they arrive as a slice of the (B, T+1) token
+        # rows (row stride T+1) and the rows still looping as a copy (stride T); dynamo guards a core layer's
+        # value-embedding input on its strides, so each layout would be a compiled variant of its own, and the
+        # first would compile mid-run (after `ParcaeLM.warm_up_compiled`).
+        idx = idx.contiguous()
         self.loop_stats: list[dict[str, float]] = []
         n_nograd, n_grad = counts
         phases = ((n_nograd, False, min_iterations[0]), (n_grad, torch.is_grad_enabled(), min_iterations[1]))
