@@ -27,9 +27,8 @@ from pipeline.evaluation.downstream import (
     render,
     spans,
 )
-from tests.icl_bundles import COLORS, NUMBERS, TASKS_CFG
-
-CFG = TASKS_CFG
+from tests.icl_bundles import COLORS, NUMBERS
+from tests.icl_bundles import TASKS_CFG as CFG
 
 
 @pytest.fixture(scope="module")
