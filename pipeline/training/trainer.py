@@ -40,8 +40,10 @@ from pipeline.training.distributed import (
     agree_on_failure,
     cpu_threads_per_rank,
     init_distributed,
+    lost_a_peer,
     mark_peer_failed,
     memory_metrics,
+    stopped_for_a_peer,
 )
 from pipeline.training.ds_config import build_ds_config, load_base_config
 from pipeline.training.engine import build_engine, engine_metrics
@@ -345,6 +347,13 @@ class Trainer:
                 result = self.train_step(batches, progress)
             except DataWaitInterrupted as exc:  # every rank got the signal: rank 0 says it
                 raise exc if self.info.rank == 0 else ReportedElsewhere(exc.exit_code) from None
+            except Exception as exc:
+                # A stop signal came while another rank waited for data: that rank left mid-step (above) and
+                # this one lost it in the step's collective. Rank 0 says why, whichever rank waited.
+                if self.stop.received is None or stopped_for_a_peer() or not lost_a_peer(exc):
+                    raise
+                gone = DataWaitInterrupted("another rank's shards")
+                raise gone if self.info.rank == 0 else ReportedElsewhere(gone.exit_code) from None
         progress.step += 1
         progress.tokens += self.spec.tokens_per_step
         self.guard.accept(result.loss)
