@@ -227,12 +227,11 @@ def _optimizer_section(optimizer: OptimizerSpec, device_type: str, zero: ZeroSpe
         "eps": optimizer.eps,
         "weight_decay": optimizer.weight_decay,
     }
+    # No fused kernels on CPU: torch's AdamW (for muon-deepspeed, its Adam half) unless DeepSpeed's CPU Adam
+    # runs the offloaded state. DeepSpeed's FusedAdam on CPU is a C++ op built at start-up (45 s on 2 cores).
+    torch_adam = {"torch_adam": True} if device_type == "cpu" and not zero.offload_optimizer else {}
     if optimizer.name == "adamw":
-        params: dict[str, Any] = {"lr": optimizer.lr, **adam}
-        # No fused kernels on CPU: use torch's AdamW unless DeepSpeed's CPU Adam runs the offloaded state.
-        if device_type == "cpu" and not zero.offload_optimizer:
-            params["torch_adam"] = True
-        return {"type": "AdamW", "params": params}
+        return {"type": "AdamW", "params": {"lr": optimizer.lr, **adam, **torch_adam}}
     params = {
         "lr": optimizer.lr,
         "muon_lr": optimizer.lr,
@@ -242,5 +241,6 @@ def _optimizer_section(optimizer: OptimizerSpec, device_type: str, zero: ZeroSpe
         # The shared weight_decay is Muon's; the pipeline's parameter groups give the AdamW half
         # (embeddings, norms, injection) its own optimizer.weight_decay.
         "weight_decay": optimizer.muon_weight_decay,
+        **torch_adam,
     }
     return {"type": "Muon", "params": params}

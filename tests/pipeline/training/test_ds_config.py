@@ -105,6 +105,9 @@ def test_muon_optimizer_section():
     params = cfg["optimizer"]["params"]
     assert params["muon_lr"] == 0.01 and params["adam_lr"] == 0.002 and params["weight_decay"] == 0.2
     assert cfg["zero_optimization"]["reduce_scatter"] is False  # DeepSpeed refuses Muon with reduce-scatter
+    assert "torch_adam" not in params  # on a GPU its Adam half is DeepSpeed's FusedAdam
+    cpu = build(job(optimizer={"name": "muon-deepspeed"}), device="cpu")
+    assert cpu["optimizer"]["params"]["torch_adam"] is True  # on CPU torch's: FusedAdam builds a C++ op
     # the reference's Muon is our own optimizer (given to deepspeed.initialize), not a config section
     reference = build(job(optimizer={"name": "muon"}))
     assert "optimizer" not in reference and reference["zero_allow_untested_optimizer"] is True

@@ -201,7 +201,8 @@ def test_deepspeeds_own_muon_trains(tmp_path, shards):
     """optimizer.name: muon-deepspeed needs DeepSpeed's Muon module, which the other optimizers replace by a
     stand-in to save its import (`pipeline.training.engine`): the real one is used here. One rank, 4 steps.
     DeepSpeed's Muon wraps its Newton-Schulz iteration in torch.compile: eager here (TORCH_COMPILE_DISABLE),
-    since compiling DeepSpeed's own code from a cold cache took 2 of this test's 2 minutes in CI."""
+    since compiling DeepSpeed's own code from a cold cache took 2 of this test's 2 minutes in CI. Its Adam half
+    is torch's AdamW on CPU (`ds_config`): DeepSpeed's FusedAdam built its C++ op at every start, 45 s of 50."""
     extra = ["optimizer.name=muon-deepspeed", "optimizer.lr=0.02", "optimizer.adam_lr=0.003"]
     extra += ["cluster.procs_per_node=1", "logging.log_interval=1"]
     records = run_variant(tmp_path, shards, "ds-muon", 4, extra, {"TORCH_COMPILE_DISABLE": "1"})
