@@ -21,8 +21,9 @@ WHEELHOUSE_TORCH ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.parcae-setup-done
 export DS_ACCELERATOR ?= cpu
-# pytest-xdist workers: the tests wait on processes (ranks, daemons, servers) as much as they compute
-TEST_WORKERS ?= 2
+# pytest-xdist workers: the tests wait on processes (ranks, daemons, servers) as much as they compute; a third
+# worker fills the minutes when two wait (docs/testing.md)
+TEST_WORKERS ?= 3
 
 .PHONY: setup wheelhouse demo test test-fast lint format clean
 
