@@ -74,20 +74,11 @@ def finish_and_compare(cmd: list[str], run_dir: Path, log: Path, expected: dict[
         assert after[step] == expected[step], (step, after[step], expected[step])
 
 
-def test_killed_launcher_takes_its_ranks_with_it(tmp_path, tiny_shards, reference_losses):
-    run_dir = tmp_path / "run"
-    cmd = train_cmd(tiny_shards, run_dir, STEPS)
-    proc = start_run(cmd, tmp_path / "first.log")
-    wait_for_step(run_dir, proc, 12)
-    ranks = children(proc.pid)
-    assert len(ranks) == 2
-    os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, not its process group
-    proc.wait(timeout=30)
-    wait_until(lambda: not any(alive(r) for r in ranks), 15, "the ranks die with their launcher")
-    finish_and_compare(cmd, run_dir, tmp_path / "again.log", reference_losses, 10)
-
-
 def test_killed_rank_stops_the_run_quietly(tmp_path, tiny_shards, reference_losses):
+    """A rank killed (SIGKILL, as the out-of-memory killer sends it) ends the run, named by the launcher with
+    the rerun; the rerun resumes, and its launcher killed alone takes its ranks with it; a third start
+    continues to the uninterrupted run's losses. (This test took in test_killed_launcher_takes_its_ranks_with_it,
+    which trained a run of its own to step 12 before killing its launcher.)"""
     run_dir = tmp_path / "run"
     cmd = train_cmd(tiny_shards, run_dir, STEPS)
     proc = start_run(cmd, tmp_path / "first.log")
@@ -99,7 +90,16 @@ def test_killed_rank_stops_the_run_quietly(tmp_path, tiny_shards, reference_loss
     # the launcher says what happened (the rank cannot): which rank, the signal, the likely cause, the rerun
     assert "error: rank 1 was killed by SIGKILL: the kernel's out-of-memory killer" in log, log[-3000:]
     assert f"the same command resumes from step-00000010 ({run_dir / 'checkpoints'})" in log
-    finish_and_compare(cmd, run_dir, tmp_path / "again.log", reference_losses, 10)
+    again = start_run(cmd, tmp_path / "again.log")
+    wait_for_step(run_dir, again, 17)
+    assert "resuming at step 10" in (tmp_path / "again.log").read_text()
+    ranks = children(again.pid)
+    assert len(ranks) == 2
+    os.kill(again.pid, signal.SIGKILL)  # the launcher alone, not its process group
+    again.wait(timeout=30)
+    wait_until(lambda: not any(alive(r) for r in ranks), 15, "the ranks die with their launcher")
+    assert all(step_losses(run_dir)[step] == reference_losses[step] for step in range(11, 16))
+    finish_and_compare(cmd, run_dir, tmp_path / "third.log", reference_losses, 15)
 
 
 def test_a_hung_rank_ends_the_run_with_the_timeout_message(tmp_path, tiny_shards):
@@ -188,17 +188,11 @@ def upload(s3_server, shards: Path) -> str:
 
 
 def test_s3_endpoint_outages(tmp_path, tiny_shards, reference_losses, s3_server, proxy):
+    """The endpoint gone while checkpoints upload, and while shards stream, briefly and then for good: every
+    outage is survived or named, and a rerun continues to the uninterrupted run's losses. (The short outage
+    and the long one while shards stream were two runs to step 24; they are one run now.)"""
     through = (f"storage.endpoint_url={proxy.endpoint}", "storage.max_retries=2")
     data = upload(s3_server, tiny_shards)
-    # a short outage while shards stream: survived (retries with backoff), the losses unchanged
-    run_dir = tmp_path / "short"
-    proc = start_run(train_cmd(data, run_dir, STEPS, *through), tmp_path / "short.log")
-    wait_for_step(run_dir, proc, 3)
-    proxy.kill()
-    time.sleep(1.5)
-    proxy.start()
-    assert proc.wait(timeout=600) == 0, (tmp_path / "short.log").read_text()[-3000:]
-    assert step_losses(run_dir) == reference_losses
     # a long outage while checkpoints upload (data local): the save fails, named; the previous one is intact
     bucket = s3_server.new_bucket("ckpt")
     run_dir = tmp_path / "upload"
@@ -211,11 +205,17 @@ def test_s3_endpoint_outages(tmp_path, tiny_shards, reference_losses, s3_server,
     assert f"s3://{bucket}/run" in log and "Traceback" not in log, log[-3000:]
     proxy.start()
     finish_and_compare(cmd, run_dir, tmp_path / "upload-again.log", reference_losses, 5)
-    # a long outage while shards stream: the run stops naming the shard it could not read
+    # while shards stream: a short outage is survived (retries with backoff) with the losses unchanged, and a
+    # long one stops the run naming the shard it could not read
     run_dir = tmp_path / "stream"
     cmd = train_cmd(data, run_dir, STEPS, *through)
     proc = start_run(cmd, tmp_path / "stream.log")
+    wait_for_step(run_dir, proc, 3)
+    proxy.kill()
+    time.sleep(1.5)
+    proxy.start()
     wait_for_step(run_dir, proc, 6)
+    assert all(step_losses(run_dir)[step] == reference_losses[step] for step in range(1, 6))
     proxy.kill()
     assert proc.wait(timeout=300) != 0
     log = (tmp_path / "stream.log").read_text()
