@@ -69,8 +69,13 @@ def finish_and_compare(cmd: list[str], run_dir: Path, log: Path, expected: dict[
     again = start_run(cmd, log)
     assert again.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert f"resuming at step {resumed_at}" in log.read_text(), log.read_text()[-3000:]
+    assert_losses(run_dir, expected, range(resumed_at + 1, STEPS + 1))
+
+
+def assert_losses(run_dir: Path, expected: dict[int, float], steps: range) -> None:
+    """The run's losses at ``steps`` are exactly ``expected``'s."""
     after = step_losses(run_dir)
-    for step in range(resumed_at + 1, STEPS + 1):
+    for step in steps:
         assert after[step] == expected[step], (step, after[step], expected[step])
 
 
@@ -98,7 +103,7 @@ def test_killed_rank_stops_the_run_quietly(tmp_path, tiny_shards, reference_loss
     os.kill(again.pid, signal.SIGKILL)  # the launcher alone, not its process group
     again.wait(timeout=30)
     wait_until(lambda: not any(alive(r) for r in ranks), 15, "the ranks die with their launcher")
-    assert all(step_losses(run_dir)[step] == reference_losses[step] for step in range(11, 16))
+    assert_losses(run_dir, reference_losses, range(11, 16))
     finish_and_compare(cmd, run_dir, tmp_path / "third.log", reference_losses, 15)
 
 
@@ -215,7 +220,7 @@ def test_s3_endpoint_outages(tmp_path, tiny_shards, reference_losses, s3_server,
     time.sleep(1.5)
     proxy.start()
     wait_for_step(run_dir, proc, 6)
-    assert all(step_losses(run_dir)[step] == reference_losses[step] for step in range(1, 6))
+    assert_losses(run_dir, reference_losses, range(1, 6))
     proxy.kill()
     assert proc.wait(timeout=300) != 0
     log = (tmp_path / "stream.log").read_text()
