@@ -17,6 +17,7 @@ _WHERE = {
     "recompute_flops_per_token": "model.config",
     "ParcaeLM": "model.parcae",
     "build_model": "model.parcae",
+    "empty_model": "model.parcae",
     "loop_generator": "model.sampling",
     "sample_loop_counts": "model.sampling",
     "seeded_generator": "model.sampling",

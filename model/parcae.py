@@ -230,7 +230,16 @@ class Readout(nn.Linear):
         super().__init__(d, d, bias=False)
 
 
-class TiedEmbedding(nn.Embedding):
+class Embedding(nn.Embedding):
+    """nn.Embedding without its own N(0, 1) draw at construction: `ParcaeLM.init_weights` initialises every
+    parameter, so that draw was thrown away, and on the meta device (where models are built) it imported
+    torch._dynamo, a second of start-up for every `parcae eval`, `generate`, `export` and `import`."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class TiedEmbedding(Embedding):
     """Token embedding that is also the LM head, so every use runs inside this module's forward: the
     embedding, the head's logits (``as_head``), and the head fused with its summed cross-entropy
     (``targets``, computed over chunks of ``chunk_rows`` positions: `model.loss`)."""
@@ -252,7 +261,7 @@ def _blocks(cfg: ParcaeConfig, first: int, n: int) -> nn.ModuleList:
 
 
 def _value_embeddings(cfg: ParcaeConfig, layers) -> nn.ModuleDict:
-    return nn.ModuleDict({str(i): nn.Embedding(cfg.padded_vocab_size, cfg.d_model) for i in layers})
+    return nn.ModuleDict({str(i): Embedding(cfg.padded_vocab_size, cfg.d_model) for i in layers})
 
 
 class Recurrence(nn.Module):
@@ -659,11 +668,28 @@ def _change_stats(h_prev: torch.Tensor, h: torch.Tensor, active: torch.Tensor) -
 INIT_TYPES = (TiedEmbedding, nn.Embedding, RMSNorm, Attention, MLP, DiagonalInjection, ConcatInjection, Readout)
 
 
-def build_model(cfg: ParcaeConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> ParcaeLM:
-    """Build on the meta device, allocate on ``device``, then initialise (nothing is initialised twice)."""
+def empty_model(cfg: ParcaeConfig, device: str | torch.device = "cpu") -> ParcaeLM:
+    """The model of ``cfg`` on ``device`` with its parameters allocated and not initialised: for weights to
+    be loaded into, or drawn by `ParcaeLM.init_weights`. Built on the meta device, then each parameter is
+    allocated as a plain tensor: `Module.to_empty` would call ``empty_like`` on meta tensors, which goes
+    through PyTorch's reference ops and imports sympy, 0.4 s of every `parcae eval`, `generate` or `export`.
+    A parameter that two modules share stays shared."""
     with torch.device("meta"):
         model = ParcaeLM(cfg)
-    model.to_empty(device=device)
+    allocated: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in allocated:
+                allocated[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), p.requires_grad)
+            setattr(module, name, allocated[id(p)])
+        for name, b in list(module.named_buffers(recurse=False)):
+            setattr(module, name, torch.empty(b.shape, dtype=b.dtype, device=device))
+    return model
+
+
+def build_model(cfg: ParcaeConfig, device: str | torch.device = "cpu", seed: int | None = 0) -> ParcaeLM:
+    """Build on the meta device, allocate on ``device``, then initialise (nothing is initialised twice)."""
+    model = empty_model(cfg, device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

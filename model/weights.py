@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ParcaeConfig
 from model.errors import WeightsError
-from model.parcae import ParcaeLM
+from model.parcae import ParcaeLM, empty_model
 from model.released import WEIGHT_FILES, check_rope_table, released_config
 
 log = logging.getLogger(__name__)
@@ -250,9 +250,7 @@ def load_pretrained(
     cfg = cfg or stored
     if cfg is None:
         raise WeightsError(f"{path}: holds no model config; pass the ParcaeConfig of the released size")
-    with torch.device("meta"):
-        model = ParcaeLM(cfg)
-    model.to_empty(device=device)
+    model = empty_model(cfg, device)
     load_state(model, tensors, path)
     return model
 

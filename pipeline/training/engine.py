@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from model import ParcaeConfig, ParcaeLM
+from model import ParcaeConfig, ParcaeLM, empty_model
 from model.parcae import INIT_TYPES
 from pipeline.jobspec import OptimizerSpec, ZeroSpec
 from pipeline.training.muon_optimizer import MuonAdamW
@@ -124,9 +124,7 @@ def build_model_sharded(
             for module in gather_units(model):
                 set_z3_leaf_module(module, True)
         return model
-    with torch.device("meta"):
-        model = ParcaeLM(cfg)
-    model.to_empty(device="cpu")
+    model = empty_model(cfg)
     if initial is not None:
         model.load_state_dict(initial(), strict=True)
     else:

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from data_prep.storage import S3Options, is_s3, open_store, write_text
-from model import ParcaeConfig, ParcaeLM, WeightsError, count_params, load_pretrained, save_reference
+from model import ParcaeConfig, ParcaeLM, WeightsError, count_params, empty_model, load_pretrained, save_reference
 from model.weights import config_differences, from_reference, load_state, read_weights
 from parcae_errors import ParcaeError, UsageError
 from pipeline.jobspec import JobSpec, ModelSpec, load_spec
@@ -63,9 +63,7 @@ def initial_weights(source: str, cfg: ParcaeConfig, options: S3Options | None = 
                 f"checkpoint.init_from: {source} holds another model than this spec's model section: "
                 f"{config_differences(stored, cfg)}"
             )
-        with torch.device("meta"):
-            model = ParcaeLM(cfg)
-        model.to_empty(device="cpu")
+        model = empty_model(cfg)
         try:
             load_state(model, tensors, source)
         except WeightsError as exc:
@@ -131,9 +129,7 @@ def load_checkpoint_model(
         earlier = [t for t in checkpoint.complete_tags(checkpoint_dir) if t < tag]
         where = f"{checkpoint_dir}/{tag}"
         raise checkpoint.unreadable(where, Path(checkpoint_dir) / tag, exc, earlier, "pass --tag {tag}") from None
-    with torch.device("meta"):
-        model = ParcaeLM(spec.model.build())
-    model.to_empty(device="cpu")
+    model = empty_model(spec.model.build())
     # checkpoints written before the recurrence became one module hold the reference names
     state = {from_reference(name, model.cfg.core_layers): t for name, t in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
