@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_run
 
 FORBIDDEN = {
     "model": {"deepspeed", "pipeline", "data_prep", "webdataset", "boto3"},
@@ -124,17 +124,22 @@ print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)
     assert out.stdout.split() == ["False", "False", "False", "False"], out.stdout
 
 
-def test_the_command_line_and_the_launcher_start_without_torch(tmp_path):
-    """`parcae --help`, a spec's checks and the launcher of `parcae train` (it reads the spec and the
-    manifests, then starts the ranks) import no torch: its import is most of a second or two of every
-    command, paid before a single rank can start. A launch whose preflight refuses the data is run here."""
+def test_the_command_line_and_the_launcher_start_without_torch(tmp_path, tiny_shards):
+    """`parcae --help`, `parcae validate` (its sources read from their manifests) and the launcher of
+    `parcae train` (it reads the spec and the manifests, then starts the ranks) import no torch: its import
+    is most of a second or two of every command, paid before a single rank can start. A launch whose
+    preflight refuses the data is run here."""
+    spec = str(REPO / "configs" / "demo-tiny.yaml")
     code = f"""
 import sys
 import pipeline.cli, pipeline.jobs.launch
 assert 'torch' not in sys.modules, 'importing the command line imported torch'
+code = pipeline.cli.main(['validate', {spec!r}, *{tiny_run(tiny_shards, tmp_path / "run", 10)!r}])
+assert code == 0, code
+assert 'torch' not in sys.modules, 'parcae validate imported torch'
 from parcae_errors import ParcaeError
 try:
-    pipeline.jobs.launch.run_train({str(REPO / "configs" / "demo-tiny.yaml")!r},
+    pipeline.jobs.launch.run_train({spec!r},
         ['data.train_url={tmp_path}/none/train', 'data.val_url=null', 'tokenizer.path=null', 'run_dir={tmp_path}/run'])
 except ParcaeError as exc:
     print('refused:', str(exc).splitlines()[0])
@@ -142,6 +147,7 @@ print('torch' in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "train: " + str(tiny_shards / "train") in out.stdout  # the sources' line: their manifests were read
     assert "refused:" in out.stdout and out.stdout.split()[-1] == "False", out.stdout
 
 

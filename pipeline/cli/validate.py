@@ -89,14 +89,14 @@ def source_lines(spec: JobSpec) -> list[str]:
     from data_prep.inspect import read_manifest
     from data_prep.storage import open_store
     from parcae_errors import ParcaeError
-    from pipeline.data.mixture import describe
+    from pipeline.data.manifests import describe_sources
 
     sources = spec.data.train_sources()
     try:
         manifests = [read_manifest(open_store(s.url, spec.storage.s3_options())) for s in sources]
     except ParcaeError:
         return []
-    return describe(sources, manifests)
+    return describe_sources(sources, manifests)
 
 
 def memory_plan(spec: JobSpec, device_memory: str | None, as_json: bool) -> int:

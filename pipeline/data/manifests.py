@@ -1,14 +1,17 @@
 """What the shard sets of a run must agree on, read from their manifests alone: checked by preflight in
 the launcher (which imports no torch, so `parcae train` starts its ranks sooner) and by the mixture in
-every rank."""
+every rank; and how `parcae validate` describes the sources (no torch there either)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data_prep.inspect import packing_of
 from parcae_errors import ParcaeError
+
+if TYPE_CHECKING:
+    from pipeline.jobspec import SourceSpec
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +43,17 @@ def check_same_tokenizer(sets: list[tuple[str, str, dict[str, Any]]]) -> None:
             ", ".join(f"{n} {p}" for n, p in packings.items()),
             first_name,
         )
+
+
+def describe_sources(sources: list[SourceSpec], manifests: list[dict[str, Any]]) -> list[str]:
+    """One line per source: weight, share, limit, packing and rows (for `parcae validate`)."""
+    total = sum(s.weight for s in sources)
+    lines = []
+    for s, manifest in zip(sources, manifests, strict=True):
+        rows = sum(shard["samples"] for shard in manifest["shards"])
+        limit = f"max_epochs {s.max_epochs}" if s.max_epochs else "repeats"
+        lines.append(
+            f"{s.name}: {s.url} weight {s.weight:g} ({s.weight / total:.1%} of the rows), {limit}; "
+            f"{rows} rows, packing {packing_of(manifest)}"
+        )
+    return lines

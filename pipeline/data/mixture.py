@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.inspect import packing_of
 from data_prep.storage import S3Options
 from parcae_errors import ParcaeError
 from pipeline.data.loader import DataError, ShardLoader, _prefetched
@@ -428,17 +427,3 @@ def mixture_changes(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> l
                 if before[name].get(key) != after[name].get(key):
                     out.append(f"{name}.{key} {before[name].get(key)} -> {after[name].get(key)}")
     return out or ["the order of the sources"]
-
-
-def describe(sources: list[SourceSpec], manifests: list[dict[str, Any]]) -> list[str]:
-    """One line per source: weight, share, limit, packing and rows (for `parcae validate`)."""
-    total = sum(s.weight for s in sources)
-    lines = []
-    for s, manifest in zip(sources, manifests, strict=True):
-        rows = sum(shard["samples"] for shard in manifest["shards"])
-        limit = f"max_epochs {s.max_epochs}" if s.max_epochs else "repeats"
-        lines.append(
-            f"{s.name}: {s.url} weight {s.weight:g} ({s.weight / total:.1%} of the rows), {limit}; "
-            f"{rows} rows, packing {packing_of(manifest)}"
-        )
-    return lines

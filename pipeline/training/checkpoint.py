@@ -16,7 +16,9 @@ parts of the trainer that have state (progress, loader position, loss guard, ...
 it by name (`register`), each with ``state_dict`` / ``load_state_dict``; ``save`` writes every part's state
 beside DeepSpeed's, ``load`` gives each part its own back, and ``due`` says when a save is due. A new part
 needs no change here or in the trainer's loop. The module's functions read checkpoints for everything
-else (`parcae eval`, `export`, `status`).
+else (`parcae eval`, `export`, `status`, `validate`): they import no torch (the `Checkpointer`'s methods, which
+run in the ranks, import torch.distributed themselves), so `parcae validate` says what a resume would do
+without torch's import.
 """
 
 from __future__ import annotations
@@ -31,12 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch.distributed as dist
-
 from data_prep.storage import S3Options, is_s3, open_store
 from parcae_errors import ParcaeError
 from pipeline.jobspec import CheckpointSpec
-from pipeline.training import reshard
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +287,8 @@ class Checkpointer:
         to use instead; nothing falls back on its own."""
         if tag is None:
             return None
+        import torch.distributed as dist
+
         where = f"{self.dir.rstrip('/')}/{tag}"
         _check_layout(_store(self.dir, self.options), tag, where, param_layout(engine.module))
         path = Path(self.dir)
@@ -323,6 +324,10 @@ class Checkpointer:
         """Where DeepSpeed loads ``tag`` from: ``path``, or, for a ZeRO-3 checkpoint written by another number of
         ranks, its copy rewritten for this engine's ranks in ``tag/world-<N>/`` (made once: every rank writes
         its own files, and on S3 uploads them beside the checkpoint for the next resume on N ranks)."""
+        import torch.distributed as dist
+
+        from pipeline.training import reshard
+
         written_by = reshard.world_size_of(path / tag)  # 0: not ZeRO's files (stage 0 loads on any world size)
         if not written_by or written_by == engine.world_size:
             return path
@@ -347,6 +352,8 @@ class Checkpointer:
     def save(self, engine: Any, step: int) -> str:
         """Write step ``step`` with every registered part's state, then mark it newest (``LATEST``) and drop
         all but the newest ``keep_last``."""
+        import torch.distributed as dist
+
         tag, started = tag_for(step), time.perf_counter()
         client_state = {name: part.state_dict() for name, part in self.parts.items()}
         path = Path(self.staging) if self.remote else Path(self.dir)

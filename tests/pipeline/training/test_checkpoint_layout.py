@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch.distributed
 
 from data_prep.storage import S3Options
 from model import build_model
@@ -159,8 +160,8 @@ def test_registered_parts_are_saved_and_given_back_and_the_flat_layout_still_loa
     the checkpointer or the trainer for a new part. Checkpoints written before the parts registered
     themselves (progress fields at the top level: step, tokens, nonfinite_total, spikes_skipped, beside
     loader and guard) load the same way."""
-    monkeypatch.setattr(checkpoint.dist, "barrier", lambda: None)
-    monkeypatch.setattr(checkpoint.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
     model = build_model(TINY)
     engine = SavingEngine(model, None)
     saver = checkpoint.Checkpointer(CheckpointSpec(dir=str(tmp_path), interval_steps=5), S3Options(), "name: x\n")
