@@ -125,14 +125,15 @@ print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)
 
 
 def test_the_command_line_and_the_launcher_start_without_torch(tmp_path, tiny_shards):
-    """`parcae --help`, `parcae validate` (its sources read from their manifests) and the launcher of
-    `parcae train` (it reads the spec and the manifests, then starts the ranks) import no torch: its import
-    is most of a second or two of every command, paid before a single rank can start. A launch whose
-    preflight refuses the data is run here."""
+    """`parcae --help`, `parcae validate` (its sources read from their manifests), the Slurm commands
+    (`submit`, `status`, `cancel`, the `slurm-job` wrapper of every node) and the launcher of `parcae train`
+    (it reads the spec and the manifests, then starts the ranks) import no torch: its import is most of a
+    second or two of every command, paid before a single rank can start. A launch whose preflight refuses the
+    data is run here."""
     spec = str(REPO / "configs" / "demo-tiny.yaml")
     code = f"""
 import sys
-import pipeline.cli, pipeline.jobs.launch
+import pipeline.cli, pipeline.jobs.launch, pipeline.jobs.slurm
 assert 'torch' not in sys.modules, 'importing the command line imported torch'
 code = pipeline.cli.main(['validate', {spec!r}, *{tiny_run(tiny_shards, tmp_path / "run", 10)!r}])
 assert code == 0, code
