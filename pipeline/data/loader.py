@@ -371,5 +371,8 @@ def _prefetched(
     finally:
         stop.set()
         # at most one shard read in flight; after a stop signal the reader (a daemon, perhaps inside a request
-        # to a dead endpoint) is not waited for
-        thread.join(timeout=1 if interrupted else 30)
+        # to a dead endpoint, whose retries back off for minutes) is not waited for: also when this wait was not
+        # the one the signal ended (the step failed on a peer that left for the signal; the rank must still say
+        # why before its launcher's grace period ends)
+        signalled = interrupted or (interrupt is not None and interrupt.is_set())
+        thread.join(timeout=1 if signalled else 30)

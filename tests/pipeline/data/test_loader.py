@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from data_prep.shards import ShardSettings, build_shards
 from data_prep.storage import S3Options
-from pipeline.data.loader import ShardLoader
+from pipeline.data.loader import ShardLoader, _prefetched
 from pipeline.data.manifests import DataError
 
 
@@ -136,3 +138,25 @@ def test_token_ids_at_or_above_the_models_vocabulary_name_the_shard(shard_dir):
     with pytest.raises(DataError, match=r"shard-000000.tar: token id \d+ is not below the model's vocab_size 300"):
         take(iter(loader(shard_dir / "train", shuffle=False, vocab_size=300)), 5)
     assert len(take(iter(loader(shard_dir / "train", shuffle=False, vocab_size=512)), 5)) == 5
+
+
+def test_after_a_stop_signal_closing_the_read_ahead_does_not_wait_for_a_stuck_reader():
+    """A rank whose step failed after a stop signal (its peer left while waiting for data) closes its loader
+    on the way out while the reader thread is still inside a request to a dead endpoint: it must not wait for
+    that read (up to 30 s, past the launcher's 15-s grace: the rank was killed before it could say why).
+    Found as a flake of test_faults.py::test_a_stop_signal_ends_a_wait_for_data."""
+    stuck, interrupt = threading.Event(), threading.Event()
+
+    def source():
+        yield 1
+        stuck.wait(60)  # the next read hangs, as botocore's retries against a dead endpoint do
+        yield 2
+
+    batches = _prefetched(source(), 1, interrupt, "the data sources")
+    assert next(batches) == 1
+    interrupt.set()  # the signal came; this wait did not end by it (the step failed elsewhere)
+    started = time.monotonic()
+    batches.close()
+    waited = time.monotonic() - started
+    stuck.set()
+    assert waited < 5, f"closing waited {waited:.1f} s for the stuck reader"
