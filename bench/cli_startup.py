@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 LOAD = """
 import sys
-from model import ParcaeConfig, load_pretrained
+from model import load_pretrained
 model = load_pretrained({path!r})
 print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)
 """
@@ -33,7 +33,6 @@ OLD_LOAD = """
 import sys, torch
 from torch import nn
 import model.parcae as parcae
-from model import ParcaeConfig
 from model.weights import load_state, read_weights
 parcae.Embedding.reset_parameters = nn.Embedding.reset_parameters  # the draw it made before
 cfg, tensors = read_weights({path!r})

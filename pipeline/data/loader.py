@@ -353,14 +353,12 @@ def _prefetched(
 
     thread = threading.Thread(target=fill, daemon=True, name="shard-prefetch")
     thread.start()
-    interrupted = False
     try:
         while True:
             try:
                 item = q.get(timeout=0.2)
             except queue.Empty:
                 if interrupt is not None and interrupt.is_set():
-                    interrupted = True
                     raise DataWaitInterrupted(where) from None
                 continue
             if item is done:
@@ -371,8 +369,8 @@ def _prefetched(
     finally:
         stop.set()
         # at most one shard read in flight; after a stop signal the reader (a daemon, perhaps inside a request
-        # to a dead endpoint, whose retries back off for minutes) is not waited for: also when this wait was not
-        # the one the signal ended (the step failed on a peer that left for the signal; the rank must still say
-        # why before its launcher's grace period ends)
-        signalled = interrupted or (interrupt is not None and interrupt.is_set())
+        # to a dead endpoint, whose retries back off for minutes) is not waited for, whether or not this wait is
+        # the one the signal ended (the step may have failed on a peer that left for the signal; the rank must
+        # still say why before its launcher's grace period ends)
+        signalled = interrupt is not None and interrupt.is_set()
         thread.join(timeout=1 if signalled else 30)
