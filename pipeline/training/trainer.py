@@ -122,6 +122,13 @@ class StopSignal:
             signal.signal(sig, handler)
         signal.signal(PEER_FAILED_SIGNAL, peer_failed)
 
+    def came(self) -> bool:
+        """Whether a stop signal came, counting one whose handler has not run yet: a signal that comes while the
+        main thread waits inside native code (a collective, a read) is handled at Python's next check, and the
+        error that wait ends in (a peer that left for the same signal) can reach an ``except`` clause first."""
+        signal.pthread_kill(threading.get_ident(), 0)  # sends nothing; CPython runs pending handlers on return
+        return self.received is not None
+
     def agreed(self, lost_lease: bool = False) -> bool:
         """True on every rank if any rank got the signal (a collective: every rank calls it each step).
         A lost lease (another run took the checkpoint directory over) stops every rank without a save."""
@@ -350,7 +357,7 @@ class Trainer:
             except Exception as exc:
                 # A stop signal came while another rank waited for data: that rank left mid-step (above) and
                 # this one lost it in the step's collective. Rank 0 says why, whichever rank waited.
-                if self.stop.received is None or stopped_for_a_peer() or not lost_a_peer(exc):
+                if not self.stop.came() or stopped_for_a_peer() or not lost_a_peer(exc):
                     raise
                 gone = DataWaitInterrupted("another rank's shards")
                 raise gone if self.info.rank == 0 else ReportedElsewhere(gone.exit_code) from None

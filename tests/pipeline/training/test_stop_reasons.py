@@ -7,7 +7,8 @@ docs/testing.md: one run in several under 3 workers. These cases choose the rank
 rank meets in a real run: its own `DataWaitInterrupted`, or the collective's error for a lost peer. That error
 is written here in gloo's form ("Connection closed by peer", one of the texts `lost_a_peer` knows). It is not
 copied from a log. The fix was checked against real 2-rank runs in a scratch copy, with a loader that stalled
-only rank 1: before it, exit 75 and no message; after it, exactly one line.
+only rank 1: before it, exit 75 and no message; after it, exactly one line. The flake came back once more in
+CI: the signal's handler had not run yet when the lost peer's error arrived (the last case here).
 """
 
 from __future__ import annotations
@@ -78,3 +79,40 @@ def test_other_errors_are_left_as_they_are(tmp_path, monkeypatch, case):
     with pytest.raises(type(error)) as raised:
         t.one_step(iter([]), Progress(step=3))
     assert raised.value is error
+
+
+def test_a_signal_whose_handler_has_not_run_yet_counts(tmp_path, monkeypatch):
+    """The signal comes while the rank's main thread waits inside native code (the step's collective): Python
+    runs its handler only at the next check, and the collective's error for the lost peer can reach
+    `one_step` first. CI saw it once: rank 0 took the lost peer for a failure, stopped without a word, and
+    the run exited 75 with no message. Here the native wait is a FileStore read that times out (a c10d call
+    that, like gloo's, neither returns nor runs handlers when the signal comes), and the real handler is
+    installed; the signal comes from another thread while the main thread waits."""
+    import datetime
+    import os
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from pipeline.training import trainer as trainer_module
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    store.set_timeout(datetime.timedelta(seconds=1))
+    waited = "Timeout waiting for key"
+    monkeypatch.setattr(trainer_module, "lost_a_peer", lambda exc: waited in str(exc))  # the stand-in's text
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGUSR2)}
+    t = trainer(tmp_path, 0, RuntimeError("unused"), signalled=False)
+    t.stop.install()
+    t.train_step = lambda _batches, _progress: store.get("from the other rank")
+    sender = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        sender.start()
+        started = time.monotonic()
+        with pytest.raises(DataWaitInterrupted, match="another rank's shards"):
+            t.one_step(iter([]), Progress(step=3))
+        assert time.monotonic() - started > 0.9  # the signal came during the wait, not after it
+    finally:
+        sender.cancel()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
