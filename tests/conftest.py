@@ -25,6 +25,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # each other (a tiny model's training took 50% more CPU for the same wall time). The demo test runs without it,
 # as a user does, and checks the rank's own choice (`cpu_threads_per_rank`).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Inductor's C++ kernels as scalar loops, without SIMD intrinsics (inherited by every process a test starts): the
+# compile tests check graph breaks, recompiles, compiled against eager and ZeRO-3 under compile, none of which
+# depends on them, and gcc builds scalar kernels for less (test_compile.py cold: 64 CPU-s against 85; the
+# compiled parity case: 178 against 196). A GPU's kernels are Triton's, never these.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 
 @pytest.fixture

@@ -18,9 +18,11 @@ import time
 import pytest
 
 
-def _cpu() -> float:
+def _cpu() -> tuple[float, float]:
+    """(this worker's own CPU seconds, its own and its waited-for children's)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    mine = own.ru_utime + own.ru_stime
+    return mine, mine + children.ru_utime + children.ru_stime
 
 
 def _path() -> str:
@@ -37,9 +39,11 @@ def pytest_configure(config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    cpu, wall = _cpu(), time.monotonic()
+    (own, cpu), wall = _cpu(), time.monotonic()
     yield
-    record = {"test": item.nodeid, "cpu_s": round(_cpu() - cpu, 1), "wall_s": round(time.monotonic() - wall, 1)}
+    own_after, cpu_after = _cpu()
+    record = {"test": item.nodeid, "cpu_s": round(cpu_after - cpu, 1), "wall_s": round(time.monotonic() - wall, 1)}
+    record["own_s"] = round(own_after - own, 1)  # in the worker itself: fixtures, in-process models, references
     with open(_path(), "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -49,7 +53,12 @@ def pytest_terminal_summary(terminalreporter) -> None:
         return
     with open(_path()) as f:
         records = [json.loads(line) for line in f]
-    total = sum(r["cpu_s"] for r in records)
-    terminalreporter.section(f"CPU per test: {total / 60:.1f} CPU-minutes in {len(records)} tests ({_path()})")
+    total, own = sum(r["cpu_s"] for r in records), sum(r["own_s"] for r in records)
+    terminalreporter.section(
+        f"CPU per test: {total / 60:.1f} CPU-minutes in {len(records)} tests, {own / 60:.1f} of them in the "
+        f"pytest workers themselves ({_path()})"
+    )
     for r in sorted(records, key=lambda r: -r["cpu_s"])[:25]:
-        terminalreporter.write_line(f"{r['cpu_s']:8.1f} s CPU {r['wall_s']:8.1f} s wall  {r['test']}")
+        terminalreporter.write_line(
+            f"{r['cpu_s']:8.1f} s CPU ({r['own_s']:6.1f} in the worker) {r['wall_s']:8.1f} s wall  {r['test']}"
+        )
