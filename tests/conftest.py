@@ -42,6 +42,35 @@ def parcae_cmd() -> list[str]:
     return [sys.executable, "-m", "pipeline"]
 
 
+def parcae_refuses(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``parcae ARGS`` for input it must refuse, inside this test's process: what `python -m pipeline` runs
+    (`pipeline.cli`), with the exit code, stdout and stderr as `subprocess.run` gives them. A refusal needs no
+    interpreter of its own, whose imports cost 1-3 CPU-s; each command's work is tested in processes of its
+    own elsewhere. It must not join a process group (a rank leaves through `os._exit`): checked."""
+    import contextlib
+    import io
+    import logging
+
+    from pipeline import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli._main(list(args))
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    distributed = sys.modules.get("pipeline.training.distributed")
+    assert distributed is None or not distributed._INITIALISED, "parcae_refuses ran a command that started a rank"
+    assert code != 0, f"parcae {' '.join(args)} did not refuse: {err.getvalue()[-2000:]}"
+    return subprocess.CompletedProcess(["parcae", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium, which renders TensorBoard's dashboards in the tests: installed here when missing

@@ -145,7 +145,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {timed_out}", file=sys.stderr)
             return 1
         if lost_a_peer(exc) or _stopped_for_a_peer():  # another rank failed and said why: stop quietly
-            logging.getLogger(__name__).debug("stopped: another rank is gone (%s)", exc)
+            logging.getLogger(__name__).info("stopped: another rank is gone (%s)", exc)
             return 1
         # a bug, not a user mistake: the traceback, with secrets hidden
         print(redact(traceback.format_exc()), file=sys.stderr, end="")

@@ -43,6 +43,7 @@ from pipeline.jobspec.run_dir import run_tokenizer
 from pipeline.training.distributed import (
     accelerator_device,
     close_distributed,
+    dump_stacks_on_request,
     export_rank_env,
     init_distributed,
     launch_local,
@@ -293,6 +294,7 @@ def eval_ranks() -> Iterator[tuple[int, int, torch.device]]:
         yield 0, 1, accelerator_device(0)[0]
         return
     export_rank_env(info)
+    dump_stacks_on_request()  # the launcher asks a rank that will not leave where it waits
     device, device_type = accelerator_device(info.local_rank)
     init_distributed(device_type)
     try:

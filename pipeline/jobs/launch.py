@@ -17,6 +17,7 @@ from pipeline.training.device import select_accelerator
 from pipeline.training.distributed import (
     RankInfo,
     close_distributed,
+    dump_stacks_on_request,
     export_rank_env,
     free_port,
     launch_local,
@@ -65,6 +66,7 @@ def run_train(spec_path: str, overrides: list[str], resume_from: str | None = No
             f"{spec.cluster.procs_per_node}) but {info.world_size} were started"
         )
     export_rank_env(info)
+    dump_stacks_on_request()  # the launcher asks a rank that will not leave where it waits
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     select_accelerator(spec.training.device, info.local_rank)  # training.device: cuda without GPUs stops here
     from pipeline.training.trainer import Trainer

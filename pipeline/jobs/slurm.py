@@ -177,14 +177,19 @@ def _job_id(run: str) -> str:
     return jobs.read_text().split()[-1]
 
 
+def _job_fields(job: str) -> dict[str, str]:
+    """`scontrol show job`'s fields (JobState, NodeList, RunTime, Restarts, ...)."""
+    text = _run(["scontrol", "show", "job", job, "--oneliner"])
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+
 def status(run: str) -> list[str]:
     """A submitted run's Slurm state, its segments (where it started, on how many ranks), its last logged
     step and loss and its newest checkpoint, one line each."""
     job = _job_id(run)
     fields = {}
     try:
-        text = _run(["scontrol", "show", "job", job, "--oneliner"])
-        fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
+        fields = _job_fields(job)
     except SlurmError as exc:
         fields = {"JobState": f"unknown ({exc})"}
     lines = [
@@ -223,6 +228,14 @@ def cancel(run: str) -> str:
     job = _job_id(run)
     _run(["scancel", job])
     return job
+
+
+def _cancelled(job: str) -> bool:
+    """Whether Slurm has cancelled the job (scancel), as its controller says now."""
+    try:
+        return _job_fields(job).get("JobState", "").startswith("CANCELLED")
+    except SlurmError:  # the controller unreachable: decide as before, without its word
+        return False
 
 
 def allocation_overrides(cluster: ClusterSpec, env: dict[str, str] | os._Environ[str]) -> list[str]:
@@ -289,6 +302,11 @@ def slurm_job(run_dir: str) -> int:
     restarts = int(env.get("SLURM_RESTART_COUNT", "0"))
     cluster = loaded.spec.cluster
     retry_failure = code != 0 and not forwarded and restarts < cluster.max_requeues
+    if cluster.requeue and not terminated and (preempted or retry_failure) and _cancelled(job):
+        # scancel while srun started or ran: the job step went first ("Slurm job N has expired"), and the
+        # SIGTERM that says "cancel" had not reached this wrapper yet; a requeue would undo the cancel
+        log.warning("job %s was cancelled (exit %d): not requeued", job, code)
+        return code
     if cluster.requeue and not terminated and (preempted or retry_failure):
         why = "preempted" if preempted else f"failed with {code} (retry {restarts + 1} of {cluster.max_requeues})"
         log.warning("job %s %s: requeueing; it resumes from %s/checkpoints", job, why, run_dir)

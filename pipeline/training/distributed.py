@@ -136,6 +136,35 @@ def rank_death(rank: int, signum: int) -> str:
     return f"rank {rank} was killed by {name}: {cause}; the other ranks were stopped"
 
 
+STUCK_AFTER_S = 15  # how long the other ranks get to leave after the first one has
+STACKS_SIGNAL = signal.SIGQUIT  # a rank prints its threads' stacks (`dump_stacks_on_request`) and goes on
+
+
+def dump_stacks_on_request() -> None:
+    """In a rank: STACKS_SIGNAL prints every thread's Python stack to stderr (faulthandler, from the signal
+    itself, so it works while the rank waits inside native code), and the rank goes on. The local launcher
+    sends it to a rank that did not leave in time before killing it; `kill -QUIT` does the same by hand."""
+    import faulthandler
+
+    faulthandler.register(STACKS_SIGNAL, file=sys.stderr, all_threads=True)
+
+
+def kill_stuck(procs: list[subprocess.Popen]) -> None:
+    """Kill the ranks still running STUCK_AFTER_S after another left, each named with where it was stuck."""
+    stuck = [(rank, p) for rank, p in enumerate(procs) if p.poll() is None]
+    for rank, p in stuck:
+        print(
+            f"error: rank {rank} was still running {STUCK_AFTER_S} s after another rank left; killing it. "
+            "Where it waited (its threads' stacks, most recent call first):",
+            file=sys.stderr,
+            flush=True,
+        )
+        p.send_signal(STACKS_SIGNAL)
+        time.sleep(1)  # the rank writes its stacks from the signal handler
+    for _rank, p in stuck:
+        p.kill()
+
+
 def launch_local(
     argv: list[str], world_size: int, env: dict[str, str] | None = None, after_death: Callable[[], str] | None = None
 ) -> int:
@@ -198,10 +227,8 @@ def launch_local(
                         p.send_signal(signal.SIGCONT)  # a stopped (hung) rank handles it too
             if not running:
                 break
-            if failed_at is not None and time.monotonic() - failed_at > 15:  # stuck in a collective
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
+            if failed_at is not None and time.monotonic() - failed_at > STUCK_AFTER_S:  # stuck in a collective
+                kill_stuck(procs)
             time.sleep(0.2)
         if asked_to_stop and any(p.returncode == REQUEUE_EXIT_CODE for p in procs):
             return REQUEUE_EXIT_CODE  # stopped as asked (a rank that lost a peer on the way out is no failure)

@@ -206,6 +206,11 @@ def test_cancel(slurm, s3_shards, tmp_path):
     result = parcae("cancel", str(run_dir))
     assert result.returncode == 0 and f"cancelled job {job}" in result.stdout
     assert wait_state(job, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=120) == "CANCELLED"
+    # what the job wrapper asks before it requeues a failed step: a cancel that reached srun before the
+    # wrapper (srun: "Slurm job N has expired", exit 1) was requeued once, undoing the cancel
+    from pipeline.jobs.slurm import _cancelled
+
+    assert _cancelled(job)
     missing = parcae("status", str(tmp_path / "elsewhere"))
     assert missing.returncode == 1 and "no Slurm job was submitted" in missing.stderr
 

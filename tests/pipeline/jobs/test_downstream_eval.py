@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from model import ParcaeConfig, build_model, save_reference
-from tests.conftest import REPO, parcae_cmd
+from tests.conftest import REPO, parcae_cmd, parcae_refuses
 from tests.icl_bundles import make_bundle, train_on_tasks
 from tests.pipeline.jobs.test_eval import event_scalars
 
@@ -59,13 +59,14 @@ def test_downstream_eval_is_identical_on_one_and_two_ranks(tmp_path, tokenizer):
 @pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_downstream_eval_names_what_is_wrong(tmp_path, tokenizer):
     weights = save_reference(build_model(CFG, seed=5), tmp_path / "w.safetensors")
-    no_bundle = run("eval", str(weights), "--tasks", "core")
+    no_bundle = parcae_refuses("eval", str(weights), "--tasks", "core")
     assert no_bundle.returncode == 2 and "--tasks core: needs --bundle" in no_bundle.stderr
     bundle = make_bundle(tmp_path / "eval_bundle")
     (bundle / "eval_data" / "symbolic" / "counting.jsonl").unlink()
-    missing = run("eval", str(weights), "--tasks", "core", "--bundle", str(bundle), "--tokenizer", str(tokenizer))
+    tokenized = ("--tokenizer", str(tokenizer))
+    missing = parcae_refuses("eval", str(weights), "--tasks", "core", "--bundle", str(bundle), *tokenized)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "eval_data/symbolic/counting.jsonl: no such file in the bundle" in missing.stderr
-    no_tokenizer = run("eval", str(weights), "--tasks", "core", "--bundle", str(bundle))
+    no_tokenizer = parcae_refuses("eval", str(weights), "--tasks", "core", "--bundle", str(bundle))
     assert no_tokenizer.returncode == 1 and "pass --tokenizer" in no_tokenizer.stderr, no_tokenizer.stderr
     assert not Path(tmp_path / "w-eval" / "downstream.json").exists()

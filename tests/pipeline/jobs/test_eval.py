@@ -17,7 +17,7 @@ from data_prep.tokenizer import EOS_ID, load_tokenizer
 from model import ParcaeConfig, build_model, save_reference
 from model.weights import reference_state_dict
 from pipeline.evaluation.token_bytes import TokenBytes
-from tests.conftest import REPO, parcae_cmd
+from tests.conftest import REPO, parcae_cmd, parcae_refuses
 
 CFG = ParcaeConfig(vocab_size=512, d_model=64, n_head=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=64)
 
@@ -79,7 +79,7 @@ def test_eval_of_saved_weights_is_reproducible_and_consistent(tmp_path, val_shar
 def test_reference_weights_need_the_spec(tmp_path, val_shards):
     model = build_model(CFG, seed=2)
     save_file({k: v.contiguous() for k, v in reference_state_dict(model).items()}, str(tmp_path / "ref.safetensors"))
-    no_spec = run("eval", str(tmp_path / "ref.safetensors"), "--data", str(val_shards))
+    no_spec = parcae_refuses("eval", str(tmp_path / "ref.safetensors"), "--data", str(val_shards))
     assert no_spec.returncode != 0 and "pass --spec" in no_spec.stderr and "Traceback" not in no_spec.stderr
     spec = tmp_path / "spec.yaml"
     spec.write_text(
@@ -115,10 +115,10 @@ def test_bad_inputs_are_named(tmp_path, val_shards):
         (): "pass --data",
     }
     for extra, needle in cases.items():
-        result = run("eval", str(weights), *extra)
+        result = parcae_refuses("eval", str(weights), *extra)
         assert result.returncode != 0 and needle in result.stderr, (extra, result.stderr)
         assert "Traceback" not in result.stderr
-    missing = run("eval", str(tmp_path / "none.safetensors"), "--data", str(val_shards))
+    missing = parcae_refuses("eval", str(tmp_path / "none.safetensors"), "--data", str(val_shards))
     assert missing.returncode != 0 and "none.safetensors: no such file" in missing.stderr
 
 

@@ -11,7 +11,7 @@ import torch
 
 from data_prep.tokenizer import BOS_ID, TextTokenizer
 from model import ParcaeConfig, build_model, load_pretrained, save_reference
-from tests.conftest import REPO, parcae_cmd
+from tests.conftest import REPO, parcae_cmd, parcae_refuses
 from tests.icl_bundles import TASKS_CFG as CFG
 
 
@@ -56,17 +56,21 @@ def test_generate_gives_the_models_tokens(tmp_path, tokenizer, tasks_model):
 @pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_generate_names_what_is_wrong(tmp_path, tokenizer):
     weights = save_reference(build_model(CFG, seed=0), tmp_path / "w.safetensors")
-    nothing = run(str(weights), "--tokenizer", str(tokenizer))
+
+    def refused(model: str, *args: str) -> subprocess.CompletedProcess:
+        return parcae_refuses("generate", model, "--tokenizer", str(tokenizer), *args)
+
+    nothing = refused(str(weights))
     assert nothing.returncode == 2 and "give --prompt TEXT" in nothing.stderr and "Traceback" not in nothing.stderr
-    zero = run(str(weights), "--tokenizer", str(tokenizer), "--prompt", "a", "--max-new-tokens", "0")
+    zero = refused(str(weights), "--prompt", "a", "--max-new-tokens", "0")
     assert zero.returncode == 2 and "--max-new-tokens: at least 1" in zero.stderr
-    slots = run(str(weights), "--tokenizer", str(tokenizer), "--prompt", "a", "--cache-slots", "2", "--no-cache")
+    slots = refused(str(weights), "--prompt", "a", "--cache-slots", "2", "--no-cache")
     assert slots.returncode == 2 and "--cache-slots works on the KV cache: leave out --no-cache" in slots.stderr
     gpt = save_reference(
         build_model(ParcaeConfig(arch="gpt", vocab_size=512, d_model=64, n_head=2, n_layers=2)),
         tmp_path / "g.safetensors",
     )
-    loops = run(str(gpt), "--tokenizer", str(tokenizer), "--prompt", "a", "--loops", "2")
+    loops = refused(str(gpt), "--prompt", "a", "--loops", "2")
     assert loops.returncode == 2 and "the GPT baseline has no loops" in loops.stderr
-    long = run(str(weights), "--tokenizer", str(tokenizer), "--prompt", "a b", "--prompt", "one " * 40)
+    long = refused(str(weights), "--prompt", "a b", "--prompt", "one " * 40)
     assert long.returncode == 2 and "exceeds the model's context (64)" in long.stderr, long.stderr

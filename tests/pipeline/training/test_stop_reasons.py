@@ -116,3 +116,41 @@ def test_a_signal_whose_handler_has_not_run_yet_counts(tmp_path, monkeypatch):
         sender.cancel()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def test_a_rank_that_does_not_leave_is_killed_with_its_stacks(tmp_path, capfd):
+    """The local launcher kills a rank still running 15 s after another left; first the rank prints where it
+    waits (every thread's stack, from the signal handler: it works inside native waits too), so a hang at the
+    end of a run names its place instead of ending in silence."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    script = (
+        "import threading, time\n"
+        "from pipeline.training.distributed import dump_stacks_on_request\n"
+        "dump_stacks_on_request()\n"
+        "def waiting_in_a_collective():\n"
+        "    print('ready', flush=True)\n"
+        "    threading.Event().wait()\n"
+        "waiting_in_a_collective()\n"
+    )
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=log.open("w"))
+        for log in logs
+    ]
+    for p in procs:
+        assert p.stdout.readline().strip() == b"ready"
+    procs[0].kill()  # the rank that left
+    procs[0].wait()
+    started = time.monotonic()
+    distributed.kill_stuck(procs)
+    assert procs[1].wait(timeout=10) == -signal.SIGKILL and time.monotonic() - started < 5
+    said = capfd.readouterr().err
+    assert "error: rank 1 was still running 15 s after another rank left; killing it" in said
+    assert "rank 0" not in said  # only the ranks still running
+    stacks = logs[1].read_text()
+    assert "waiting_in_a_collective" in stacks and "most recent call first" in stacks, stacks

@@ -232,13 +232,6 @@ def test_bf16_precisions_train_and_evaluate_under_zero3(tmp_path, shards, precis
     assert [r["step"] for r in resumed] == [11, 12] and all(math.isfinite(r["loss"]) for r in resumed)
 
 
-def test_periodic_evaluation_with_the_papers_protocol(tmp_path, shards):
-    extra = ["eval.protocol=paper", "eval.h0_seeds=2", "eval.documents=40", "eval.interval_steps=5"]
-    records = run_variant(tmp_path, shards, "paper", 5, extra)
-    evals = [r for r in records if "val_loss_loops_4" in r]
-    assert evals and evals[-1]["val_loss_loops_4_std"] > 0 and math.isfinite(evals[-1]["val_loss_loops_1"])
-
-
 def test_continued_pretraining_starts_from_the_given_weights(tmp_path, shards):
     """checkpoint.init_from: the step-1 loss of a run started from weights (a released-format directory)
     is the loss those weights give, computed here in plain PyTorch, on the same rows with the same loop
@@ -297,7 +290,9 @@ def test_continued_pretraining_starts_from_the_given_weights(tmp_path, shards):
 def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, shards, tokenizer):
     """eval.downstream: CORE and Core-Extended at the spec's loop counts, scored by the 2 ranks through the
     ZeRO-3 engine, logged to metrics.jsonl and TensorBoard; at the last step they equal what `parcae eval`
-    scores from the run's last checkpoint on one rank."""
+    scores from the run's last checkpoint on one rank. The same run validates with the paper's protocol
+    (like-init h_0 seeds over whole documents, every 5 steps), once a run of its own
+    (test_periodic_evaluation_with_the_papers_protocol)."""
     from tests.icl_bundles import make_bundle
     from tests.pipeline.jobs.test_eval import event_scalars
 
@@ -311,8 +306,12 @@ def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, sha
         "logging.sample_prompts=[The history of, one two three]",
         "logging.sample_interval=5",
         "logging.sample_tokens=8",
+        *("eval.protocol=paper", "eval.h0_seeds=2", "eval.documents=40", "eval.interval_steps=5"),
     ]
     records = run_variant(tmp_path, shards, "downstream", 10, extra)
+    evals = [r for r in records if "val_loss_loops_4" in r]
+    assert [r["step"] for r in evals] == [5, 10] and evals[-1]["val_loss_loops_4_std"] > 0
+    assert math.isfinite(evals[-1]["val_loss_loops_1"])
     samples = [r for r in records if "samples" in r]
     assert [r["step"] for r in samples] == [5, 10] and samples[-1]["samples"][1]["prompt"] == "one two three"
     assert "sample at step 10: The history of|" in (tmp_path / "downstream.log").read_text()
