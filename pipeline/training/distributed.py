@@ -149,8 +149,9 @@ def dump_stacks_on_request() -> None:
     faulthandler.register(STACKS_SIGNAL, file=sys.stderr, all_threads=True)
 
 
-def kill_stuck(procs: list[subprocess.Popen]) -> None:
-    """Kill the ranks still running STUCK_AFTER_S after another left, each named with where it was stuck."""
+def kill_stuck(procs: list[subprocess.Popen]) -> list[int]:
+    """Kill the ranks still running STUCK_AFTER_S after another left, each named with where it was stuck;
+    the ranks killed."""
     stuck = [(rank, p) for rank, p in enumerate(procs) if p.poll() is None]
     for rank, p in stuck:
         print(
@@ -163,6 +164,18 @@ def kill_stuck(procs: list[subprocess.Popen]) -> None:
         time.sleep(1)  # the rank writes its stacks from the signal handler
     for _rank, p in stuck:
         p.kill()
+    return [rank for rank, _p in stuck]
+
+
+def killed_while_stopping(procs: list[subprocess.Popen], killed: list[int]) -> list[str]:
+    """After a stop the user asked for, the ranks a signal took on their way out (not the launcher's own kill
+    of a stuck rank, which said so): each said nothing, and its checkpoint may be missing."""
+    lines = []
+    for rank, p in enumerate(procs):
+        if p.returncode is not None and p.returncode < 0 and rank not in killed:
+            name = signal.Signals(-p.returncode).name if -p.returncode in signal.valid_signals() else -p.returncode
+            lines.append(f"error: rank {rank} was killed by {name} while the run stopped")
+    return lines
 
 
 def launch_local(
@@ -202,7 +215,7 @@ def launch_local(
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
-        code, failed_at = 0, None
+        code, failed_at, killed = 0, None, []
         while True:
             running = any(p.poll() is None for p in procs)  # before the failures: both seen in one look
             # a rank that exits 75 was asked to stop and has checkpointed: let the others finish theirs
@@ -228,8 +241,11 @@ def launch_local(
             if not running:
                 break
             if failed_at is not None and time.monotonic() - failed_at > STUCK_AFTER_S:  # stuck in a collective
-                kill_stuck(procs)
+                killed += kill_stuck(procs)
             time.sleep(0.2)
+        if asked_to_stop:
+            for line in killed_while_stopping(procs, killed):
+                print(line, file=sys.stderr)
         if asked_to_stop and any(p.returncode == REQUEUE_EXIT_CODE for p in procs):
             return REQUEUE_EXIT_CODE  # stopped as asked (a rank that lost a peer on the way out is no failure)
         if code == 0:

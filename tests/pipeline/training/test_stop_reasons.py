@@ -154,3 +154,11 @@ def test_a_rank_that_does_not_leave_is_killed_with_its_stacks(tmp_path, capfd):
     assert "rank 0" not in said  # only the ranks still running
     stacks = logs[1].read_text()
     assert "waiting_in_a_collective" in stacks and "most recent call first" in stacks, stacks
+
+
+def test_a_rank_a_signal_took_during_a_stop_is_named():
+    """After SIGTERM the launcher returns 75 when a rank checkpointed, whatever the others did; a rank that a
+    signal killed on its way out said nothing, so the launcher names it (not the ranks it killed itself)."""
+    ranks = [types.SimpleNamespace(returncode=code) for code in (75, -signal.SIGTERM, -signal.SIGKILL, 1)]
+    said = distributed.killed_while_stopping(ranks, killed=[2])
+    assert said == ["error: rank 1 was killed by SIGTERM while the run stopped"]
