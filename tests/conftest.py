@@ -270,15 +270,21 @@ REFERENCE_STEPS = 24
 
 
 @pytest.fixture(scope="session")
-def reference_losses(tiny_shards, tmp_path_factory) -> dict[int, float]:
-    """Per-step losses of an uninterrupted 2-rank run of REFERENCE_STEPS steps: what every interrupted and
-    resumed run must reproduce exactly."""
+def reference_run(tiny_shards, tmp_path_factory) -> Path:
+    """The run directory of an uninterrupted 2-rank run of REFERENCE_STEPS steps (`tiny_run`'s settings),
+    shared by every worker of the test run: read it, or copy it before writing."""
 
     def build(out: Path) -> None:
         reference = start_run(train_cmd(tiny_shards, out / "reference", REFERENCE_STEPS), out / "reference.log")
         assert reference.wait(timeout=600) == 0, (out / "reference.log").read_text()[-3000:]
 
-    result = step_losses(once_per_run(tmp_path_factory, "reference", build) / "reference")
+    return once_per_run(tmp_path_factory, "reference", build) / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference_losses(reference_run) -> dict[int, float]:
+    """Per-step losses of the reference run: what every interrupted and resumed run must reproduce exactly."""
+    result = step_losses(reference_run)
     assert sorted(result) == list(range(1, REFERENCE_STEPS + 1))
     assert result[REFERENCE_STEPS] < result[1] - 0.5  # it learns
     return result
