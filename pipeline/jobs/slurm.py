@@ -22,7 +22,7 @@ from pipeline.jobs.sweep_record import is_sweep, metrics_records, point_run_dir
 from pipeline.jobspec import ClusterSpec, LoadedSpec, load_run_spec, load_spec
 from pipeline.jobspec.run_dir import segments
 from pipeline.training import checkpoint
-from pipeline.training.distributed import die_with_parent
+from pipeline.training.distributed import die_with_parent, free_port
 from pipeline.training.preflight import PREFLIGHT_ENV, PreflightError, data_problems, preflight
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,15 @@ def cancel(run: str) -> str:
     return job
 
 
+def _rendezvous_port(addr: str, job: str) -> int:
+    """A port free now on the first node, where this wrapper and rank 0 run. (A port derived from the job id
+    collided when two jobs' ids agreed modulo 20000 on one node: rank 0 could not listen, EADDRINUSE.)"""
+    try:
+        return free_port(addr)
+    except OSError:  # the address is not this machine's: the id-derived port, as a manual srun gets it
+        return 20000 + int(job) % 20000
+
+
 def _cancelled(job: str) -> bool:
     """Whether Slurm has cancelled the job (scancel), as its controller says now."""
     try:
@@ -261,7 +270,7 @@ def slurm_job(run_dir: str) -> int:
     first = _run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]]).split()[0]
     node = dict(x.split("=", 1) for x in _run(["scontrol", "show", "node", first, "--oneliner"]).split() if "=" in x)
     addr = node.get("NodeAddr", first)
-    port = 20000 + int(job) % 20000
+    port = _rendezvous_port(addr, job)
     rank_env = {**env, "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
     if addr.startswith("127."):
         rank_env["GLOO_SOCKET_IFNAME"] = "lo"

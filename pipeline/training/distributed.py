@@ -74,9 +74,10 @@ def export_rank_env(info: RankInfo) -> None:
     )
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port no socket of ``host`` holds now (the kernel's pick)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -288,7 +289,17 @@ def init_distributed(device_type: str, timeout_s: int = 1800) -> None:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a timed-out collective ends the process
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # rank 0's own failure, which the others see as a lost peer: said, not hidden
+        if "EADDRINUSE" not in str(exc):
+            raise
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise ParcaeError(
+            f"rendezvous: rank 0 cannot listen on {where}, the port is in use (another job or service on that "
+            "node); set MASTER_PORT to a free port, or run again (`parcae train` and `parcae submit` pick a "
+            "free one at each start)"
+        ) from None
     _INITIALISED, _TIMEOUT_S = True, timeout_s
 
 

@@ -261,3 +261,19 @@ def test_outputs_that_exist_are_not_replaced_without_force(tmp_path, tokenizer):
     again = run("prep", "tokenizer", "--out", str(prefix), "--vocab-size", "300")
     assert_one_clean_error(again, 2, f"{prefix}.model", "already there", "--force")
     assert tokenizer.read_bytes() == before
+
+
+def test_a_rendezvous_port_in_use_is_named(tmp_path, shards):
+    """MASTER_PORT taken by another process on the node (a Slurm job's id-derived port once collided so): rank
+    0 cannot listen, and says so with the address, instead of stopping as if it had lost a peer (exit 1, no
+    word: the ranks all saw a DistNetworkError). A rank started torchrun-style, on a port this test holds."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ranks = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        ranks["MASTER_PORT"] = str(port)
+        result = run("train", *tiny(shards, tmp_path / "run", "cluster.procs_per_node=1"), env=ranks, timeout=120)
+    assert_one_clean_error(result, 1, f"rendezvous: rank 0 cannot listen on 127.0.0.1:{port}, the port is in use")
