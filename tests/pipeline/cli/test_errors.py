@@ -263,6 +263,7 @@ def test_outputs_that_exist_are_not_replaced_without_force(tmp_path, tokenizer):
     assert tokenizer.read_bytes() == before
 
 
+@pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier
 def test_a_rendezvous_port_in_use_is_named(tmp_path, shards):
     """MASTER_PORT taken by another process on the node (a Slurm job's id-derived port once collided so): rank
     0 cannot listen, and says so with the address, instead of stopping as if it had lost a peer (exit 1, no
