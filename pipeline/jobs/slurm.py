@@ -177,9 +177,9 @@ def _job_id(run: str) -> str:
     return jobs.read_text().split()[-1]
 
 
-def _job_fields(job: str) -> dict[str, str]:
-    """`scontrol show job`'s fields (JobState, NodeList, RunTime, Restarts, ...)."""
-    text = _run(["scontrol", "show", "job", job, "--oneliner"])
+def _scontrol_show(kind: str, name: str) -> dict[str, str]:
+    """`scontrol show job|node NAME`'s fields (a job's JobState, NodeList, RunTime, ...; a node's NodeAddr)."""
+    text = _run(["scontrol", "show", kind, name, "--oneliner"])
     return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
 
@@ -189,7 +189,7 @@ def status(run: str) -> list[str]:
     job = _job_id(run)
     fields = {}
     try:
-        fields = _job_fields(job)
+        fields = _scontrol_show("job", job)
     except SlurmError as exc:
         fields = {"JobState": f"unknown ({exc})"}
     lines = [
@@ -242,7 +242,7 @@ def _rendezvous_port(addr: str, job: str) -> int:
 def _cancelled(job: str) -> bool:
     """Whether Slurm has cancelled the job (scancel), as its controller says now."""
     try:
-        return _job_fields(job).get("JobState", "").startswith("CANCELLED")
+        return _scontrol_show("job", job).get("JobState", "").startswith("CANCELLED")
     except SlurmError:  # the controller unreachable: decide as before, without its word
         return False
 
@@ -268,8 +268,7 @@ def slurm_job(run_dir: str) -> int:
     if not job:
         raise ParcaeError("slurm-job runs inside a Slurm batch job (no SLURM_JOB_ID)")
     first = _run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]]).split()[0]
-    node = dict(x.split("=", 1) for x in _run(["scontrol", "show", "node", first, "--oneliner"]).split() if "=" in x)
-    addr = node.get("NodeAddr", first)
+    addr = _scontrol_show("node", first).get("NodeAddr", first)
     port = _rendezvous_port(addr, job)
     rank_env = {**env, "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
     if addr.startswith("127."):
@@ -311,12 +310,12 @@ def slurm_job(run_dir: str) -> int:
     restarts = int(env.get("SLURM_RESTART_COUNT", "0"))
     cluster = loaded.spec.cluster
     retry_failure = code != 0 and not forwarded and restarts < cluster.max_requeues
-    if cluster.requeue and not terminated and (preempted or retry_failure) and _cancelled(job):
-        # scancel while srun started or ran: the job step went first ("Slurm job N has expired"), and the
-        # SIGTERM that says "cancel" had not reached this wrapper yet; a requeue would undo the cancel
-        log.warning("job %s was cancelled (exit %d): not requeued", job, code)
-        return code
     if cluster.requeue and not terminated and (preempted or retry_failure):
+        if _cancelled(job):
+            # scancel while srun started or ran: the job step went first ("Slurm job N has expired"), and the
+            # SIGTERM that says "cancel" had not reached this wrapper yet; a requeue would undo the cancel
+            log.warning("job %s was cancelled (exit %d): not requeued", job, code)
+            return code
         why = "preempted" if preempted else f"failed with {code} (retry {restarts + 1} of {cluster.max_requeues})"
         log.warning("job %s %s: requeueing; it resumes from %s/checkpoints", job, why, run_dir)
         _run(["scontrol", "requeue", job])

@@ -127,12 +127,16 @@ def stopped_for_a_peer() -> bool:
     return _PEER_FAILED
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def rank_death(rank: int, signum: int) -> str:
     """Why a rank that a signal killed is gone, as far as the launcher can tell."""
-    try:
-        name = signal.Signals(signum).name
-    except ValueError:
-        name = f"signal {signum}"
+    name = _signal_name(signum)
     cause = _DEATHS.get(name, "something outside the run sent it")
     return f"rank {rank} was killed by {name}: {cause}; the other ranks were stopped"
 
@@ -174,8 +178,7 @@ def killed_while_stopping(procs: list[subprocess.Popen], killed: list[int]) -> l
     lines = []
     for rank, p in enumerate(procs):
         if p.returncode is not None and p.returncode < 0 and rank not in killed:
-            name = signal.Signals(-p.returncode).name if -p.returncode in signal.valid_signals() else -p.returncode
-            lines.append(f"error: rank {rank} was killed by {name} while the run stopped")
+            lines.append(f"error: rank {rank} was killed by {_signal_name(-p.returncode)} while the run stopped")
     return lines
 
 
