@@ -127,7 +127,9 @@ def plot_loop_curve(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if many:
+    if not curves:  # a sweep none of whose runs has validated yet: say so, not an empty frame and a warning
+        ax.text(0.5, 0.5, "no validation curve yet", ha="center", va="center", transform=ax.transAxes)
+    elif many:
         ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     else:
         ax.legend(fontsize=7)

@@ -59,3 +59,16 @@ def test_plot_is_a_valid_png(tmp_path):
         image.verify()
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+
+
+def test_a_plot_of_no_curve_says_so_without_a_warning(tmp_path):
+    """A sweep none of whose runs has validated yet: `parcae sweep summary` still writes curves.png (matplotlib
+    warned "No artists with labels found to put in legend" for the empty legend)."""
+    import warnings
+
+    path = tmp_path / "curve.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = plot_loop_curve({}, "t", path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [t.get_text() for t in figure.axes[0].texts] == ["no validation curve yet"]
