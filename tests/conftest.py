@@ -32,6 +32,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 
+def pytest_configure(config) -> None:
+    """Bytecode for the project's own packages, written once by the controlling process before any worker,
+    rank or command starts. Where PYTHONDONTWRITEBYTECODE is set (as on these machines) each of the suite's
+    400-odd processes would otherwise compile every project module it imports: 0.3 CPU-s a process, measured.
+    A module edited since is compiled again in memory, as without these files."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import compileall
+
+    for package in ("pipeline", "model", "data_prep"):
+        compileall.compile_dir(REPO / package, quiet=2)
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO
@@ -42,33 +55,65 @@ def parcae_cmd() -> list[str]:
     return [sys.executable, "-m", "pipeline"]
 
 
-def parcae_refuses(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """``parcae ARGS`` for input it must refuse, inside this test's process: what `python -m pipeline` runs
-    (`pipeline.cli`), with the exit code, stdout and stderr as `subprocess.run` gives them. A refusal needs no
-    interpreter of its own, whose imports cost 1-3 CPU-s; each command's work is tested in processes of its
-    own elsewhere. It must not join a process group (a rank leaves through `os._exit`): checked."""
+def parcae_in_process(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``parcae ARGS`` inside this test's process: what `python -m pipeline` runs (`pipeline.cli`), with the
+    exit code, stdout and stderr as `subprocess.run` gives them. For commands that run in one process (ranks a
+    command starts would write to this process's stdout, not to what it returns). It saves the interpreter's
+    start-up and imports, 1-3 CPU-s a command. The entry point itself, a fresh interpreter as a user runs it,
+    is `parcae_cmd`'s, used by test_errors.py and every training run. ``env``: the whole environment during
+    the command (default: this process's). What a command may change process-wide is put back after it:
+    ``sys.argv``, logging, the environment, torch's intra-op threads, the handlers of the signals a launcher
+    forwards. A command that joins a process group (a rank, which leaves through `os._exit`) cannot run
+    here: checked."""
     import contextlib
     import io
     import logging
+    import signal
 
     from pipeline import cli
 
     out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    names = [*logging.root.manager.loggerDict, "botocore", "boto3", "urllib3", "s3transfer", "werkzeug"]
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in names)]
+    levels = {logger: logger.level for logger in loggers}
+    handlers = logging.getLogger().handlers[:]
+    environ = dict(os.environ)
+    signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGQUIT)}
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    argv, sys.argv = sys.argv, ["parcae", *args]
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
     try:
         with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = cli._main(list(args))
-            except SystemExit as exc:  # argparse's usage errors
+            except SystemExit as exc:  # argparse's usage errors, --help, --version
                 code = exc.code if isinstance(exc.code, int) else 1
     finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+        sys.argv = argv
+        logging.getLogger().handlers[:] = handlers
+        for logger, level in levels.items():
+            logger.setLevel(level)
+        os.environ.clear()
+        os.environ.update(environ)
+        for number, handler in signals.items():
+            if handler is not None:  # None: a handler not set from Python, which no command replaces
+                signal.signal(number, handler)
+        if threads is not None:
+            torch.set_num_threads(threads)
     distributed = sys.modules.get("pipeline.training.distributed")
-    assert distributed is None or not distributed._INITIALISED, "parcae_refuses ran a command that started a rank"
-    assert code != 0, f"parcae {' '.join(args)} did not refuse: {err.getvalue()[-2000:]}"
+    assert distributed is None or not distributed._INITIALISED, f"parcae {' '.join(args)} started a rank in-process"
     return subprocess.CompletedProcess(["parcae", *args], code, out.getvalue(), err.getvalue())
+
+
+def parcae_refuses(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``parcae ARGS`` for input it must refuse, in this test's process (`parcae_in_process`): it exits
+    non-zero. Each command's work is tested elsewhere."""
+    result = parcae_in_process(*args, cwd=cwd)
+    assert result.returncode != 0, f"parcae {' '.join(args)} did not refuse: {result.stderr[-2000:]}"
+    return result
 
 
 @pytest.fixture(scope="session")

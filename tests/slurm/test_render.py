@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from tests.conftest import CONFIGS, REPO, parcae_cmd
+from tests.conftest import CONFIGS, parcae_in_process
 
 
 def dry_run(*sets):
-    cmd = [*parcae_cmd(), "submit", str(CONFIGS / "demo-tiny.yaml"), "--dry-run", *[f"--set={s}" for s in sets]]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    return parcae_in_process("submit", str(CONFIGS / "demo-tiny.yaml"), "--dry-run", *[f"--set={s}" for s in sets])
 
 
 def test_script_from_the_cluster_section():
@@ -94,7 +91,7 @@ def test_prep_submit_renders_an_array_and_its_merge(tmp_path, corpus_jsonl, toke
         (inputs / f"p{k}.jsonl").write_text("\n".join(lines[k::3]) + "\n")
 
     def parcae(*args):
-        return subprocess.run([*parcae_cmd(), "prep", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        return parcae_in_process("prep", *args)
 
     out = tmp_path / "out"
     missing = parcae("submit", str(out), "--tasks", "2", "--dry-run")

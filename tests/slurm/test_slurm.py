@@ -16,7 +16,7 @@ import pytest
 
 from data_prep.shards import ShardSettings, build_shards
 from data_prep.storage import S3Options
-from tests.conftest import CONFIGS, REPO, parcae_cmd, step_losses, tiny_run
+from tests.conftest import CONFIGS, REPO, parcae_in_process, step_losses, tiny_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.xdist_group("slurm")]  # one cluster per run
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
@@ -68,8 +68,8 @@ def overrides(shards, run_dir: Path, steps: int) -> list[str]:
     return tiny_run(url, run_dir, steps, cluster__nodes=2, cluster__procs_per_node=1, storage__endpoint_url=endpoint)
 
 
-def parcae(*args, timeout=300):
-    return subprocess.run([*parcae_cmd(), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def parcae(*args):
+    return parcae_in_process(*args)
 
 
 def submit(shards, run_dir: Path, steps: int) -> str:

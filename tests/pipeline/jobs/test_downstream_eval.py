@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from model import ParcaeConfig, build_model, save_reference
-from tests.conftest import REPO, parcae_cmd, parcae_refuses
+from tests.conftest import REPO, parcae_cmd, parcae_in_process, parcae_refuses
 from tests.icl_bundles import make_bundle, train_on_tasks
 from tests.pipeline.jobs.test_eval import event_scalars
 
@@ -30,9 +30,9 @@ def test_downstream_eval_is_identical_on_one_and_two_ranks(tmp_path, tokenizer):
     args += ["--tokenizer", str(tokenizer), "--loops", "1", "2", "4", "--seeds", "1234", "99", "--batch-tokens", "300"]
     two = run(*args, "--procs", "2", "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr
-    one = run(*args, "--out", str(tmp_path / "one"), "--tensorboard", "none")
+    one = parcae_in_process(*args, "--out", str(tmp_path / "one"), "--tensorboard", "none")  # one process
     assert one.returncode == 0, one.stderr
-    again = run(*args, "--out", str(tmp_path / "again"), "--tensorboard", "none")
+    again = parcae_in_process(*args, "--out", str(tmp_path / "again"), "--tensorboard", "none")
     reports = [json.loads((tmp_path / d / "downstream.json").read_text()) for d in ("two", "one", "again")]
     assert reports[0]["ranks"] == 2 and reports[1]["ranks"] == 1
     assert reports[0]["results"] == reports[1]["results"] == reports[2]["results"]

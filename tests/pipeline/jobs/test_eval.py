@@ -17,7 +17,7 @@ from data_prep.tokenizer import EOS_ID, load_tokenizer
 from model import ParcaeConfig, build_model, save_reference
 from model.weights import reference_state_dict
 from pipeline.evaluation.token_bytes import TokenBytes
-from tests.conftest import REPO, parcae_cmd, parcae_refuses
+from tests.conftest import parcae_in_process, parcae_refuses
 
 CFG = ParcaeConfig(vocab_size=512, d_model=64, n_head=2, n_prelude=1, n_core=1, n_coda=1, max_seq_len=64)
 
@@ -28,7 +28,7 @@ def val_shards(tiny_shards) -> Path:
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    return parcae_in_process(*args)
 
 
 def event_scalars(directory: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:

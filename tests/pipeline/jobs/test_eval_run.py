@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO, free_port, parcae_cmd, tiny_run
+from tests.conftest import CONFIGS, REPO, free_port, parcae_cmd, parcae_in_process, tiny_run
 from tests.pipeline.jobs.test_eval import event_scalars
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -39,11 +39,11 @@ def trained_run(tmp_path_factory, tiny_shards) -> Iterator[Path]:
 
 def test_eval_of_a_run_directory(trained_run):
     args = ["eval", str(trained_run), "--loops", "1", "2", "4", "8", "--max-batches", "4"]
-    first = subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO)
+    first = parcae_in_process(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((trained_run / "eval" / "step-00000012" / "eval.json").read_text())
     assert report["step"] == 12 and report["data"].endswith("val") and report["fit"] is not None
-    again = subprocess.run([*parcae_cmd(), *args, "--out", str(trained_run / "again")], capture_output=True, text=True)
+    again = parcae_in_process(*args, "--out", str(trained_run / "again"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((trained_run / "again" / "eval.json").read_text())["results"] == report["results"]
     scalars, images = event_scalars(trained_run / "tensorboard")
@@ -54,10 +54,10 @@ def test_eval_of_a_run_directory(trained_run):
     assert [step for step, _ in scalars["scaling/fit_l_inf"]] == [6, 12] and "scaling/loss_vs_loops" in images
     # the consolidated checkpoint is the exported model (whose losses test_train_resume checks against the run's)
     exported = trained_run / "exported.safetensors"
-    done = subprocess.run([*parcae_cmd(), "export", str(trained_run / "checkpoints"), "--out", str(exported)])
+    done = parcae_in_process("export", str(trained_run / "checkpoints"), "--out", str(exported))
     assert done.returncode == 0
     data = ["--data", report["data"], "--out", str(trained_run / "from-file"), "--tensorboard", "none"]
-    from_file = subprocess.run([*parcae_cmd(), "eval", str(exported), *args[2:], *data], capture_output=True, text=True)
+    from_file = parcae_in_process("eval", str(exported), *args[2:], *data)
     assert from_file.returncode == 0, from_file.stderr[-3000:]
     assert json.loads((trained_run / "from-file" / "eval.json").read_text())["results"] == report["results"]
 
@@ -190,9 +190,7 @@ def test_tb_refuses_what_it_cannot_serve(tmp_path, s3_server):
 def test_paper_protocol_of_a_run_directory(trained_run, tmp_path):
     """The reference's evaluation: held-out documents one per row, like-init h0 over seeds, the spread."""
     args = ["eval", str(trained_run), "--loops", "1", "2", "4", "--protocol", "paper", "--documents", "40"]
-    result = subprocess.run(
-        [*parcae_cmd(), *args, "--h0-seeds", "3", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO
-    )
+    result = parcae_in_process(*args, "--h0-seeds", "3", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["protocol"]["name"] == "paper" and "40 documents" in report["protocol"]["rows"]
@@ -200,10 +198,5 @@ def test_paper_protocol_of_a_run_directory(trained_run, tmp_path):
     for row in report["results"]:
         assert len(set(row["loss_per_seed"])) == 3 and row["loss_std"] > 0
         assert abs(sum(row["loss_per_seed"]) / 3 - row["loss"]) < 1e-9
-    subprocess.run(
-        [*parcae_cmd(), *args, "--h0-seeds", "3", "--out", str(tmp_path / "b")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    parcae_in_process(*args, "--h0-seeds", "3", "--out", str(tmp_path / "b"))
     assert json.loads((tmp_path / "b" / "eval.json").read_text())["results"] == report["results"]  # seeded

@@ -11,12 +11,12 @@ import torch
 
 from data_prep.tokenizer import BOS_ID, TextTokenizer
 from model import ParcaeConfig, build_model, load_pretrained, save_reference
-from tests.conftest import REPO, parcae_cmd, parcae_refuses
+from tests.conftest import parcae_in_process, parcae_refuses
 from tests.icl_bundles import TASKS_CFG as CFG
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*parcae_cmd(), "generate", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    return parcae_in_process("generate", *args)
 
 
 @pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier

@@ -18,7 +18,7 @@ import torch
 
 from model import ParcaeConfig, build_model, save_reference
 from pipeline.jobs.hf_export import TEMPLATE
-from tests.conftest import REPO, parcae_cmd
+from tests.conftest import parcae_in_process
 from tests.model.test_parcae import randomize
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,8 @@ def export(tmp_path: Path, cfg: ParcaeConfig, tokenizer: Path, name: str):
     model = randomize(build_model(cfg, seed=3), seed=4).eval()
     weights = save_reference(model, tmp_path / f"{name}.safetensors")
     out = tmp_path / f"{name}-hf"
-    cmd = [*parcae_cmd(), "export", str(weights), "--format", "hf", "--out", str(out), "--tokenizer", str(tokenizer)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **OFFLINE})
+    args = ["export", str(weights), "--format", "hf", "--out", str(out), "--tokenizer", str(tokenizer)]
+    done = parcae_in_process(*args, env={**os.environ, **OFFLINE})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "transformers loads it" in done.stdout
     return model, out

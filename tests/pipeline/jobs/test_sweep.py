@@ -15,7 +15,7 @@ import pytest
 
 from parcae_errors import ParcaeError
 from pipeline.jobs.sweep import expand, parse_grid
-from tests.conftest import CONFIGS, REPO, free_port, parcae_cmd
+from tests.conftest import CONFIGS, REPO, free_port, parcae_cmd, parcae_in_process
 from tests.pipeline.jobs.test_eval_run import _serve
 
 
@@ -74,7 +74,7 @@ def test_local_sweep_trains_skips_finished_points_and_summarises(tmp_path, tiny_
     assert [p["name"] for p in record["points"]] == ["lr1e-3", "lr1e3"]
     again = parcae(*args, "--dir", str(directory))
     assert "lr1e-3: finished before, skipped" in again.stdout
-    summary = parcae("sweep", "summary", str(directory))
+    summary = parcae_in_process("sweep", "summary", str(directory))
     assert summary.returncode == 0, summary.stderr
     runs = {r["name"]: r for r in json.loads((directory / "summary.json").read_text())["runs"]}
     good, bad = runs["lr1e-3"], runs["lr1e3"]
@@ -84,7 +84,7 @@ def test_local_sweep_trains_skips_finished_points_and_summarises(tmp_path, tiny_
     assert bad["diverged"] and bad["diverged_because"], bad
     for png in ("curves.png", "training.png"):
         assert (directory / png).read_bytes()[:4] == b"\x89PNG"
-    missing = parcae("sweep", "summary", str(tmp_path))
+    missing = parcae_in_process("sweep", "summary", str(tmp_path))
     assert missing.returncode != 0 and "not a sweep directory" in missing.stderr
     check_hparams(directory, tmp_path)
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import CONFIGS, REPO, parcae_cmd, step_losses, tiny_run
+from tests.conftest import CONFIGS, REPO, parcae_cmd, parcae_in_process, step_losses, tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,6 @@ def test_the_gpt_baseline_trains_validates_and_generates(tmp_path, tiny_shards, 
     train = [r for r in records if "tokens_per_s" in r]
     assert train and all("loops_mean" not in r for r in train)  # no loop counts are sampled
     assert any(any(k.startswith("val") for k in r) for r in records), records[-1]
-    generated = subprocess.run(
-        [*parcae_cmd(), "generate", str(run_dir), "--prompt", "The", "--max-new-tokens", "4", "--json"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
+    generated = parcae_in_process("generate", str(run_dir), "--prompt", "The", "--max-new-tokens", "4", "--json")
     assert generated.returncode == 0, generated.stderr[-2000:]
     assert json.loads(generated.stdout)["loops"] is None

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from model import ParcaeConfig, build_model, load_pretrained
 from model.weights import reference_state_dict
-from tests.conftest import REPO, parcae_cmd
+from tests.conftest import REPO, parcae_cmd, parcae_in_process
 
 SPEC = """
 name: imp
@@ -21,7 +21,7 @@ training: {micro_batch_size: 1, total_steps: 1}
 
 
 def run(*args):
-    return subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return parcae_in_process(*args)
 
 
 @pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier

@@ -11,7 +11,7 @@ import pytest
 from parcae_errors import ParcaeError
 from pipeline.jobspec import load_spec
 from pipeline.training.memory import knobs, parse_size, plan_memory
-from tests.conftest import CONFIGS, REPO, parcae_cmd, train_cmd
+from tests.conftest import CONFIGS, REPO, parcae_in_process, train_cmd
 
 MiB = 2**20
 
@@ -90,7 +90,7 @@ def test_bad_sizes_name_the_option(text):
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*parcae_cmd(), *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return parcae_in_process(*args)
 
 
 @pytest.mark.slow  # parcae subprocesses or a training run: not in the fast tier

@@ -14,7 +14,16 @@ from pathlib import Path
 import pytest
 
 from parcae_errors import REQUEUE_EXIT_CODE
-from tests.conftest import REFERENCE_STEPS, REPO, parcae_cmd, start_run, step_losses, train_cmd, wait_for_step
+from tests.conftest import (
+    REFERENCE_STEPS,
+    REPO,
+    parcae_cmd,
+    parcae_in_process,
+    start_run,
+    step_losses,
+    train_cmd,
+    wait_for_step,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -99,7 +108,7 @@ def test_checkpoints_on_s3_resume_to_the_same_losses(tmp_path, shards, expected,
         "generate": ["generate", str(run_dir), "--tag", "step-00000020", "--prompt", "The", "--json"],
     }
     for name, args in commands.items():
-        done = subprocess.run([*parcae_cmd(), *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+        done = parcae_in_process(*args, env=env)
         assert done.returncode == 0, (name, done.stderr[-2000:])
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["step"] == 20
 
@@ -137,8 +146,7 @@ def test_export_gives_the_trained_model(tmp_path, shards, reference_run):
     out = tmp_path / "model.safetensors"
 
     def export(checkpoints: Path, out: Path = out) -> subprocess.CompletedProcess:
-        cmd = [*parcae_cmd(), "export", str(checkpoints), "--out", str(out)]
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        return parcae_in_process("export", str(checkpoints), "--out", str(out))
 
     result = export(run_dir / "checkpoints")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -160,8 +168,7 @@ def test_export_gives_the_trained_model(tmp_path, shards, reference_run):
     assert missing.returncode == 1 and "nowhere: no such file or directory" in missing.stderr
     assert "Traceback" not in missing.stderr
     # the run directory as a Hugging Face model: the command checks transformers' logits against ours
-    cmd = [*parcae_cmd(), "export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]
-    hf = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    hf = parcae_in_process("export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf"))
     assert hf.returncode == 0 and "transformers loads it" in hf.stdout, hf.stderr[-2000:]
 
 
