@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+# The two commands of the README: `make demo` and `make test`. Both set everything up first (tools/setup.sh:
+# pip for torch, uv for the rest from the package index; docs/gpu.md).
 # Set-up (tools/setup.sh) is idempotent: it reruns only when pyproject.toml, this file or tools/setup.sh change.
 #
 # torch is installed first and pinned, so that pip takes the right build for the machine: the CPU wheel

@@ -30,19 +30,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # depends on them, and gcc builds scalar kernels for less (test_compile.py cold: 64 CPU-s against 85; the
 # compiled parity case: 178 against 196). A GPU's kernels are Triton's, never these.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
-
-
-def pytest_configure(config) -> None:
-    """Bytecode for the project's own packages, written once by the controlling process before any worker,
-    rank or command starts. Where PYTHONDONTWRITEBYTECODE is set (as on these machines) each of the suite's
-    400-odd processes would otherwise compile every project module it imports: 0.3 CPU-s a process, measured.
-    A module edited since is compiled again in memory, as without these files."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    import compileall
-
-    for package in ("pipeline", "model", "data_prep"):
-        compileall.compile_dir(REPO / package, quiet=2)
+# Bytecode written at a module's first import, as Python does by default, in this process and every process the
+# tests start: where PYTHONDONTWRITEBYTECODE is set (as on these machines) each of the suite's 400-odd processes
+# compiled every module it imported (0.3 CPU-s a process for the project's own), and `make setup` leaves the
+# installed packages' bytecode to their first import (tools/setup.sh).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ LOWEST_TORCH=2.11  # pyproject.toml's lower bound
 
 die() { echo "make setup: $*" >&2; exit 2; }
 
-pip_opts=(--quiet --disable-pip-version-check)
+# --no-compile: pip would write the bytecode of every installed file, one file at a time (about 50 s on 2 cores,
+# most of it for modules nothing imports); Python writes a module's bytecode when it is first imported instead
+pip_opts=(--quiet --disable-pip-version-check --no-compile)
 if [[ -n $WHEELHOUSE ]]; then
   [[ -f $WHEELHOUSE/wheelhouse.json ]] || die "WHEELHOUSE=$WHEELHOUSE: no wheelhouse.json there; make one with \
 \`make wheelhouse WHEELHOUSE=$WHEELHOUSE\` on a machine that reaches the package index (docs/gpu.md)"
@@ -49,11 +51,26 @@ fi
 
 "$VENV/bin/pip" install "${pip_opts[@]}" "setuptools>=64" wheel
 # DeepSpeed builds from source against the torch above (no isolated build env that could pull another torch).
-"$VENV/bin/pip" install "${pip_opts[@]}" --no-build-isolation -e ".${EXTRAS:+[$EXTRAS]}"
+project=".${EXTRAS:+[$EXTRAS]}"
+if [[ -z $WHEELHOUSE && $TORCH_SPEC != system ]]; then
+  # From the package index: uv resolves as pip does, but downloads, builds and unpacks in parallel (16 s against
+  # pip's 90 on 2 cores, docs/testing.md). The torch installed above is pinned, so that nothing replaces it.
+  # uv does not read pip's configuration: the index pip is told to use (PIP_INDEX_URL or pip.conf's
+  # index-url) is passed on.
+  "$VENV/bin/pip" install "${pip_opts[@]}" "uv>=0.5"
+  torch_version=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("torch"))')
+  echo "torch==$torch_version" > "$VENV/torch-constraint.txt"
+  index=${PIP_INDEX_URL:-$("$VENV/bin/pip" config get global.index-url 2>/dev/null || true)}
+  "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" --constraint "$VENV/torch-constraint.txt" \
+    ${index:+--index-url "$index"} --no-build-isolation -e "$project"
+else  # a wheelhouse (no network) or the site's torch: pip, which reads the site's pip configuration
+  "$VENV/bin/pip" install "${pip_opts[@]}" --no-build-isolation -e "$project"
+fi
 
 modules=(torch deepspeed webdataset sentencepiece tensorboard pydantic boto3)
 [[ ,$EXTRAS, == *,dev,* ]] && modules+=(moto xdist)
 [[ ,$EXTRAS, == *,hf,* ]] && modules+=(transformers lm_eval)
 [[ ,$EXTRAS, == *,parquet,* ]] && modules+=(pyarrow)
-"$VENV/bin/python" -c "import $(IFS=,; echo "${modules[*]}"); print('set-up ok: torch', torch.__version__, 'deepspeed', \
+# (with bytecode written, even where PYTHONDONTWRITEBYTECODE is set: the first of what every command imports)
+PYTHONDONTWRITEBYTECODE= "$VENV/bin/python" -c "import $(IFS=,; echo "${modules[*]}"); print('set-up ok: torch', torch.__version__, 'deepspeed', \
 deepspeed.__version__, '(${EXTRAS:-no extras})')"

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, parcae_cmd
+from tests.conftest import REPO, parcae_cmd, parcae_refuses
 
 pytestmark = pytest.mark.slow
 
@@ -41,11 +41,9 @@ def test_check_gpu_tiny_runs_every_part_and_writes_the_report(tmp_path):
     for row in ("| matmul peak (measured) |", "| MFU / HFU", "peak memory", "| generation T=8:", "| CORE, sample"):
         assert row in table
     # the user's mistakes: a GPU check where there is no GPU, an --out that already holds something
-    no_gpu = subprocess.run([*parcae_cmd(), "check-gpu", "--out", str(tmp_path / "gpu")], cwd=REPO,
-                            capture_output=True, text=True)  # fmt: skip
-    assert no_gpu.returncode != 0 and "sees no GPU" in no_gpu.stderr and "--tiny" in no_gpu.stderr
+    no_gpu = parcae_refuses("check-gpu", "--out", str(tmp_path / "gpu"))
+    assert "sees no GPU" in no_gpu.stderr and "--tiny" in no_gpu.stderr
     assert "Traceback" not in no_gpu.stderr
-    again = subprocess.run([*parcae_cmd(), "check-gpu", "--tiny", "--out", str(out)], cwd=REPO, capture_output=True,
-                           text=True)  # fmt: skip
-    assert again.returncode != 0 and "not empty" in again.stderr
+    again = parcae_refuses("check-gpu", "--tiny", "--out", str(out))
+    assert "not empty" in again.stderr
     assert json.loads((out / "report.json").read_text()) == report  # nothing already written is lost

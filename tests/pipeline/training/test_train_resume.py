@@ -325,8 +325,8 @@ def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, sha
     assert [r["step"] for r in samples] == [5, 10] and samples[-1]["samples"][1]["prompt"] == "one two three"
     assert "sample at step 10: The history of|" in (tmp_path / "downstream.log").read_text()
     # the greedy continuation the ranks wrote through the ZeRO-3 engine is what parcae generate gives
-    generate = [*parcae_cmd(), "generate", str(tmp_path / "downstream"), "--prompt", "The history of", "--json"]
-    done = subprocess.run([*generate, "--max-new-tokens", "8"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    generate = ["generate", str(tmp_path / "downstream"), "--prompt", "The history of", "--json"]
+    done = parcae_in_process(*generate, "--max-new-tokens", "8")
     assert done.returncode == 0, done.stderr[-3000:]
     generated = json.loads(done.stdout)
     assert generated["completion"] == samples[-1]["samples"][0]["continuation"]
@@ -337,9 +337,9 @@ def test_downstream_evaluation_during_training_matches_parcae_eval(tmp_path, sha
     assert {"downstream/core_extended_loops_1", "downstream/centered/counting_long_loops_4"} <= last.keys()
     assert last["downstream/seconds"] > 0
     out = tmp_path / "eval"
-    cmd = [*parcae_cmd(), "eval", str(tmp_path / "downstream"), "--tasks", "core", "core-extended"]
+    cmd = ["eval", str(tmp_path / "downstream"), "--tasks", "core", "core-extended"]
     cmd += ["--bundle", str(bundle), "--max-per-task", "8", "--loops", "1", "4", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = parcae_in_process(*cmd)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "downstream.json").read_text())
     assert report["step"] == 10
