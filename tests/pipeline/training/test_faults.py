@@ -24,6 +24,7 @@ from tests.conftest import (
     REPO,
     free_port,
     parcae_cmd,
+    parcae_refuses,
     start_run,
     step_losses,
     train_cmd,
@@ -284,8 +285,8 @@ def test_full_and_read_only_output_locations(tmp_path, tiny_shards, reference_lo
     shutil.copytree(run_dir, tmpfs / "run-copy", ignore=shutil.ignore_patterns("checkpoint-staging", "memory"))
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     # eval of a run on a read-only file system, --out elsewhere: its TensorBoard directory is named at once
-    evaluate = [*parcae_cmd(), "eval", str(tmpfs / "run-copy"), "--out", str(tmp_path / "e"), "--max-batches", "1"]
-    readonly = subprocess.run([*evaluate, "--loops", "1"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    evaluate = ["eval", str(tmpfs / "run-copy"), "--out", str(tmp_path / "e"), "--max-batches", "1"]
+    readonly = parcae_refuses(*evaluate, "--loops", "1")
     assert readonly.returncode == 1 and "Traceback" not in readonly.stderr, readonly.stderr[-3000:]
     assert f"TensorBoard: {tmpfs / 'run-copy' / 'tensorboard'}: cannot write" in readonly.stderr
     assert "--tensorboard none" in readonly.stderr and not (tmp_path / "e").exists()

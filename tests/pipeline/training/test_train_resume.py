@@ -408,27 +408,27 @@ def test_compiled_training_resumes_and_exports(tmp_path, shards):
     assert done.returncode == 0 and out.stat().st_size > 0, done.stderr[-2000:]
 
 
-def test_a_deleted_newest_checkpoint_is_never_restarted_over(tmp_path, shards, expected):
+def test_a_deleted_newest_checkpoint_is_never_restarted_over(tmp_path, shards, expected, reference_run):
     """The newest checkpoint deleted by hand: `train` refuses, naming the intact one and the command that
     resumes from it, and writes nothing; that command continues to the uninterrupted run's losses, with
     the newer step directories moved aside, never written over; `--restart` starts at step 0 with every
-    checkpoint moved aside into superseded-<time>/ (nothing deleted)."""
+    checkpoint moved aside into superseded-<time>/ (nothing deleted). On a copy of the session's reference
+    run (this test trained 15 steps of its own before)."""
     run_dir = tmp_path / "run"
-    first = start_run(train_cmd(shards, run_dir, 15, "checkpoint.keep_last=3"), tmp_path / "first.log")
-    assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    shutil.copytree(reference_run, run_dir)
     checkpoints = run_dir / "checkpoints"
-    shutil.rmtree(checkpoints / "step-00000015")
+    shutil.rmtree(checkpoints / "step-00000024")
     before = sorted(p.name for p in checkpoints.iterdir())
     refused = start_run(train_cmd(shards, run_dir, STEPS), tmp_path / "refused.log")
     assert refused.wait(timeout=300) == 1
     log = (tmp_path / "refused.log").read_text()
-    assert "names 'step-00000015', which is missing or incomplete" in log and "Traceback" not in log, log[-3000:]
-    assert "resume from it with `parcae train SPEC --resume-from step-00000010`" in log and "--restart" in log
+    assert "names 'step-00000024', which is missing or incomplete" in log and "Traceback" not in log, log[-3000:]
+    assert "resume from it with `parcae train SPEC --resume-from step-00000020`" in log and "--restart" in log
     assert sorted(p.name for p in checkpoints.iterdir()) == before  # nothing written, nothing moved
-    resumed = start_run(train_cmd(shards, run_dir, STEPS) + ["--resume-from", "step-00000010"], tmp_path / "r.log")
+    resumed = start_run(train_cmd(shards, run_dir, STEPS) + ["--resume-from", "step-00000020"], tmp_path / "r.log")
     assert resumed.wait(timeout=600) == 0, (tmp_path / "r.log").read_text()[-3000:]
     after = step_losses(run_dir)
-    assert all(after[step] == expected[step] for step in range(11, STEPS + 1))
+    assert all(after[step] == expected[step] for step in range(21, STEPS + 1))
     restarted = start_run(train_cmd(shards, run_dir, 2, "checkpoint.keep_last=3") + ["--restart"], tmp_path / "s.log")
     assert restarted.wait(timeout=600) == 0, (tmp_path / "s.log").read_text()[-3000:]
     aside = [p for p in checkpoints.iterdir() if p.name.startswith("superseded-")]
