@@ -71,6 +71,9 @@ modules=(torch deepspeed webdataset sentencepiece tensorboard pydantic boto3)
 [[ ,$EXTRAS, == *,dev,* ]] && modules+=(moto xdist)
 [[ ,$EXTRAS, == *,hf,* ]] && modules+=(transformers lm_eval)
 [[ ,$EXTRAS, == *,parquet,* ]] && modules+=(pyarrow)
-# (with bytecode written, even where PYTHONDONTWRITEBYTECODE is set: the first of what every command imports)
-PYTHONDONTWRITEBYTECODE= "$VENV/bin/python" -c "import $(IFS=,; echo "${modules[*]}"); print('set-up ok: torch', torch.__version__, 'deepspeed', \
+# The check writes the bytecode of what it imports (the first of what every command imports), even where
+# PYTHONDONTWRITEBYTECODE is set; not with TORCH_SPEC=system, whose torch is the site's to write to or not.
+write_bytecode=(env PYTHONDONTWRITEBYTECODE=)
+[[ $TORCH_SPEC == system ]] && write_bytecode=()
+"${write_bytecode[@]}" "$VENV/bin/python" -c "import $(IFS=,; echo "${modules[*]}"); print('set-up ok: torch', torch.__version__, 'deepspeed', \
 deepspeed.__version__, '(${EXTRAS:-no extras})')"
