@@ -66,7 +66,7 @@ def parcae_in_process(*args: str, cwd: Path = REPO, env: dict[str, str] | None =
     from pipeline import cli
 
     out, err = io.StringIO(), io.StringIO()
-    names = [*logging.root.manager.loggerDict, "botocore", "boto3", "urllib3", "s3transfer", "werkzeug"]
+    names = [*logging.root.manager.loggerDict, *cli.CHATTY_LOGGERS]  # the latter: those _main sets
     loggers = [logging.getLogger(), *(logging.getLogger(name) for name in names)]
     levels = {logger: logger.level for logger in loggers}
     handlers = logging.getLogger().handlers[:]

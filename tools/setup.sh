@@ -36,9 +36,6 @@ numbers = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])
 if numbers(seen) < numbers(lowest):
     sys.exit(f"make setup: TORCH_SPEC=system: the site's torch is {seen}; this project needs torch>={lowest}")
 EOF
-  # pip may not replace the site's torch (an upgrade from the index would be a multi-GB CUDA build)
-  echo "torch==$site_torch" > "$VENV/site-torch-constraint.txt"
-  pip_opts+=(--constraint "$VENV/site-torch-constraint.txt")
   echo "set-up: keeping the site's torch $site_torch"
 else
   test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
@@ -49,17 +46,20 @@ wheelhouse with one (make wheelhouse WHEELHOUSE_TORCH='$TORCH_SPEC')"
   "$VENV/bin/pip" install "${pip_opts[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 fi
 
+# Nothing below may replace that torch (an upgrade from the index would be a multi-GB CUDA build): pinned for pip
+# and uv alike.
+torch_version=${site_torch:-$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("torch"))')}
+echo "torch==$torch_version" > "$VENV/torch-constraint.txt"
+pip_opts+=(--constraint "$VENV/torch-constraint.txt")
+
 "$VENV/bin/pip" install "${pip_opts[@]}" "setuptools>=64" wheel
 # DeepSpeed builds from source against the torch above (no isolated build env that could pull another torch).
 project=".${EXTRAS:+[$EXTRAS]}"
 if [[ -z $WHEELHOUSE && $TORCH_SPEC != system ]]; then
   # From the package index: uv resolves as pip does, but downloads, builds and unpacks in parallel (16 s against
-  # pip's 90 on 2 cores, docs/testing.md). The torch installed above is pinned, so that nothing replaces it.
-  # uv does not read pip's configuration: the index pip is told to use (PIP_INDEX_URL or pip.conf's
-  # index-url) is passed on.
+  # pip's 90 on 2 cores, docs/testing.md). uv does not read pip's configuration: the index pip is told to use
+  # (PIP_INDEX_URL or pip.conf's index-url) is passed on.
   "$VENV/bin/pip" install "${pip_opts[@]}" "uv>=0.5"
-  torch_version=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("torch"))')
-  echo "torch==$torch_version" > "$VENV/torch-constraint.txt"
   index=${PIP_INDEX_URL:-$("$VENV/bin/pip" config get global.index-url 2>/dev/null || true)}
   "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" --constraint "$VENV/torch-constraint.txt" \
     ${index:+--index-url "$index"} --no-build-isolation -e "$project"

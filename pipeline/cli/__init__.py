@@ -41,6 +41,9 @@ class _RankFilter(logging.Filter):
         return self.all_ranks or self.rank == 0
 
 
+CHATTY_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer", "werkzeug")  # their INFO: not the user's business
+
+
 def configure_logging(verbose: bool = False, all_ranks: bool = False) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     handler = logging.StreamHandler(sys.stderr)
@@ -49,13 +52,7 @@ def configure_logging(verbose: bool = False, all_ranks: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for chatty in (
-        "botocore",
-        "boto3",
-        "urllib3",
-        "s3transfer",
-        "werkzeug",
-    ):  # their INFO lines: not the user's business
+    for chatty in CHATTY_LOGGERS:
         logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
