@@ -4,8 +4,9 @@ On a GPU the allocator keeps its own peak (``max_memory_allocated``). The CPU al
 there every allocation and free is recorded with torch.profiler (``profile_memory=True``) from before the
 engine is built until the last traced step, and the peak of live bytes is computed from the events: the
 same quantity, tensors allocated by torch on the rank's device, without the interpreter and libraries a
-resident-set size counts. Slow (every op is recorded): for a few steps on request
-(``logging.profile_memory_steps``), written to ``RUN/memory/rank<R>.json``.
+resident-set size counts. The profiler sees only its own threads: a free on a collective's thread is
+inferred when its address is allocated again (`live_peaks`). Slow (every op is recorded): for a few steps
+on request (``logging.profile_memory_steps``), written to ``RUN/memory/rank<R>.json``.
 """
 
 from __future__ import annotations
@@ -86,13 +87,37 @@ class MemoryTrace:
 
 
 def peaks(profiler: Any) -> dict[str, int]:
-    """Peak live bytes from a profile's allocation events, overall and within the step ranges."""
-    events = list(profiler.profiler.kineto_results.events())
-    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    spans = [(e.start_ns(), e.end_ns()) for e in events if e.name().startswith(STEP_RANGE)]
+    """Peak live bytes from a profile's allocation records, overall and within the step ranges."""
+    from torch._C._profiler import _ExtraFields_Allocation
+
+    allocations, spans = [], []
+    stack = list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if isinstance(node.extra_fields, _ExtraFields_Allocation):
+            allocations.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
+        elif node.name.startswith(STEP_RANGE):
+            spans.append((node.start_time_ns, node.end_time_ns))
+    return live_peaks(allocations, spans)
+
+
+def live_peaks(allocations: list[tuple[int, int, int]], spans: list[tuple[int, int]]) -> dict[str, int]:
+    """Peak live bytes of ``allocations`` (time, bytes: negative for a free, address), overall and at the times
+    within ``spans``. The profiler records an allocation or a free only on a thread it runs on: a block whose
+    last reference a collective's worker thread dropped (gloo's, when DeepSpeed's asynchronous reduce or
+    gather finishes after the step let go) is freed unseen. A new block at the address of one still live
+    is that proof: the old one is counted freed there. (Without it the peak grew by up to a fifth, by the
+    threads' timing, from one run of the same spec to the next.)"""
+    blocks: dict[int, int] = {}
     live = peak = step_peak = 0
-    for when, nbytes in memory:
-        live += nbytes
+    for when, nbytes, address in sorted(allocations):
+        if nbytes > 0:
+            live += nbytes - blocks.get(address, 0)
+            blocks[address] = nbytes
+        else:
+            blocks.pop(address, None)
+            live += nbytes
         peak = max(peak, live)
         if any(start <= when <= end for start, end in spans):
             step_peak = max(step_peak, live)

@@ -11,6 +11,7 @@ import pytest
 from parcae_errors import ParcaeError
 from pipeline.jobspec import load_spec
 from pipeline.training.memory import knobs, parse_size, plan_memory
+from pipeline.training.memory_trace import live_peaks, peaks
 from tests.conftest import CONFIGS, REPO, parcae_in_process, train_cmd
 
 MiB = 2**20
@@ -114,9 +115,10 @@ def test_validate_memory_says_whether_it_fits_and_exits_1_when_not():
 
 @pytest.mark.slow
 def test_a_zero3_run_measures_its_peak_near_the_plan(tmp_path, tiny_shards):
-    """2 ranks, small buckets: each rank writes its measured peak, and the plan is near it. The bound is loose
-    (25%): at this size (~35 MiB) fixed buffers weigh more, and two ranks' peaks move by about 5% from run to
-    run (when DeepSpeed's overlapped reduce frees its buffers); bench/memory_plan.py holds the comparison."""
+    """2 ranks, small buckets: each rank writes its measured peak, and the plan is near it: within the plan's
+    15% target (bench/memory_plan.py holds the comparison at larger sizes). Measured 2026-12-07 over 14 runs,
+    7 of them two at a time: peak 29.5-31.3 MiB against a plan of 29.1 (0.93-0.99). Before frees on gloo's
+    threads were counted, 30.5-39.6 MiB by the threads' timing, once outside a 25% bound."""
     run_dir = tmp_path / "run"
     extra = ["logging.profile_memory_steps=2", "zero.reduce_bucket_size=200000", "zero.prefetch_bucket_size=200000",
              "model.d_model=128", "training.device=cpu", "eval.interval_steps=1000"]  # fmt: skip
@@ -128,5 +130,29 @@ def test_a_zero3_run_measures_its_peak_near_the_plan(tmp_path, tiny_shards):
     spec = load_spec(run_dir / "spec.yaml", []).spec
     planned = plan_memory(spec, "cpu").peak_bytes
     peak = max(m["step_peak_bytes"] for m in measured)
-    assert 0.75 < planned / peak < 1.25, (planned / MiB, peak / MiB)
+    assert 0.85 < planned / peak < 1.15, (planned / MiB, peak / MiB)
     assert "memory plan:" in done.stderr and "measured peak memory (rank 0)" in done.stderr
+
+
+def test_a_block_freed_on_a_thread_the_profiler_does_not_see_stops_counting_when_its_address_is_reused():
+    """A collective's worker thread (gloo's) can drop a tensor's last reference: the profiler records no free.
+    Synthetic records first (time, bytes, address), then real ones: torch.profiler on this thread, the
+    frees on another, as DeepSpeed's asynchronous reduce does them."""
+    mib = 2**20
+    records = [(1, mib, 0xA), (2, mib, 0xB), (3, mib, 0xB), (4, -mib, 0xA), (5, 2 * mib, 0xC), (6, -mib, 0xD)]
+    assert live_peaks(records, [(5, 6)]) == {"peak_bytes": 3 * mib, "step_peak_bytes": 3 * mib}
+    assert live_peaks(records, [(1, 2)]) == {"peak_bytes": 3 * mib, "step_peak_bytes": 2 * mib}
+
+    import threading
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        for _ in range(8):
+            box = [torch.ones(256 * 1024)]  # 1 MiB, freed on another thread
+            drop = threading.Thread(target=box.clear)
+            drop.start()
+            drop.join()
+    measured = peaks(profiler)["peak_bytes"]
+    assert mib <= measured <= 4 * mib, measured / mib  # counting only the frees the profiler saw: 8 MiB
