@@ -39,11 +39,12 @@ def pytest_configure(config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    (own, cpu), wall = _cpu(), time.monotonic()
+    (own, cpu), wall, started = _cpu(), time.monotonic(), time.time()
     yield
     own_after, cpu_after = _cpu()
     record = {"test": item.nodeid, "cpu_s": round(cpu_after - cpu, 1), "wall_s": round(time.monotonic() - wall, 1)}
     record["own_s"] = round(own_after - own, 1)  # in the worker itself: fixtures, in-process models, references
+    record["worker"], record["start"] = os.environ.get("PYTEST_XDIST_WORKER", "main"), round(started, 1)  # the tail
     with open(_path(), "a") as f:
         f.write(json.dumps(record) + "\n")
 
