@@ -136,13 +136,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:
-        from pipeline.training.distributed import collective_timeout, lost_a_peer
+        from pipeline.training.distributed import collective_timeout, lost_a_peer, peer_loss_summary
 
         if timed_out := collective_timeout(exc):
             print(f"error: {timed_out}", file=sys.stderr)
             return 1
         if lost_a_peer(exc) or _stopped_for_a_peer():  # another rank failed and said why: stop quietly
-            logging.getLogger(__name__).info("stopped: another rank is gone (%s)", exc)
+            logging.getLogger(__name__).info("stopped: another rank is gone (%s)", peer_loss_summary(exc))
+            logging.getLogger(__name__).debug("what this rank met: %s", exc)
             return 1
         # a bug, not a user mistake: the traceback, with secrets hidden
         print(redact(traceback.format_exc()), file=sys.stderr, end="")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import resource
 import signal
 import socket
@@ -376,6 +377,16 @@ def lost_a_peer(exc: BaseException) -> bool:
         return False
     text = f"{type(exc).__name__}: {exc}"
     return "DistBackendError" in text or "DistNetworkError" in text or any(p in text for p in PEER_GONE)
+
+
+def peer_loss_summary(exc: BaseException) -> str:
+    """What a rank that lost a peer says of it, in one short line: the error's kind and its first sentence,
+    without the backend's source location and advice (gloo: "[.../pair.cc:553] Connection closed by peer
+    [127.0.0.1]:12725. This is typically caused by ..."). The failing rank's own error is the one that
+    matters; this line says how the others ended (a rendezvous port in use once hid behind it)."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    first = re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0].rstrip(".")
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
 def agree_on_failure(failure: Exception | None) -> None:

@@ -162,3 +162,28 @@ def test_a_rank_a_signal_took_during_a_stop_is_named():
     ranks = [types.SimpleNamespace(returncode=code) for code in (75, -signal.SIGTERM, -signal.SIGKILL, 1)]
     said = distributed.killed_while_stopping(ranks, killed=[2])
     assert said == ["error: rank 1 was killed by SIGTERM while the run stopped"]
+
+
+def test_a_rank_that_lost_its_peer_says_so_in_one_short_line():
+    """What rank 0 logs (INFO) when it stops for a lost peer: the error's kind and first sentence, without the
+    backend's source location and advice. The gloo text is rank 0's, copied from a failing run's log (a full
+    run of 2026-12-07, `test_corrupt_shard_is_named_once`); the port in use is a real TCPStore's error."""
+    import socket
+
+    import torch.distributed as dist
+
+    gloo = (
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+        "[127.0.0.1]:12725. This is typically caused by a remote worker crashing. Check the logs of the remote "
+        "worker before reporting an error. GLHF! 🏖️"
+    )
+    summary = distributed.peer_loss_summary(dist.DistBackendError(gloo))
+    assert summary == "DistBackendError: Connection closed by peer [127.0.0.1]:12725"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(dist.DistNetworkError) as in_use:
+            dist.TCPStore("127.0.0.1", taken.getsockname()[1], 1, True, wait_for_workers=False)
+    summary = distributed.peer_loss_summary(in_use.value)
+    assert summary.startswith("DistNetworkError: The server socket has failed to listen") and "EADDRINUSE" in summary
+    assert distributed.peer_loss_summary(RuntimeError()) == "RuntimeError"
