@@ -16,8 +16,6 @@ import pytest
 from parcae_errors import REQUEUE_EXIT_CODE
 from tests.conftest import (
     REFERENCE_STEPS,
-    REPO,
-    parcae_cmd,
     parcae_in_process,
     start_run,
     step_losses,
@@ -404,7 +402,7 @@ def test_compiled_training_resumes_and_exports(tmp_path, shards):
     assert eager.wait(timeout=600) == 0, (tmp_path / "eager.log").read_text()[-3000:]
     assert losses == pytest.approx(step_losses(tmp_path / "eager"), rel=1e-3)
     out = tmp_path / "model.safetensors"
-    done = subprocess.run([*parcae_cmd(), "export", str(run_dir), "--out", str(out)], cwd=REPO, capture_output=True)
+    done = parcae_in_process("export", str(run_dir), "--out", str(out))
     assert done.returncode == 0 and out.stat().st_size > 0, done.stderr[-2000:]
 
 
