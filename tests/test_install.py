@@ -51,6 +51,7 @@ def offline_env(site: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.heavy
 def test_wheelhouse_installs_offline_over_the_site_torch_and_trains(tmp_path, tiny_shards):
     wheelhouse, venv = tmp_path / "wheelhouse", tmp_path / "venv"
     made = subprocess.run(

@@ -13,7 +13,7 @@ import torch
 from model import build_model, load_pretrained, save_reference
 from tests.model.test_parcae import TINY, grads, ids, randomize
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def test_compiled_units_match_eager_and_stop_compiling(tmp_path, monkeypatch):

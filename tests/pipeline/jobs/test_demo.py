@@ -13,7 +13,7 @@ import pytest
 from pipeline.training.distributed import cpu_threads_per_rank
 from tests.conftest import REPO, parcae_cmd
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.heavy]
 
 
 def test_demo_trains_and_logs(tmp_path):

@@ -374,6 +374,7 @@ def assert_no_compile_after_warm_up(log: str) -> None:
 COMPILED_ONE_RANK = ("training.compile=on", "cluster.procs_per_node=1", "training.gradient_accumulation_steps=2")
 
 
+@pytest.mark.heavy
 def test_compiled_training_resumes_and_exports(tmp_path, shards):
     """training.compile on under ZeRO-3 (one rank, the 2-rank global batch) in bf16 mixed precision, the
     default on a GPU: every variant compiles before the first step (dynamo's own recompile log shows none

@@ -134,7 +134,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("gather_unit", ["block", "module", "block+compile"])
+@pytest.mark.parametrize("gather_unit", ["block", "module", pytest.param("block+compile", marks=pytest.mark.heavy)])
 def test_zero3_matches_plain_pytorch_gradients_every_step(tmp_path, gather_unit):
     """Both ways of gathering: the recurrence as one ZeRO-3 unit (default), and DeepSpeed's per-module hooks;
     with the units the loss runs over 4 chunks of positions (the tied head recomputed in the backward), the
