@@ -24,6 +24,7 @@ from tests.conftest import (
     REPO,
     free_port,
     parcae_cmd,
+    parcae_in_process,
     parcae_refuses,
     start_run,
     step_losses,
@@ -321,27 +322,23 @@ def test_corrupt_shard_is_named_once(tmp_path, tiny_shards):
     assert all("INFO pipeline.cli: stopped: another rank is gone (" in line for line in said), said
 
 
-def test_corrupt_checkpoint_is_named_with_the_one_to_use(tmp_path, tiny_shards, reference_losses):
+def test_corrupt_checkpoint_is_named_with_the_one_to_use(tmp_path, tiny_shards, reference_run, reference_losses):
+    """A truncated optimizer partition in the newest checkpoint: `train` and `export` name the file and the
+    checkpoint to use instead; resuming from that one gives the uninterrupted run's losses. On a copy of the
+    session's reference run (checkpoints 20 and 24; this test trained 12 steps of its own before)."""
     run_dir = tmp_path / "run"
-    cmd = train_cmd(tiny_shards, run_dir, 12)
-    assert start_run(cmd, tmp_path / "first.log").wait(timeout=600) == 0
-    latest = run_dir / "checkpoints" / "step-00000012"
-    victim = sorted(latest.glob("*optim_states.pt"))[-1]
+    shutil.copytree(reference_run, run_dir)
+    victim = sorted((run_dir / "checkpoints" / "step-00000024").glob("*optim_states.pt"))[-1]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    longer = train_cmd(tiny_shards, run_dir, STEPS)
-    refused = subprocess.run(longer, capture_output=True, text=True, cwd=REPO, timeout=600)
+    cmd = train_cmd(tiny_shards, run_dir, STEPS)
+    refused = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert refused.returncode == 1, refused.stderr[-3000:]
     assert f"{victim.name} is corrupt or truncated" in refused.stderr
-    assert "--resume-from step-00000010" in refused.stderr and "Traceback" not in refused.stderr
-    export = subprocess.run(
-        [*parcae_cmd(), "export", str(run_dir / "checkpoints"), "--out", str(tmp_path / "m.safetensors")],
-        capture_output=True, text=True, cwd=REPO,
-    )  # fmt: skip
-    assert export.returncode == 1 and victim.name in export.stderr and "--tag step-00000010" in export.stderr
+    assert "--resume-from step-00000020" in refused.stderr and "Traceback" not in refused.stderr
+    export = parcae_in_process("export", str(run_dir / "checkpoints"), "--out", str(tmp_path / "m.safetensors"))
+    assert export.returncode == 1 and victim.name in export.stderr and "--tag step-00000020" in export.stderr
     assert not (tmp_path / "m.safetensors").exists()
-    finish_and_compare(
-        [*longer, "--resume-from", "step-00000010"], run_dir, tmp_path / "again.log", reference_losses, 10
-    )
+    finish_and_compare([*cmd, "--resume-from", "step-00000020"], run_dir, tmp_path / "again.log", reference_losses, 20)
 
 
 def test_eval_of_a_copied_run_reads_and_writes_the_copy(tmp_path, tiny_shards):

@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from parcae_errors import REQUEUE_EXIT_CODE
-from tests.conftest import REFERENCE_STEPS, REPO, start_run, step_losses, train_cmd, wait_for_step
+from tests.conftest import (
+    REFERENCE_STEPS,
+    parcae_cmd,
+    parcae_in_process,
+    start_run,
+    step_losses,
+    train_cmd,
+    wait_for_step,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -66,20 +74,19 @@ def test_two_ranks_to_one_and_back(tmp_path, tiny_shards, reference_losses):
     assert (run_dir / "checkpoints" / "step-00000020" / "world-2").is_dir()
 
 
-def test_a_batch_that_cannot_be_kept_is_refused_with_the_sizes_that_can(tmp_path, tiny_shards):
+def test_a_batch_that_cannot_be_kept_is_refused_with_the_sizes_that_can(tmp_path, tiny_shards, reference_run):
     """Refused by rank 0 before the engine is built: a global batch the new world size changes, and any change
-    under training.on_world_size_change: refuse."""
+    under training.on_world_size_change: refuse. On a copy of the session's reference run (2 ranks, newest
+    checkpoint at step 24; this test trained 5 steps of its own before), continued to step 28."""
     run_dir = tmp_path / "run"
-    cmd = train_cmd(tiny_shards, run_dir, 5)
-    run_to_end(cmd, tmp_path / "first.log")
-    longer = train_cmd(tiny_shards, run_dir, 8)
+    shutil.copytree(reference_run, run_dir)
+    longer = train_cmd(tiny_shards, run_dir, REFERENCE_STEPS + 4)
     # `parcae validate` says what a resume would change, and refuses what `train` refuses
-    said = subprocess.run(["validate" if a == "train" else a for a in [*longer, *(f"--set={o}" for o in ONE_RANK)]],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    validate = ["validate" if a == "train" else a for a in longer[len(parcae_cmd()) :]]
+    said = parcae_in_process(*validate, *(f"--set={o}" for o in ONE_RANK))
     assert said.returncode == 0, said.stderr
-    assert "step-00000005: world size 2 -> 1, micro batch 8 -> 8, accumulation 1 -> 2" in said.stdout, said.stdout
-    said = subprocess.run(["validate" if a == "train" else a for a in [*longer, "--set=cluster.procs_per_node=1"]],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "step-00000024: world size 2 -> 1, micro batch 8 -> 8, accumulation 1 -> 2" in said.stdout, said.stdout
+    said = parcae_in_process(*validate, "--set=cluster.procs_per_node=1")
     assert said.returncode == 2 and "training.global_batch_size=16" in said.stderr, said.stderr
     proc = start_run([*longer, "--set=cluster.procs_per_node=1"], tmp_path / "batch.log")
     assert proc.wait(timeout=300) == 2, (tmp_path / "batch.log").read_text()[-3000:]
