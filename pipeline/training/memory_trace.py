@@ -88,6 +88,11 @@ class MemoryTrace:
 
 def peaks(profiler: Any) -> dict[str, int]:
     """Peak live bytes from a profile's allocation records, overall and within the step ranges."""
+    return live_peaks(*records(profiler))
+
+
+def records(profiler: Any) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """A profile's allocations and frees as (time, bytes: negative for a free, address), and the step ranges."""
     from torch._C._profiler import _ExtraFields_Allocation
 
     allocations, spans = [], []
@@ -99,7 +104,7 @@ def peaks(profiler: Any) -> dict[str, int]:
             allocations.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
         elif node.name.startswith(STEP_RANGE):
             spans.append((node.start_time_ns, node.end_time_ns))
-    return live_peaks(allocations, spans)
+    return allocations, spans
 
 
 def live_peaks(allocations: list[tuple[int, int, int]], spans: list[tuple[int, int]]) -> dict[str, int]:

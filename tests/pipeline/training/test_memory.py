@@ -11,7 +11,7 @@ import pytest
 from parcae_errors import ParcaeError
 from pipeline.jobspec import load_spec
 from pipeline.training.memory import knobs, parse_size, plan_memory
-from pipeline.training.memory_trace import live_peaks, peaks
+from pipeline.training.memory_trace import live_peaks, peaks, records
 from tests.conftest import CONFIGS, REPO, parcae_in_process, train_cmd
 
 MiB = 2**20
@@ -139,9 +139,9 @@ def test_a_block_freed_on_a_thread_the_profiler_does_not_see_stops_counting_when
     Synthetic records first (time, bytes, address), then real ones: torch.profiler on this thread, the
     frees on another, as DeepSpeed's asynchronous reduce does them."""
     mib = 2**20
-    records = [(1, mib, 0xA), (2, mib, 0xB), (3, mib, 0xB), (4, -mib, 0xA), (5, 2 * mib, 0xC), (6, -mib, 0xD)]
-    assert live_peaks(records, [(5, 6)]) == {"peak_bytes": 3 * mib, "step_peak_bytes": 3 * mib}
-    assert live_peaks(records, [(1, 2)]) == {"peak_bytes": 3 * mib, "step_peak_bytes": 2 * mib}
+    synthetic = [(1, mib, 0xA), (2, mib, 0xB), (3, mib, 0xB), (4, -mib, 0xA), (5, 2 * mib, 0xC), (6, -mib, 0xD)]
+    assert live_peaks(synthetic, [(5, 6)]) == {"peak_bytes": 3 * mib, "step_peak_bytes": 3 * mib}
+    assert live_peaks(synthetic, [(1, 2)]) == {"peak_bytes": 3 * mib, "step_peak_bytes": 2 * mib}
 
     import threading
 
@@ -154,5 +154,9 @@ def test_a_block_freed_on_a_thread_the_profiler_does_not_see_stops_counting_when
             drop = threading.Thread(target=box.clear)
             drop.start()
             drop.join()
-    measured = peaks(profiler)["peak_bytes"]
-    assert mib <= measured <= 4 * mib, measured / mib  # counting only the frees the profiler saw: 8 MiB
+    blocks = [(nbytes, address) for _, nbytes, address in records(profiler)[0] if abs(nbytes) == mib]
+    assert len(blocks) == 8 and all(nbytes > 0 for nbytes, _ in blocks)  # no free recorded: another thread's
+    # each address counted once: the allocator hands out a freed block's address again (how often is its
+    # business: 8 addresses here would mean 8 MiB, as counting only the frees the profiler saw always said)
+    reused = len({address for _, address in blocks})
+    assert reused * mib <= peaks(profiler)["peak_bytes"] < (reused + 1) * mib, (reused, peaks(profiler))
