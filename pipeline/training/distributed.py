@@ -384,7 +384,8 @@ def peer_loss_summary(exc: BaseException) -> str:
     without the backend's source location and advice (gloo: "[.../pair.cc:553] Connection closed by peer
     [127.0.0.1]:12725. This is typically caused by ..."). The failing rank's own error is the one that
     matters; this line says how the others ended (a rendezvous port in use once hid behind it)."""
-    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else ""
     first = re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0].rstrip(".")
     return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
