@@ -235,7 +235,8 @@ def tasks_model(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
     """The sample eval bundle and a tiny Parcae (`tests.icl_bundles.TASKS_CFG`, seed 0) trained 60 full-batch
     steps on its gold texts (`train_on_tasks`), as (bundle, weights): built once per run for the downstream
     scoring and generation tests. 60 steps keep a margin: at 50 every task's accuracy is already 1.0, at 40
-    0.91-0.95 (the scoring test asks > 0.5-0.8); 150 steps, as before, cost 33 CPU-s against 13. The final training loss is in ``loss.txt`` beside the weights."""
+    0.91-0.95 (the scoring test asks > 0.5-0.8); 150 steps, as before, cost 33 CPU-s against 13. The final
+    training loss is in ``loss.txt`` beside the weights."""
 
     def build(out: Path) -> None:
         from model import build_model, save_reference
@@ -350,6 +351,8 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """The ``heavy`` tests run first, then the modules with slow tests (each module's tests kept together and
     in order): under ``pytest -n`` the workers then finish together instead of one starting a minute-long
-    test at the end (the compiled parity case started at minute 11 of 15 and ended the run alone)."""
+    test at the end (the compiled parity case started at minute 11 of 15 and ended the run alone). A stable
+    sort: otherwise the collection's order, so test_compile.py runs before the compiled parity case its
+    inductor cache serves (their xdist group keeps them in one worker)."""
     slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: (item.get_closest_marker("heavy") is None, item.nodeid.split("::")[0] not in slow))
