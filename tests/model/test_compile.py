@@ -15,8 +15,8 @@ from tests.model.test_parcae import TINY, grads, ids, randomize
 
 # In one worker with the compiled ZeRO-3 parity case, and before it (tests/conftest.py keeps the order): this
 # test's warm-up compiles every variant of the same units (the same widths, shapes dynamic), and that case's
-# plain side and both its ranks then load them from inductor's cache (measured: the parity case's processes
-# 130 CPU-s instead of 198-240, this test's 51 unchanged).
+# plain side and both its ranks then load them from inductor's cache (measured alone: the parity case's
+# processes 130 CPU-s instead of 225, this test's own 51 unchanged; docs/testing.md).
 pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.xdist_group("compile")]
 
 
