@@ -244,11 +244,14 @@ class ShardLoader:
         yield from rows
 
     def _wait(self, seconds: float) -> None:
-        """A back-off that a stop signal ends at once."""
-        if self.interrupt is None:
-            time.sleep(seconds)
-        elif self.interrupt.wait(seconds):
+        """A back-off that a stop signal ends within 50 ms. It polls the event rather than `Event.wait`, which
+        holds the event's lock for a few bytecodes: in the main thread (`data.prefetch_batches: 0`) a stop
+        signal's handler, setting the event there, would wait on that lock forever."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
             self.check_interrupt(self.url)
+            time.sleep(min(left, 0.05))
+        self.check_interrupt(self.url)
 
     def check_interrupt(self, where: str) -> None:
         if self.interrupt is not None and self.interrupt.is_set():

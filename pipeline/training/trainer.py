@@ -111,8 +111,14 @@ class StopSignal:
 
     def install(self) -> None:
         def handler(signum, _frame):
+            # Only the first signal sets the event. A second one (the launcher forwards what the rank got
+            # already) can come while the first handler is inside `Event.set`, holding the event's lock, which
+            # is not reentrant: setting it again there waited forever in the main thread. Nothing else takes
+            # that lock: the data waits poll `is_set` (`ShardLoader._wait`, `_prefetched`).
+            first = self.received is None
             self.received = signum
-            self.event.set()
+            if first:
+                self.event.set()
 
         def peer_failed(_signum, frame):  # the launcher: another rank failed; stop as on SIGTERM, quietly
             mark_peer_failed()

@@ -187,3 +187,75 @@ def test_a_rank_that_lost_its_peer_says_so_in_one_short_line():
     summary = distributed.peer_loss_summary(in_use.value)
     assert summary.startswith("DistNetworkError: The server socket has failed to listen") and "EADDRINUSE" in summary
     assert distributed.peer_loss_summary(RuntimeError()) == "RuntimeError"
+
+
+def test_a_second_signal_inside_the_first_ones_handler_is_harmless():
+    """A stop reaches each rank twice: Ctrl-C and `scancel` from the terminal or the process group and again
+    from the launcher, which forwards what it gets. The second can come while the first's handler is inside
+    `threading.Event.set`, which holds the event's lock: a handler that then set the event again waited on
+    that lock forever, in the main thread. Seen in a full run (2026-12-08, run T of docs/testing.md):
+    `test_a_stop_signal_ends_a_wait_for_data`'s rank 0 hung there until the launcher killed it with its
+    stacks (handler, Event.set, notify_all, handler, Event.set, Condition.__enter__). Here the second signal
+    comes exactly there, from inside the event's notify_all; a timer ends the wait if the handler hangs."""
+    stop = StopSignal()
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGUSR2, signal.SIGALRM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    notify_all = stop.event._cond.notify_all
+    seconds = []
+
+    def notify_all_and_a_second_signal():
+        if not seconds:
+            seconds.append(signal.SIGUSR1)
+            signal.raise_signal(signal.SIGUSR1)  # its handler runs here, with the event's lock held
+        notify_all()
+
+    def hung(_signum, _frame):
+        raise AssertionError("the second signal's handler waited on the event's lock")
+
+    try:
+        stop.install()
+        stop.event._cond.notify_all = notify_all_and_a_second_signal
+        signal.signal(signal.SIGALRM, hung)
+        signal.setitimer(signal.ITIMER_REAL, 5)
+        signal.raise_signal(signal.SIGTERM)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert seconds and stop.event.is_set() and stop.came()
+        assert stop.received in (signal.SIGTERM, signal.SIGUSR1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def test_a_back_off_in_the_main_thread_ends_at_the_signal(tiny_shards):
+    """With `data.prefetch_batches: 0` the main thread reads the shards, and a retry's back-off runs there: a
+    stop signal (the real handler) ends it within the 50 ms it polls at, with the error that names the data.
+    The back-off polls rather than `Event.wait`, which holds the event's lock for a few bytecodes, and a
+    handler that ran there would have waited on that lock forever (the window is too short to hit on purpose;
+    the nested-signal case above is the same lock, hit every time)."""
+    import os
+    import threading
+    import time
+
+    from pipeline.data.loader import ShardLoader
+
+    url = str(tiny_shards / "train")
+    loader = ShardLoader(
+        url, rank=0, world_size=1, micro_batch_size=2, seq_len=32, seed=0, shuffle_buffer=0, prefetch=0
+    )
+    stop = StopSignal()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGUSR2)}
+    sender = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        stop.install()
+        loader.interrupt = stop.event
+        sender.start()
+        started = time.monotonic()
+        with pytest.raises(DataWaitInterrupted, match=url):
+            loader._wait(30.0)
+        assert time.monotonic() - started < 10  # not the 30 s back-off
+        assert stop.received == signal.SIGTERM
+    finally:
+        sender.cancel()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
