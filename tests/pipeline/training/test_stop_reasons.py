@@ -49,6 +49,17 @@ def two_ranks(monkeypatch):
     monkeypatch.setattr(distributed, "_PEER_FAILED", False)
 
 
+@pytest.fixture
+def handlers_restored():
+    """The signal handlers `StopSignal.install` replaces (and SIGALRM, a test's timer), put back after the test."""
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, distributed.PEER_FAILED_SIGNAL, signal.SIGALRM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
 def test_a_signal_while_the_other_rank_waited_for_data_is_named_by_rank_0(tmp_path):
     lost = RuntimeError(GLOO_PEER_GONE)
     with pytest.raises(DataWaitInterrupted, match="waiting for data from another rank's shards"):
@@ -81,7 +92,7 @@ def test_other_errors_are_left_as_they_are(tmp_path, monkeypatch, case):
     assert raised.value is error
 
 
-def test_a_signal_whose_handler_has_not_run_yet_counts(tmp_path, monkeypatch):
+def test_a_signal_whose_handler_has_not_run_yet_counts(tmp_path, monkeypatch, handlers_restored):
     """The signal comes while the rank's main thread waits inside native code (the step's collective): Python
     runs its handler only at the next check, and the collective's error for the lost peer can reach
     `one_step` first: rank 0 took the lost peer for a failure and stopped without a word (one way to the CI
@@ -101,7 +112,6 @@ def test_a_signal_whose_handler_has_not_run_yet_counts(tmp_path, monkeypatch):
     store.set_timeout(datetime.timedelta(seconds=3))  # the signal comes at 0.2 s, well inside, even when loaded
     waited = "Timeout waiting for key"
     monkeypatch.setattr(trainer_module, "lost_a_peer", lambda exc: waited in str(exc))  # the stand-in's text
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGUSR2)}
     t = trainer(tmp_path, 0, RuntimeError("unused"), signalled=False)
     t.stop.install()
     t.train_step = lambda _batches, _progress: store.get("from the other rank")
@@ -114,8 +124,6 @@ def test_a_signal_whose_handler_has_not_run_yet_counts(tmp_path, monkeypatch):
         assert time.monotonic() - started > 2.9  # the wait ran to its end: the signal came inside it
     finally:
         sender.cancel()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def test_a_rank_that_does_not_leave_is_killed_with_its_stacks(tmp_path, capfd):
@@ -189,7 +197,7 @@ def test_a_rank_that_lost_its_peer_says_so_in_one_short_line():
     assert distributed.peer_loss_summary(RuntimeError()) == "RuntimeError"
 
 
-def test_a_second_signal_inside_the_first_ones_handler_is_harmless():
+def test_a_second_signal_inside_the_first_ones_handler_is_harmless(handlers_restored):
     """A stop reaches each rank twice: Ctrl-C and `scancel` from the terminal or the process group and again
     from the launcher, which forwards what it gets. The second can come while the first's handler is inside
     `threading.Event.set`, which holds the event's lock: a handler that then set the event again waited on
@@ -198,8 +206,6 @@ def test_a_second_signal_inside_the_first_ones_handler_is_harmless():
     stacks (handler, Event.set, notify_all, handler, Event.set, Condition.__enter__). Here the second signal
     comes exactly there, from inside the event's notify_all; a timer ends the wait if the handler hangs."""
     stop = StopSignal()
-    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGUSR2, signal.SIGALRM)
-    previous = {s: signal.getsignal(s) for s in signals}
     notify_all = stop.event._cond.notify_all
     seconds = []
 
@@ -212,22 +218,17 @@ def test_a_second_signal_inside_the_first_ones_handler_is_harmless():
     def hung(_signum, _frame):
         raise AssertionError("the second signal's handler waited on the event's lock")
 
-    try:
-        stop.install()
-        stop.event._cond.notify_all = notify_all_and_a_second_signal
-        signal.signal(signal.SIGALRM, hung)
-        signal.setitimer(signal.ITIMER_REAL, 5)
-        signal.raise_signal(signal.SIGTERM)
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        assert seconds and stop.event.is_set() and stop.came()
-        assert stop.received in (signal.SIGTERM, signal.SIGUSR1)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    stop.install()
+    stop.event._cond.notify_all = notify_all_and_a_second_signal
+    signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, 5)
+    signal.raise_signal(signal.SIGTERM)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    assert seconds and stop.event.is_set() and stop.came()
+    assert stop.received in (signal.SIGTERM, signal.SIGUSR1)
 
 
-def test_a_back_off_in_the_main_thread_ends_at_the_signal(tiny_shards):
+def test_a_back_off_in_the_main_thread_ends_at_the_signal(tiny_shards, handlers_restored):
     """With `data.prefetch_batches: 0` the main thread reads the shards, and a retry's back-off runs there: a
     stop signal (the real handler) ends it within the 50 ms it polls at, with the error that names the data.
     The back-off polls rather than `Event.wait`, which holds the event's lock for a few bytecodes, and a
@@ -244,7 +245,6 @@ def test_a_back_off_in_the_main_thread_ends_at_the_signal(tiny_shards):
         url, rank=0, world_size=1, micro_batch_size=2, seq_len=32, seed=0, shuffle_buffer=0, prefetch=0
     )
     stop = StopSignal()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGUSR2)}
     sender = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
     try:
         stop.install()
@@ -257,5 +257,3 @@ def test_a_back_off_in_the_main_thread_ends_at_the_signal(tiny_shards):
         assert stop.received == signal.SIGTERM
     finally:
         sender.cancel()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
